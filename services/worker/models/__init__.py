@@ -1,0 +1,1 @@
+"""Models served by the worker, behind the ``WorldModel`` contract (see ``base``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from windflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,24 @@
+"""``windflow bench <name>``: the repo's benchmarks, each a module exposing ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCH_MODULES: tuple[str, ...] = (
+    "windflow.cli.bench_wan",
+)
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("bench", help="run a benchmark")
+    bench_sub = parser.add_subparsers(dest="bench", required=True)
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(bench_sub)
