@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for windflow.v1 (tools/gen_protos.py)."""
