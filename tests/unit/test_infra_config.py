@@ -1,0 +1,72 @@
+"""Pure parts of windflow.infra: ports, restart policy, child specs, exit descriptions."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from windflow.infra import ChildSpec, GrpcHealthProbe, RestartPolicy, StackConfig
+from windflow.infra.ports import address, free_port, free_ports
+from windflow.infra.supervisor import Supervisor, describe_exit
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    assert 0 < free_port() < 65536
+    assert free_ports(0) == []
+    with pytest.raises(ValueError):
+        free_ports(-1)
+
+
+def test_address_brackets_ipv6() -> None:
+    assert address("127.0.0.1", 80) == "127.0.0.1:80"
+    assert address("::1", 80) == "[::1]:80"
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    policy = RestartPolicy(max_restarts=5, backoff_initial_s=0.5, backoff_max_s=3.0)
+    assert [policy.backoff_s(n) for n in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    with pytest.raises(ValueError):
+        RestartPolicy(max_restarts=-1)
+
+
+def test_child_spec_probe_choice_and_validation() -> None:
+    assert ChildSpec("a", ("true",)).probe() is None
+    probe = ChildSpec("a", ("true",), health_address="127.0.0.1:1").probe()
+    assert isinstance(probe, GrpcHealthProbe) and probe.address == "127.0.0.1:1"
+
+    async def custom() -> bool:
+        return True
+
+    assert ChildSpec("a", ("true",), health_address="x:1", ready_probe=custom).probe() is custom
+    with pytest.raises(ValueError):
+        ChildSpec("", ("true",))
+    with pytest.raises(ValueError):
+        ChildSpec("a/b", ("true",))
+    with pytest.raises(ValueError):
+        ChildSpec("a", ())
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-signal.SIGKILL) == "signal SIGKILL"
+
+
+def test_supervisor_rejects_duplicate_names(tmp_path: Path) -> None:
+    spec = ChildSpec("same", ("true",))
+    with pytest.raises(ValueError, match="duplicate"):
+        Supervisor([[spec], [spec]], tmp_path)
+
+
+def test_stack_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        StackConfig(state_dir=tmp_path, workers=-1)
+    with pytest.raises(ValueError):
+        StackConfig(state_dir=tmp_path, service_command=())

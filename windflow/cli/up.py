@@ -1,0 +1,142 @@
+"""``windflow up``: run the whole mesh on this machine (etcd, NATS, every service).
+
+Prints one line containing "ready" and the gateway's ``host:port`` once the stack serves,
+then runs until Ctrl-C or SIGTERM (exit 0 after a clean stop) or until the stack fails
+(a child kept dying, or could not start: exit 1 with the reason on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from windflow.infra import Stack, StackConfig, StackFailed
+from windflow.infra.stack import DEFAULT_SERVICE_COMMAND
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_STACK_FAILED = 1
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "up",
+        help="run etcd, NATS and every service on this machine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workers", type=_non_negative_int, default=2, help="number of workers (default 2)"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where logs, etcd data and the JetStream store go "
+        "(default: a temporary dir, removed after a clean stop)",
+    )
+    parser.add_argument("--region", default=None, help="region of the router and workers")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface the gateway listens on (default 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, default=None, help="gateway port (default: a free one)")
+    parser.add_argument(
+        "--service-command",
+        default=shlex.join(DEFAULT_SERVICE_COMMAND),
+        help="command that runs one service; the kind and its flags are appended "
+        "(default: %(default)s)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    temporary = args.state_dir is None
+    state_dir = Path(tempfile.mkdtemp(prefix="windflow-")) if temporary else args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config = StackConfig(
+        state_dir=state_dir.resolve(),
+        workers=args.workers,
+        host=args.host,
+        gateway_port=args.port,
+        region=args.region,
+        service_command=tuple(shlex.split(args.service_command)),
+    )
+    code = asyncio.run(run_stack(config))
+    if temporary:
+        if code == EXIT_OK:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        else:
+            print(f"windflow: logs kept in {state_dir / 'logs'}", file=sys.stderr, flush=True)
+    return code
+
+
+async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
+    """Start the stack, announce it on ``out`` and run until a signal or a failure."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _on_signal, signum, stop)
+    stack = Stack(config)
+    stopped = asyncio.create_task(stop.wait(), name="up:signal")
+    starting = asyncio.create_task(stack.start(), name="up:start")
+    running: asyncio.Task[None] | None = None
+    try:
+        await asyncio.wait({stopped, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal arrived while starting
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StackFailed):
+                await starting
+            return EXIT_OK
+        try:
+            starting.result()
+        except StackFailed as exc:
+            print(f"windflow: the stack failed to start: {exc}", file=sys.stderr, flush=True)
+            return EXIT_STACK_FAILED
+        print(
+            f"windflow ready: gateway {stack.gateway_address} "
+            f"({config.workers} worker{'s' if config.workers != 1 else ''}, "
+            f"state in {config.state_dir})",
+            file=out,
+            flush=True,
+        )
+        running = asyncio.create_task(stack.wait(), name="up:stack")
+        await asyncio.wait({stopped, running}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done() and (failure := stack.failure) is not None:
+            print(f"windflow: the stack stopped: {failure}", file=sys.stderr, flush=True)
+            return EXIT_STACK_FAILED
+        return EXIT_OK
+    finally:
+        logger.info("stopping the windflow stack")
+        await stack.aclose()
+        owned = [task for task in (stopped, starting, running) if task is not None]
+        for task in owned:
+            task.cancel()
+        await asyncio.gather(*owned, return_exceptions=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        logger.info("windflow stack stopped")
+
+
+def _on_signal(signum: int, stop: asyncio.Event) -> None:
+    if stop.is_set():
+        logger.warning("%s again: already stopping", signal.Signals(signum).name)
+    else:
+        logger.info("%s: stopping", signal.Signals(signum).name)
+    stop.set()
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value

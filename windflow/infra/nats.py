@@ -1,0 +1,141 @@
+"""``NatsServer``: a nats-server with JetStream on a free loopback port, for the embedded
+stack and the tests.
+
+Lifecycle::
+
+    server = NatsServer(state_dir)   # picks a port; nothing runs yet
+    await server.start()             # runs nats-server -js, returns once a client can
+                                     # connect and JetStream answers
+    server.url                       # "nats://127.0.0.1:PORT"
+    await server.aclose()            # SIGTERM, then SIGKILL; idempotent
+
+``server.child_spec`` is the same program as a ``ChildSpec`` for a ``Supervisor``; a
+restart reuses the JetStream store dir and the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+
+import nats
+from nats.errors import Error as NatsError
+
+from windflow.infra.binaries import find_binary
+from windflow.infra.ports import LOOPBACK, address, free_port
+from windflow.infra.procs import ChildSpec, ManagedProcess, RestartPolicy
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_RESTART = RestartPolicy()
+
+
+class NatsJetStreamProbe:
+    """Ready when a client connects and JetStream answers an account-info request."""
+
+    def __init__(self, url: str, *, timeout_s: float = 1.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+
+    async def __call__(self) -> bool:
+        async def quiet(_exc: Exception) -> None:
+            return None  # "not yet" is the expected answer while the server starts
+
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                client = await nats.connect(
+                    self.url,
+                    connect_timeout=self.timeout_s,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=quiet,
+                )
+                try:
+                    await client.jetstream().account_info()
+                finally:
+                    await client.close()
+        except (OSError, TimeoutError, NatsError):
+            return False
+        return True
+
+
+class NatsServer:
+    """A nats-server with JetStream whose store lives in ``<state_dir>/<name>``."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        name: str = "nats",
+        host: str = LOOPBACK,
+        port: int | None = None,
+        restart: RestartPolicy = _DEFAULT_RESTART,
+        ready_timeout_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port or free_port(host)
+        self.store_dir = state_dir / name
+        self.log_path = state_dir / "logs" / f"{name}.log"
+        self._restart = restart
+        self._ready_timeout_s = ready_timeout_s
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        """``nats://host:port``, what nats-py and ``--nats`` take."""
+        return f"nats://{address(self.host, self.port)}"
+
+    @property
+    def process(self) -> ManagedProcess | None:
+        """The process started by ``start()`` (None when supervised elsewhere)."""
+        return self._proc
+
+    @property
+    def child_spec(self) -> ChildSpec:
+        argv = (
+            find_binary("nats-server"),
+            "--addr", self.host,
+            "--port", str(self.port),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--server_name", self.name,
+        )  # fmt: skip
+        return ChildSpec(
+            name=self.name,
+            argv=argv,
+            ready_probe=NatsJetStreamProbe(self.url),
+            restart=self._restart,
+            ready_timeout_s=self._ready_timeout_s,
+        )
+
+    async def start(self) -> None:
+        """Run nats-server and wait until JetStream answers; on failure it is stopped."""
+        if self._proc is not None:
+            raise RuntimeError(f"{self.name} was already started")
+        self._proc = ManagedProcess(self.child_spec, self.log_path)
+        self._proc.start()
+        try:
+            await self._proc.wait_ready()
+        except BaseException:
+            await self._proc.stop()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop nats-server (idempotent); the store dir stays."""
+        if self._proc is not None:
+            await self._proc.stop()
+
+    async def __aenter__(self) -> NatsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

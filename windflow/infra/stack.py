@@ -1,0 +1,183 @@
+"""The embedded Windflow stack behind ``windflow up``: etcd, NATS and every service.
+
+Lifecycle::
+
+    async with Stack(StackConfig(state_dir=...)) as stack:   # start() ... aclose()
+        print(stack.gateway_address)
+        await stack.wait()    # returns after aclose(); raises StackFailed on failure
+
+Start order (each stage ready before the next starts; children of one stage start
+concurrently): etcd + nats -> router + session -> workers -> gateway. The gateway comes
+last so that "ready" means the whole mesh serves, and it is the first to stop, so clients
+are cut off before the workers they stream from. Each service is started as
+``<service_command> <kind> --listen ... --etcd ... --nats ...`` (by default
+``python -m windflow serve``) and counts as ready when its gRPC health says SERVING.
+
+Supervision is the ``Supervisor``'s: a dead child is reported and restarted on the same
+ports (etcd and NATS keep their data dirs), within ``StackConfig.restart``; past that
+budget the whole stack stops and ``wait()`` raises ``StackFailed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from windflow.infra.errors import StackFailed
+from windflow.infra.etcd import EtcdServer
+from windflow.infra.nats import NatsServer
+from windflow.infra.ports import LOOPBACK, address, free_port, free_ports
+from windflow.infra.procs import ChildSpec, RestartPolicy
+from windflow.infra.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "windflow", "serve")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What ``Stack`` runs and where."""
+
+    state_dir: Path
+    """Root of everything the stack writes: ``logs/<child>.log``, ``etcd/``, ``nats/``."""
+    workers: int = 2
+    """How many worker processes (ids ``worker-1`` .. ``worker-N``)."""
+    host: str = LOOPBACK
+    """Interface the gateway listens on. etcd, NATS and the inner services stay on loopback."""
+    gateway_port: int | None = None
+    """Gateway port; None picks a free one."""
+    region: str | None = None
+    """Passed as ``--region`` to the router and the workers when set."""
+    service_command: tuple[str, ...] = DEFAULT_SERVICE_COMMAND
+    """Command prefix that runs one service; the service kind and its flags follow."""
+    worker_args: tuple[str, ...] = ()
+    """Extra flags for every worker (e.g. ``("--models", "windflow-world")``)."""
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    """Restart budget and backoff of every child (etcd and NATS included)."""
+    ready_timeout_s: float = 120.0
+    """How long one service may take from start to SERVING (workers import torch)."""
+    stop_timeout_s: float = 10.0
+    """How long one child gets between SIGTERM and SIGKILL."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not self.service_command:
+            raise ValueError("service_command must not be empty")
+
+
+class Stack:
+    """etcd, NATS, router, session, N workers and the gateway, supervised as one unit."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.log_dir = config.state_dir / "logs"
+        self.etcd = EtcdServer(config.state_dir, restart=config.restart)
+        self.nats = NatsServer(config.state_dir, restart=config.restart)
+        router_port, session_port, *worker_ports = free_ports(2 + config.workers)
+        gateway_port = config.gateway_port or free_port(config.host)
+        self.addresses: dict[str, str] = {
+            "router": address(LOOPBACK, router_port),
+            "session": address(LOOPBACK, session_port),
+            **{
+                f"worker-{i}": address(LOOPBACK, port)
+                for i, port in enumerate(worker_ports, start=1)
+            },
+            "gateway": address(config.host, gateway_port),
+        }
+        """Listen address of each service, by child name."""
+        self.supervisor = Supervisor(self._stages(), self.log_dir, name="windflow stack")
+
+    @property
+    def gateway_address(self) -> str:
+        """``host:port`` of the public API."""
+        return self.addresses["gateway"]
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return self.etcd.endpoint
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url
+
+    @property
+    def failure(self) -> StackFailed | None:
+        return self.supervisor.failure
+
+    async def start(self) -> None:
+        """Start everything; return once the gateway serves. Raises ``StackFailed``."""
+        config = self.config
+        logger.info(
+            "starting windflow stack: %d worker(s), state in %s", config.workers, config.state_dir
+        )
+        await self.supervisor.start()
+
+    async def wait(self) -> None:
+        """Wait until the stack has stopped; raise ``StackFailed`` if it failed."""
+        await self.supervisor.wait()
+
+    async def aclose(self) -> None:
+        """Stop every process in reverse start order. Idempotent."""
+        await self.supervisor.aclose()
+
+    async def __aenter__(self) -> Stack:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- child specs -------------------------------------------------------------------
+
+    def _stages(self) -> list[list[ChildSpec]]:
+        workers = [self._worker_spec(i) for i in range(1, self.config.workers + 1)]
+        router, session = self.addresses["router"], self.addresses["session"]
+        upstreams = ("--router", router, "--session-service", session)
+        return [
+            [self.etcd.child_spec, self.nats.child_spec],
+            [self._service_spec("router", self._region_args()), self._service_spec("session")],
+            *([workers] if workers else []),
+            [self._service_spec("gateway", upstreams)],
+        ]
+
+    def _region_args(self) -> tuple[str, ...]:
+        return () if self.config.region is None else ("--region", self.config.region)
+
+    def _worker_spec(self, index: int) -> ChildSpec:
+        name = f"worker-{index}"
+        args = ("--worker-id", name, *self._region_args(), *self.config.worker_args)
+        return self._service_spec("worker", args, name=name)
+
+    def _service_spec(
+        self, kind: str, extra: tuple[str, ...] = (), *, name: str | None = None
+    ) -> ChildSpec:
+        child = name or kind
+        listen = self.addresses[child]
+        argv = (
+            *self.config.service_command,
+            kind,
+            "--listen", listen,
+            "--etcd", self.etcd.endpoint,
+            "--nats", self.nats.url,
+            *extra,
+        )  # fmt: skip
+        # A gateway bound to all interfaces is still health-checked over loopback.
+        health = listen.replace("0.0.0.0:", f"{LOOPBACK}:", 1)
+        return ChildSpec(
+            name=child,
+            argv=argv,
+            health_address=health,
+            restart=self.config.restart,
+            ready_timeout_s=self.config.ready_timeout_s,
+            stop_timeout_s=self.config.stop_timeout_s,
+        )
