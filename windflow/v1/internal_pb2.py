@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from windflow.v1 import windflow_pb2 as windflow_dot_v1_dot_windflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awindflow/v1/internal.proto\x12\x0bwindflow.v1\x1a\x1awindflow/v1/windflow.proto\"J\n\x0cPlaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\"\x80\x01\n\tPlacement\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0eworker_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12%\n\x05model\x18\x05 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\"6\n\rSessionRecord\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"&\n\x10GetRecordRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12ListRecordsRequest\"B\n\x13ListRecordsResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.windflow.v1.SessionRecord\"_\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"<\n\x13OpenSessionResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\"-\n\x17GetSessionStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"/\n\x19\x43loseWorkerSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Z\n\rSessionStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nhead_frame\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"\xb3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12&\n\x06models\x18\x04 \x03(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0c\n\x04load\x18\x07 \x01(\x02\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\"K\n\x0fPlacementRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x8a\x01\n\x0eLifecycleEvent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07unix_ms\x18\x07 \x01(\x03\x32\x44\n\x06Router\x12:\n\x05Place\x12\x19.windflow.v1.PlaceRequest\x1a\x16.windflow.v1.Placement2\xb8\x02\n\x0cSessionStore\x12\x46\n\x0c\x43reateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\tGetRecord\x12\x1d.windflow.v1.GetRecordRequest\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\x0cUpdateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12P\n\x0bListRecords\x12\x1f.windflow.v1.ListRecordsRequest\x1a .windflow.v1.ListRecordsResponse2\xca\x02\n\x06Worker\x12P\n\x0bOpenSession\x12\x1f.windflow.v1.OpenSessionRequest\x1a .windflow.v1.OpenSessionResponse\x12\x44\n\x06\x41ttach\x12\x1a.windflow.v1.ClientMessage\x1a\x1a.windflow.v1.ServerMessage(\x01\x30\x01\x12T\n\x10GetSessionStatus\x12$.windflow.v1.GetSessionStatusRequest\x1a\x1a.windflow.v1.SessionStatus\x12R\n\x0c\x43loseSession\x12&.windflow.v1.CloseWorkerSessionRequest\x1a\x1a.windflow.v1.SessionStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awindflow/v1/internal.proto\x12\x0bwindflow.v1\x1a\x1awindflow/v1/windflow.proto\"J\n\x0cPlaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\"\x80\x01\n\tPlacement\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0eworker_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12%\n\x05model\x18\x05 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\"6\n\rSessionRecord\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"&\n\x10GetRecordRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12ListRecordsRequest\"B\n\x13ListRecordsResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.windflow.v1.SessionRecord\"_\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"N\n\x13OpenSessionResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08sessions\x18\x02 \x01(\r\"-\n\x17GetSessionStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"/\n\x19\x43loseWorkerSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Z\n\rSessionStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nhead_frame\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"\xb3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12&\n\x06models\x18\x04 \x03(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0c\n\x04load\x18\x07 \x01(\x02\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\"K\n\x0fPlacementRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x8a\x01\n\x0eLifecycleEvent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07unix_ms\x18\x07 \x01(\x03\x32\x44\n\x06Router\x12:\n\x05Place\x12\x19.windflow.v1.PlaceRequest\x1a\x16.windflow.v1.Placement2\xb8\x02\n\x0cSessionStore\x12\x46\n\x0c\x43reateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\tGetRecord\x12\x1d.windflow.v1.GetRecordRequest\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\x0cUpdateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12P\n\x0bListRecords\x12\x1f.windflow.v1.ListRecordsRequest\x1a .windflow.v1.ListRecordsResponse2\xca\x02\n\x06Worker\x12P\n\x0bOpenSession\x12\x1f.windflow.v1.OpenSessionRequest\x1a .windflow.v1.OpenSessionResponse\x12\x44\n\x06\x41ttach\x12\x1a.windflow.v1.ClientMessage\x1a\x1a.windflow.v1.ServerMessage(\x01\x30\x01\x12T\n\x10GetSessionStatus\x12$.windflow.v1.GetSessionStatusRequest\x1a\x1a.windflow.v1.SessionStatus\x12R\n\x0c\x43loseSession\x12&.windflow.v1.CloseWorkerSessionRequest\x1a\x1a.windflow.v1.SessionStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,23 +47,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONREQUEST']._serialized_start=464
   _globals['_OPENSESSIONREQUEST']._serialized_end=559
   _globals['_OPENSESSIONRESPONSE']._serialized_start=561
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=621
-  _globals['_GETSESSIONSTATUSREQUEST']._serialized_start=623
-  _globals['_GETSESSIONSTATUSREQUEST']._serialized_end=668
-  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_start=670
-  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_end=717
-  _globals['_SESSIONSTATUS']._serialized_start=719
-  _globals['_SESSIONSTATUS']._serialized_end=809
-  _globals['_WORKERINFO']._serialized_start=812
-  _globals['_WORKERINFO']._serialized_end=991
-  _globals['_PLACEMENTRECORD']._serialized_start=993
-  _globals['_PLACEMENTRECORD']._serialized_end=1068
-  _globals['_LIFECYCLEEVENT']._serialized_start=1071
-  _globals['_LIFECYCLEEVENT']._serialized_end=1209
-  _globals['_ROUTER']._serialized_start=1211
-  _globals['_ROUTER']._serialized_end=1279
-  _globals['_SESSIONSTORE']._serialized_start=1282
-  _globals['_SESSIONSTORE']._serialized_end=1594
-  _globals['_WORKER']._serialized_start=1597
-  _globals['_WORKER']._serialized_end=1927
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=639
+  _globals['_GETSESSIONSTATUSREQUEST']._serialized_start=641
+  _globals['_GETSESSIONSTATUSREQUEST']._serialized_end=686
+  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_start=688
+  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_end=735
+  _globals['_SESSIONSTATUS']._serialized_start=737
+  _globals['_SESSIONSTATUS']._serialized_end=827
+  _globals['_WORKERINFO']._serialized_start=830
+  _globals['_WORKERINFO']._serialized_end=1009
+  _globals['_PLACEMENTRECORD']._serialized_start=1011
+  _globals['_PLACEMENTRECORD']._serialized_end=1086
+  _globals['_LIFECYCLEEVENT']._serialized_start=1089
+  _globals['_LIFECYCLEEVENT']._serialized_end=1227
+  _globals['_ROUTER']._serialized_start=1229
+  _globals['_ROUTER']._serialized_end=1297
+  _globals['_SESSIONSTORE']._serialized_start=1300
+  _globals['_SESSIONSTORE']._serialized_end=1612
+  _globals['_WORKER']._serialized_start=1615
+  _globals['_WORKER']._serialized_end=1945
 # @@protoc_insertion_point(module_scope)

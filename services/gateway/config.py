@@ -1,0 +1,23 @@
+"""Gateway configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    etcd: str
+    """etcd client address, host:port."""
+    nats: str
+    """NATS URL."""
+    router: str
+    """Router address, host:port."""
+    session_service: str
+    """Session service address, host:port."""
+    listen: str = "127.0.0.1:0"
+    max_message_bytes: int = 1024 * 1024
+    """Largest client message accepted; bigger ones fail with RESOURCE_EXHAUSTED."""
+    rpc_timeout_s: float = 15.0
+    """Deadline for the gateway's unary calls to other services."""
+    otlp_endpoint: str | None = None

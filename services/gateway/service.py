@@ -1,0 +1,232 @@
+"""The gateway's core: the public API over the router, the session service and workers.
+
+It runs no model and holds no session state: records live in the session service,
+placements in etcd; a client's stream is proxied to the worker that holds the session.
+Lifecycle: construct -> use -> ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+from etcd3aio import Etcd3Client
+
+from services.gateway.config import GatewayConfig
+from windflow.common import etcd, grpc_util, names, telemetry
+from windflow.common.specs import resolve_spec
+from windflow.errors import FailedPrecondition, InvalidArgument, NotFound, WindflowError
+from windflow.v1 import internal_pb2, internal_pb2_grpc
+from windflow.v1 import windflow_pb2 as pb
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
+
+
+T = TypeVar("T")
+
+
+async def _call(awaitable: Awaitable[T]) -> T:
+    """Await a downstream RPC, turning its failure into the matching typed error."""
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise grpc_util.error_from_rpc(exc) from exc
+
+
+class GatewayService:
+    def __init__(self, config: GatewayConfig, client: Etcd3Client) -> None:
+        self.config = config
+        self._etcd = client
+        self._router_channel = grpc_util.channel(config.router)
+        self._store_channel = grpc_util.channel(config.session_service)
+        self._router = internal_pb2_grpc.RouterStub(self._router_channel)
+        self._store = internal_pb2_grpc.SessionStoreStub(self._store_channel)
+        self._worker_channels: dict[str, grpc.aio.Channel] = {}
+
+    def _worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
+        channel = self._worker_channels.get(address)
+        if channel is None:
+            channel = grpc_util.channel(address)
+            self._worker_channels[address] = channel
+        return internal_pb2_grpc.WorkerStub(channel)
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        seen: dict[str, pb.ModelInfo] = {}
+        for worker in await etcd.list_workers(self._etcd):
+            for model in worker.models:
+                seen.setdefault(model.model_id, model)
+        return [seen[k] for k in sorted(seen)]
+
+    async def create_session(self, spec: pb.SessionSpec) -> pb.Session:
+        with tracer.start_as_current_span(names.SPAN_CREATE_SESSION) as span:
+            models = {m.model_id: m for m in await self.list_models()}
+            model = models.get(spec.model_id)
+            if model is None:
+                known = ", ".join(sorted(models)) or "none"
+                raise NotFound(f"unknown model {spec.model_id!r}; served now: {known}")
+            resolved = resolve_spec(spec, model)
+            session = pb.Session(
+                session_id=uuid.uuid4().hex,
+                spec=resolved,
+                state=pb.SESSION_STATE_UNSPECIFIED,
+                created_unix_ms=int(time.time() * 1000),
+                model=model,
+            )
+            span.set_attribute("windflow.session_id", session.session_id)
+            timeout = self.config.rpc_timeout_s
+            meta = telemetry.inject_metadata()
+            await _call(
+                self._store.CreateRecord(
+                    internal_pb2.SessionRecord(session=session), timeout=timeout, metadata=meta
+                )
+            )
+            try:
+                placement = await _call(
+                    self._router.Place(
+                        internal_pb2.PlaceRequest(session_id=session.session_id, spec=resolved),
+                        timeout=timeout,
+                        metadata=meta,
+                    )
+                )
+            except WindflowError:
+                session.state = pb.SESSION_STATE_FAILED
+                with contextlib.suppress(WindflowError):
+                    await self._update(session)
+                raise
+            session.state = pb.SESSION_STATE_PLACED
+            session.worker_id = placement.worker_id
+            session.placement_epoch = placement.epoch
+            await self._update(session)
+            return session
+
+    async def _update(self, session: pb.Session) -> None:
+        await _call(
+            self._store.UpdateRecord(
+                internal_pb2.SessionRecord(session=session), timeout=self.config.rpc_timeout_s
+            )
+        )
+
+    async def _record(self, session_id: str) -> pb.Session:
+        if not session_id:
+            raise InvalidArgument("session_id is empty")
+        record = await _call(
+            self._store.GetRecord(
+                internal_pb2.GetRecordRequest(session_id=session_id),
+                timeout=self.config.rpc_timeout_s,
+            )
+        )
+        return record.session
+
+    async def _placement(self, session_id: str) -> internal_pb2.PlacementRecord:
+        response = await etcd.kv(self._etcd).get(names.placement_key(session_id))
+        if not response.kvs:
+            raise NotFound(f"session {session_id!r} is not placed on any worker")
+        return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
+
+    async def get_session(self, session_id: str) -> pb.Session:
+        session = await self._record(session_id)
+        if session.state in (pb.SESSION_STATE_PLACED, pb.SESSION_STATE_STREAMING):
+            with contextlib.suppress(WindflowError):
+                placement = await self._placement(session_id)
+                status = await _call(
+                    self._worker(placement.worker_address).GetSessionStatus(
+                        internal_pb2.GetSessionStatusRequest(session_id=session_id),
+                        timeout=self.config.rpc_timeout_s,
+                    )
+                )
+                session.head_frame = status.head_frame
+                session.state = (
+                    pb.SESSION_STATE_STREAMING if status.attached else pb.SESSION_STATE_PLACED
+                )
+        return session
+
+    async def close_session(self, session_id: str) -> pb.Session:
+        session = await self._record(session_id)
+        if session.state == pb.SESSION_STATE_CLOSED:
+            return session
+        with contextlib.suppress(WindflowError):
+            placement = await self._placement(session_id)
+            status = await _call(
+                self._worker(placement.worker_address).CloseSession(
+                    internal_pb2.CloseWorkerSessionRequest(session_id=session_id),
+                    timeout=self.config.rpc_timeout_s,
+                )
+            )
+            session.head_frame = status.head_frame
+        await etcd.kv(self._etcd).delete(names.placement_key(session_id))
+        session.state = pb.SESSION_STATE_CLOSED
+        await self._update(session)
+        return session
+
+    async def stream(
+        self, requests: AsyncIterator[pb.ClientMessage]
+    ) -> AsyncIterator[pb.ServerMessage]:
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            raise InvalidArgument("the stream closed before its Attach message") from None
+        if not first.HasField("attach"):
+            raise InvalidArgument("the first message on a stream must be Attach")
+        session_id = first.attach.session_id
+        session = await self._record(session_id)
+        if session.state in (pb.SESSION_STATE_CLOSED, pb.SESSION_STATE_FAILED):
+            raise FailedPrecondition(f"session {session_id!r} is closed")
+        placement = await self._placement(session_id)
+        with tracer.start_as_current_span(
+            names.SPAN_GATEWAY_STREAM,
+            attributes={"windflow.session_id": session_id, "windflow.worker": placement.worker_id},
+        ):
+            call = self._worker(placement.worker_address).Attach(
+                metadata=telemetry.inject_metadata()
+            )
+            await call.write(first)
+            pump = asyncio.create_task(
+                self._pump_client(requests, call), name=f"gateway-pump:{session_id}"
+            )
+            try:
+                async for message in _responses(call):
+                    if message.HasField("frame"):
+                        frame = message.frame
+                        sent = telemetry.now_us()
+                        frame.timestamps.gateway_sent_us = sent
+                        frame.latency.transport_ms = (
+                            sent - frame.timestamps.worker_sent_us
+                        ) / 1000.0
+                    yield message
+                if pump.done() and not pump.cancelled() and pump.exception() is not None:
+                    raise pump.exception()  # type: ignore[misc]
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+                call.cancel()
+
+    @staticmethod
+    async def _pump_client(
+        requests: AsyncIterator[pb.ClientMessage], call: grpc.aio.StreamStreamCall
+    ) -> None:
+        async for message in requests:
+            await call.write(message)
+        await call.done_writing()
+
+    async def aclose(self) -> None:
+        for channel in (self._router_channel, self._store_channel, *self._worker_channels.values()):
+            await channel.close()
+        self._worker_channels.clear()
+
+
+async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ServerMessage]:
+    try:
+        async for message in call:
+            yield message
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.CANCELLED:
+            return
+        raise grpc_util.error_from_rpc(exc) from exc

@@ -1,0 +1,21 @@
+"""Router configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    etcd: str
+    """etcd client address, host:port."""
+    nats: str
+    """NATS URL."""
+    listen: str = "127.0.0.1:0"
+    region: str = "local"
+    """The router's own region (informational; placement uses the session's region)."""
+    place_attempts: int = 3
+    """Workers tried for one placement before giving up."""
+    open_timeout_s: float = 10.0
+    """Deadline for a worker's OpenSession."""
+    otlp_endpoint: str | None = None

@@ -1,0 +1,196 @@
+"""The router's actor: a live worker table from etcd, and placement by compare-and-swap.
+
+Lifecycle: construct -> ``await start()`` (loads the table, starts the watch) -> ``place``
+-> ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from services.router.config import RouterConfig
+from services.router.placement import WorkerView, choose_worker
+from windflow.common import etcd, grpc_util, names, telemetry
+from windflow.common.events import EventBus
+from windflow.errors import (
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    WindflowError,
+)
+from windflow.v1 import internal_pb2, internal_pb2_grpc
+from windflow.v1 import windflow_pb2 as pb
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
+
+
+def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
+    return WorkerView(
+        worker_id=info.worker_id,
+        address=info.address,
+        region=info.region,
+        models=frozenset(m.model_id for m in info.models),
+        capacity=info.capacity,
+        sessions=info.sessions,
+    )
+
+
+class RouterService:
+    def __init__(self, config: RouterConfig, client: Etcd3Client, bus: EventBus) -> None:
+        self.config = config
+        self._etcd = client
+        self._bus = bus
+        self.workers: dict[str, WorkerView] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.watch_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # placements are serialized: the table is their input
+
+    async def start(self) -> None:
+        prefix = names.WORKERS_PREFIX.encode()
+        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        for item in response.kvs:
+            info = internal_pb2.WorkerInfo.FromString(item.value)
+            self.workers[info.worker_id] = _view(info)
+        self.watch_task = asyncio.create_task(
+            self._watch(response.header.revision + 1), name="router-worker-watch"
+        )
+
+    async def _watch(self, start_revision: int) -> None:
+        assert self._etcd.watch is not None
+        prefix = names.WORKERS_PREFIX.encode()
+        async for response in self._etcd.watch.watch(
+            prefix, prefix_range_end(prefix), start_revision=start_revision
+        ):
+            for event in response.events:
+                worker_id = event.kv.key.decode()[len(names.WORKERS_PREFIX) :]
+                if event.type == event.PUT:
+                    info = internal_pb2.WorkerInfo.FromString(event.kv.value)
+                    if worker_id not in self.workers:
+                        log.info("worker %s up at %s", worker_id, info.address)
+                    self.workers[worker_id] = _view(info)
+                else:
+                    gone = self.workers.pop(worker_id, None)
+                    log.warning("worker %s down (its lease ended)", worker_id)
+                    channel = self._channels.pop(worker_id, None)
+                    if channel is not None:
+                        await channel.close()
+                    if gone is not None:
+                        await self._bus.publish(
+                            names.SUBJECT_WORKER_DOWN, worker_id=worker_id, detail="lease expired"
+                        )
+
+    def _stub(self, worker: WorkerView) -> internal_pb2_grpc.WorkerStub:
+        channel = self._channels.get(worker.worker_id)
+        if channel is None:
+            channel = grpc_util.channel(worker.address)
+            self._channels[worker.worker_id] = channel
+        return internal_pb2_grpc.WorkerStub(channel)
+
+    async def place(self, request: internal_pb2.PlaceRequest) -> internal_pb2.Placement:
+        with tracer.start_as_current_span(
+            names.SPAN_ROUTER_PLACE, attributes={"windflow.session_id": request.session_id}
+        ):
+            async with self._lock:
+                return await self._place(request)
+
+    async def _place(self, request: internal_pb2.PlaceRequest) -> internal_pb2.Placement:
+        key = names.placement_key(request.session_id)
+        kvs = etcd.kv(self._etcd)
+        current = await kvs.get(key)
+        version = current.kvs[0].version if current.kvs else 0
+        epoch = 1
+        if current.kvs:
+            epoch = internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch + 1
+        tried: list[str] = []
+        last_error: WindflowError | None = None
+        for _ in range(self.config.place_attempts):
+            try:
+                worker = choose_worker(
+                    self.workers.values(), request.spec.model_id, request.spec.region, tried
+                )
+            except (NotFound, ResourceExhausted) as err:
+                if last_error is None or not tried:
+                    raise
+                raise last_error from err
+            tried.append(worker.worker_id)
+            try:
+                opened = await self._stub(worker).OpenSession(
+                    internal_pb2.OpenSessionRequest(
+                        session_id=request.session_id, spec=request.spec, epoch=epoch
+                    ),
+                    timeout=self.config.open_timeout_s,
+                    metadata=telemetry.inject_metadata(),
+                )
+            except grpc.aio.AioRpcError as exc:
+                last_error = grpc_util.error_from_rpc(exc)
+                log.warning(
+                    "worker %s refused session %s: %s",
+                    worker.worker_id,
+                    request.session_id,
+                    last_error.message,
+                )
+                if isinstance(last_error, (ResourceExhausted, Unavailable)):
+                    continue
+                raise last_error from exc
+            self.workers[worker.worker_id] = WorkerView(
+                worker.worker_id,
+                worker.address,
+                worker.region,
+                worker.models,
+                worker.capacity,
+                max(worker.sessions, opened.sessions),
+            )
+            record = internal_pb2.PlacementRecord(
+                worker_id=worker.worker_id, worker_address=worker.address, epoch=epoch
+            )
+            swapped = await kvs.txn(
+                compare=[kvs.txn_compare_version(key, version)],
+                success=[kvs.txn_op_put(key, record.SerializeToString())],
+            )
+            if not swapped.succeeded:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await self._stub(worker).CloseSession(
+                        internal_pb2.CloseWorkerSessionRequest(session_id=request.session_id)
+                    )
+                raise FailedPrecondition(
+                    f"placement of session {request.session_id} changed concurrently; retry"
+                )
+            await self._bus.publish(
+                names.SUBJECT_SESSION_PLACED,
+                session_id=request.session_id,
+                worker_id=worker.worker_id,
+                epoch=epoch,
+                model_id=request.spec.model_id,
+            )
+            log.info(
+                "placed session %s on %s (epoch %d)", request.session_id, worker.worker_id, epoch
+            )
+            return internal_pb2.Placement(
+                session_id=request.session_id,
+                worker_id=worker.worker_id,
+                worker_address=worker.address,
+                epoch=epoch,
+                model=opened.model,
+            )
+        assert last_error is not None
+        raise last_error
+
+    async def aclose(self) -> None:
+        task, self.watch_task = self.watch_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+__all__ = ["RouterService", "pb"]

@@ -1,0 +1,15 @@
+"""Session service configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SessionServiceConfig:
+    etcd: str
+    """etcd client address, host:port."""
+    nats: str
+    """NATS URL."""
+    listen: str = "127.0.0.1:0"
+    otlp_endpoint: str | None = None

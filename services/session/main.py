@@ -1,0 +1,67 @@
+"""Session service process: the durable metadata of sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from services.session.config import SessionServiceConfig
+from services.session.store import SessionStore
+from windflow.common import etcd, lifecycle, telemetry
+from windflow.common.events import EventBus
+from windflow.common.grpc_util import ServiceServer
+from windflow.v1 import internal_pb2, internal_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class SessionStoreServicer(internal_pb2_grpc.SessionStoreServicer):
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+
+    async def CreateRecord(
+        self, request: internal_pb2.SessionRecord, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionRecord:
+        return internal_pb2.SessionRecord(session=await self._store.create(request.session))
+
+    async def GetRecord(
+        self, request: internal_pb2.GetRecordRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionRecord:
+        return internal_pb2.SessionRecord(session=await self._store.get(request.session_id))
+
+    async def UpdateRecord(
+        self, request: internal_pb2.SessionRecord, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionRecord:
+        return internal_pb2.SessionRecord(session=await self._store.update(request.session))
+
+    async def ListRecords(
+        self, request: internal_pb2.ListRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.ListRecordsResponse:
+        records = [internal_pb2.SessionRecord(session=s) for s in await self._store.list()]
+        return internal_pb2.ListRecordsResponse(records=records)
+
+
+async def run(config: SessionServiceConfig) -> int:
+    telemetry.setup("windflow-session", config.otlp_endpoint)
+    client = await etcd.connect(config.etcd)
+    bus = EventBus(config.nats, "session")
+    await bus.connect()
+    server = ServiceServer(config.listen)
+    server.add(
+        internal_pb2_grpc.add_SessionStoreServicer_to_server,
+        SessionStoreServicer(SessionStore(client, bus)),
+        "windflow.v1.SessionStore",
+    )
+    address = await server.start()
+    await server.set_serving()
+    log.info("session service serving on %s", address)
+    serving = asyncio.create_task(server.wait(), name="session-server")
+    try:
+        return await lifecycle.wait_for_stop(serving)
+    finally:
+        await server.aclose()
+        serving.cancel()
+        await bus.aclose()
+        await client.close()

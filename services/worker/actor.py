@@ -1,0 +1,157 @@
+"""One session actor per session: its model state, its controls and its outbound frames.
+
+The actor lives on the worker's event loop. Its model state is touched only by the step
+thread, and only while the step loop holds it in a batch (``stepping``). Queues:
+- pending controls: bounded (``max_pending_controls``); a control over the bound is
+  refused with RESOURCE_EXHAUSTED, never dropped;
+- outbound frames: bounded (``out_queue``); on overflow DROP_OLDEST drops the oldest
+  unsent frame and counts it, PAUSE holds generation until the client catches up;
+- flow control: at most ``window`` frames are in flight unacknowledged by the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import logging
+from dataclasses import dataclass
+
+from services.worker.models.base import Control, SessionState, WorldModel
+from windflow.errors import InvalidArgument, ResourceExhausted
+from windflow.v1 import windflow_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class AppliedControl:
+    control: Control
+    client_time_us: int
+    """client_time_us of the control newly applied at this frame, else 0."""
+
+
+class SessionActor:
+    def __init__(
+        self,
+        session_id: str,
+        spec: pb.SessionSpec,
+        model: WorldModel,
+        state: SessionState,
+        *,
+        epoch: int,
+        window: int,
+        out_queue: int,
+        max_pending_controls: int,
+        now: float,
+    ) -> None:
+        self.session_id = session_id
+        self.spec = spec
+        self.model = model
+        self.state = state
+        self.epoch = epoch
+        self.interval = 1.0 / spec.fps
+        self.due = now
+        self.steps = spec.steps
+        self._default_window = window
+        self.window = window
+        self._out_capacity = out_queue
+        self._max_pending = max_pending_controls
+        # controls stamped for future frames, sorted by frame index
+        self._pending_idx: list[int] = []
+        self._pending: list[tuple[Control, int]] = []
+        self._current = Control()
+        self.out: collections.deque[pb.ServerMessage] = collections.deque()
+        self.frame_available = asyncio.Event()
+        self.dropped = 0
+        self.last_sent = -1
+        self.last_acked = -1
+        self.attached = False
+        self.stepping = False
+        self.closed = False
+
+    # ---- controls ----
+
+    @property
+    def next_frame(self) -> int:
+        return self.state.frame_index
+
+    def add_control(self, msg: pb.Control) -> None:
+        """Queue a control for its frame; InvalidArgument/ResourceExhausted if refused."""
+        if msg.frame_index < self.next_frame:
+            raise InvalidArgument(
+                f"control for frame {msg.frame_index} is in the past: the next frame to be "
+                f"generated is {self.next_frame}"
+            )
+        control = Control(action=msg.action, axes=tuple(msg.axes))
+        self.model.validate_control(control)
+        if len(self._pending) >= self._max_pending:
+            raise ResourceExhausted(
+                f"{self._max_pending} controls are already waiting for future frames",
+                retry_after_s=self.interval,
+            )
+        pos = bisect.bisect_right(self._pending_idx, msg.frame_index)
+        self._pending_idx.insert(pos, msg.frame_index)
+        self._pending.insert(pos, (control, msg.client_time_us))
+
+    def take_control(self) -> AppliedControl:
+        """The control for the next frame: the latest one stamped at or before it."""
+        applied_time = 0
+        while self._pending_idx and self._pending_idx[0] <= self.next_frame:
+            self._pending_idx.pop(0)
+            self._current, applied_time = self._pending.pop(0)
+        return AppliedControl(self._current, applied_time)
+
+    # ---- flow control and output ----
+
+    def attach(self, window: int) -> None:
+        self.attached = True
+        self.window = window or self._default_window
+        self.last_acked = self.last_sent
+
+    def detach(self) -> None:
+        self.attached = False
+        self.out.clear()
+
+    def ack(self, frame_index: int) -> None:
+        if frame_index > self.last_acked:
+            self.last_acked = min(frame_index, self.last_sent)
+            self.frame_available.set()
+
+    @property
+    def ready(self) -> bool:
+        """May the scheduler step this session now?"""
+        if not self.attached or self.closed or self.stepping:
+            return False
+        if self.spec.output_policy == pb.OUTPUT_POLICY_PAUSE:
+            return len(self.out) < self._out_capacity
+        return True
+
+    def push(self, message: pb.ServerMessage) -> None:
+        """Queue an outbound message; frames over the bound follow the output policy."""
+        if message.HasField("frame"):
+            frames = sum(1 for m in self.out if m.HasField("frame"))
+            while frames >= self._out_capacity:
+                for i, queued in enumerate(self.out):
+                    if queued.HasField("frame"):
+                        del self.out[i]
+                        break
+                frames -= 1
+                self.dropped += 1
+            message.frame.dropped_total = self.dropped
+        self.out.append(message)
+        self.frame_available.set()
+
+    def can_send(self) -> bool:
+        if not self.out:
+            return False
+        head = self.out[0]
+        if not head.HasField("frame"):
+            return True
+        return self.last_sent - self.last_acked < self.window
+
+    def pop(self) -> pb.ServerMessage:
+        message = self.out.popleft()
+        if message.HasField("frame"):
+            self.last_sent = message.frame.frame_index
+        return message

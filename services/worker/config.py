@@ -1,0 +1,53 @@
+"""Worker configuration: one validated dataclass, every field documented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from windflow.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    etcd: str
+    """etcd client address, host:port."""
+    nats: str
+    """NATS URL, nats://host:port."""
+    worker_id: str
+    """Unique id of this worker in the mesh (its etcd key)."""
+    listen: str = "127.0.0.1:0"
+    """gRPC listen address; port 0 picks a free port."""
+    advertise: str | None = None
+    """Address the gateway and router dial; defaults to the bound listen address."""
+    region: str = "local"
+    models: tuple[str, ...] = ("windflow-world",)
+    """Model ids to load at start (see services.worker.models.registry)."""
+    capacity: int = 8
+    """Sessions this worker accepts at once."""
+    lease_ttl_s: int = 3
+    """etcd lease TTL: a dead worker's key disappears at most this long after it dies."""
+    heartbeat_s: float = 1.0
+    """Lease keep-alive period; must be well under the TTL."""
+    window: int = 8
+    """Default client flow-control window (frames in flight unacknowledged)."""
+    out_queue: int = 4
+    """Frames a session may buffer beyond its window before its output policy applies."""
+    max_pending_controls: int = 256
+    """Future-stamped controls a session may hold; more are refused, never dropped."""
+    batch_horizon_ms: float = 8.0
+    """Sessions due within this much of the earliest deadline join its batch."""
+    step_threads: int = 1
+    """torch intra-op threads used by the model step thread."""
+    otlp_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            raise InvalidArgument("worker_id must not be empty")
+        if self.capacity < 1:
+            raise InvalidArgument("capacity must be >= 1")
+        if self.lease_ttl_s < 1 or self.heartbeat_s <= 0 or self.heartbeat_s >= self.lease_ttl_s:
+            raise InvalidArgument("need lease_ttl_s >= 1 and 0 < heartbeat_s < lease_ttl_s")
+        if not 1 <= self.window <= 64:
+            raise InvalidArgument("window must be in 1..64")
+        if self.out_queue < 1 or self.max_pending_controls < 1:
+            raise InvalidArgument("out_queue and max_pending_controls must be >= 1")

@@ -1,0 +1,204 @@
+"""The worker's step loop: runs the scheduler, steps batches off the event loop, encodes.
+
+Lifecycle: construct -> ``start()`` -> ``add``/``remove`` sessions, ``wake()`` on changes
+-> ``aclose()``. The model step and the frame encoding run in one dedicated thread (torch
+calls never run on the event loop); the loop only plans batches and delivers frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.worker import scheduler
+from services.worker.actor import AppliedControl, SessionActor
+from services.worker.models.base import WorldModel
+from windflow.common import names, telemetry
+from windflow.common.frames import encode_frame
+from windflow.v1 import windflow_pb2 as pb
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
+
+
+@dataclass(slots=True)
+class _StepResult:
+    frames: list[bytes]
+    rgb: np.ndarray
+    model_start_us: int
+    model_end_us: int
+    encoded_us: list[int]
+    model_ms: float
+    encode_ms: list[float]
+
+
+class StepEngine:
+    def __init__(
+        self, models: Mapping[str, WorldModel], *, horizon_s: float, step_threads: int
+    ) -> None:
+        self._models = dict(models)
+        self._horizon = horizon_s
+        self._step_threads = step_threads
+        self.sessions: dict[str, SessionActor] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model-step")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.frames_total = 0
+        self.steps_total = 0
+
+    def start(self) -> asyncio.Task[None]:
+        """Start the step loop; the returned task ends only if the loop crashes."""
+        self._executor.submit(torch.set_num_threads, self._step_threads).result()
+        self._task = asyncio.create_task(self._run(), name="worker-step-loop")
+        return self._task
+
+    def add(self, actor: SessionActor) -> None:
+        self.sessions[actor.session_id] = actor
+        self.wake()
+
+    def remove(self, session_id: str) -> SessionActor | None:
+        actor = self.sessions.pop(session_id, None)
+        if actor is not None:
+            actor.closed = True
+            actor.frame_available.set()
+        return actor
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _slots(self) -> list[scheduler.Slot]:
+        return [
+            scheduler.Slot(a.session_id, a.spec.model_id, a.steps, a.due, a.ready)
+            for a in self.sessions.values()
+        ]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        max_batch = {mid: m.info.max_batch for mid, m in self._models.items()}
+        while True:
+            slots = self._slots()
+            now = time.monotonic()
+            batches = scheduler.plan(slots, now, horizon=self._horizon, max_batch=max_batch)
+            if not batches:
+                wakeup = scheduler.next_wakeup(slots)
+                self._wake.clear()
+                timeout = None if wakeup is None else max(0.0, wakeup - now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            for batch in batches:
+                actors = [self.sessions[s] for s in batch.session_ids if s in self.sessions]
+                actors = [a for a in actors if a.ready]
+                if actors:
+                    await self._step(loop, batch, actors)
+
+    async def _step(
+        self, loop: asyncio.AbstractEventLoop, batch: scheduler.Batch, actors: list[SessionActor]
+    ) -> None:
+        model = self._models[batch.model_id]
+        controls = [a.take_control() for a in actors]
+        indices = [a.next_frame for a in actors]
+        dues = [a.due for a in actors]
+        ready_us = telemetry.now_us()
+        for a in actors:
+            a.stepping = True
+        try:
+            result = await loop.run_in_executor(
+                self._executor, self._step_and_encode, model, batch.steps, actors, controls
+            )
+        except Exception as exc:
+            # A failed step ends the sessions in it (their state may be half-updated);
+            # every other session on this worker goes on.
+            log.exception("model step failed for %s", ",".join(a.session_id for a in actors))
+            for a in actors:
+                a.push(_error_message(13, "INTERNAL", f"model step failed: {exc}", a.next_frame))
+                self.remove(a.session_id)
+            return
+        finally:
+            for a in actors:
+                a.stepping = False
+        finished = time.monotonic()
+        self.steps_total += 1
+        wall_offset_us = telemetry.now_us() - int(finished * 1e6)
+        for i, actor in enumerate(actors):
+            actor.due = scheduler.next_due(dues[i], actor.interval, finished)
+            if actor.closed:
+                continue
+            frame = pb.Frame(
+                frame_index=indices[i],
+                format=actor.spec.format,
+                width=actor.spec.width,
+                height=actor.spec.height,
+                data=result.frames[i],
+                steps=batch.steps,
+                action=controls[i].control.action,
+                control_client_time_us=controls[i].client_time_us,
+                timestamps=pb.FrameTimestamps(
+                    due_us=int(dues[i] * 1e6) + wall_offset_us,
+                    model_start_us=result.model_start_us,
+                    model_end_us=result.model_end_us,
+                    encoded_us=result.encoded_us[i],
+                ),
+                latency=pb.LatencyBreakdown(
+                    queue_ms=max(0.0, (result.model_start_us - ready_us) / 1000.0),
+                    model_ms=result.model_ms,
+                    encode_ms=result.encode_ms[i],
+                    batch_size=len(actors),
+                ),
+            )
+            with tracer.start_span(
+                names.SPAN_WORKER_FRAME,
+                attributes={"windflow.session_id": actor.session_id, "windflow.frame": indices[i]},
+            ):
+                actor.push(pb.ServerMessage(frame=frame))
+            self.frames_total += 1
+
+    def _step_and_encode(
+        self,
+        model: WorldModel,
+        steps: int,
+        actors: list[SessionActor],
+        controls: list[AppliedControl],
+    ) -> _StepResult:
+        start_us = telemetry.now_us()
+        t0 = time.perf_counter()
+        with tracer.start_as_current_span(
+            names.SPAN_WORKER_STEP, attributes={"windflow.batch": len(actors)}
+        ):
+            rgb = model.step([a.state for a in actors], [c.control for c in controls], steps)
+        t1 = time.perf_counter()
+        end_us = telemetry.now_us()
+        frames: list[bytes] = []
+        encoded_us: list[int] = []
+        encode_ms: list[float] = []
+        for i, actor in enumerate(actors):
+            e0 = time.perf_counter()
+            spec = actor.spec
+            frames.append(
+                encode_frame(rgb[i], spec.format, spec.width, spec.height, spec.jpeg_quality)
+            )
+            encode_ms.append((time.perf_counter() - e0) * 1000.0)
+            encoded_us.append(telemetry.now_us())
+        return _StepResult(frames, rgb, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _error_message(code: int, name: str, message: str, frame_index: int) -> pb.ServerMessage:
+    return pb.ServerMessage(
+        error=pb.StreamError(code=code, code_name=name, message=message, frame_index=frame_index)
+    )

@@ -1,0 +1,64 @@
+"""Worker process: load models, serve the Worker API, register in etcd under a lease."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.worker.config import WorkerConfig
+from services.worker.models.registry import load_model
+from services.worker.runtime import WorkerRuntime
+from services.worker.servicer import WorkerServicer
+from windflow.common import etcd, lifecycle, names, telemetry
+from windflow.common.events import EventBus
+from windflow.common.grpc_util import ServiceServer
+from windflow.v1 import internal_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def run(config: WorkerConfig) -> int:
+    telemetry.setup(f"windflow-worker-{config.worker_id}", config.otlp_endpoint)
+    models = {}
+    for model_id in config.models:
+        models[model_id] = await asyncio.to_thread(load_model, model_id)
+        log.info("loaded model %s (%s)", model_id, models[model_id].info.version)
+
+    client = await etcd.connect(config.etcd)
+    bus = EventBus(config.nats, f"worker-{config.worker_id}")
+    await bus.connect()
+    registration = etcd.LeasedKey(
+        client, names.worker_key(config.worker_id), config.lease_ttl_s, config.heartbeat_s
+    )
+    pending_updates: set[asyncio.Task[None]] = set()
+
+    def on_change() -> None:
+        task = asyncio.create_task(
+            registration.update(runtime.info().SerializeToString()), name="registration-update"
+        )
+        pending_updates.add(task)
+        task.add_done_callback(pending_updates.discard)
+
+    runtime = WorkerRuntime(config, models, on_change)
+    server = ServiceServer(config.listen)
+    server.add(
+        internal_pb2_grpc.add_WorkerServicer_to_server,
+        WorkerServicer(runtime),
+        "windflow.v1.Worker",
+    )
+    bound = await server.start()
+    runtime.address = config.advertise or bound
+    engine_task = runtime.start()
+    await registration.start(runtime.info().SerializeToString())
+    await server.set_serving()
+    await bus.publish(names.SUBJECT_WORKER_UP, worker_id=config.worker_id, detail=runtime.address)
+    log.info("worker %s serving on %s", config.worker_id, runtime.address)
+    try:
+        return await lifecycle.wait_for_stop(engine_task)
+    finally:
+        await registration.aclose()
+        await bus.publish(names.SUBJECT_WORKER_DOWN, worker_id=config.worker_id, detail="stopped")
+        await server.aclose()
+        await runtime.aclose()
+        await bus.aclose()
+        await client.close()

@@ -1,0 +1,38 @@
+"""The worker's gRPC servicer: translation only; the work is in ``WorkerRuntime``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.worker.runtime import WorkerRuntime
+from windflow.v1 import internal_pb2, internal_pb2_grpc
+from windflow.v1 import windflow_pb2 as pb
+
+
+class WorkerServicer(internal_pb2_grpc.WorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._runtime = runtime
+
+    async def OpenSession(
+        self, request: internal_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.OpenSessionResponse:
+        model = self._runtime.open_session(request)
+        return internal_pb2.OpenSessionResponse(model=model, sessions=self._runtime.session_count)
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[pb.ClientMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ServerMessage]:
+        async for message in self._runtime.attach(request_iterator):
+            yield message
+
+    async def GetSessionStatus(
+        self, request: internal_pb2.GetSessionStatusRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionStatus:
+        return self._runtime.status(request.session_id)
+
+    async def CloseSession(
+        self, request: internal_pb2.CloseWorkerSessionRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionStatus:
+        return self._runtime.close_session(request.session_id)

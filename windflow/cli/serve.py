@@ -1,0 +1,122 @@
+"""``windflow serve <service>``: run one Windflow service in this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from windflow.common import env
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:0", help="gRPC listen address host:port")
+    parser.add_argument("--etcd", default=env.ETCD_ENDPOINT.get(), help="etcd host:port")
+    parser.add_argument("--nats", default=env.NATS_URL.get(), help="NATS URL nats://host:port")
+    parser.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC trace collector")
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("serve", help="run one service")
+    services = parser.add_subparsers(dest="service", required=True)
+
+    router = services.add_parser("router", help="placement and admission")
+    _common(router)
+    router.add_argument("--region", default=env.REGION.get("local"))
+    router.set_defaults(func=_run_router)
+
+    session = services.add_parser("session", help="session metadata")
+    _common(session)
+    session.set_defaults(func=_run_session)
+
+    worker = services.add_parser("worker", help="hosts sessions and runs models")
+    _common(worker)
+    worker.add_argument("--worker-id", required=True)
+    worker.add_argument("--advertise", default=None, help="address others dial (default: bound)")
+    worker.add_argument("--region", default=env.REGION.get("local"))
+    worker.add_argument("--models", default="windflow-world", help="comma-separated model ids")
+    worker.add_argument("--capacity", type=int, default=8, help="sessions at once")
+    worker.add_argument("--lease-ttl", type=int, default=3, help="etcd lease TTL, seconds")
+    worker.add_argument("--heartbeat", type=float, default=1.0, help="lease keep-alive, seconds")
+    worker.add_argument(
+        "--step-threads",
+        type=int,
+        default=int(env.STEP_THREADS.get("1") or 1),
+        help="torch threads for the model step",
+    )
+    worker.set_defaults(func=_run_worker)
+
+    gateway = services.add_parser("gateway", help="the public API")
+    _common(gateway)
+    gateway.add_argument("--router", required=True, help="router host:port")
+    gateway.add_argument("--session-service", required=True, help="session service host:port")
+    gateway.set_defaults(func=_run_gateway)
+
+
+def _need(args: argparse.Namespace) -> None:
+    if not args.etcd or not args.nats:
+        raise SystemExit("--etcd and --nats are required (or WINDFLOW_ETCD / WINDFLOW_NATS)")
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from services.router.config import RouterConfig
+    from services.router.main import run
+
+    _need(args)
+    config = RouterConfig(
+        etcd=args.etcd,
+        nats=args.nats,
+        listen=args.listen,
+        region=args.region,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+    return asyncio.run(run(config))
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    from services.session.config import SessionServiceConfig
+    from services.session.main import run
+
+    _need(args)
+    config = SessionServiceConfig(
+        etcd=args.etcd, nats=args.nats, listen=args.listen, otlp_endpoint=args.otlp_endpoint
+    )
+    return asyncio.run(run(config))
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from services.worker.config import WorkerConfig
+    from services.worker.main import run
+
+    _need(args)
+    config = WorkerConfig(
+        etcd=args.etcd,
+        nats=args.nats,
+        worker_id=args.worker_id,
+        listen=args.listen,
+        advertise=args.advertise,
+        region=args.region,
+        models=tuple(m for m in args.models.split(",") if m),
+        capacity=args.capacity,
+        lease_ttl_s=args.lease_ttl,
+        heartbeat_s=args.heartbeat,
+        step_threads=args.step_threads,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+    return asyncio.run(run(config))
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from services.gateway.config import GatewayConfig
+    from services.gateway.main import run
+
+    _need(args)
+    config = GatewayConfig(
+        etcd=args.etcd,
+        nats=args.nats,
+        router=args.router,
+        session_service=args.session_service,
+        listen=args.listen,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+    return asyncio.run(run(config))

@@ -1,0 +1,1 @@
+"""Pieces every Windflow service shares: gRPC plumbing, etcd/NATS names, telemetry."""

@@ -1,0 +1,41 @@
+"""Every environment variable Windflow reads, declared here and read only here.
+
+Command-line flags win over these; these win over built-in defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    name: str
+    doc: str
+
+    def get(self, default: str | None = None) -> str | None:
+        value = os.environ.get(self.name)
+        return value if value not in (None, "") else default
+
+
+OTLP_ENDPOINT = EnvVar(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTLP/gRPC collector address for traces; unset = spans are recorded nowhere",
+)
+OTEL_SERVICE_NAME = EnvVar("OTEL_SERVICE_NAME", "service name attached to exported spans")
+ETCD_ENDPOINT = EnvVar("WINDFLOW_ETCD", "etcd client address host:port for `windflow serve`")
+NATS_URL = EnvVar("WINDFLOW_NATS", "NATS URL nats://host:port for `windflow serve`")
+REGION = EnvVar("WINDFLOW_REGION", "region of this service (workers and router)")
+STEP_THREADS = EnvVar(
+    "WINDFLOW_STEP_THREADS", "torch intra-op threads in a worker's model step thread (default 1)"
+)
+
+ALL: tuple[EnvVar, ...] = (
+    OTLP_ENDPOINT,
+    OTEL_SERVICE_NAME,
+    ETCD_ENDPOINT,
+    NATS_URL,
+    REGION,
+    STEP_THREADS,
+)

@@ -1,0 +1,96 @@
+"""etcd helpers: connecting, worker registration under a lease, reading the worker table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio.kv import KVService
+
+from windflow.common import names
+from windflow.v1 import internal_pb2
+
+log = logging.getLogger(__name__)
+
+
+async def connect(endpoint: str) -> Etcd3Client:
+    client = Etcd3Client([endpoint], rpc_max_attempts=5)
+    await client.connect()
+    return client
+
+
+def kv(client: Etcd3Client) -> KVService:
+    if client.kv is None:
+        raise RuntimeError("etcd client is not connected")
+    return client.kv
+
+
+class LeasedKey:
+    """A key kept alive under its own lease; it vanishes ``ttl`` seconds after we die.
+
+    Lifecycle: ``await start(value)`` -> ``await update(value)`` any number of times ->
+    ``await aclose()`` (revokes the lease: the key goes at once).
+    """
+
+    def __init__(self, client: Etcd3Client, key: str, ttl: int, heartbeat_s: float) -> None:
+        self._client = client
+        self._key = key
+        self._ttl = ttl
+        self._heartbeat_s = heartbeat_s
+        self.lease_id = 0
+        self._value = b""
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, value: bytes) -> None:
+        assert self._client.lease is not None
+        grant = await self._client.lease.grant(self._ttl)
+        self.lease_id = grant.ID
+        await self.update(value)
+        self._task = asyncio.create_task(self._keepalive(), name=f"lease-keepalive:{self._key}")
+
+    async def update(self, value: bytes) -> None:
+        self._value = value
+        await kv(self._client).put(self._key, value, lease=self.lease_id)
+
+    async def _keepalive(self) -> None:
+        assert self._client.lease is not None
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            try:
+                stream = self._client.lease.keep_alive(self.lease_id)
+                async for response in stream:
+                    if response.TTL <= 0:
+                        log.error("lease for %s expired; re-registering", self._key)
+                        grant = await self._client.lease.grant(self._ttl)
+                        self.lease_id = grant.ID
+                        await self.update(self._value)
+                    break
+                stream.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("lease keepalive for %s failed", self._key, exc_info=True)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(Exception):
+            assert self._client.lease is not None
+            await self._client.lease.revoke(self.lease_id, timeout=2.0)
+
+
+async def list_workers(client: Etcd3Client) -> list[internal_pb2.WorkerInfo]:
+    prefix = names.WORKERS_PREFIX.encode()
+    response = await kv(client).get(prefix, prefix_range_end(prefix))
+    workers = []
+    for item in response.kvs:
+        info = internal_pb2.WorkerInfo()
+        info.ParseFromString(item.value)
+        workers.append(info)
+    return workers
