@@ -19,7 +19,7 @@ from windflow.infra.ports import free_port as _free_port
 
 # A stand-in for `windflow serve <kind>`: serves gRPC health (overall "" SERVING) on
 # --listen and ignores the other service flags. Options make it misbehave on purpose.
-FAKE_SERVICE_SOURCE = '''
+FAKE_SERVICE_SOURCE = """
 import argparse, asyncio, os, signal, subprocess, sys
 
 import grpc
@@ -72,7 +72,7 @@ parser.add_argument("--exit-before-ready", type=int, default=None)
 parser.add_argument("--ignore-sigterm", action="store_true")
 parser.add_argument("--never-ready", action="store_true")
 asyncio.run(serve(parser.parse_known_args()[0]))
-'''
+"""
 
 
 @pytest.fixture
