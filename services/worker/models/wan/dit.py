@@ -157,7 +157,7 @@ class Block(nn.Module):
         per_frame = (b, f, length // f, dim)
         mod = self.modulation.float().unsqueeze(1) + e6  # (B, F, 6, dim)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
-        wdt = self.ffn[0].weight.dtype
+        wdt = self.norm3.weight.dtype
 
         h = ops.adaln_modulate(x.view(per_frame), shift1, scale1, self.eps).view(b, length, dim)
         y = self.self_attn(h.to(wdt), rope, grid, cache, layer, write_cache, ops)
@@ -224,7 +224,7 @@ class CausalWanDiT(nn.Module):
         padded[:, :n] = context
         wdt = self.patch_embedding.weight.dtype
         ctx = self.text_embedding(padded.to(wdt))
-        return [blk.cross_attn.context_kv(ctx) for blk in self.blocks]  # type: ignore[union-attr]
+        return [blk.cross_attn.context_kv(ctx) for blk in self.blocks if isinstance(blk, Block)]
 
     def forward(
         self,

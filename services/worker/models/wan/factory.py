@@ -161,6 +161,7 @@ def load_checkpoint(
     device: str | None = None,
     kernels: str = "auto",
     model_id: str = "wan2.1-causal",
+    size: str = "1.3b",
     **pipeline: Any,
 ) -> WanWorldModel:
     """Causal Wan2.1-T2V-1.3B from local files.
@@ -171,6 +172,7 @@ def load_checkpoint(
     merged into the DiT (scale ``lora_alpha / rank``, default 1). ``text_embedding``: the
     prompt's umT5 output (see ``text.py``; default ``<path>/prompt.safetensors``).
     ``action``: Wan-shaped checkpoints with Matrix-Game 2.0 action modules in blocks 0-14.
+    ``size``: "1.3b" (default) or "tiny" (the toy architecture, for round-trip tests).
     Remaining keyword options set ``PipelineConfig`` fields (height, width, timesteps, ...).
     """
     if not path:
@@ -184,9 +186,14 @@ def load_checkpoint(
     dev = _device(device)
     popts = _pipeline_options(dict(pipeline))
     popts.setdefault("dtype", "bfloat16" if dev.type == "cuda" else "float32")
-    cfg = wan21_t2v_1p3b(**popts)
-    if action:
-        cfg = replace(cfg, dit=DiTConfig(action=ActionConfig(blocks=tuple(range(15)))))
+    if size == "tiny":
+        cfg = tiny(action=action, **popts)
+    elif size == "1.3b":
+        cfg = wan21_t2v_1p3b(**popts)
+        if action:
+            cfg = replace(cfg, dit=DiTConfig(action=ActionConfig(blocks=tuple(range(15)))))
+    else:
+        raise InvalidArgument(f"size must be '1.3b' or 'tiny', got {size!r}")
     prompt = Path(text_embedding) if text_embedding else root / "prompt.safetensors"
     context = load_text_embedding(prompt, cfg.dit.text_dim, cfg.dit.text_len)
 
@@ -219,3 +226,8 @@ def load_matrix_game(path: str | None = None, **options: Any) -> WanWorldModel:
     options.setdefault("width", 640)
     options.setdefault("window_frames", 15)
     return load_checkpoint(path=path, action=True, model_id="matrix-game-2", **options)
+
+
+def load_tiny_action(**options: Any) -> WanWorldModel:
+    """``load_tiny`` with Matrix-Game 2.0 action modules (keyboard + mouse)."""
+    return load_tiny(action=True, **options)

@@ -66,7 +66,7 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * p[0]
         self.space_pad = (p[2], p[2], p[1], p[1])
 
-    def forward(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
         front = self.time_pad
         if cached is not None and cached.shape[2] > 0 and front > 0:
             x = torch.cat([cached.to(x.dtype), x], dim=2)
@@ -227,6 +227,8 @@ class WanVAEDecoder(nn.Module):
         if latent.shape[2] != 1:
             raise ValueError(f"decode_frame takes one latent frame, got {latent.shape[2]}")
         wdt = self.conv2.weight.dtype
-        z = latent.to(wdt) * self.latent_std.to(wdt) + self.latent_mean.to(wdt)
+        std, mean = self.latent_std, self.latent_mean
+        assert isinstance(std, torch.Tensor) and isinstance(mean, torch.Tensor)
+        z = latent.to(wdt) * std.to(wdt) + mean.to(wdt)
         cache.cursor = 0
         return self.decoder.stream(self.conv2(z), cache)
