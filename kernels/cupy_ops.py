@@ -93,7 +93,7 @@ def rope_apply(
     height: int,
     width: int,
 ) -> torch.Tensor:
-    b, length, heads, d = x.shape
+    _, length, heads, d = x.shape
     x = x.contiguous()
     tabs = [t.float().contiguous() for t in tables]
     nf, nh, nw = rope_split(d)
@@ -118,7 +118,7 @@ def kv_ring_write(
     ring: int,
     n_written: int,
 ) -> None:
-    b, n_new, heads, d = new_k.shape
+    _, n_new, heads, d = new_k.shape
     if n_written + n_new > sink and n_new > ring:
         raise ValueError(f"kv window: writing {n_new} tokens into a ring of {ring}")
     new_k = new_k.to(cache_k.dtype).contiguous()

@@ -152,9 +152,7 @@ def rgb_to_yuv420(rgb: torch.Tensor) -> torch.Tensor:
     ar, ag, ab = avg[..., 0], avg[..., 1], avg[..., 2]
     u = ((-38 * ar - 74 * ag + 112 * ab + 128) >> 8) + 128
     v = ((112 * ar - 94 * ag - 18 * ab + 128) >> 8) + 128
-    return torch.cat(
-        [y.reshape(b, -1), u.reshape(b, -1), v.reshape(b, -1)], dim=1
-    ).to(torch.uint8)
+    return torch.cat([y.reshape(b, -1), u.reshape(b, -1), v.reshape(b, -1)], dim=1).to(torch.uint8)
 
 
 def launch_grid(total: int, block: int = 256, max_blocks: int = 65535 * 8) -> int:

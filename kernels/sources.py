@@ -53,4 +53,4 @@ def source_by_name(name: str) -> KernelSource:
 def full_source(filename: str) -> str:
     common = (CUDA_DIR / "common.cuh").read_text()
     body = (CUDA_DIR / filename).read_text()
-    return f"{common}\n#line 1 \"{filename}\"\n{body}"
+    return f'{common}\n#line 1 "{filename}"\n{body}'
