@@ -76,15 +76,18 @@ class SessionActor:
     def next_frame(self) -> int:
         return self.state.frame_index
 
+    def add_controls(self, msgs: list[pb.Control]) -> None:
+        """Queue all of ``msgs`` or, if any is refused, none of them."""
+        for msg in msgs:
+            self._check(msg)
+        if len(self._pending) + len(msgs) > self._max_pending:
+            raise ResourceExhausted(f"more than {self._max_pending} controls at once")
+        for msg in msgs:
+            self.add_control(msg)
+
     def add_control(self, msg: pb.Control) -> None:
         """Queue a control for its frame; InvalidArgument/ResourceExhausted if refused."""
-        if msg.frame_index < self.next_frame:
-            raise InvalidArgument(
-                f"control for frame {msg.frame_index} is in the past: the next frame to be "
-                f"generated is {self.next_frame}"
-            )
-        control = Control(action=msg.action, axes=tuple(msg.axes))
-        self.model.validate_control(control)
+        control = self._check(msg)
         if len(self._pending) >= self._max_pending:
             raise ResourceExhausted(
                 f"{self._max_pending} controls are already waiting for future frames",
@@ -93,6 +96,16 @@ class SessionActor:
         pos = bisect.bisect_right(self._pending_idx, msg.frame_index)
         self._pending_idx.insert(pos, msg.frame_index)
         self._pending.insert(pos, (control, msg.client_time_us))
+
+    def _check(self, msg: pb.Control) -> Control:
+        if msg.frame_index < self.next_frame:
+            raise InvalidArgument(
+                f"control for frame {msg.frame_index} is in the past: the next frame to be "
+                f"generated is {self.next_frame}"
+            )
+        control = Control(action=msg.action, axes=tuple(msg.axes))
+        self.model.validate_control(control)
+        return control
 
     def take_control(self) -> AppliedControl:
         """The control for the next frame: the latest one stamped at or before it."""

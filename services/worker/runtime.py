@@ -181,6 +181,7 @@ class WorkerRuntime:
         actor = self._actor(session_id)
         if first.attach.window > 64:
             raise InvalidArgument(f"window {first.attach.window} is outside 1..64")
+        actor.add_controls(list(first.attach.controls))  # all or none; a refusal fails attach
         self._generation += 1
         generation = self._generation
         self._attach_owner[session_id] = generation  # a newer stream takes the session over

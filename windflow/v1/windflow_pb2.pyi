@@ -414,18 +414,26 @@ class Attach(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     window: _builtins.int
     """How many frames may be in flight unacknowledged (1..64; 0 = 8)."""
+    @_builtins.property
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Control]:
+        """Controls queued atomically with the attach, before any frame is made: the way to
+        shape the very next frame (frame 0 of a new session) deterministically.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         window: _builtins.int = ...,
+        controls: _abc.Iterable[Global___Control] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "session_id", b"session_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,103 @@
+"""A Windflow mesh for end-to-end tests: real etcd, NATS and every service as a process.
+
+Unlike ``windflow up`` (which restarts a dead child), nothing here restarts: tests kill
+processes on purpose and watch the mesh react.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from windflow.infra import ChildSpec, EtcdServer, ManagedProcess, NatsServer, free_ports
+
+SERVE = (sys.executable, "-m", "windflow", "serve")
+
+
+class Mesh:
+    """Lifecycle: ``Mesh(dir, ...)`` -> ``await start()`` -> use -> ``await aclose()``."""
+
+    def __init__(
+        self, state_dir: Path, *, workers: int = 2, worker_args: tuple[str, ...] = ()
+    ) -> None:
+        self.state_dir = state_dir
+        self.log_dir = state_dir / "logs"
+        self.etcd = EtcdServer(state_dir)
+        self.nats = NatsServer(state_dir)
+        ports = free_ports(3 + workers)
+        self.addresses = {
+            "router": f"127.0.0.1:{ports[0]}",
+            "session": f"127.0.0.1:{ports[1]}",
+            "gateway": f"127.0.0.1:{ports[2]}",
+            **{f"worker-{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports[3:])},
+        }
+        self._worker_args = worker_args
+        self.procs: dict[str, ManagedProcess] = {}
+
+    @property
+    def gateway(self) -> str:
+        return self.addresses["gateway"]
+
+    def _spec(self, name: str) -> ChildSpec:
+        common = (
+            "--listen",
+            self.addresses[name],
+            "--etcd",
+            self.etcd.endpoint,
+            "--nats",
+            self.nats.url,
+        )
+        if name.startswith("worker-"):
+            argv = (*SERVE, "worker", *common, "--worker-id", name, *self._worker_args)
+        elif name == "gateway":
+            argv = (
+                *SERVE,
+                "gateway",
+                *common,
+                "--router",
+                self.addresses["router"],
+                "--session-service",
+                self.addresses["session"],
+            )
+        else:
+            argv = (*SERVE, name, *common)
+        return ChildSpec(
+            name=name,
+            argv=argv,
+            health_address=self.addresses[name],
+            ready_timeout_s=90.0,
+            stop_timeout_s=5.0,
+        )
+
+    async def start_service(self, name: str) -> ManagedProcess:
+        proc = ManagedProcess(self._spec(name), self.log_dir / f"{name}.log")
+        self.procs[name] = proc
+        proc.start()
+        await proc.wait_ready()
+        return proc
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.gather(self.etcd.start(), self.nats.start())
+        names = [n for n in self.addresses if n.startswith("worker-")]
+        await asyncio.gather(*(self.start_service(n) for n in ("router", "session", *names)))
+        await self.start_service("gateway")
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a service; returns its pid."""
+        pid = self.procs[name].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    async def aclose(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            await proc.stop()
+        await self.nats.aclose()
+        await self.etcd.aclose()

@@ -1,0 +1,62 @@
+"""Two workers: placement spreads by load; a killed worker leaves etcd within its TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+from etcd3aio import Etcd3Client
+
+from services.worker.models.registry import DEFAULT_MODEL
+from tests.e2e.mesh import Mesh
+from windflow.common import names
+from windflow.sdk import Client
+
+LEASE_TTL_S = 2
+
+
+async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
+    mesh = Mesh(
+        tmp_path,
+        workers=2,
+        worker_args=("--lease-ttl", str(LEASE_TTL_S), "--heartbeat", "0.5", "--capacity", "4"),
+    )
+    await mesh.start()
+    try:
+        async with Client(mesh.gateway) as client, Etcd3Client([mesh.etcd.endpoint]) as etcd:
+            placed = [await client.create_session(DEFAULT_MODEL, seed=i) for i in range(4)]
+            spread = Counter(s.worker_id for s in placed)
+            assert spread == {"worker-1": 2, "worker-2": 2}
+
+            assert etcd.kv is not None
+            victim = "worker-1"
+            mesh.kill(victim)
+            killed_at = time.monotonic()
+            key = names.worker_key(victim)
+            while (await etcd.kv.get(key)).kvs:
+                assert time.monotonic() - killed_at < LEASE_TTL_S + 1.5, "key outlived its lease"
+                await asyncio.sleep(0.05)
+            gone_after = time.monotonic() - killed_at
+            assert gone_after <= LEASE_TTL_S + 1.5
+
+            # new sessions land on the survivor, which streams them
+            await asyncio.sleep(0.3)  # let the router's watch see the deletion
+            survivors = [await client.create_session(DEFAULT_MODEL, seed=10 + i) for i in range(2)]
+            assert {s.worker_id for s in survivors} == {"worker-2"}
+            live = await client.attach(survivors[0])
+            indices = [f.index async for f in live.frames(limit=10)]
+            assert indices == list(range(10))
+            await live.aclose()
+            # the survivor is now full (2 + 2 of capacity 4): admission says so
+            from windflow import errors
+
+            try:
+                await client.create_session(DEFAULT_MODEL)
+            except errors.ResourceExhausted as exc:
+                assert "full" in exc.message
+            else:
+                raise AssertionError("a fifth session was admitted to a full mesh")
+    finally:
+        await mesh.aclose()

@@ -1,0 +1,232 @@
+"""``windflow play``: open a session, stream controls, receive frames, write a video.
+
+Frame latency is measured from a frame's deadline (when the worker was due to make it) to
+its arrival at this client: model step, encoding, queueing and two gRPC hops. Control-to-
+frame latency runs from sending a control to the arrival of the first frame it shaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from windflow.sdk import Client, ReceivedFrame
+
+
+@dataclass(slots=True)
+class PlaySummary:
+    frames: int
+    fps: float
+    latency_ms_p50: float
+    latency_ms_p99: float
+    control_to_frame_ms_p50: float
+    dropped: int
+    refused_controls: int
+    session_id: str
+    worker_id: str
+    model_id: str
+    width: int
+    height: int
+    out: str | None
+
+    def table(self) -> str:
+        rows = [
+            ("frames", f"{self.frames}"),
+            ("achieved fps", f"{self.fps:.1f}"),
+            ("frame latency p50", f"{self.latency_ms_p50:.1f} ms"),
+            ("frame latency p99", f"{self.latency_ms_p99:.1f} ms"),
+            ("control-to-frame p50", f"{self.control_to_frame_ms_p50:.1f} ms"),
+            ("dropped frames", f"{self.dropped}"),
+            ("refused controls", f"{self.refused_controls}"),
+            ("model", self.model_id),
+            ("worker", self.worker_id),
+            ("output", f"{self.width}x{self.height} -> {self.out or '(not written)'}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class ActionSource:
+    """Actions per frame: a sticky random policy, or a file with one action per line."""
+
+    def __init__(self, spec: str, actions: list[str], seed: int) -> None:
+        self._names = actions
+        self._rng = random.Random(seed)
+        self._script: list[int] | None = None
+        self._current = 0
+        if spec != "random":
+            lines = [ln.strip() for ln in Path(spec).read_text().splitlines()]
+            self._script = [self._parse(ln) for ln in lines if ln and not ln.startswith("#")]
+            if not self._script:
+                raise SystemExit(f"{spec}: no actions in file")
+
+    def _parse(self, token: str) -> int:
+        if token.isdigit():
+            return int(token)
+        if token in self._names:
+            return self._names.index(token)
+        raise SystemExit(f"unknown action {token!r}; actions: {', '.join(self._names)}")
+
+    def action(self, frame_index: int) -> int:
+        if self._script is not None:
+            return self._script[frame_index % len(self._script)]
+        if self._rng.random() < 0.15:  # sticky: hold an action for ~7 frames on average
+            self._current = self._rng.randrange(len(self._names))
+        return self._current
+
+
+class VideoWriter:
+    """H.264 MP4 through PyAV; frames are written as they arrive."""
+
+    def __init__(self, path: str, fps: float, width: int, height: int) -> None:
+        import av
+
+        self._av = av
+        self._container = av.open(path, mode="w")
+        stream = self._container.add_stream("libx264", rate=round(fps))
+        stream.width = width + width % 2
+        stream.height = height + height % 2
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        self._stream = stream
+
+    def write(self, rgb: np.ndarray) -> None:
+        if rgb.shape[0] % 2 or rgb.shape[1] % 2:
+            rgb = np.pad(rgb, ((0, rgb.shape[0] % 2), (0, rgb.shape[1] % 2), (0, 0)), "edge")
+        frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+
+
+async def play(
+    gateway: str,
+    *,
+    model: str | None = None,
+    frames: int = 120,
+    fps: float = 0.0,
+    actions: str = "random",
+    out: str | None = None,
+    seed: int = 0,
+    size: tuple[int, int] = (0, 0),
+    fmt: str = "jpeg",
+) -> PlaySummary:
+    async with Client(gateway) as client:
+        models = await client.list_models()
+        if not models:
+            raise SystemExit("the gateway serves no models (no live worker)")
+        model_id = model or models[0].model_id
+        info = await client.create_session(
+            model_id, seed=seed, fps=fps, format=fmt, width=size[0], height=size[1]
+        )
+        source = ActionSource(actions, list(info.model.actions), seed)
+        writer = VideoWriter(out, info.spec.fps, info.spec.width, info.spec.height) if out else None
+        latencies: list[float] = []
+        control_latencies: list[float] = []
+        received: list[ReceivedFrame] = []
+        live = await client.attach(info, controls=[(0, source.action(0))])
+        try:
+            first_us = 0
+            async for frame in live.frames(limit=frames):
+                if not first_us:
+                    first_us = frame.received_us
+                received.append(frame)
+                latencies.append(frame.latency_ms)
+                c2f = frame.control_to_frame_ms
+                if c2f is not None:
+                    control_latencies.append(c2f)
+                nxt = frame.index + 1
+                await live.send(source.action(nxt), frame_index=nxt)
+                if writer is not None:
+                    writer.write(frame.rgb())
+        finally:
+            await live.aclose()
+            if writer is not None:
+                writer.close()
+            await client.close_session(info.session_id)
+    span_s = (received[-1].received_us - first_us) / 1e6 if len(received) > 1 else 0.0
+    indices = [f.index for f in received]
+    gaps = sum(b - a - 1 for a, b in itertools.pairwise(indices) if b > a + 1)
+    dropped = max(gaps, int(received[-1].frame.dropped_total) if received else 0)
+    return PlaySummary(
+        frames=len(received),
+        fps=(len(received) - 1) / span_s if span_s > 0 else 0.0,
+        latency_ms_p50=_percentile(latencies, 50),
+        latency_ms_p99=_percentile(latencies, 99),
+        control_to_frame_ms_p50=_percentile(control_latencies, 50),
+        dropped=dropped,
+        refused_controls=len(live.errors),
+        session_id=info.session_id,
+        worker_id=info.worker_id,
+        model_id=model_id,
+        width=info.spec.width,
+        height=info.spec.height,
+        out=out,
+    )
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError("size must look like 256x256") from None
+
+
+def add_play_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model id (default: the first served)")
+    parser.add_argument("--frames", type=int, default=120, help="frames to receive")
+    parser.add_argument("--fps", type=float, default=0.0, help="session fps (default: native)")
+    parser.add_argument("--actions", default="random", help="'random' or a file of actions")
+    parser.add_argument("--out", default=None, help="write the frames to this .mp4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=_size, default=(256, 256), help="output WxH")
+    parser.add_argument("--format", choices=("jpeg", "rgb"), default="jpeg")
+    parser.add_argument("--json", action="store_true", help="last stdout line: JSON summary")
+
+
+def print_summary(summary: PlaySummary, as_json: bool) -> None:
+    print(summary.table(), flush=True)
+    if as_json:
+        print(json.dumps(asdict(summary)), flush=True)
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser("play", help="play a session")
+    parser.add_argument("--gateway", required=True, help="gateway host:port")
+    add_play_arguments(parser)
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    summary = asyncio.run(
+        play(
+            args.gateway,
+            model=args.model,
+            frames=args.frames,
+            fps=args.fps,
+            actions=args.actions,
+            out=args.out,
+            seed=args.seed,
+            size=args.size,
+            fmt=args.format,
+        )
+    )
+    print_summary(summary, args.json)
+    return 0

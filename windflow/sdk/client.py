@@ -1,0 +1,276 @@
+"""Asyncio client for the public windflow.v1 API."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from windflow.common import grpc_util, telemetry
+from windflow.common.frames import decode_frame
+from windflow.errors import WindflowError
+from windflow.v1 import windflow_pb2 as pb
+from windflow.v1 import windflow_pb2_grpc
+
+FORMATS = {"jpeg": pb.FRAME_FORMAT_JPEG, "rgb": pb.FRAME_FORMAT_RGB}
+POLICIES = {"drop_oldest": pb.OUTPUT_POLICY_DROP_OLDEST, "pause": pb.OUTPUT_POLICY_PAUSE}
+
+
+class SessionStreamError(Exception):
+    """The server refused one client message (the stream goes on); carries the status."""
+
+    def __init__(self, error: pb.StreamError) -> None:
+        super().__init__(f"{error.code_name}: {error.message}")
+        self.error = error
+        self.code_name = error.code_name
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedFrame:
+    frame: pb.Frame
+    received_us: int
+    """The client's wall clock when the frame arrived (unix microseconds)."""
+
+    @property
+    def index(self) -> int:
+        return self.frame.frame_index
+
+    @property
+    def latency_ms(self) -> float:
+        """From the frame's deadline (when it was due to be made) to its arrival here."""
+        return (self.received_us - self.frame.timestamps.due_us) / 1000.0
+
+    @property
+    def control_to_frame_ms(self) -> float | None:
+        """From sending the control first applied in this frame to its arrival, if any."""
+        sent = self.frame.control_client_time_us
+        return (self.received_us - sent) / 1000.0 if sent else None
+
+    def rgb(self) -> np.ndarray:
+        f = self.frame
+        return decode_frame(f.data, f.format, f.width, f.height)
+
+
+class Session:
+    """A live session stream. Use through ``Client.session(...)`` or ``Client.attach``.
+
+    Lifecycle: ``await start()`` (sends Attach) -> ``send``/``frames`` -> ``aclose()``.
+    Frames are acknowledged as they are consumed from ``frames()``; server events go to
+    ``events`` and refused messages to ``errors`` (bounded histories).
+    """
+
+    def __init__(
+        self, stub: windflow_pb2_grpc.WindflowStub, info: pb.Session, *, window: int = 8
+    ) -> None:
+        self.info = info
+        self.id = info.session_id
+        self._stub = stub
+        self._window = window
+        self._outbox: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue(maxsize=1024)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self.events: collections.deque[pb.SessionEvent] = collections.deque(maxlen=256)
+        self.errors: collections.deque[pb.StreamError] = collections.deque(maxlen=256)
+        self.last_index = -1
+        self.next_index = 0
+        self._closed = False
+
+    async def start(self, controls: Sequence[tuple[int, int]] = ()) -> None:
+        """Attach; ``controls`` are (frame_index, action) pairs queued before any frame."""
+        now = telemetry.now_us()
+        initial = [
+            pb.Control(frame_index=index, action=action, client_time_us=now)
+            for index, action in controls
+        ]
+        await self._outbox.put(
+            pb.ClientMessage(
+                attach=pb.Attach(session_id=self.id, window=self._window, controls=initial)
+            )
+        )
+        self._call = self._stub.Stream(self._requests())
+
+    async def _requests(self) -> AsyncIterator[pb.ClientMessage]:
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            yield message
+
+    async def send(
+        self, action: int = 0, axes: Sequence[float] = (), frame_index: int | None = None
+    ) -> int:
+        """Queue a control for ``frame_index`` (default: the next frame not yet received).
+
+        Waits when 1024 client messages are already queued: controls are never dropped.
+        Returns the frame index the control was stamped with.
+        """
+        index = self.next_index if frame_index is None else frame_index
+        await self._outbox.put(
+            pb.ClientMessage(
+                control=pb.Control(
+                    frame_index=index,
+                    action=action,
+                    axes=list(axes),
+                    client_time_us=telemetry.now_us(),
+                )
+            )
+        )
+        return index
+
+    async def send_raw(self, message: pb.ClientMessage) -> None:
+        await self._outbox.put(message)
+
+    async def frames(self, limit: int | None = None) -> AsyncIterator[ReceivedFrame]:
+        """Frames as they arrive, acknowledged once the consumer asks for the next one."""
+        if self._call is None:
+            raise RuntimeError("Session.frames() before start()")
+        count = 0
+        try:
+            async for message in self._call:
+                kind = message.WhichOneof("msg")
+                if kind == "frame":
+                    received = ReceivedFrame(message.frame, telemetry.now_us())
+                    self.last_index = received.index
+                    self.next_index = received.index + 1
+                    yield received
+                    await self._outbox.put(pb.ClientMessage(ack=pb.Ack(frame_index=received.index)))
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+                elif kind == "event":
+                    self.events.append(message.event)
+                    if message.event.kind == pb.SessionEvent.KIND_ATTACHED:
+                        self.next_index = max(self.next_index, message.event.frame_index)
+                    if message.event.kind == pb.SessionEvent.KIND_CLOSED:
+                        return
+                elif kind == "error":
+                    self.errors.append(message.error)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+                return
+            raise grpc_util.error_from_rpc(exc) from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self._outbox.put_nowait(None)
+        if self._call is not None:
+            self._call.cancel()
+
+
+class Client:
+    """Lifecycle: ``Client(address)`` -> use -> ``aclose()`` (or ``async with``)."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self._timeout = timeout_s
+        self._channel = grpc_util.channel(address)
+        self.stub = windflow_pb2_grpc.WindflowStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, method: object, request: object) -> object:
+        try:
+            return await method(request, timeout=self._timeout)  # type: ignore[operator]
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc) from exc
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        response = await self._unary(self.stub.ListModels, pb.ListModelsRequest())
+        assert isinstance(response, pb.ListModelsResponse)
+        return list(response.models)
+
+    async def create_session(
+        self,
+        model_id: str,
+        *,
+        seed: int = 0,
+        fps: float = 0.0,
+        steps: int = 0,
+        format: str = "jpeg",
+        width: int = 0,
+        height: int = 0,
+        jpeg_quality: int = 0,
+        region: str = "",
+        output_policy: str = "drop_oldest",
+    ) -> pb.Session:
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+        if output_policy not in POLICIES:
+            raise ValueError(f"output_policy must be one of {', '.join(POLICIES)}")
+        spec = pb.SessionSpec(
+            model_id=model_id,
+            seed=seed,
+            fps=fps,
+            steps=steps,
+            format=FORMATS[format],
+            width=width,
+            height=height,
+            jpeg_quality=jpeg_quality,
+            region=region,
+            output_policy=POLICIES[output_policy],
+        )
+        response = await self._unary(self.stub.CreateSession, pb.CreateSessionRequest(spec=spec))
+        assert isinstance(response, pb.CreateSessionResponse)
+        return response.session
+
+    async def get_session(self, session_id: str) -> pb.Session:
+        response = await self._unary(
+            self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)
+        )
+        assert isinstance(response, pb.Session)
+        return response
+
+    async def close_session(self, session_id: str) -> pb.Session:
+        response = await self._unary(
+            self.stub.CloseSession, pb.CloseSessionRequest(session_id=session_id)
+        )
+        assert isinstance(response, pb.CloseSessionResponse)
+        return response.session
+
+    async def attach(
+        self,
+        session: pb.Session,
+        *,
+        window: int = 8,
+        controls: Sequence[tuple[int, int]] = (),
+    ) -> Session:
+        """Open the session's stream; ``controls`` are (frame_index, action) pairs applied
+        atomically with the attach (see ``Attach.controls``)."""
+        live = Session(self.stub, session, window=window)
+        await live.start(controls)
+        return live
+
+    @contextlib.asynccontextmanager
+    async def session(
+        self,
+        model_id: str,
+        *,
+        window: int = 8,
+        close: bool = True,
+        controls: Sequence[tuple[int, int]] = (),
+        **spec: object,
+    ) -> AsyncIterator[Session]:
+        """Create a session, attach its stream, and close both on exit."""
+        info = await self.create_session(model_id, **spec)  # type: ignore[arg-type]
+        live = await self.attach(info, window=window, controls=controls)
+        try:
+            yield live
+        finally:
+            await live.aclose()
+            if close:
+                with contextlib.suppress(WindflowError):
+                    await self.close_session(info.session_id)
