@@ -82,8 +82,8 @@ def test_kv_ring_write(dtype: torch.dtype, atol: float, rtol: float) -> None:
         ops.kv_ring_write(mine[0], mine[1], k, v, sink, ring, written)
         ref.kv_ring_write(caches[0], caches[1], k, v, sink, ring, written)
         assert torch.equal(mine[0], caches[0]) and torch.equal(mine[1], caches[1])
-    _report("kv_ring_write", lambda: ops.kv_ring_write(*mine, k, v, sink, ring, 5 * tpf),
-            lambda: ref.kv_ring_write(*caches, k, v, sink, ring, 5 * tpf))  # fmt: skip
+    _report("kv_ring_write", lambda: ops.kv_ring_write(mine[0], mine[1], k, v, sink, ring, 5 * tpf),
+            lambda: ref.kv_ring_write(caches[0], caches[1], k, v, sink, ring, 5 * tpf))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
