@@ -17,6 +17,12 @@ from windflow.errors import NotFound
 MODEL_FACTORIES: dict[str, str] = {
     # The built-in, trained, CPU-real-time world model (weights committed in the repo).
     "windflow-world": "services.worker.models.world:load_default",
+    # The causal Wan2.1 family (docs/wan.md). Tiny ones: random weights, for tests/demos.
+    "wan-causal-tiny": "services.worker.models.wan.factory:load_tiny",
+    "matrix-game-2-tiny": "services.worker.models.wan.factory:load_tiny_action",
+    # Real checkpoints from a local path (option path=...; nothing is downloaded).
+    "wan2.1-causal": "services.worker.models.wan.factory:load_checkpoint",
+    "matrix-game-2": "services.worker.models.wan.factory:load_matrix_game",
 }
 
 DEFAULT_MODEL = "windflow-world"
