@@ -20,6 +20,7 @@ from windflow.infra import (
     StackFailed,
     Supervisor,
     free_ports,
+    healthcheck,
     pid_alive,
 )
 
@@ -148,3 +149,14 @@ async def test_cancelling_start_stops_what_was_started(
     with pytest.raises(asyncio.CancelledError):
         await starting
     assert [pid for pid in pids if pid_alive(pid)] == []
+
+
+async def test_healthcheck_command_exits_zero_only_when_serving(
+    tmp_path: Path, fake_service_program: Path
+) -> None:
+    serving_port, closed_port = free_ports(2)
+    async with Supervisor(
+        [[_service(fake_service_program, "svc", serving_port)]], tmp_path / "logs"
+    ):
+        assert await asyncio.to_thread(healthcheck.main, [f"127.0.0.1:{serving_port}"]) == 0
+        assert await asyncio.to_thread(healthcheck.main, [f"127.0.0.1:{closed_port}"]) == 1
