@@ -1,0 +1,113 @@
+"""Session actor queues: controls by frame, bounded output, flow control."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.worker.actor import SessionActor
+from tests.fakes import FakeWorld
+from windflow.errors import InvalidArgument, InvalidControl, ResourceExhausted
+from windflow.v1 import windflow_pb2 as pb
+
+
+def actor(
+    policy: pb.OutputPolicy.ValueType = pb.OUTPUT_POLICY_DROP_OLDEST, out_queue: int = 3
+) -> SessionActor:
+    model = FakeWorld()
+    spec = pb.SessionSpec(model_id="fake-world", fps=24, steps=2, output_policy=policy)
+    return SessionActor(
+        "s",
+        spec,
+        model,
+        model.new_state(1),
+        epoch=1,
+        window=2,
+        out_queue=out_queue,
+        max_pending_controls=3,
+        now=0.0,
+    )
+
+
+def frame(i: int) -> pb.ServerMessage:
+    return pb.ServerMessage(frame=pb.Frame(frame_index=i))
+
+
+def test_controls_apply_at_their_frame_and_stick() -> None:
+    a = actor()
+    a.add_control(pb.Control(frame_index=2, action=2, client_time_us=7))
+    a.add_control(pb.Control(frame_index=0, action=1))
+    applied = []
+    for _ in range(4):
+        c = a.take_control()
+        applied.append((c.control.action, c.client_time_us))
+        a.state.frame_index += 1
+    assert applied == [(1, 0), (1, 0), (2, 7), (2, 0)]
+
+
+def test_refused_controls() -> None:
+    a = actor()
+    a.state.frame_index = 5
+    with pytest.raises(InvalidArgument, match="in the past"):
+        a.add_control(pb.Control(frame_index=4, action=1))
+    with pytest.raises(InvalidControl, match="outside the action space"):
+        a.add_control(pb.Control(frame_index=6, action=3))
+    for i in range(3):
+        a.add_control(pb.Control(frame_index=6 + i, action=1))
+    with pytest.raises(ResourceExhausted):
+        a.add_control(pb.Control(frame_index=20, action=1))
+
+
+def test_add_controls_is_all_or_nothing() -> None:
+    a = actor()
+    with pytest.raises(InvalidControl):
+        a.add_controls([pb.Control(frame_index=0, action=1), pb.Control(frame_index=1, action=9)])
+    assert a.take_control().control.action == 0
+
+
+def test_drop_oldest_keeps_the_newest_frames_and_counts() -> None:
+    a = actor(out_queue=3)
+    a.attach(0)
+    for i in range(5):
+        a.push(frame(i))
+    assert [m.frame.frame_index for m in a.out] == [2, 3, 4]
+    assert a.dropped == 2 and a.out[-1].frame.dropped_total == 2
+    assert a.ready  # DROP_OLDEST never holds generation back
+
+
+def test_pause_holds_generation_until_the_client_reads() -> None:
+    a = actor(policy=pb.OUTPUT_POLICY_PAUSE, out_queue=2)
+    a.attach(0)
+    a.push(frame(0))
+    assert a.ready
+    a.push(frame(1))
+    assert not a.ready
+    a.pop()
+    assert a.ready and a.dropped == 0
+
+
+def test_window_limits_frames_in_flight_but_not_events() -> None:
+    a = actor(out_queue=8)
+    a.attach(2)
+    for i in range(4):
+        a.push(frame(i))
+    sent = []
+    while a.can_send():
+        sent.append(a.pop().frame.frame_index)
+    assert sent == [0, 1]
+    a.push(pb.ServerMessage(event=pb.SessionEvent(kind=pb.SessionEvent.KIND_QUALITY_CHANGED)))
+    a.ack(0)
+    sent = []
+    while a.can_send():
+        sent.append(a.pop().frame.frame_index)
+    assert sent == [2]
+    a.ack(3)  # acks beyond what was sent are clamped
+    assert a.last_acked == 2
+
+
+def test_not_ready_unless_attached() -> None:
+    a = actor()
+    assert not a.ready
+    a.attach(0)
+    assert a.ready
+    a.detach()
+    assert not a.ready
