@@ -74,3 +74,4 @@ async def run(config: GatewayConfig) -> int:
         serving.cancel()
         await service.aclose()
         await client.close()
+        telemetry.shutdown()

@@ -192,14 +192,23 @@ class GatewayService:
             )
             try:
                 async for message in _responses(call):
-                    if message.HasField("frame"):
-                        frame = message.frame
-                        sent = telemetry.now_us()
-                        frame.timestamps.gateway_sent_us = sent
-                        frame.latency.transport_ms = (
-                            sent - frame.timestamps.worker_sent_us
-                        ) / 1000.0
+                    if not message.HasField("frame"):
+                        yield message
+                        continue
+                    frame = message.frame
+                    span = tracer.start_span(
+                        names.SPAN_GATEWAY_FRAME,
+                        start_time=frame.timestamps.worker_sent_us * 1000,
+                        attributes={
+                            "windflow.session_id": session_id,
+                            "windflow.frame": frame.frame_index,
+                        },
+                    )
+                    sent = telemetry.now_us()
+                    frame.timestamps.gateway_sent_us = sent
+                    frame.latency.transport_ms = (sent - frame.timestamps.worker_sent_us) / 1000.0
                     yield message
+                    span.end()
                 if pump.done() and not pump.cancelled() and pump.exception() is not None:
                     raise pump.exception()  # type: ignore[misc]
             finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from opentelemetry import context as otel_context
 
 from services.router.config import RouterConfig
 from services.router.service import RouterService
@@ -23,7 +24,12 @@ class RouterServicer(internal_pb2_grpc.RouterServicer):
     async def Place(
         self, request: internal_pb2.PlaceRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.Placement:
-        return await self._service.place(request)
+        parent = telemetry.extract_metadata(context.invocation_metadata())
+        token = otel_context.attach(parent)
+        try:
+            return await self._service.place(request)
+        finally:
+            otel_context.detach(token)
 
 
 async def run(config: RouterConfig) -> int:
@@ -50,3 +56,4 @@ async def run(config: RouterConfig) -> int:
         await service.aclose()
         await bus.aclose()
         await client.close()
+        telemetry.shutdown()

@@ -65,3 +65,4 @@ async def run(config: SessionServiceConfig) -> int:
         serving.cancel()
         await bus.aclose()
         await client.close()
+        telemetry.shutdown()

@@ -17,6 +17,8 @@ import collections
 import logging
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
+
 from services.worker.models.base import Control, SessionState, WorldModel
 from windflow.errors import InvalidArgument, ResourceExhausted
 from windflow.v1 import windflow_pb2 as pb
@@ -67,6 +69,8 @@ class SessionActor:
         self.last_sent = -1
         self.last_acked = -1
         self.attached = False
+        self.trace_context: otel_context.Context | None = None
+        """Trace context of the attached stream's session span (parent of frame spans)."""
         self.stepping = False
         self.closed = False
 

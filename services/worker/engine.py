@@ -154,11 +154,18 @@ class StepEngine:
                     batch_size=len(actors),
                 ),
             )
-            with tracer.start_span(
+            span = tracer.start_span(
                 names.SPAN_WORKER_FRAME,
-                attributes={"windflow.session_id": actor.session_id, "windflow.frame": indices[i]},
-            ):
-                actor.push(pb.ServerMessage(frame=frame))
+                context=actor.trace_context,
+                start_time=result.model_start_us * 1000,
+                attributes={
+                    "windflow.session_id": actor.session_id,
+                    "windflow.frame": indices[i],
+                    "windflow.batch": len(actors),
+                },
+            )
+            actor.push(pb.ServerMessage(frame=frame))
+            span.end()
             self.frames_total += 1
 
     def _step_and_encode(

@@ -62,3 +62,4 @@ async def run(config: WorkerConfig) -> int:
         await runtime.aclose()
         await bus.aclose()
         await client.close()
+        telemetry.shutdown()

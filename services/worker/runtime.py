@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+from opentelemetry import trace
 
 from services.worker.actor import SessionActor
 from services.worker.config import WorkerConfig
@@ -169,7 +171,9 @@ class WorkerRuntime:
     # ---- the stream ----
 
     async def attach(
-        self, requests: AsyncIterator[pb.ClientMessage]
+        self,
+        requests: AsyncIterator[pb.ClientMessage],
+        metadata: Sequence[tuple[str, str | bytes]] = (),
     ) -> AsyncIterator[pb.ServerMessage]:
         try:
             first = await anext(requests)
@@ -192,8 +196,14 @@ class WorkerRuntime:
             self._read_client(actor, requests), name=f"client-reader:{session_id}"
         )
         span = tracer.start_span(
-            names.SPAN_WORKER_SESSION, attributes={"windflow.session_id": session_id}
+            names.SPAN_WORKER_SESSION,
+            context=telemetry.extract_metadata(metadata),
+            attributes={
+                "windflow.session_id": session_id,
+                "windflow.worker": self.config.worker_id,
+            },
         )
+        actor.trace_context = trace.set_span_in_context(span)
         try:
             yield pb.ServerMessage(
                 event=pb.SessionEvent(

@@ -24,7 +24,8 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
     async def Attach(
         self, request_iterator: AsyncIterator[pb.ClientMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ServerMessage]:
-        async for message in self._runtime.attach(request_iterator):
+        metadata = context.invocation_metadata() or ()
+        async for message in self._runtime.attach(request_iterator, metadata):
             yield message
 
     async def GetSessionStatus(

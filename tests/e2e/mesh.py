@@ -21,7 +21,12 @@ class Mesh:
     """Lifecycle: ``Mesh(dir, ...)`` -> ``await start()`` -> use -> ``await aclose()``."""
 
     def __init__(
-        self, state_dir: Path, *, workers: int = 2, worker_args: tuple[str, ...] = ()
+        self,
+        state_dir: Path,
+        *,
+        workers: int = 2,
+        worker_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.log_dir = state_dir / "logs"
@@ -35,6 +40,7 @@ class Mesh:
             **{f"worker-{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports[3:])},
         }
         self._worker_args = worker_args
+        self._env = env
         self.procs: dict[str, ManagedProcess] = {}
 
     @property
@@ -67,6 +73,7 @@ class Mesh:
         return ChildSpec(
             name=name,
             argv=argv,
+            env=self._env,
             health_address=self.addresses[name],
             ready_timeout_s=90.0,
             stop_timeout_s=5.0,

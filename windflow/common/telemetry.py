@@ -44,6 +44,14 @@ def setup(service_name: str, otlp_endpoint: str | None = None) -> None:
     log.info("exporting traces over OTLP to %s as %s", endpoint, name)
 
 
+def shutdown() -> None:
+    """Flush and stop the exporter (if one was installed); call before the process exits."""
+    provider = trace.get_tracer_provider()
+    stop = getattr(provider, "shutdown", None)
+    if callable(stop):
+        stop()
+
+
 def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
