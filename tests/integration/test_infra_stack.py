@@ -168,6 +168,29 @@ async def test_windflow_up_stops_everything_when_a_child_keeps_dying(
             up.communicate()
 
 
+async def test_windflow_up_stops_cleanly_on_sigterm_while_starting(
+    tmp_path: Path, fake_service_program: Path
+) -> None:
+    command = f"{sys.executable} {fake_service_program} --never-ready"
+    up = _start_up("--workers", "1", "--state-dir", str(tmp_path), "--service-command", command)
+    try:
+        children: list[int] = []
+        for _ in range(1500):  # etcd, nats, router and session: the last two never get ready
+            if len(children := _children_of(up.pid)) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        assert len(children) == 4
+        up.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(asyncio.to_thread(up.communicate), 30)
+        assert up.returncode == 0, err
+        assert "ready" not in out
+        assert [pid for pid in children if pid_alive(pid)] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+
+
 def _cmdline_or_empty(pid: int) -> list[str]:
     try:
         return _cmdline(pid)

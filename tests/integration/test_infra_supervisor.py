@@ -97,6 +97,26 @@ async def test_after_the_restart_budget_the_stack_stops_with_a_clear_message(
     assert not pid_alive(steady_pid) and sup.pids() == {}
 
 
+async def test_a_child_that_served_long_enough_gets_a_fresh_budget(
+    tmp_path: Path, fake_service_program: Path
+) -> None:
+    # One restart allowed in a row, but each incarnation serves 0.6 s > reset_after_s.
+    policy = RestartPolicy(max_restarts=1, backoff_initial_s=0.05, reset_after_s=0.3)
+    spec = _service(
+        fake_service_program, "rare", free_ports(1)[0], "--exit-after", "0.6", restart=policy
+    )
+    async with Supervisor([[spec]], tmp_path / "logs") as sup:
+        await _until(lambda: len(sup.exits) >= 3, timeout_s=30)
+        assert sup.failure is None
+        assert all(death.restarting for death in sup.exits)
+
+
+async def test_a_program_that_cannot_be_executed_fails_start(tmp_path: Path) -> None:
+    sup = Supervisor([[ChildSpec("ghost", (str(tmp_path / "no-such-program"),))]], tmp_path)
+    with pytest.raises(StackFailed, match="ghost could not be executed"):
+        await sup.start()
+
+
 async def test_a_child_that_cannot_start_fails_start_and_stops_the_rest(
     tmp_path: Path, fake_service_program: Path
 ) -> None:

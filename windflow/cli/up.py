@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from windflow.infra import Stack, StackConfig, StackFailed
+from windflow.infra import BinaryNotFound, Stack, StackConfig, StackFailed
 from windflow.infra.stack import DEFAULT_SERVICE_COMMAND
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,15 @@ def run(args: argparse.Namespace) -> int:
 
 async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
     """Start the stack, announce it on ``out`` and run until a signal or a failure."""
+    try:
+        stack = Stack(config)
+    except BinaryNotFound as exc:
+        print(f"windflow: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STACK_FAILED
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _on_signal, signum, stop)
-    stack = Stack(config)
     stopped = asyncio.create_task(stop.wait(), name="up:signal")
     starting = asyncio.create_task(stack.start(), name="up:start")
     running: asyncio.Task[None] | None = None
@@ -100,7 +104,7 @@ async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
         try:
             starting.result()
         except StackFailed as exc:
-            print(f"windflow: the stack failed to start: {exc}", file=sys.stderr, flush=True)
+            print(f"windflow: {exc}", file=sys.stderr, flush=True)
             return EXIT_STACK_FAILED
         print(
             f"windflow ready: gateway {stack.gateway_address} "

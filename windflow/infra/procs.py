@@ -47,15 +47,18 @@ _POLL_INTERVAL_S = 0.05
 class RestartPolicy:
     """What the supervisor does when a child exits on its own.
 
-    A child is restarted up to ``max_restarts`` times over the supervisor's life, waiting
+    A child is restarted up to ``max_restarts`` times in a row, waiting
     ``backoff_initial_s * 2**n`` (capped at ``backoff_max_s``) before the n-th restart
     (n from 0). One more exit after that and the supervisor stops every child.
-    ``max_restarts=0`` means a death stops everything at once.
+    ``max_restarts=0`` means a death stops everything at once. The count (and the
+    backoff) starts over when a child has served for ``reset_after_s`` before it died,
+    so rare crashes over a long life do not add up to a stop.
     """
 
     max_restarts: int = 3
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 8.0
+    reset_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:

@@ -12,8 +12,9 @@ Lifecycle::
 
 On a child's death (once started) its watcher task logs a report (name, exit code or
 signal, the tail of its log) and restarts it with the same argv after its policy's
-backoff. When a child dies once more than its ``RestartPolicy.max_restarts`` allows, or a
-restart cannot be executed, the supervisor stops every child and records a
+backoff. When a child dies once more than its ``RestartPolicy.max_restarts`` allows in a
+row (the count starts over after ``reset_after_s`` of service), or a restart cannot be
+executed, the supervisor stops every child and records a
 ``StackFailed`` whose message says which child failed and why; ``wait()`` raises it.
 If ``start()`` fails, everything it started is stopped before ``StackFailed`` is raised.
 """
@@ -71,6 +72,9 @@ class _Child:
         self.spec = spec
         self.proc: ManagedProcess | None = None
         self.restarts = 0
+        """Restarts in a row (reset once an incarnation served ``reset_after_s``)."""
+        self.ready_at = 0.0
+        """Loop time at which the current incarnation became ready."""
         self.watcher: asyncio.Task[None] | None = None
 
 
@@ -127,6 +131,7 @@ class Supervisor:
         }
 
     def restarts(self, name: str) -> int:
+        """Restarts of child ``name`` in a row (see ``RestartPolicy.reset_after_s``)."""
         return self._children[name].restarts
 
     def log_path(self, name: str) -> Path:
@@ -201,11 +206,17 @@ class Supervisor:
         proc = ManagedProcess(child.spec, self.log_path(child.spec.name))
         child.proc = proc
         try:
-            proc.start()
+            try:
+                proc.start()
+            except OSError as exc:
+                raise StackFailed(
+                    f"{child.spec.name} could not be executed ({child.spec.argv[0]}): {exc}"
+                ) from exc
             await proc.wait_ready()
         except BaseException:
             await proc.stop()
             raise
+        child.ready_at = asyncio.get_running_loop().time()
         logger.info("%s: %s ready (pid %s)", self.name, child.spec.name, proc.pid)
 
     async def _watch(self, child: _Child) -> None:
@@ -218,6 +229,8 @@ class Supervisor:
             code = await proc.wait()
             if self._closing:
                 return
+            if asyncio.get_running_loop().time() - child.ready_at >= policy.reset_after_s:
+                child.restarts = 0  # it served long enough: a fresh budget
             tail = proc.log_tail()
             restarting = child.restarts < policy.max_restarts
             self._exits.append(
@@ -225,9 +238,9 @@ class Supervisor:
             )
             if not restarting:
                 message = (
-                    f"{child.spec.name} (pid {proc.pid}) exited with {describe_exit(code)} after "
-                    f"{child.restarts} restart(s), the most its policy allows; stopping the "
-                    f"{self.name}. Last lines of {proc.log_path}:\n{tail}"
+                    f"{child.spec.name} (pid {proc.pid}) exited with {describe_exit(code)} "
+                    f"after {child.restarts} restart(s) in a row, the most its policy allows; "
+                    f"stopping the {self.name}. Last lines of {proc.log_path}:\n{tail}"
                 )
                 logger.error("%s", message)
                 self._fail(StackFailed(message))
