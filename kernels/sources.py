@@ -1,6 +1,6 @@
 """The CUDA sources of Windflow's RawKernels and the entry points each one defines.
 
-Every source is a ``.cu`` file under ``kernels/cuda/``; ``common.cuh`` is prepended so a
+Every source is a ``.cu`` file under ``kernels/cuda/``; ``prelude.cu`` is prepended so a
 source compiles with NVRTC alone (no CUDA toolkit headers), on a GPU or without one.
 """
 
@@ -51,6 +51,6 @@ def source_by_name(name: str) -> KernelSource:
 
 @cache
 def full_source(filename: str) -> str:
-    common = (CUDA_DIR / "common.cuh").read_text()
+    common = (CUDA_DIR / "prelude.cu").read_text()
     body = (CUDA_DIR / filename).read_text()
     return f'{common}\n#line 1 "{filename}"\n{body}'

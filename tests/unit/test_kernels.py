@@ -119,7 +119,7 @@ def test_broken_kernel_fails_loudly(monkeypatch, capsys, tmp_path) -> None:
     bad = tmp_path / "bad.cu"
     bad.write_text('extern "C" __global__ void oops(float* x) { x[0] = undefined_name; }\n')
     monkeypatch.setattr("kernels.sources.CUDA_DIR", tmp_path)
-    (tmp_path / "common.cuh").write_text("")
+    (tmp_path / "prelude.cu").write_text("")
     from kernels import sources
 
     sources.full_source.cache_clear()

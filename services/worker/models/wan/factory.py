@@ -71,8 +71,11 @@ def _device(device: str | None) -> torch.device:
 def build_modules(
     cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int | None
 ) -> tuple[CausalWanDiT, WanVAEDecoder]:
-    """Instantiate the DiT and VAE decoder; seeded random init when ``seed`` is given."""
-    with torch.random.fork_rng(devices=[]):
+    """Instantiate the DiT and VAE decoder; seeded random init when ``seed`` is given.
+
+    Parameters are created on ``device`` directly (the 1.3B never passes through host RAM).
+    """
+    with torch.random.fork_rng(devices=[]), device:
         if seed is not None:
             torch.manual_seed(seed)
         dit = CausalWanDiT(cfg.dit)

@@ -1,5 +1,6 @@
-// Shared helpers for Windflow's RawKernels. Prepended to every kernel source by
-// kernels/cuda_sources.py, so the sources compile with NVRTC and no CUDA headers.
+// Shared helpers for Windflow's RawKernels (a .cu so packaging ships it; never compiled
+// alone). Prepended to every kernel source by
+// kernels/sources.py, so the sources compile with NVRTC and no CUDA headers.
 // bfloat16 is handled as raw 16-bit storage: load widens to float, store rounds to
 // nearest-even, which is what torch does when it casts float32 to bfloat16.
 struct wf_bf16 { unsigned short bits; };
