@@ -23,8 +23,8 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
         workers=2,
         worker_args=("--lease-ttl", str(LEASE_TTL_S), "--heartbeat", "0.5", "--capacity", "4"),
     )
-    await mesh.start()
     try:
+        await mesh.start()
         async with Client(mesh.gateway) as client, Etcd3Client([mesh.etcd.endpoint]) as etcd:
             placed = [await client.create_session(DEFAULT_MODEL, seed=i) for i in range(4)]
             spread = Counter(s.worker_id for s in placed)

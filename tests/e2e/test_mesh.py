@@ -268,3 +268,39 @@ async def test_windflow_play_json_summary(mesh: Mesh, tmp_path: Path) -> None:
 
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 48
+
+
+async def test_lifecycle_events_on_nats(mesh: Mesh) -> None:
+    import nats
+    from nats.aio.msg import Msg
+
+    from windflow.v1 import internal_pb2
+
+    nc = await nats.connect(mesh.nats.url)
+    seen: list[tuple[str, internal_pb2.LifecycleEvent, dict[str, str]]] = []
+
+    async def on_message(msg: Msg) -> None:
+        event = internal_pb2.LifecycleEvent.FromString(msg.data)
+        seen.append((msg.subject, event, dict(msg.headers or {})))
+
+    await nc.subscribe("windflow.v1.>", cb=on_message)
+    try:
+        async with Client(mesh.gateway) as client:
+            info = await client.create_session(MODEL, seed=1)
+            await client.close_session(info.session_id)
+        for _ in range(50):
+            mine = [s for s, e, _ in seen if e.session_id == info.session_id]
+            if len(mine) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert mine == [
+            "windflow.v1.session.created",
+            "windflow.v1.session.placed",
+            "windflow.v1.session.closed",
+        ]
+        placed = next(
+            e for s, e, _ in seen if s.endswith("placed") and e.session_id == info.session_id
+        )
+        assert placed.worker_id == info.worker_id and placed.epoch == 1
+    finally:
+        await nc.close()

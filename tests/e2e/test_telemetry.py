@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats
+from nats.aio.msg import Msg
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from services.worker.models.registry import DEFAULT_MODEL
@@ -54,10 +56,18 @@ async def test_frame_spans_share_the_gateway_trace(tmp_path: Path) -> None:
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     mesh = Mesh(tmp_path, workers=1, env=env)
-    await mesh.start()
     try:
+        await mesh.start()
+        headers: list[dict[str, str]] = []
+        nc = await nats.connect(mesh.nats.url)
+
+        async def on_placed(msg: Msg) -> None:
+            headers.append(dict(msg.headers or {}))
+
+        await nc.subscribe("windflow.v1.session.placed", cb=on_placed)
         async with Client(mesh.gateway) as client, client.session(DEFAULT_MODEL) as session:
             frames = [f async for f in session.frames(limit=10)]
+        await nc.close()
         assert len(frames) == 10
         deadline = asyncio.get_running_loop().time() + 15
         by_name: dict[str, list[tuple[str, Any]]] = defaultdict(list)
@@ -86,6 +96,8 @@ async def test_frame_spans_share_the_gateway_trace(tmp_path: Path) -> None:
         creates = [s for _, s in by_name[names.SPAN_CREATE_SESSION]]
         places = [s for svc, s in by_name[names.SPAN_ROUTER_PLACE] if svc == "windflow-router"]
         assert places and places[0].trace_id == creates[0].trace_id
+        # ... and so did the NATS event it published (W3C traceparent header)
+        assert headers and headers[0]["traceparent"].split("-")[1] == creates[0].trace_id.hex()
     finally:
         await mesh.aclose()
         await server.stop(0)
