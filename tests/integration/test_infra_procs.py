@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,3 +123,40 @@ def test_start_and_stop_under_different_event_loops(tmp_path: Path) -> None:
         asyncio.run(asyncio.wait_for(proc.wait(), 0.1))  # registers on a loop that then closes
     assert asyncio.run(proc.stop()) == -signal.SIGTERM
     assert proc.pid is not None and not pid_alive(proc.pid)
+
+
+ORPHAN_MAKER = """
+import sys, time
+from pathlib import Path
+from windflow.infra import ChildSpec, ManagedProcess
+proc = ManagedProcess(ChildSpec("sleeper", ("sleep", "600")), Path(sys.argv[1]))
+proc.start()
+print(proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_children_die_with_a_parent_killed_by_sigkill(tmp_path: Path) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_MAKER, str(tmp_path / "sleeper.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert pid_alive(child)
+        parent.kill()
+        parent.wait()
+        for _ in range(250):
+            if not pid_alive(child):
+                break
+            time.sleep(0.02)
+        assert not pid_alive(child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()

@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,6 +99,11 @@ class ChildSpec:
     """How long the child may take from start to ready."""
     stop_timeout_s: float = 10.0
     """How long SIGTERM gets before SIGKILL."""
+    die_with_parent: bool = True
+    """Ask the kernel to SIGKILL the child if the process that started it dies without
+    stopping it (e.g. ``kill -9`` of ``windflow up`` or of a test run). Linux only, via
+    util-linux ``setpriv --pdeathsig`` (which execs the program: same pid); skipped where
+    ``setpriv`` is missing."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -162,6 +171,7 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} was already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = None if self.spec.env is None else {**os.environ, **self.spec.env}
+        argv = _with_parent_death_signal(self.spec.argv) if self.spec.die_with_parent else None
         with self.log_path.open("ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(
@@ -169,7 +179,7 @@ class ManagedProcess:
             )
             log.flush()
             self._popen = subprocess.Popen(
-                self.spec.argv,
+                argv or self.spec.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -318,6 +328,26 @@ class ManagedProcess:
                 _signal_group(pgid, signal.SIGTERM)
                 terminated = True
             await asyncio.sleep(_POLL_INTERVAL_S)
+
+
+def _with_parent_death_signal(argv: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``argv`` behind ``setpriv --pdeathsig KILL``, or None where that is unavailable.
+
+    The parent-death signal fires when the *thread* that forked the child exits, so
+    ``start()`` belongs on a thread that outlives the child (the event loop's).
+    Raises FileNotFoundError itself for a missing program, as Popen would without setpriv.
+    """
+    setpriv = _setpriv()
+    if setpriv is None:
+        return None
+    if shutil.which(argv[0]) is None:
+        raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
+    return (setpriv, "--pdeathsig", "KILL", "--", *argv)
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
