@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from windflow.v1 import windflow_pb2 as windflow_dot_v1_dot_windflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awindflow/v1/internal.proto\x12\x0bwindflow.v1\x1a\x1awindflow/v1/windflow.proto\"J\n\x0cPlaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\"\x80\x01\n\tPlacement\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0eworker_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12%\n\x05model\x18\x05 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\"6\n\rSessionRecord\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"&\n\x10GetRecordRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12ListRecordsRequest\"B\n\x13ListRecordsResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.windflow.v1.SessionRecord\"_\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"N\n\x13OpenSessionResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08sessions\x18\x02 \x01(\r\"-\n\x17GetSessionStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"/\n\x19\x43loseWorkerSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Z\n\rSessionStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nhead_frame\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"\xb3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12&\n\x06models\x18\x04 \x03(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0c\n\x04load\x18\x07 \x01(\x02\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\"K\n\x0fPlacementRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x8a\x01\n\x0eLifecycleEvent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07unix_ms\x18\x07 \x01(\x03\x32\x44\n\x06Router\x12:\n\x05Place\x12\x19.windflow.v1.PlaceRequest\x1a\x16.windflow.v1.Placement2\xb8\x02\n\x0cSessionStore\x12\x46\n\x0c\x43reateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\tGetRecord\x12\x1d.windflow.v1.GetRecordRequest\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\x0cUpdateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12P\n\x0bListRecords\x12\x1f.windflow.v1.ListRecordsRequest\x1a .windflow.v1.ListRecordsResponse2\xca\x02\n\x06Worker\x12P\n\x0bOpenSession\x12\x1f.windflow.v1.OpenSessionRequest\x1a .windflow.v1.OpenSessionResponse\x12\x44\n\x06\x41ttach\x12\x1a.windflow.v1.ClientMessage\x1a\x1a.windflow.v1.ServerMessage(\x01\x30\x01\x12T\n\x10GetSessionStatus\x12$.windflow.v1.GetSessionStatusRequest\x1a\x1a.windflow.v1.SessionStatus\x12R\n\x0c\x43loseSession\x12&.windflow.v1.CloseWorkerSessionRequest\x1a\x1a.windflow.v1.SessionStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awindflow/v1/internal.proto\x12\x0bwindflow.v1\x1a\x1awindflow/v1/windflow.proto\"o\n\x0cPlaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12\x0f\n\x07restore\x18\x03 \x01(\x08\x12\x12\n\nrestore_to\x18\x04 \x01(\x04\"F\n\x0eRecoverRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x80\x01\n\tPlacement\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0eworker_address\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12%\n\x05model\x18\x05 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\"6\n\rSessionRecord\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"&\n\x10GetRecordRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x14\n\x12ListRecordsRequest\"B\n\x13ListRecordsResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.windflow.v1.SessionRecord\"\x9c\x01\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07restore\x18\x04 \x01(\x08\x12\x12\n\nrestore_to\x18\x05 \x01(\x04\x12\x16\n\x0erestore_latest\x18\x06 \x01(\x08\"N\n\x13OpenSessionResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08sessions\x18\x02 \x01(\r\"w\n\x13WorkerReplayRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12\x12\n\nfrom_frame\x18\x03 \x01(\x04\x12\x10\n\x08to_frame\x18\x04 \x01(\x04\"-\n\x17GetSessionStatusRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"/\n\x19\x43loseWorkerSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Z\n\rSessionStatus\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nhead_frame\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"\xc2\x01\n\x08LogEntry\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.windflow.v1.LogEntry.Kind\x12\x13\n\x0b\x66rame_index\x18\x02 \x01(\x04\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\r\x12\x0c\n\x04\x61xes\x18\x04 \x03(\x02\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\"(\n\x04Kind\x12\x10\n\x0cKIND_CONTROL\x10\x00\x12\x0e\n\nKIND_CLAIM\x10\x01\"\xb3\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12&\n\x06models\x18\x04 \x03(\x0b\x32\x16.windflow.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\r\x12\x10\n\x08sessions\x18\x06 \x01(\r\x12\x0c\n\x04load\x18\x07 \x01(\x02\x12\x17\n\x0fstarted_unix_ms\x18\x08 \x01(\x03\"s\n\x0fPlacementRecord\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12&\n\x04spec\x18\x04 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\"\x8a\x01\n\x0eLifecycleEvent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x0f\n\x07unix_ms\x18\x07 \x01(\x03\x32\x84\x01\n\x06Router\x12>\n\x07Recover\x12\x1b.windflow.v1.RecoverRequest\x1a\x16.windflow.v1.Placement\x12:\n\x05Place\x12\x19.windflow.v1.PlaceRequest\x1a\x16.windflow.v1.Placement2\xac\x03\n\x0cSessionStore\x12\x36\n\x04\x46ork\x12\x18.windflow.v1.ForkRequest\x1a\x14.windflow.v1.Session\x12:\n\x06Rewind\x12\x1a.windflow.v1.RewindRequest\x1a\x14.windflow.v1.Session\x12\x46\n\x0c\x43reateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\tGetRecord\x12\x1d.windflow.v1.GetRecordRequest\x1a\x1a.windflow.v1.SessionRecord\x12\x46\n\x0cUpdateRecord\x12\x1a.windflow.v1.SessionRecord\x1a\x1a.windflow.v1.SessionRecord\x12P\n\x0bListRecords\x12\x1f.windflow.v1.ListRecordsRequest\x1a .windflow.v1.ListRecordsResponse2\xce\x03\n\x06Worker\x12P\n\x0bOpenSession\x12\x1f.windflow.v1.OpenSessionRequest\x1a .windflow.v1.OpenSessionResponse\x12@\n\x06Rewind\x12\x1a.windflow.v1.RewindRequest\x1a\x1a.windflow.v1.SessionStatus\x12@\n\x06Replay\x12 .windflow.v1.WorkerReplayRequest\x1a\x12.windflow.v1.Frame0\x01\x12\x44\n\x06\x41ttach\x12\x1a.windflow.v1.ClientMessage\x1a\x1a.windflow.v1.ServerMessage(\x01\x30\x01\x12T\n\x10GetSessionStatus\x12$.windflow.v1.GetSessionStatusRequest\x1a\x1a.windflow.v1.SessionStatus\x12R\n\x0c\x43loseSession\x12&.windflow.v1.CloseWorkerSessionRequest\x1a\x1a.windflow.v1.SessionStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'windflow.v1.internal_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLACEREQUEST']._serialized_start=71
-  _globals['_PLACEREQUEST']._serialized_end=145
-  _globals['_PLACEMENT']._serialized_start=148
-  _globals['_PLACEMENT']._serialized_end=276
-  _globals['_SESSIONRECORD']._serialized_start=278
-  _globals['_SESSIONRECORD']._serialized_end=332
-  _globals['_GETRECORDREQUEST']._serialized_start=334
-  _globals['_GETRECORDREQUEST']._serialized_end=372
-  _globals['_LISTRECORDSREQUEST']._serialized_start=374
-  _globals['_LISTRECORDSREQUEST']._serialized_end=394
-  _globals['_LISTRECORDSRESPONSE']._serialized_start=396
-  _globals['_LISTRECORDSRESPONSE']._serialized_end=462
-  _globals['_OPENSESSIONREQUEST']._serialized_start=464
-  _globals['_OPENSESSIONREQUEST']._serialized_end=559
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=561
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=639
-  _globals['_GETSESSIONSTATUSREQUEST']._serialized_start=641
-  _globals['_GETSESSIONSTATUSREQUEST']._serialized_end=686
-  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_start=688
-  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_end=735
-  _globals['_SESSIONSTATUS']._serialized_start=737
-  _globals['_SESSIONSTATUS']._serialized_end=827
-  _globals['_WORKERINFO']._serialized_start=830
-  _globals['_WORKERINFO']._serialized_end=1009
-  _globals['_PLACEMENTRECORD']._serialized_start=1011
-  _globals['_PLACEMENTRECORD']._serialized_end=1086
-  _globals['_LIFECYCLEEVENT']._serialized_start=1089
-  _globals['_LIFECYCLEEVENT']._serialized_end=1227
-  _globals['_ROUTER']._serialized_start=1229
-  _globals['_ROUTER']._serialized_end=1297
-  _globals['_SESSIONSTORE']._serialized_start=1300
-  _globals['_SESSIONSTORE']._serialized_end=1612
-  _globals['_WORKER']._serialized_start=1615
-  _globals['_WORKER']._serialized_end=1945
+  _globals['_PLACEREQUEST']._serialized_end=182
+  _globals['_RECOVERREQUEST']._serialized_start=184
+  _globals['_RECOVERREQUEST']._serialized_end=254
+  _globals['_PLACEMENT']._serialized_start=257
+  _globals['_PLACEMENT']._serialized_end=385
+  _globals['_SESSIONRECORD']._serialized_start=387
+  _globals['_SESSIONRECORD']._serialized_end=441
+  _globals['_GETRECORDREQUEST']._serialized_start=443
+  _globals['_GETRECORDREQUEST']._serialized_end=481
+  _globals['_LISTRECORDSREQUEST']._serialized_start=483
+  _globals['_LISTRECORDSREQUEST']._serialized_end=503
+  _globals['_LISTRECORDSRESPONSE']._serialized_start=505
+  _globals['_LISTRECORDSRESPONSE']._serialized_end=571
+  _globals['_OPENSESSIONREQUEST']._serialized_start=574
+  _globals['_OPENSESSIONREQUEST']._serialized_end=730
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=732
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=810
+  _globals['_WORKERREPLAYREQUEST']._serialized_start=812
+  _globals['_WORKERREPLAYREQUEST']._serialized_end=931
+  _globals['_GETSESSIONSTATUSREQUEST']._serialized_start=933
+  _globals['_GETSESSIONSTATUSREQUEST']._serialized_end=978
+  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_start=980
+  _globals['_CLOSEWORKERSESSIONREQUEST']._serialized_end=1027
+  _globals['_SESSIONSTATUS']._serialized_start=1029
+  _globals['_SESSIONSTATUS']._serialized_end=1119
+  _globals['_LOGENTRY']._serialized_start=1122
+  _globals['_LOGENTRY']._serialized_end=1316
+  _globals['_LOGENTRY_KIND']._serialized_start=1276
+  _globals['_LOGENTRY_KIND']._serialized_end=1316
+  _globals['_WORKERINFO']._serialized_start=1319
+  _globals['_WORKERINFO']._serialized_end=1498
+  _globals['_PLACEMENTRECORD']._serialized_start=1500
+  _globals['_PLACEMENTRECORD']._serialized_end=1615
+  _globals['_LIFECYCLEEVENT']._serialized_start=1618
+  _globals['_LIFECYCLEEVENT']._serialized_end=1756
+  _globals['_ROUTER']._serialized_start=1759
+  _globals['_ROUTER']._serialized_end=1891
+  _globals['_SESSIONSTORE']._serialized_start=1894
+  _globals['_SESSIONSTORE']._serialized_end=2322
+  _globals['_WORKER']._serialized_start=2325
+  _globals['_WORKER']._serialized_end=2787
 # @@protoc_insertion_point(module_scope)
