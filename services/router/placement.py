@@ -35,8 +35,12 @@ def choose_worker(
     model_id: str,
     region: str = "",
     exclude: Collection[str] = (),
+    prefer: str = "",
 ) -> WorkerView:
-    """The best worker for a new session; NotFound / ResourceExhausted say why none fits."""
+    """The best worker for a new session; NotFound / ResourceExhausted say why none fits.
+
+    ``prefer`` (affinity, e.g. a fork's parent's worker) wins whenever it fits at all.
+    """
     candidates = [w for w in workers if w.worker_id not in exclude]
     serving = [w for w in candidates if model_id in w.models]
     if not serving:
@@ -47,6 +51,9 @@ def choose_worker(
             f"every worker serving {model_id!r} is full ({len(serving)} workers)",
             retry_after_s=2.0,
         )
+    for worker in free:
+        if worker.worker_id == prefer:
+            return worker
     if region:
         local = [w for w in free if w.region == region]
         free = local or free

@@ -191,11 +191,15 @@ class RouterService:
         if current.kvs:
             epoch = internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch + 1
         tried: list[str] = list(exclude)
+        prefer = ""
+        if request.affinity_session_id:
+            with contextlib.suppress(NotFound):
+                prefer = (await self._placement(request.affinity_session_id)).worker_id
         last_error: WindflowError | None = None
         for _ in range(self.config.place_attempts):
             try:
                 worker = choose_worker(
-                    self.workers.values(), request.spec.model_id, request.spec.region, tried
+                    self.workers.values(), request.spec.model_id, request.spec.region, tried, prefer
                 )
             except (NotFound, ResourceExhausted) as err:
                 if last_error is None:
@@ -211,6 +215,7 @@ class RouterService:
                         restore=request.restore,
                         restore_to=request.restore_to,
                         restore_latest=restore_latest,
+                        source_session_id=request.affinity_session_id,
                     ),
                     timeout=self.config.open_timeout_s,
                     metadata=telemetry.inject_metadata(),

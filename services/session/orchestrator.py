@@ -114,6 +114,7 @@ class Orchestrator:
                         spec=child.spec,
                         restore=True,
                         restore_to=at,
+                        affinity_session_id=parent.session_id,
                     ),
                     timeout=self._timeout,
                     metadata=telemetry.inject_metadata(),

@@ -70,6 +70,10 @@ class SessionActor:
         """Stream sequence of the session's newest log entry (the append fence)."""
         self._no_upload = asyncio.Event()
         self._no_upload.set()
+        self.recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        """In-memory snapshots by frame, newest last (fast forks on this worker)."""
+        self.durable_head = state.frame_index
+        """Frames made whose control-log entries the server acknowledged."""
         self.restoring = False
         """Held out of the step loop while its state is replaced (rewind, resume)."""
         self.out: collections.deque[pb.ServerMessage] = collections.deque()
@@ -186,9 +190,17 @@ class SessionActor:
             return len(self.out) < self._out_capacity
         return True
 
+    def remember(self, frame: int, blob: bytes, keep: int) -> None:
+        self.recent[frame] = blob
+        while len(self.recent) > keep:
+            self.recent.popitem(last=False)
+
     def reset_to(self, state: SessionState) -> None:
         """Continue from ``state`` (a rewind or resume): queued output and controls go."""
         self.state = state
+        self.durable_head = state.frame_index
+        for frame in [f for f in self.recent if f > state.frame_index]:
+            del self.recent[frame]  # another future now
         self.out.clear()
         self._pending_idx.clear()
         self._pending.clear()

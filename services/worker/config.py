@@ -37,7 +37,11 @@ class WorkerConfig:
     batch_horizon_ms: float = 8.0
     """Sessions due within this much of the earliest deadline join its batch."""
     checkpoint_every: int = 48
-    """Frames between checkpoints of a session (0: never)."""
+    """Frames between durable checkpoints of a session (0: never)."""
+    memory_snapshot_every: int = 8
+    """Frames between in-memory snapshots (fast forks and rewinds on this worker; 0: never)."""
+    memory_snapshots: int = 8
+    """In-memory snapshots kept per session (the newest)."""
     step_threads: int = 1
     """torch intra-op threads used by the model step thread."""
     otlp_endpoint: str | None = None

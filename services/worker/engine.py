@@ -133,7 +133,7 @@ class StepEngine:
                     appends[i] = asyncio.create_task(
                         self.journal.append(a, entry), name=f"log-append:{a.session_id}"
                     )
-                snapshot_mask[i] = self.journal.wants_checkpoint(indices[i] + 1)
+                snapshot_mask[i] = self.journal.wants_snapshot(indices[i] + 1)
         for a in actors:
             a.stepping = True
         try:
@@ -174,9 +174,10 @@ class StepEngine:
             actor.due = scheduler.next_due(dues[i], actor.interval, finished)
             if actor.closed or i in unlogged:
                 continue
+            actor.durable_head = indices[i] + 1
             blob = result.snapshots[i]
             if blob is not None and self.journal is not None:
-                self.journal.checkpoint(actor, indices[i] + 1, blob)
+                self.journal.keep_snapshot(actor, indices[i] + 1, blob)
             frame = pb.Frame(
                 frame_index=indices[i],
                 format=actor.spec.format,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,7 +28,7 @@ from windflow.common.durable import (
     StoredEntry,
     controls_by_frame,
 )
-from windflow.errors import DataLoss, FailedPrecondition, NotFound, WindflowError
+from windflow.errors import DataLoss, FailedPrecondition, WindflowError
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
@@ -90,12 +90,16 @@ class Journal:
         catalog: CheckpointCatalog,
         *,
         checkpoint_every: int,
+        memory_every: int = 8,
+        memory_keep: int = 8,
     ) -> None:
         self.worker_id = worker_id
         self.log = log_
         self.store = store
         self.catalog = catalog
         self.checkpoint_every = checkpoint_every
+        self.memory_every = memory_every
+        self.memory_keep = memory_keep
         self._uploads: set[asyncio.Task[None]] = set()
 
     # ---- the hot path ----
@@ -121,9 +125,21 @@ class Journal:
         actor.log_seq = await self.log.append(actor.session_id, entry, actor.log_seq)
 
     def wants_checkpoint(self, next_frame: int) -> bool:
-        return (
-            self.checkpoint_every > 0 and next_frame > 0 and next_frame % self.checkpoint_every == 0
-        )
+        every = self.checkpoint_every
+        return every > 0 and next_frame > 0 and next_frame % every == 0
+
+    def wants_snapshot(self, next_frame: int) -> bool:
+        """A snapshot after this step: durable checkpoint and/or in-memory ring."""
+        every = self.memory_every
+        in_memory = every > 0 and next_frame > 0 and next_frame % every == 0
+        return in_memory or self.wants_checkpoint(next_frame)
+
+    def keep_snapshot(self, actor: SessionActor, frame: int, blob: bytes) -> None:
+        """A snapshot taken before ``frame``: remember it, checkpoint it if due."""
+        if self.memory_every > 0 and frame % self.memory_every == 0:
+            actor.remember(frame, blob, self.memory_keep)
+        if self.wants_checkpoint(frame):
+            self.checkpoint(actor, frame, blob)
 
     def checkpoint(self, actor: SessionActor, frame_index: int, blob: bytes) -> None:
         """Upload a snapshot taken before ``frame_index`` and record it, off the hot path."""
@@ -174,34 +190,36 @@ class Journal:
         step_thread: StepThread[None],
         *,
         to_frame: int | None,
+        memory: Mapping[int, bytes] | None = None,
     ) -> Restored:
-        """Model state of ``session_id`` at ``to_frame`` (None: at its newest checkpoint)."""
+        """Model state of ``session_id`` at ``to_frame`` (None: at its newest checkpoint).
+
+        ``memory``: in-memory snapshots by frame (of this session's state, or of a fork's
+        parent, whose log up to ``to_frame`` is this session's), tried before a durable
+        checkpoint of the same or an earlier frame.
+        """
         entries = await self.log.read(session_id)
         controls = controls_by_frame(entries)
-        candidates = [
-            c
-            for c in await self.catalog.list(session_id)
-            if to_frame is None or c.frame_index <= to_frame
+        candidates: list[tuple[int, int, str | bytes]] = [
+            (c.frame_index, 0, c.object_name) for c in await self.catalog.list(session_id)
         ]
+        if to_frame is not None:
+            candidates += [(f, 1, blob) for f, blob in (memory or {}).items()]
+            candidates = [c for c in candidates if c[0] <= to_frame]
         state: SessionState | None = None
         base = 0
-        for checkpoint in reversed(candidates):
+        for frame, _, source in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
+            where = source if isinstance(source, str) else f"memory@{frame}"
             try:
-                blob = await self.store.get(checkpoint.object_name)
+                blob = await self.store.get(source) if isinstance(source, str) else source
                 state = model.restore(blob)
-                base = checkpoint.frame_index
+                base = frame
                 if state.frame_index != base:
-                    raise DataLoss(
-                        f"checkpoint {checkpoint.object_name} holds frame "
-                        f"{state.frame_index}, not {base}"
-                    )
+                    raise DataLoss(f"snapshot {where} holds frame {state.frame_index}, not {base}")
                 break
-            except (WindflowError, NotFound) as exc:
+            except WindflowError as exc:
                 log.warning(
-                    "checkpoint %s of %s unusable (%s); trying an older one",
-                    checkpoint.object_name,
-                    session_id,
-                    exc,
+                    "checkpoint %s of %s unusable (%s); trying an older one", where, session_id, exc
                 )
                 state = None
         if state is None:

@@ -50,6 +50,8 @@ async def run(config: WorkerConfig) -> int:
         CheckpointStore(js),
         CheckpointCatalog(client),
         checkpoint_every=config.checkpoint_every,
+        memory_every=config.memory_snapshot_every,
+        memory_keep=config.memory_snapshots,
     )
     runtime = WorkerRuntime(config, models, on_change, journal)
     server = ServiceServer(config.listen)

@@ -117,6 +117,7 @@ class WorkerRuntime:
         self._opening += 1
         try:
             if request.restore or request.restore_latest:
+                memory = await self._memory_of(request.source_session_id, request.restore_to)
                 restored = await self._journal().restore(
                     request.session_id,
                     model,
@@ -124,6 +125,7 @@ class WorkerRuntime:
                     spec.steps,
                     self.engine.in_step_thread,
                     to_frame=None if request.restore_latest else request.restore_to,
+                    memory=memory,
                 )
                 state, entries = restored.state, restored.entries
             else:
@@ -157,11 +159,31 @@ class WorkerRuntime:
         self._on_change()
         return info
 
+    async def _memory_of(self, source_id: str, frame: int) -> dict[int, bytes]:
+        """In-memory snapshots of a session on this worker usable to restore ``frame``;
+        a live snapshot when the source sits exactly at ``frame``."""
+        source = self.engine.sessions.get(source_id) if source_id else None
+        if source is None:
+            return {}
+        memory = {f: blob for f, blob in source.recent.items() if f <= frame}
+        if source.next_frame == frame and frame not in memory:
+            await self._hold(source)
+            try:
+                if source.next_frame == frame:
+                    state = source.state
+                    memory[frame] = await self.engine.in_step_thread(
+                        lambda: source.model.snapshot(state)
+                    )
+            finally:
+                source.restoring = False
+                self.engine.wake()
+        return memory
+
     def status(self, session_id: str) -> internal_pb2.SessionStatus:
         actor = self._actor(session_id)
         return internal_pb2.SessionStatus(
             session_id=session_id,
-            head_frame=actor.next_frame,
+            head_frame=actor.durable_head,
             dropped=actor.dropped,
             attached=actor.attached,
         )
@@ -316,6 +338,7 @@ class WorkerRuntime:
                 actor.spec.steps,
                 self.engine.in_step_thread,
                 to_frame=frame,
+                memory=dict(actor.recent),
             )
             actor.reset_to(restored.state)
             actor.log_seq = max((e.seq for e in restored.entries), default=0)

@@ -49,3 +49,13 @@ def test_excluded_workers_are_skipped() -> None:
     assert choose_worker(workers, "m", exclude=["a"]).worker_id == "b"
     with pytest.raises(NotFound):
         choose_worker(workers, "m", exclude=["a", "b"])
+
+
+def test_affinity_wins_when_it_fits() -> None:
+    workers = [worker("busy", 3), worker("idle", 0)]
+    assert choose_worker(workers, "m", prefer="busy").worker_id == "busy"
+    assert (
+        choose_worker([worker("busy", 4), worker("idle", 0)], "m", prefer="busy").worker_id
+        == "idle"
+    )
+    assert choose_worker(workers, "m", prefer="gone").worker_id == "idle"

@@ -28,10 +28,13 @@ class PlaceRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     RESTORE_FIELD_NUMBER: _builtins.int
     RESTORE_TO_FIELD_NUMBER: _builtins.int
+    AFFINITY_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     restore: _builtins.bool
     """see OpenSessionRequest"""
     restore_to: _builtins.int
+    affinity_session_id: _builtins.str
+    """Prefer the worker holding this session (a fork's parent: its recent state is in memory)."""
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec: ...
     def __init__(
@@ -41,10 +44,11 @@ class PlaceRequest(_message.Message):
         spec: _windflow_pb2.SessionSpec | None = ...,
         restore: _builtins.bool = ...,
         restore_to: _builtins.int = ...,
+        affinity_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["restore", b"restore", "restore_to", b"restore_to", "session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_session_id", b"affinity_session_id", "restore", b"restore", "restore_to", b"restore_to", "session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,6 +195,7 @@ class OpenSessionRequest(_message.Message):
     RESTORE_FIELD_NUMBER: _builtins.int
     RESTORE_TO_FIELD_NUMBER: _builtins.int
     RESTORE_LATEST_FIELD_NUMBER: _builtins.int
+    SOURCE_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     restore: _builtins.bool
@@ -200,6 +205,10 @@ class OpenSessionRequest(_message.Message):
     restore_to: _builtins.int
     restore_latest: _builtins.bool
     """restore the newest checkpoint only; attach with resume replays"""
+    source_session_id: _builtins.str
+    """A session on the same worker whose in-memory snapshots may serve the restore (a fork's
+    parent): its log up to `restore_to` is this session's log.
+    """
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec:
         """resolved"""
@@ -213,10 +222,11 @@ class OpenSessionRequest(_message.Message):
         restore: _builtins.bool = ...,
         restore_to: _builtins.int = ...,
         restore_latest: _builtins.bool = ...,
+        source_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "restore", b"restore", "restore_latest", b"restore_latest", "restore_to", b"restore_to", "session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "restore", b"restore", "restore_latest", b"restore_latest", "restore_to", b"restore_to", "session_id", b"session_id", "source_session_id", b"source_session_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
