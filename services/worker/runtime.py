@@ -308,6 +308,7 @@ class WorkerRuntime:
                     spec.steps,
                     self.engine.in_step_thread,
                     to_frame=frame,
+                    memory=dict(actor.recent),
                 )
                 actor.reset_to(restored.state)
                 entries = restored.entries
