@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -102,10 +103,12 @@ class Orchestrator:
             head_frame=at,
         )
         await self.store.create(child)
-        await self.log.copy(parent.session_id, child.session_id, before_frame=at)
-        for checkpoint in await self.catalog.list(parent.session_id):
-            if checkpoint.frame_index <= at:
-                await self.catalog.put(child.session_id, checkpoint)
+        inherited = [c for c in await self.catalog.list(parent.session_id) if c.frame_index <= at]
+        copy = asyncio.create_task(
+            self.log.copy(parent.session_id, child.session_id, before_frame=at)
+        )
+        await asyncio.gather(*(self.catalog.put(child.session_id, c) for c in inherited))
+        copied = await copy
         try:
             placement = await grpc_util.call(
                 self._router.Place(
@@ -134,7 +137,9 @@ class Orchestrator:
             worker_id=placement.worker_id,
             detail=f"from {parent.session_id} at {at}",
         )
-        return await self.describe(child)
+        child.checkpoints.extend(inherited)
+        child.log_length = copied
+        return child
 
     async def rewind(self, request: pb.RewindRequest) -> pb.Session:
         session = await self.store.get(request.session_id)

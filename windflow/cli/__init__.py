@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "windflow.cli.serve",
     "windflow.cli.play",
     "windflow.cli.demo",
+    "windflow.cli.state",
     "windflow.cli.models",
     "windflow.cli.kernels",
     "windflow.cli.bench",

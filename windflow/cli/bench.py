@@ -6,7 +6,7 @@ import argparse
 import importlib
 from typing import Any
 
-BENCH_MODULES: tuple[str, ...] = ("windflow.cli.bench_wan",)
+BENCH_MODULES: tuple[str, ...] = ("windflow.cli.bench_wan", "windflow.cli.bench_state")
 
 
 def register(sub: Any) -> None:

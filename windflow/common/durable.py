@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import nats.js.errors
 from etcd3aio import Etcd3Client, prefix_range_end
 from nats.js import JetStreamContext
-from nats.js.api import Header, StorageType
+from nats.js.api import DeliverPolicy, Header, StorageType
 from nats.js.object_store import ObjectStore
 
 from windflow.common import etcd, names
@@ -84,18 +84,30 @@ class ControlLog:
         return int(ack.seq)
 
     async def read(self, session_id: str) -> list[StoredEntry]:
-        """Every entry of the session's log, in order."""
-        subject = log_subject(session_id)
+        """Every entry of the session's log, in order (one ordered consumer, not a round
+        trip per entry)."""
+        if await self.length(session_id) == 0:
+            return []
+        sub = await self._js.subscribe(
+            log_subject(session_id),
+            stream=LOG_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
         entries: list[StoredEntry] = []
-        seq = 0
-        while True:
-            try:
-                msg = await self._js.get_msg(LOG_STREAM, seq=seq + 1, subject=subject, next=True)
-            except nats.js.errors.NotFoundError:
-                return entries
-            assert msg.seq is not None and msg.data is not None
-            seq = msg.seq
-            entries.append(StoredEntry(seq, internal_pb2.LogEntry.FromString(msg.data)))
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=5.0)
+                meta = msg.metadata
+                entries.append(
+                    StoredEntry(meta.sequence.stream, internal_pb2.LogEntry.FromString(msg.data))
+                )
+                if meta.num_pending == 0:
+                    return entries
+        except nats.errors.TimeoutError as exc:
+            raise Unavailable(f"reading the control log of {session_id} timed out") from exc
+        finally:
+            await sub.unsubscribe()
 
     async def truncate(self, session_id: str, stored: Sequence[StoredEntry], frame: int) -> None:
         """Delete the control entries for frames >= ``frame`` (of ``stored``, as read)."""
@@ -109,17 +121,17 @@ class ControlLog:
     async def copy(self, source: str, target: str, before_frame: int) -> int:
         """Write ``source``'s control entries for frames < ``before_frame`` as ``target``'s
         log (which must be empty). Returns the number of entries copied."""
-        last = 0
-        copied = 0
-        for item in await self.read(source):
-            entry = item.entry
-            if (
-                entry.kind == internal_pb2.LogEntry.KIND_CONTROL
-                and entry.frame_index < before_frame
-            ):
-                last = await self.append(target, entry, last)
-                copied += 1
-        return copied
+        entries = [
+            item.entry
+            for item in await self.read(source)
+            if item.entry.kind == internal_pb2.LogEntry.KIND_CONTROL
+            and item.entry.frame_index < before_frame
+        ]
+        subject = log_subject(target)
+        for entry in entries:  # pipelined; the server keeps their order
+            await self._js.publish_async(subject, entry.SerializeToString())
+        await self._js.publish_async_completed()
+        return len(entries)
 
     async def length(self, session_id: str) -> int:
         info = await self._js.stream_info(LOG_STREAM, subjects_filter=log_subject(session_id))
