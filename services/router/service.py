@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 import grpc
 from etcd3aio import Etcd3Client, prefix_range_end
 
 from services.router.config import RouterConfig
-from services.router.placement import WorkerView, choose_worker
+from services.router.placement import Demand, WorkerView, choose_worker
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.events import EventBus
 from windflow.errors import (
@@ -39,6 +40,20 @@ def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
         models=frozenset(m.model_id for m in info.models),
         capacity=info.capacity,
         sessions=info.sessions,
+        headroom={(h.model_id, h.steps): h.fps for h in info.headroom}
+        if info.fps_admission
+        else {},
+        utilization=info.utilization if info.fps_admission else None,
+    )
+
+
+def _demand(spec: pb.SessionSpec) -> Demand:
+    return Demand(
+        model_id=spec.model_id,
+        fps=spec.fps,
+        steps=spec.steps,
+        min_steps=spec.quality.min_steps,
+        adaptive=spec.quality.mode != pb.QualityPolicy.MODE_FIXED,
     )
 
 
@@ -113,7 +128,11 @@ class RouterService:
         for _ in range(self.config.place_attempts):
             try:
                 worker = choose_worker(
-                    self.workers.values(), request.spec.model_id, request.spec.region, tried
+                    self.workers.values(),
+                    request.spec.model_id,
+                    request.spec.region,
+                    tried,
+                    demand=_demand(request.spec),
                 )
             except (NotFound, ResourceExhausted) as err:
                 if last_error is None or not tried:
@@ -139,13 +158,9 @@ class RouterService:
                 if isinstance(last_error, (ResourceExhausted, Unavailable)):
                     continue
                 raise last_error from exc
-            self.workers[worker.worker_id] = WorkerView(
-                worker.worker_id,
-                worker.address,
-                worker.region,
-                worker.models,
-                worker.capacity,
-                max(worker.sessions, opened.sessions),
+            admitted = worker.admit(_demand(request.spec))
+            self.workers[worker.worker_id] = dataclasses.replace(
+                admitted, sessions=max(worker.sessions + 1, opened.sessions)
             )
             record = internal_pb2.PlacementRecord(
                 worker_id=worker.worker_id, worker_address=worker.address, epoch=epoch

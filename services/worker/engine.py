@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +20,9 @@ import torch
 
 from services.worker import scheduler
 from services.worker.actor import AppliedControl, SessionActor
-from services.worker.models.base import WorldModel
+from services.worker.costs import StepCosts
+from services.worker.models.base import Control, WorldModel
+from services.worker.quality import QualityGovernor
 from windflow.common import names, telemetry
 from windflow.common.frames import encode_frame
 from windflow.v1 import windflow_pb2 as pb
@@ -42,9 +44,25 @@ class _StepResult:
 
 class StepEngine:
     def __init__(
-        self, models: Mapping[str, WorldModel], *, horizon_s: float, step_threads: int
+        self,
+        models: Mapping[str, WorldModel],
+        *,
+        horizon_s: float,
+        step_threads: int,
+        memory_budget_bytes: int = 0,
+        quality: scheduler.QualityParams | None = None,
+        on_quality_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._models = dict(models)
+        self.max_batch = {
+            mid: scheduler.effective_max_batch(
+                m.info.max_batch, int(m.info.extra.get("sample_bytes", 0)), memory_budget_bytes
+            )
+            for mid, m in self._models.items()
+        }
+        self.costs = StepCosts()
+        self.quality = QualityGovernor(self.costs, self.max_batch, quality, on_quality_change)
+        self.frames_dropped_closed = 0
         self._horizon = horizon_s
         self._step_threads = step_threads
         self.sessions: dict[str, SessionActor] = {}
@@ -62,17 +80,41 @@ class StepEngine:
 
     def add(self, actor: SessionActor) -> None:
         self.sessions[actor.session_id] = actor
+        self.quality.add(actor)
         self.wake()
 
     def remove(self, session_id: str) -> SessionActor | None:
         actor = self.sessions.pop(session_id, None)
+        self.quality.remove(session_id)
         if actor is not None:
+            self.frames_dropped_closed += actor.dropped
             actor.closed = True
             actor.frame_available.set()
         return actor
 
     def wake(self) -> None:
         self._wake.set()
+
+    def control_arrived(self, actor: SessionActor, frame_index: int) -> None:
+        """A control was queued: if it is for the next frame, that frame may start now."""
+        if self.quality.rephase(actor, frame_index, time.monotonic()):
+            self.wake()
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.frames_dropped_closed + sum(a.dropped for a in self.sessions.values())
+
+    async def calibrate(self, repeats: int = 2) -> None:
+        """Measure each model's batch cost (step + encode at its native size) at batch 1
+        and at its max batch, for every rung of its step ladder, in the step thread."""
+        loop = asyncio.get_running_loop()
+        for model_id, model in self._models.items():
+            for steps in model.info.steps:
+                for batch in sorted({1, self.max_batch[model_id]}):
+                    ms = await loop.run_in_executor(
+                        self._executor, _time_step, model, steps, batch, repeats
+                    )
+                    self.costs.observe(model_id, steps, batch, ms)
 
     def _slots(self) -> list[scheduler.Slot]:
         return [
@@ -82,7 +124,7 @@ class StepEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        max_batch = {mid: m.info.max_batch for mid, m in self._models.items()}
+        max_batch = self.max_batch
         while True:
             slots = self._slots()
             now = time.monotonic()
@@ -127,6 +169,9 @@ class StepEngine:
                 a.stepping = False
         finished = time.monotonic()
         self.steps_total += 1
+        self.costs.observe(
+            batch.model_id, batch.steps, len(actors), result.model_ms + sum(result.encode_ms)
+        )
         wall_offset_us = telemetry.now_us() - int(finished * 1e6)
         for i, actor in enumerate(actors):
             actor.due = scheduler.next_due(dues[i], actor.interval, finished)
@@ -167,6 +212,7 @@ class StepEngine:
             actor.push(pb.ServerMessage(frame=frame))
             span.end()
             self.frames_total += 1
+        self.quality.after_step(actors, dues, finished)
 
     def _step_and_encode(
         self,
@@ -203,6 +249,20 @@ class StepEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _time_step(model: WorldModel, steps: int, batch: int, repeats: int) -> float:
+    """Median wall time (ms) of one batched step + JPEG encoding on fresh states."""
+    states = [model.new_state(i) for i in range(batch)]
+    info = model.info
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        t0 = time.perf_counter()
+        rgb = model.step(states, [Control()] * batch, steps)
+        for i in range(batch):
+            encode_frame(rgb[i], pb.FRAME_FORMAT_JPEG, info.width, info.height, 85)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times[1:]))
 
 
 def _error_message(code: int, name: str, message: str, frame_index: int) -> pb.ServerMessage:

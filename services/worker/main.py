@@ -49,6 +49,7 @@ async def run(config: WorkerConfig) -> int:
     bound = await server.start()
     runtime.address = config.advertise or bound
     engine_task = runtime.start()
+    await runtime.engine.calibrate()  # step costs for fps-aware admission, before registering
     await registration.start(runtime.info().SerializeToString())
     await server.set_serving()
     await bus.publish(names.SUBJECT_WORKER_UP, worker_id=config.worker_id, detail=runtime.address)
