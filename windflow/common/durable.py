@@ -1,0 +1,224 @@
+"""The durable side of a session, outside any worker: its control log and checkpoints.
+
+- ``ControlLog``: JetStream stream ``WINDFLOW_LOG``, one subject per session
+  (``windflow.v1.log.<session_id>``). Every append is acknowledged by the server; appends
+  carry the expected last sequence of the subject, so a worker that lost the session to
+  another (which appended a CLAIM entry) is fenced off: its next append fails.
+- ``CheckpointStore``: snapshot bytes in the JetStream object store (it chunks blobs; core
+  NATS messages are limited to 1 MB).
+- ``CheckpointCatalog``: one etcd key per checkpoint under the session's keyspace
+  (``/windflow/v1/sessions/<id>/checkpoints/<frame>``), written by the worker that took it
+  under a placement-epoch fence, read and pruned by the session service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nats.js.errors
+from etcd3aio import Etcd3Client, prefix_range_end
+from nats.js import JetStreamContext
+from nats.js.api import Header, StorageType
+from nats.js.object_store import ObjectStore
+
+from windflow.common import etcd, names
+from windflow.errors import FailedPrecondition, NotFound, Unavailable
+from windflow.v1 import internal_pb2
+from windflow.v1 import windflow_pb2 as pb
+
+LOG_STREAM = "WINDFLOW_LOG"
+LOG_SUBJECTS = f"{names.SUBJECT_PREFIX}.log.>"
+CHECKPOINT_BUCKET = "windflow-checkpoints"
+_WRONG_LAST_SEQUENCE = 10071
+
+
+def log_subject(session_id: str) -> str:
+    return f"{names.SUBJECT_PREFIX}.log.{session_id}"
+
+
+class Fenced(FailedPrecondition):
+    """Another worker claimed the session: this one must stop writing its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    seq: int
+    entry: internal_pb2.LogEntry
+
+
+class ControlLog:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def ensure(self) -> None:
+        """Create the stream if it does not exist (idempotent)."""
+        try:
+            await self._js.stream_info(LOG_STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self._js.add_stream(
+                    name=LOG_STREAM, subjects=[LOG_SUBJECTS], storage=StorageType.FILE
+                )
+            except nats.js.errors.BadRequestError:
+                await self._js.stream_info(LOG_STREAM)  # created concurrently
+
+    async def append(self, session_id: str, entry: internal_pb2.LogEntry, expect_seq: int) -> int:
+        """Append after the entry with stream sequence ``expect_seq`` (0: the log is empty).
+
+        Returns the new entry's sequence; raises ``Fenced`` if the log moved on without us.
+        """
+        headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expect_seq)}
+        try:
+            ack = await self._js.publish(
+                log_subject(session_id), entry.SerializeToString(), headers=headers
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                raise Fenced(f"the control log of session {session_id} has a new owner") from exc
+            raise Unavailable(f"control log append failed: {exc}") from exc
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            raise Unavailable("control log append timed out") from exc
+        return int(ack.seq)
+
+    async def read(self, session_id: str) -> list[StoredEntry]:
+        """Every entry of the session's log, in order."""
+        subject = log_subject(session_id)
+        entries: list[StoredEntry] = []
+        seq = 0
+        while True:
+            try:
+                msg = await self._js.get_msg(LOG_STREAM, seq=seq + 1, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return entries
+            assert msg.seq is not None and msg.data is not None
+            seq = msg.seq
+            entries.append(StoredEntry(seq, internal_pb2.LogEntry.FromString(msg.data)))
+
+    async def truncate(self, session_id: str, stored: Sequence[StoredEntry], frame: int) -> None:
+        """Delete the control entries for frames >= ``frame`` (of ``stored``, as read)."""
+        for item in stored:
+            if (
+                item.entry.kind == internal_pb2.LogEntry.KIND_CONTROL
+                and item.entry.frame_index >= frame
+            ):
+                await self._js.delete_msg(LOG_STREAM, item.seq)
+
+    async def copy(self, source: str, target: str, before_frame: int) -> int:
+        """Write ``source``'s control entries for frames < ``before_frame`` as ``target``'s
+        log (which must be empty). Returns the number of entries copied."""
+        last = 0
+        copied = 0
+        for item in await self.read(source):
+            entry = item.entry
+            if (
+                entry.kind == internal_pb2.LogEntry.KIND_CONTROL
+                and entry.frame_index < before_frame
+            ):
+                last = await self.append(target, entry, last)
+                copied += 1
+        return copied
+
+    async def length(self, session_id: str) -> int:
+        info = await self._js.stream_info(LOG_STREAM, subjects_filter=log_subject(session_id))
+        subjects = info.state.subjects or {}
+        return int(subjects.get(log_subject(session_id), 0))
+
+
+def controls_by_frame(entries: Sequence[StoredEntry]) -> list[internal_pb2.LogEntry]:
+    """The control entries, ordered by frame (CLAIM entries are bookkeeping, not input)."""
+    out = [s.entry for s in entries if s.entry.kind == internal_pb2.LogEntry.KIND_CONTROL]
+    out.sort(key=lambda e: e.frame_index)
+    return out
+
+
+class CheckpointStore:
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._store: ObjectStore | None = None
+        self._lock = asyncio.Lock()
+
+    async def _bucket(self) -> ObjectStore:
+        async with self._lock:
+            if self._store is None:
+                try:
+                    self._store = await self._js.object_store(CHECKPOINT_BUCKET)
+                except nats.js.errors.BucketNotFoundError:
+                    self._store = await self._js.create_object_store(
+                        CHECKPOINT_BUCKET, storage=StorageType.FILE
+                    )
+            return self._store
+
+    @staticmethod
+    def object_name(session_id: str, frame_index: int) -> str:
+        return f"{session_id}.{frame_index:012d}"
+
+    async def put(self, name: str, data: bytes) -> None:
+        await (await self._bucket()).put(name, data)
+
+    async def get(self, name: str) -> bytes:
+        try:
+            result = await (await self._bucket()).get(name)
+        except nats.js.errors.ObjectNotFoundError as exc:
+            raise NotFound(f"checkpoint object {name!r} is missing") from exc
+        return bytes(result.data or b"")
+
+
+class CheckpointCatalog:
+    def __init__(self, client: Etcd3Client) -> None:
+        self._etcd = client
+
+    @staticmethod
+    def _prefix(session_id: str) -> str:
+        return f"{names.SESSIONS_PREFIX}{session_id}/checkpoints/"
+
+    async def add(self, session_id: str, checkpoint: pb.Checkpoint, *, epoch: int) -> bool:
+        """Record ``checkpoint`` if ``epoch`` is still the session's placement epoch."""
+        kv = etcd.kv(self._etcd)
+        key = names.placement_key(session_id)
+        current = await kv.get(key)
+        if not current.kvs:
+            return False
+        placement = internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
+        if placement.epoch != epoch:
+            return False
+        checkpoint.created_unix_ms = checkpoint.created_unix_ms or int(time.time() * 1000)
+        done = await kv.txn(
+            compare=[kv.txn_compare_value(key, current.kvs[0].value)],
+            success=[
+                kv.txn_op_put(
+                    f"{self._prefix(session_id)}{checkpoint.frame_index:012d}",
+                    checkpoint.SerializeToString(),
+                )
+            ],
+        )
+        return bool(done.succeeded)
+
+    async def put(self, session_id: str, checkpoint: pb.Checkpoint) -> None:
+        """Unfenced write, for the session service (e.g. a fork inherits its parent's)."""
+        await etcd.kv(self._etcd).put(
+            f"{self._prefix(session_id)}{checkpoint.frame_index:012d}",
+            checkpoint.SerializeToString(),
+        )
+
+    async def list(self, session_id: str) -> list[pb.Checkpoint]:
+        """Oldest first."""
+        prefix = self._prefix(session_id).encode()
+        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        out = [pb.Checkpoint.FromString(item.value) for item in response.kvs]
+        out.sort(key=lambda c: c.frame_index)
+        return out
+
+    async def drop_after(self, session_id: str, frame: int) -> None:
+        """Forget checkpoints of frames > ``frame`` (a rewind made them another future)."""
+        for checkpoint in await self.list(session_id):
+            if checkpoint.frame_index > frame:
+                await etcd.kv(self._etcd).delete(
+                    f"{self._prefix(session_id)}{checkpoint.frame_index:012d}"
+                )
+
+    async def drop_all(self, session_id: str) -> None:
+        prefix = self._prefix(session_id).encode()
+        await etcd.kv(self._etcd).delete(prefix, prefix_range_end(prefix))
