@@ -92,7 +92,13 @@ def test_ladder_steps_down_first_then_fps() -> None:
     )
     assert quality_ladder((1, 2, 3, 4), 3, 24.0, adaptive=False) == (Level(3, 24.0),)
     floored = quality_ladder((1, 2, 3, 4), 4, 20.0, adaptive=True, min_steps=3, min_fps=8.0)
-    assert floored == (Level(4, 20.0), Level(3, 20.0), Level(3, 15.0), Level(3, 10.0), Level(3, 8.0))
+    assert floored == (
+        Level(4, 20.0),
+        Level(3, 20.0),
+        Level(3, 15.0),
+        Level(3, 10.0),
+        Level(3, 8.0),
+    )
 
 
 def view(

@@ -8,6 +8,7 @@ from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
     "windflow.cli.bench_wan",
+    "windflow.cli.bench_runtime",
 )
 
 
