@@ -46,6 +46,10 @@ class WorkerConfig:
     """Admission's ceiling on the predicted busy fraction of the step thread."""
     admission_retry_after_s: float = 2.0
     """The retry-after hint sent with RESOURCE_EXHAUSTED when a session does not fit."""
+    gil_switch_interval_ms: float = 0.5
+    """The interpreter's thread switch interval (default Python: 5 ms). The step thread
+    re-takes the GIL between torch ops; while the event loop holds it, the step thread
+    waits up to this long, so the default 5 ms stalls batches (docs/runtime.md)."""
     memory_budget_mb: float = 0.0
     """Per-model memory budget for one batch (caps the batch with the model's declared
     ``sample_bytes``); 0 = no budget beyond the model's max batch."""
@@ -59,6 +63,8 @@ class WorkerConfig:
             raise InvalidArgument("need lease_ttl_s >= 1 and 0 < heartbeat_s < lease_ttl_s")
         if not 1 <= self.window <= 64:
             raise InvalidArgument("window must be in 1..64")
+        if self.gil_switch_interval_ms <= 0:
+            raise InvalidArgument("gil_switch_interval_ms must be > 0")
         if not 0.0 < self.target_utilization <= 1.0:
             raise InvalidArgument("target_utilization must be in (0, 1]")
         if self.memory_budget_mb < 0 or self.admission_retry_after_s < 0:

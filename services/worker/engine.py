@@ -28,6 +28,11 @@ from windflow.common.frames import encode_frame
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+WAKE_LEAD_S = 0.001
+"""The loop plans this much ahead of the clock: the event loop's timers fire up to ~1 ms
+late (epoll rounds its timeout up to whole milliseconds) and the hand-off to the step
+thread takes a fraction of one, so a frame starts at its due time rather than ~1 ms after."""
 tracer = telemetry.tracer(__name__)
 
 
@@ -100,6 +105,16 @@ class StepEngine:
         if self.quality.rephase(actor, frame_index, time.monotonic()):
             self.wake()
 
+    def _batch_horizon(self, slots: list[scheduler.Slot]) -> float:
+        """Sessions due before the most urgent batch would finish join it: waiting for the
+        next batch would make them later, and a bigger batch costs less per frame. So the
+        horizon is the predicted time of that batch (at least the configured horizon)."""
+        urgent = min((s for s in slots if s.ready), key=lambda s: s.due, default=None)
+        if urgent is None:
+            return self._horizon
+        ms = self.costs.batch_ms(urgent.model_id, urgent.steps, self.max_batch[urgent.model_id])
+        return max(self._horizon, (ms or 0.0) / 1000.0)
+
     @property
     def frames_dropped(self) -> int:
         return self.frames_dropped_closed + sum(a.dropped for a in self.sessions.values())
@@ -128,11 +143,13 @@ class StepEngine:
         while True:
             slots = self._slots()
             now = time.monotonic()
-            batches = scheduler.plan(slots, now, horizon=self._horizon, max_batch=max_batch)
+            batches = scheduler.plan(
+                slots, now + WAKE_LEAD_S, horizon=self._batch_horizon(slots), max_batch=max_batch
+            )
             if not batches:
                 wakeup = scheduler.next_wakeup(slots)
                 self._wake.clear()
-                timeout = None if wakeup is None else max(0.0, wakeup - now)
+                timeout = None if wakeup is None else max(0.0, wakeup - WAKE_LEAD_S - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue

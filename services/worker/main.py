@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from services.worker.config import WorkerConfig
 from services.worker.models.registry import load_model
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 async def run(config: WorkerConfig) -> int:
     telemetry.setup(f"windflow-worker-{config.worker_id}", config.otlp_endpoint)
+    sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
     models = {}
     for model_id in config.models:
         models[model_id] = await asyncio.to_thread(load_model, model_id)

@@ -159,6 +159,12 @@ class Received:
     overhead_ms: float
     c2f_ms: float | None
     missed: bool
+    queue_ms: float = 0.0
+    send_ms: float = 0.0
+    transport_ms: float = 0.0
+    wake_ms: float = 0.0
+    batch: int = 1
+    model_ms: float = 0.0
 
 
 async def _consume(
@@ -188,8 +194,22 @@ async def _consume(
             spent = f.frame.latency.model_ms + f.frame.latency.encode_ms
             ts = f.frame.timestamps
             missed = ts.encoded_us > ts.due_us + interval_s * 1e6
+            br = f.frame.latency
             out.append(
-                Received(f.index, f.received_us, lat, lat - spent, f.control_to_frame_ms, missed)
+                Received(
+                    f.index,
+                    f.received_us,
+                    lat,
+                    lat - spent,
+                    f.control_to_frame_ms,
+                    missed,
+                    br.queue_ms,
+                    br.send_ms,
+                    br.transport_ms,
+                    (ts.model_start_us - ts.due_us) / 1000.0,
+                    br.batch_size,
+                    br.model_ms,
+                )
             )
             if time.monotonic() >= stop:
                 break
@@ -253,6 +273,11 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
             "control_to_frame_ms_p50": _pct([f.c2f_ms for f in steady if f.c2f_ms], 50),
             "control_to_frame_ms_p99": _pct([f.c2f_ms for f in steady if f.c2f_ms], 99),
             "controls_measured": sum(1 for f in steady if f.c2f_ms),
+            "breakdown_ms_p50": {
+                "due_to_model_start": _pct([f.wake_ms for f in steady], 50),
+                "send": _pct([f.send_ms for f in steady], 50),
+                "worker_to_gateway": _pct([f.transport_ms for f in steady], 50),
+            },
         }
         # b) throughput at 120 fps per session, fixed quality
         res["throughput"] = {}
@@ -271,6 +296,8 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
                 "raw_fps": base.raw_fps[n],
                 "expected_fps": raw,
                 "ratio": sum(per) / raw,
+                "batch_mean": statistics.fmean(f.batch for r in results for f in r),
+                "model_ms_p50": _pct([f.model_ms for r in results for f in r], 50),
             }
         # d) slow-client isolation: 4 sessions at native fps, one then reads at fps / 4
         fair: list[float] = []
