@@ -4,6 +4,7 @@ worker that cannot meet a session's fps refuses it with a retry-after hint."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -70,7 +71,7 @@ async def test_slow_reader_drops_its_own_frames_and_pauses_only_itself(mesh: Mes
             )
             # the fast reader is not slowed down by the slow ones
             assert _fps(fast_frames[2:]) >= 0.9 * FPS
-            assert all(b.index == a.index + 1 for a, b in zip(fast_frames, fast_frames[1:]))
+            assert all(b.index == a.index + 1 for a, b in itertools.pairwise(fast_frames))
             # DROP_OLDEST: generation went on, the slow reader saw gaps, counted as dropped
             indices = [f.index for f in slow_frames]
             assert len(slow_frames) <= 0.45 * len(fast_frames)
