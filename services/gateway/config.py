@@ -18,6 +18,8 @@ class GatewayConfig:
     listen: str = "127.0.0.1:0"
     max_message_bytes: int = 1024 * 1024
     """Largest client message accepted; bigger ones fail with RESOURCE_EXHAUSTED."""
+    recover_timeout_s: float = 20.0
+    """How long a stream may wait for its session to be recovered on another worker."""
     rpc_timeout_s: float = 15.0
     """Deadline for the gateway's unary calls to other services."""
     otlp_endpoint: str | None = None

@@ -40,6 +40,20 @@ class WindflowServicer(windflow_pb2_grpc.WindflowServicer):
         async for message in self._service.stream(request_iterator):
             yield message
 
+    async def Fork(self, request: pb.ForkRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        return await self._service.fork(request)
+
+    async def Rewind(
+        self, request: pb.RewindRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
+        return await self._service.rewind(request)
+
+    async def Replay(
+        self, request: pb.ReplayRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Frame]:
+        async for frame in self._service.replay(request):
+            yield frame
+
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Session:

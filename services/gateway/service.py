@@ -7,37 +7,32 @@ Lifecycle: construct -> use -> ``aclose()``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from etcd3aio import Etcd3Client
 
 from services.gateway.config import GatewayConfig
+from services.gateway.proxy import StreamProxy
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.specs import resolve_spec
-from windflow.errors import FailedPrecondition, InvalidArgument, NotFound, WindflowError
+from windflow.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+    WindflowError,
+)
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
-
-
-T = TypeVar("T")
-
-
-async def _call(awaitable: Awaitable[T]) -> T:
-    """Await a downstream RPC, turning its failure into the matching typed error."""
-    try:
-        return await awaitable
-    except grpc.aio.AioRpcError as exc:
-        raise grpc_util.error_from_rpc(exc) from exc
 
 
 class GatewayService:
@@ -82,13 +77,13 @@ class GatewayService:
             span.set_attribute("windflow.session_id", session.session_id)
             timeout = self.config.rpc_timeout_s
             meta = telemetry.inject_metadata()
-            await _call(
+            await grpc_util.call(
                 self._store.CreateRecord(
                     internal_pb2.SessionRecord(session=session), timeout=timeout, metadata=meta
                 )
             )
             try:
-                placement = await _call(
+                placement = await grpc_util.call(
                     self._router.Place(
                         internal_pb2.PlaceRequest(session_id=session.session_id, spec=resolved),
                         timeout=timeout,
@@ -107,7 +102,7 @@ class GatewayService:
             return session
 
     async def _update(self, session: pb.Session) -> None:
-        await _call(
+        await grpc_util.call(
             self._store.UpdateRecord(
                 internal_pb2.SessionRecord(session=session), timeout=self.config.rpc_timeout_s
             )
@@ -116,7 +111,7 @@ class GatewayService:
     async def _record(self, session_id: str) -> pb.Session:
         if not session_id:
             raise InvalidArgument("session_id is empty")
-        record = await _call(
+        record = await grpc_util.call(
             self._store.GetRecord(
                 internal_pb2.GetRecordRequest(session_id=session_id),
                 timeout=self.config.rpc_timeout_s,
@@ -135,7 +130,9 @@ class GatewayService:
         if session.state in (pb.SESSION_STATE_PLACED, pb.SESSION_STATE_STREAMING):
             with contextlib.suppress(WindflowError):
                 placement = await self._placement(session_id)
-                status = await _call(
+                session.worker_id = placement.worker_id
+                session.placement_epoch = placement.epoch
+                status = await grpc_util.call(
                     self._worker(placement.worker_address).GetSessionStatus(
                         internal_pb2.GetSessionStatusRequest(session_id=session_id),
                         timeout=self.config.rpc_timeout_s,
@@ -153,7 +150,7 @@ class GatewayService:
             return session
         with contextlib.suppress(WindflowError):
             placement = await self._placement(session_id)
-            status = await _call(
+            status = await grpc_util.call(
                 self._worker(placement.worker_address).CloseSession(
                     internal_pb2.CloseWorkerSessionRequest(session_id=session_id),
                     timeout=self.config.rpc_timeout_s,
@@ -179,63 +176,59 @@ class GatewayService:
         if session.state in (pb.SESSION_STATE_CLOSED, pb.SESSION_STATE_FAILED):
             raise FailedPrecondition(f"session {session_id!r} is closed")
         placement = await self._placement(session_id)
+        proxy = StreamProxy(
+            first,
+            placement,
+            self._worker,
+            self._router,
+            recover_timeout_s=self.config.recover_timeout_s,
+        )
         with tracer.start_as_current_span(
             names.SPAN_GATEWAY_STREAM,
             attributes={"windflow.session_id": session_id, "windflow.worker": placement.worker_id},
         ):
-            call = self._worker(placement.worker_address).Attach(
-                metadata=telemetry.inject_metadata()
-            )
-            await call.write(first)
-            pump = asyncio.create_task(
-                self._pump_client(requests, call), name=f"gateway-pump:{session_id}"
-            )
-            try:
-                async for message in _responses(call):
-                    if not message.HasField("frame"):
-                        yield message
-                        continue
-                    frame = message.frame
-                    span = tracer.start_span(
-                        names.SPAN_GATEWAY_FRAME,
-                        start_time=frame.timestamps.worker_sent_us * 1000,
-                        attributes={
-                            "windflow.session_id": session_id,
-                            "windflow.frame": frame.frame_index,
-                        },
-                    )
-                    sent = telemetry.now_us()
-                    frame.timestamps.gateway_sent_us = sent
-                    frame.latency.transport_ms = (sent - frame.timestamps.worker_sent_us) / 1000.0
-                    yield message
-                    span.end()
-                if pump.done() and not pump.cancelled() and pump.exception() is not None:
-                    raise pump.exception()  # type: ignore[misc]
-            finally:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
-                call.cancel()
+            async for message in proxy.run(requests):
+                yield message
 
-    @staticmethod
-    async def _pump_client(
-        requests: AsyncIterator[pb.ClientMessage], call: grpc.aio.StreamStreamCall
-    ) -> None:
-        async for message in requests:
-            await call.write(message)
-        await call.done_writing()
+    async def fork(self, request: pb.ForkRequest) -> pb.Session:
+        return await grpc_util.call(self._store.Fork(request, timeout=self.config.rpc_timeout_s))
+
+    async def rewind(self, request: pb.RewindRequest) -> pb.Session:
+        return await grpc_util.call(self._store.Rewind(request, timeout=self.config.rpc_timeout_s))
+
+    async def replay(self, request: pb.ReplayRequest) -> AsyncIterator[pb.Frame]:
+        session = await self.get_session(request.session_id)
+        if not 0 <= request.from_frame <= request.to_frame <= session.head_frame:
+            raise OutOfRange(
+                f"replay range [{request.from_frame}, {request.to_frame}) is outside the "
+                f"frames session {request.session_id} made (0..{session.head_frame})"
+            )
+        address = await self._replay_worker(session)
+        call = self._worker(address).Replay(
+            internal_pb2.WorkerReplayRequest(
+                session_id=session.session_id,
+                spec=session.spec,
+                from_frame=request.from_frame,
+                to_frame=request.to_frame,
+            ),
+            metadata=telemetry.inject_metadata(),
+        )
+        try:
+            async for frame in call:
+                yield frame
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc) from exc
+
+    async def _replay_worker(self, session: pb.Session) -> str:
+        """The worker holding the session, else any live worker serving its model."""
+        with contextlib.suppress(NotFound):
+            return (await self._placement(session.session_id)).worker_address
+        for worker in await etcd.list_workers(self._etcd):
+            if any(m.model_id == session.spec.model_id for m in worker.models):
+                return worker.address
+        raise Unavailable(f"no live worker serves model {session.spec.model_id!r}")
 
     async def aclose(self) -> None:
         for channel in (self._router_channel, self._store_channel, *self._worker_channels.values()):
             await channel.close()
         self._worker_channels.clear()
-
-
-async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ServerMessage]:
-    try:
-        async for message in call:
-            yield message
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.CANCELLED:
-            return
-        raise grpc_util.error_from_rpc(exc) from exc

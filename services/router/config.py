@@ -16,6 +16,8 @@ class RouterConfig:
     """The router's own region (informational; placement uses the session's region)."""
     place_attempts: int = 3
     """Workers tried for one placement before giving up."""
-    open_timeout_s: float = 10.0
-    """Deadline for a worker's OpenSession."""
+    open_timeout_s: float = 30.0
+    """Deadline for a worker's OpenSession (a restore replays up to a checkpoint interval)."""
+    probe_timeout_s: float = 0.3
+    """How long a suspect worker gets to answer a health check before it counts as dead."""
     otlp_endpoint: str | None = None

@@ -21,6 +21,11 @@ class RouterServicer(internal_pb2_grpc.RouterServicer):
     def __init__(self, service: RouterService) -> None:
         self._service = service
 
+    async def Recover(
+        self, request: internal_pb2.RecoverRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.Placement:
+        return await self._service.recover(request)
+
     async def Place(
         self, request: internal_pb2.PlaceRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.Placement:

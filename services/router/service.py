@@ -13,6 +13,7 @@ import logging
 
 import grpc
 from etcd3aio import Etcd3Client, prefix_range_end
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.router.config import RouterConfig
 from services.router.placement import Demand, WorkerView, choose_worker
@@ -66,6 +67,7 @@ class RouterService:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.watch_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # placements are serialized: the table is their input
+        self._recoveries: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         prefix = names.WORKERS_PREFIX.encode()
@@ -100,6 +102,11 @@ class RouterService:
                         await self._bus.publish(
                             names.SUBJECT_WORKER_DOWN, worker_id=worker_id, detail="lease expired"
                         )
+                    task = asyncio.create_task(
+                        self._recover_worker(worker_id), name=f"recover-worker:{worker_id}"
+                    )
+                    self._recoveries.add(task)
+                    task.add_done_callback(self._recoveries.discard)
 
     def _stub(self, worker: WorkerView) -> internal_pb2_grpc.WorkerStub:
         channel = self._channels.get(worker.worker_id)
@@ -115,7 +122,82 @@ class RouterService:
             async with self._lock:
                 return await self._place(request)
 
-    async def _place(self, request: internal_pb2.PlaceRequest) -> internal_pb2.Placement:
+    async def recover(self, request: internal_pb2.RecoverRequest) -> internal_pb2.Placement:
+        """Re-place a session whose worker a client saw fail, if that worker is really gone."""
+        async with self._lock:
+            record = await self._placement(request.session_id)
+            if record.epoch != request.epoch or record.worker_id != request.worker_id:
+                return _as_placement(request.session_id, record)  # already moved on
+            worker = self.workers.get(record.worker_id)
+            if worker is not None and await self._answers(worker):
+                raise Unavailable(
+                    f"worker {record.worker_id} still answers; re-attach to it",
+                    retry_after_s=0.2,
+                )
+            self.workers.pop(record.worker_id, None)  # back when it registers again
+            return await self._recover(request.session_id, record)
+
+    async def _placement(self, session_id: str) -> internal_pb2.PlacementRecord:
+        current = await etcd.kv(self._etcd).get(names.placement_key(session_id))
+        if not current.kvs:
+            raise NotFound(f"session {session_id!r} is not placed")
+        return internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
+
+    async def _answers(self, worker: WorkerView) -> bool:
+        async with grpc_util.channel(worker.address) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=self.config.probe_timeout_s
+                )
+            except grpc.aio.AioRpcError:
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def _recover(
+        self, session_id: str, record: internal_pb2.PlacementRecord
+    ) -> internal_pb2.Placement:
+        log.warning("recovering session %s from dead worker %s", session_id, record.worker_id)
+        placement = await self._place(
+            internal_pb2.PlaceRequest(session_id=session_id, spec=record.spec),
+            restore_latest=True,
+            exclude=(record.worker_id,),
+        )
+        await self._bus.publish(
+            names.SUBJECT_SESSION_RECOVERED,
+            session_id=session_id,
+            worker_id=placement.worker_id,
+            epoch=placement.epoch,
+            detail=f"from {record.worker_id}",
+        )
+        return placement
+
+    async def _recover_worker(self, worker_id: str) -> None:
+        """Re-place every session the dead ``worker_id`` held (its lease expired)."""
+        prefix = names.SESSIONS_PREFIX.encode()
+        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        for item in response.kvs:
+            if not item.key.endswith(b"/placement"):
+                continue
+            record = internal_pb2.PlacementRecord.FromString(item.value)
+            if record.worker_id != worker_id:
+                continue
+            session_id = item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0]
+            async with self._lock:
+                try:
+                    current = await self._placement(session_id)
+                    if current.epoch != record.epoch:
+                        continue  # a client-driven recovery got there first
+                    await self._recover(session_id, current)
+                except WindflowError as err:
+                    log.error("could not recover session %s: %s", session_id, err.message)
+
+    async def _place(
+        self,
+        request: internal_pb2.PlaceRequest,
+        *,
+        restore_latest: bool = False,
+        exclude: tuple[str, ...] = (),
+    ) -> internal_pb2.Placement:
         key = names.placement_key(request.session_id)
         kvs = etcd.kv(self._etcd)
         current = await kvs.get(key)
@@ -123,7 +205,7 @@ class RouterService:
         epoch = 1
         if current.kvs:
             epoch = internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch + 1
-        tried: list[str] = []
+        tried: list[str] = list(exclude)
         last_error: WindflowError | None = None
         for _ in range(self.config.place_attempts):
             try:
@@ -135,14 +217,19 @@ class RouterService:
                     demand=_demand(request.spec),
                 )
             except (NotFound, ResourceExhausted) as err:
-                if last_error is None or not tried:
+                if last_error is None:
                     raise
                 raise last_error from err
             tried.append(worker.worker_id)
             try:
                 opened = await self._stub(worker).OpenSession(
                     internal_pb2.OpenSessionRequest(
-                        session_id=request.session_id, spec=request.spec, epoch=epoch
+                        session_id=request.session_id,
+                        spec=request.spec,
+                        epoch=epoch,
+                        restore=request.restore,
+                        restore_to=request.restore_to,
+                        restore_latest=restore_latest,
                     ),
                     timeout=self.config.open_timeout_s,
                     metadata=telemetry.inject_metadata(),
@@ -163,7 +250,10 @@ class RouterService:
                 admitted, sessions=max(worker.sessions + 1, opened.sessions)
             )
             record = internal_pb2.PlacementRecord(
-                worker_id=worker.worker_id, worker_address=worker.address, epoch=epoch
+                worker_id=worker.worker_id,
+                worker_address=worker.address,
+                epoch=epoch,
+                spec=request.spec,
             )
             swapped = await kvs.txn(
                 compare=[kvs.txn_compare_version(key, version)],
@@ -187,17 +277,14 @@ class RouterService:
             log.info(
                 "placed session %s on %s (epoch %d)", request.session_id, worker.worker_id, epoch
             )
-            return internal_pb2.Placement(
-                session_id=request.session_id,
-                worker_id=worker.worker_id,
-                worker_address=worker.address,
-                epoch=epoch,
-                model=opened.model,
-            )
+            return _as_placement(request.session_id, record, opened.model)
         assert last_error is not None
         raise last_error
 
     async def aclose(self) -> None:
+        for recovery in list(self._recoveries):
+            recovery.cancel()
+        await asyncio.gather(*self._recoveries, return_exceptions=True)
         task, self.watch_task = self.watch_task, None
         if task is not None:
             task.cancel()
@@ -208,4 +295,13 @@ class RouterService:
         self._channels.clear()
 
 
-__all__ = ["RouterService", "pb"]
+def _as_placement(
+    session_id: str, record: internal_pb2.PlacementRecord, model: pb.ModelInfo | None = None
+) -> internal_pb2.Placement:
+    return internal_pb2.Placement(
+        session_id=session_id,
+        worker_id=record.worker_id,
+        worker_address=record.worker_address,
+        epoch=record.epoch,
+        model=model,
+    )

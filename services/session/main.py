@@ -8,18 +8,30 @@ import logging
 import grpc
 
 from services.session.config import SessionServiceConfig
+from services.session.orchestrator import Orchestrator
 from services.session.store import SessionStore
 from windflow.common import etcd, lifecycle, telemetry
+from windflow.common.durable import CheckpointCatalog, ControlLog
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
 from windflow.v1 import internal_pb2, internal_pb2_grpc
+from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
 class SessionStoreServicer(internal_pb2_grpc.SessionStoreServicer):
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, orchestrator: Orchestrator) -> None:
         self._store = store
+        self._orchestrator = orchestrator
+
+    async def Fork(self, request: pb.ForkRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        return await self._orchestrator.fork(request)
+
+    async def Rewind(
+        self, request: pb.RewindRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
+        return await self._orchestrator.rewind(request)
 
     async def CreateRecord(
         self, request: internal_pb2.SessionRecord, context: grpc.aio.ServicerContext
@@ -29,7 +41,8 @@ class SessionStoreServicer(internal_pb2_grpc.SessionStoreServicer):
     async def GetRecord(
         self, request: internal_pb2.GetRecordRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.SessionRecord:
-        return internal_pb2.SessionRecord(session=await self._store.get(request.session_id))
+        session = await self._store.get(request.session_id)
+        return internal_pb2.SessionRecord(session=await self._orchestrator.describe(session))
 
     async def UpdateRecord(
         self, request: internal_pb2.SessionRecord, context: grpc.aio.ServicerContext
@@ -48,10 +61,16 @@ async def run(config: SessionServiceConfig) -> int:
     client = await etcd.connect(config.etcd)
     bus = EventBus(config.nats, "session")
     await bus.connect()
+    if not config.router:
+        raise SystemExit("the session service needs --router")
+    control_log = ControlLog(bus.jetstream())
+    await control_log.ensure()
+    store = SessionStore(client, bus)
+    orchestrator = Orchestrator(store, control_log, CheckpointCatalog(client), config.router, bus)
     server = ServiceServer(config.listen)
     server.add(
         internal_pb2_grpc.add_SessionStoreServicer_to_server,
-        SessionStoreServicer(SessionStore(client, bus)),
+        SessionStoreServicer(store, orchestrator),
         "windflow.v1.SessionStore",
     )
     address = await server.start()
@@ -63,6 +82,7 @@ async def run(config: SessionServiceConfig) -> int:
     finally:
         await server.aclose()
         serving.cancel()
+        await orchestrator.aclose()
         await bus.aclose()
         await client.close()
         telemetry.shutdown()

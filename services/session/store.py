@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 
 class SessionStore:
     def __init__(self, client: Etcd3Client, bus: EventBus) -> None:
-        self._etcd = client
+        self.etcd = client
         self._bus = bus
 
     async def create(self, session: pb.Session) -> pb.Session:
         if not session.session_id:
             raise InvalidArgument("a session record needs a session_id")
-        kvs = etcd.kv(self._etcd)
+        kvs = etcd.kv(self.etcd)
         key = names.session_record_key(session.session_id)
         created = await kvs.txn(
             compare=[kvs.txn_compare_create_revision(key, 0)],
@@ -43,14 +43,14 @@ class SessionStore:
         return session
 
     async def get(self, session_id: str) -> pb.Session:
-        response = await etcd.kv(self._etcd).get(names.session_record_key(session_id))
+        response = await etcd.kv(self.etcd).get(names.session_record_key(session_id))
         if not response.kvs:
             raise NotFound(f"unknown session {session_id!r}")
         return pb.Session.FromString(response.kvs[0].value)
 
     async def update(self, session: pb.Session) -> pb.Session:
         previous = await self.get(session.session_id)
-        await etcd.kv(self._etcd).put(
+        await etcd.kv(self.etcd).put(
             names.session_record_key(session.session_id), session.SerializeToString()
         )
         if session.state == pb.SESSION_STATE_CLOSED and previous.state != pb.SESSION_STATE_CLOSED:
@@ -65,7 +65,7 @@ class SessionStore:
 
     async def list(self) -> list[pb.Session]:
         prefix = names.SESSIONS_PREFIX.encode()
-        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
         return [
             pb.Session.FromString(item.value)
             for item in response.kvs

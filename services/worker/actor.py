@@ -62,17 +62,59 @@ class SessionActor:
         # controls stamped for future frames, sorted by frame index
         self._pending_idx: list[int] = []
         self._pending: list[tuple[Control, int]] = []
-        self._current = Control()
+        self.current = Control()
+        """The control in effect (sticky until a later one applies)."""
+        self.logged: tuple[int, tuple[float, ...], int] | None = None
+        """(action, axes, steps) of the newest control-log entry; None before the first."""
+        self.log_seq = 0
+        """Stream sequence of the session's newest log entry (the append fence)."""
+        self._no_upload = asyncio.Event()
+        self._no_upload.set()
+        self.restoring = False
+        """Held out of the step loop while its state is replaced (rewind, resume)."""
         self.out: collections.deque[pb.ServerMessage] = collections.deque()
         self.frame_available = asyncio.Event()
         self.dropped = 0
-        self.last_sent = -1
-        self.last_acked = -1
+        self.last_sent = state.frame_index - 1
+        self.last_acked = state.frame_index - 1
         self.attached = False
         self.trace_context: otel_context.Context | None = None
         """Trace context of the attached stream's session span (parent of frame spans)."""
-        self.stepping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.closed = False
+
+    # ---- the step loop's hold on the state ----
+
+    @property
+    def stepping(self) -> bool:
+        """In a batch being stepped (its state belongs to the step thread)."""
+        return not self._idle.is_set()
+
+    @stepping.setter
+    def stepping(self, value: bool) -> None:
+        if value:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    @property
+    def checkpoint_busy(self) -> bool:
+        """A checkpoint upload of this session is in flight."""
+        return not self._no_upload.is_set()
+
+    @checkpoint_busy.setter
+    def checkpoint_busy(self, value: bool) -> None:
+        if value:
+            self._no_upload.clear()
+        else:
+            self._no_upload.set()
+
+    async def wait_uploaded(self) -> None:
+        await self._no_upload.wait()
 
     # ---- controls ----
 
@@ -116,15 +158,15 @@ class SessionActor:
         applied_time = 0
         while self._pending_idx and self._pending_idx[0] <= self.next_frame:
             self._pending_idx.pop(0)
-            self._current, applied_time = self._pending.pop(0)
-        return AppliedControl(self._current, applied_time)
+            self.current, applied_time = self._pending.pop(0)
+        return AppliedControl(self.current, applied_time)
 
     # ---- flow control and output ----
 
     def attach(self, window: int) -> None:
         self.attached = True
         self.window = window or self._default_window
-        self.last_acked = self.last_sent
+        self.last_sent = self.last_acked = self.next_frame - 1
 
     def detach(self) -> None:
         self.attached = False
@@ -138,11 +180,19 @@ class SessionActor:
     @property
     def ready(self) -> bool:
         """May the scheduler step this session now?"""
-        if not self.attached or self.closed or self.stepping:
+        if not self.attached or self.closed or self.stepping or self.restoring:
             return False
         if self.spec.output_policy == pb.OUTPUT_POLICY_PAUSE:
             return len(self.out) < self._out_capacity
         return True
+
+    def reset_to(self, state: SessionState) -> None:
+        """Continue from ``state`` (a rewind or resume): queued output and controls go."""
+        self.state = state
+        self.out.clear()
+        self._pending_idx.clear()
+        self._pending.clear()
+        self.last_sent = self.last_acked = state.frame_index - 1
 
     def push(self, message: pb.ServerMessage) -> None:
         """Queue an outbound message; frames over the bound follow the output policy."""

@@ -36,6 +36,8 @@ class WorkerConfig:
     """Future-stamped controls a session may hold; more are refused, never dropped."""
     batch_horizon_ms: float = 8.0
     """Sessions due within this much of the earliest deadline join its batch."""
+    checkpoint_every: int = 48
+    """Frames between checkpoints of a session (0: never)."""
     step_threads: int = 1
     """torch intra-op threads used by the model step thread."""
     otlp_endpoint: str | None = None

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,10 +22,13 @@ import torch
 from services.worker import scheduler
 from services.worker.actor import AppliedControl, SessionActor
 from services.worker.costs import StepCosts
+from services.worker.journal import Journal
+from services.worker.messages import stream_error
 from services.worker.models.base import Control, WorldModel
 from services.worker.quality import QualityGovernor
 from windflow.common import names, telemetry
 from windflow.common.frames import encode_frame
+from windflow.errors import Internal, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -34,11 +38,13 @@ WAKE_LEAD_S = 0.001
 late (epoll rounds its timeout up to whole milliseconds) and the hand-off to the step
 thread takes a fraction of one, so a frame starts at its due time rather than ~1 ms after."""
 tracer = telemetry.tracer(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class _StepResult:
     frames: list[bytes]
+    snapshots: list[bytes | None]
     rgb: np.ndarray
     model_start_us: int
     model_end_us: int
@@ -57,8 +63,10 @@ class StepEngine:
         memory_budget_bytes: int = 0,
         quality: scheduler.QualityParams | None = None,
         on_quality_change: Callable[[], None] = lambda: None,
+        journal: Journal | None = None,
     ) -> None:
         self._models = dict(models)
+        self.journal = journal
         self.max_batch = {
             mid: scheduler.effective_max_batch(
                 m.info.max_batch, int(m.info.extra.get("sample_bytes", 0)), memory_budget_bytes
@@ -99,6 +107,10 @@ class StepEngine:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def in_step_thread(self, fn: Callable[[], T]) -> T:
+        """Run blocking model work (restore, replay) in the model-step thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def control_arrived(self, actor: SessionActor, frame_index: int) -> None:
         """A control was queued: if it is for the next frame, that frame may start now."""
@@ -167,23 +179,49 @@ class StepEngine:
         indices = [a.next_frame for a in actors]
         dues = [a.due for a in actors]
         ready_us = telemetry.now_us()
+        appends: dict[int, asyncio.Task[None]] = {}
+        snapshot_mask = [False] * len(actors)
+        if self.journal is not None:
+            for i, (a, c) in enumerate(zip(actors, controls, strict=True)):
+                entry = self.journal.entry_for(a, c.control, batch.steps)
+                if entry is not None:
+                    appends[i] = asyncio.create_task(
+                        self.journal.append(a, entry), name=f"log-append:{a.session_id}"
+                    )
+                snapshot_mask[i] = self.journal.wants_checkpoint(indices[i] + 1)
         for a in actors:
             a.stepping = True
         try:
             result = await loop.run_in_executor(
-                self._executor, self._step_and_encode, model, batch.steps, actors, controls
+                self._executor,
+                self._step_and_encode,
+                model,
+                batch.steps,
+                actors,
+                controls,
+                snapshot_mask,
             )
         except Exception as exc:
             # A failed step ends the sessions in it (their state may be half-updated);
             # every other session on this worker goes on.
             log.exception("model step failed for %s", ",".join(a.session_id for a in actors))
             for a in actors:
-                a.push(_error_message(13, "INTERNAL", f"model step failed: {exc}", a.next_frame))
+                a.push(stream_error(Internal(f"model step failed: {exc}"), a.next_frame))
                 self.remove(a.session_id)
             return
         finally:
             for a in actors:
                 a.stepping = False
+        # A frame leaves only once its control-log entry is acknowledged by the server.
+        unlogged: set[int] = set()
+        for i, task in appends.items():
+            try:
+                await task
+            except WindflowError as err:
+                unlogged.add(i)
+                log.error("session %s: %s; closing it here", actors[i].session_id, err.message)
+                actors[i].push(stream_error(err, indices[i]))
+                self.remove(actors[i].session_id)
         finished = time.monotonic()
         self.steps_total += 1
         self.costs.observe(
@@ -192,8 +230,11 @@ class StepEngine:
         wall_offset_us = telemetry.now_us() - int(finished * 1e6)
         for i, actor in enumerate(actors):
             actor.due = scheduler.next_due(dues[i], actor.interval, finished)
-            if actor.closed:
+            if actor.closed or i in unlogged:
                 continue
+            blob = result.snapshots[i]
+            if blob is not None and self.journal is not None:
+                self.journal.checkpoint(actor, indices[i] + 1, blob)
             frame = pb.Frame(
                 frame_index=indices[i],
                 format=actor.spec.format,
@@ -237,6 +278,7 @@ class StepEngine:
         steps: int,
         actors: list[SessionActor],
         controls: list[AppliedControl],
+        snapshot_mask: list[bool],
     ) -> _StepResult:
         start_us = telemetry.now_us()
         t0 = time.perf_counter()
@@ -246,6 +288,10 @@ class StepEngine:
             rgb = model.step([a.state for a in actors], [c.control for c in controls], steps)
         t1 = time.perf_counter()
         end_us = telemetry.now_us()
+        snapshots = [
+            model.snapshot(a.state) if wanted else None
+            for a, wanted in zip(actors, snapshot_mask, strict=True)
+        ]
         frames: list[bytes] = []
         encoded_us: list[int] = []
         encode_ms: list[float] = []
@@ -257,7 +303,9 @@ class StepEngine:
             )
             encode_ms.append((time.perf_counter() - e0) * 1000.0)
             encoded_us.append(telemetry.now_us())
-        return _StepResult(frames, rgb, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms)
+        return _StepResult(
+            frames, snapshots, rgb, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms
+        )
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
@@ -280,9 +328,3 @@ def _time_step(model: WorldModel, steps: int, batch: int, repeats: int) -> float
             encode_frame(rgb[i], pb.FRAME_FORMAT_JPEG, info.width, info.height, 85)
         times.append((time.perf_counter() - t0) * 1000.0)
     return float(np.median(times[1:]))
-
-
-def _error_message(code: int, name: str, message: str, frame_index: int) -> pb.ServerMessage:
-    return pb.ServerMessage(
-        error=pb.StreamError(code=code, code_name=name, message=message, frame_index=frame_index)
-    )

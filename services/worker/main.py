@@ -7,10 +7,12 @@ import logging
 import sys
 
 from services.worker.config import WorkerConfig
+from services.worker.journal import Journal
 from services.worker.models.registry import load_model
 from services.worker.runtime import WorkerRuntime
 from services.worker.servicer import WorkerServicer
 from windflow.common import etcd, lifecycle, names, telemetry
+from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlLog
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
 from windflow.v1 import internal_pb2_grpc
@@ -41,7 +43,17 @@ async def run(config: WorkerConfig) -> int:
         pending_updates.add(task)
         task.add_done_callback(pending_updates.discard)
 
-    runtime = WorkerRuntime(config, models, on_change)
+    js = bus.jetstream()
+    control_log = ControlLog(js)
+    await control_log.ensure()
+    journal = Journal(
+        config.worker_id,
+        control_log,
+        CheckpointStore(js),
+        CheckpointCatalog(client),
+        checkpoint_every=config.checkpoint_every,
+    )
+    runtime = WorkerRuntime(config, models, on_change, journal)
     server = ServiceServer(config.listen)
     server.add(
         internal_pb2_grpc.add_WorkerServicer_to_server,

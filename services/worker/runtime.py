@@ -18,12 +18,18 @@ from services.worker import admission
 from services.worker.actor import SessionActor
 from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
-from services.worker.models.base import WorldModel
+from services.worker.journal import Journal, applied_at, replay_steps
+from services.worker.messages import event, stream_error
+from services.worker.models.base import SessionState, WorldModel
 from windflow.common import names, telemetry
+from windflow.common.durable import StoredEntry, controls_by_frame
+from windflow.common.frames import encode_frame
 from windflow.common.specs import model_info_to_proto, resolve_spec
 from windflow.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
     WindflowError,
 )
@@ -33,27 +39,6 @@ from windflow.v1 import windflow_pb2 as pb
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
-_STATUS_NUMBER = {
-    "INVALID_ARGUMENT": 3,
-    "NOT_FOUND": 5,
-    "OUT_OF_RANGE": 11,
-    "FAILED_PRECONDITION": 9,
-    "RESOURCE_EXHAUSTED": 8,
-    "INTERNAL": 13,
-    "DATA_LOSS": 15,
-}
-
-
-def stream_error(err: WindflowError, frame_index: int) -> pb.ServerMessage:
-    return pb.ServerMessage(
-        error=pb.StreamError(
-            code=_STATUS_NUMBER.get(err.code, 2),
-            code_name=err.code,
-            message=err.message,
-            frame_index=frame_index,
-        )
-    )
-
 
 class WorkerRuntime:
     def __init__(
@@ -61,16 +46,20 @@ class WorkerRuntime:
         config: WorkerConfig,
         models: Mapping[str, WorldModel],
         on_change: Callable[[], None] = lambda: None,
+        journal: Journal | None = None,
     ) -> None:
         self.config = config
         self.models = dict(models)
+        self.journal = journal
         self.engine = StepEngine(
             self.models,
             horizon_s=config.batch_horizon_ms / 1000.0,
             step_threads=config.step_threads,
             memory_budget_bytes=int(config.memory_budget_mb * 2**20),
             on_quality_change=on_change,
+            journal=journal,
         )
+        self._opening = 0
         self._on_change = on_change
         self._generation = 0
         self._attach_owner: dict[str, int] = {}
@@ -113,7 +102,12 @@ class WorkerRuntime:
 
     # ---- unary operations ----
 
-    def open_session(self, request: internal_pb2.OpenSessionRequest) -> pb.ModelInfo:
+    def _journal(self) -> Journal:
+        if self.journal is None:
+            raise FailedPrecondition(f"worker {self.config.worker_id} keeps no durable state")
+        return self.journal
+
+    async def open_session(self, request: internal_pb2.OpenSessionRequest) -> pb.ModelInfo:
         model = self.models.get(request.spec.model_id)
         if model is None:
             raise NotFound(
@@ -124,7 +118,7 @@ class WorkerRuntime:
         if existing is not None:
             existing.epoch = max(existing.epoch, request.epoch)
             return info
-        if len(self.engine.sessions) >= self.config.capacity:
+        if len(self.engine.sessions) + self._opening >= self.config.capacity:
             raise ResourceExhausted(
                 f"worker {self.config.worker_id} is full ({self.config.capacity} sessions)",
                 retry_after_s=1.0,
@@ -139,21 +133,42 @@ class WorkerRuntime:
                 self.config.admission_retry_after_s,
                 self.config.worker_id,
             )
+        entries: list[StoredEntry] = []
+        self._opening += 1
+        try:
+            if request.restore or request.restore_latest:
+                restored = await self._journal().restore(
+                    request.session_id,
+                    model,
+                    spec.seed,
+                    spec.steps,
+                    self.engine.in_step_thread,
+                    to_frame=None if request.restore_latest else request.restore_to,
+                )
+                state, entries = restored.state, restored.entries
+            else:
+                state = model.new_state(spec.seed)
+        finally:
+            self._opening -= 1
         actor = SessionActor(
             request.session_id,
             spec,
             model,
-            model.new_state(spec.seed),
+            state,
             epoch=request.epoch,
             window=self.config.window,
             out_queue=self.config.out_queue,
             max_pending_controls=self.config.max_pending_controls,
             now=time.monotonic(),
         )
+        if self.journal is not None and entries:
+            await self.journal.claim(actor, entries)
+            self.journal.sync_logged(actor, entries)
         self.engine.add(actor)
         log.info(
-            "opened session %s (%s, %.1f fps, %d steps)",
+            "opened session %s at frame %d (%s, %.1f fps, %d steps)",
             request.session_id,
+            actor.next_frame,
             spec.model_id,
             spec.fps,
             spec.steps,
@@ -208,6 +223,8 @@ class WorkerRuntime:
         actor = self._actor(session_id)
         if first.attach.window > 64:
             raise InvalidArgument(f"window {first.attach.window} is outside 1..64")
+        if first.attach.resume:
+            await self._bring_to(actor, first.attach.resume_from)
         actor.add_controls(list(first.attach.controls))  # all or none; a refusal fails attach
         self._generation += 1
         generation = self._generation
@@ -265,6 +282,111 @@ class WorkerRuntime:
                 del self._attach_owner[session_id]
                 actor.detach()
 
+    async def _hold(self, actor: SessionActor) -> None:
+        """Take ``actor`` out of the step loop and wait for its step in flight, if any."""
+        actor.restoring = True
+        await actor.wait_idle()
+
+    async def _bring_to(self, actor: SessionActor, frame: int) -> None:
+        """Make ``frame`` the actor's next frame: replay forward or restore back to it."""
+        if frame == actor.next_frame:
+            return
+        journal = self._journal()
+        await self._hold(actor)
+        try:
+            spec = actor.spec
+            if frame > actor.next_frame:
+                entries = await journal.log.read(actor.session_id)
+                controls = controls_by_frame(entries)
+                state = actor.state
+                await self.engine.in_step_thread(
+                    lambda: replay_steps(actor.model, state, controls, frame, spec.steps)
+                )
+                actor.reset_to(state)
+            else:
+                restored = await journal.restore(
+                    actor.session_id,
+                    actor.model,
+                    spec.seed,
+                    spec.steps,
+                    self.engine.in_step_thread,
+                    to_frame=frame,
+                )
+                actor.reset_to(restored.state)
+                entries = restored.entries
+            journal.sync_logged(actor, entries)
+            actor.due = time.monotonic()
+        finally:
+            actor.restoring = False
+            self.engine.wake()
+
+    async def rewind(self, session_id: str, frame: int) -> internal_pb2.SessionStatus:
+        """Continue ``session_id`` from ``frame``: later log entries and checkpoints go."""
+        actor = self._actor(session_id)
+        if frame > actor.next_frame:
+            raise OutOfRange(
+                f"cannot rewind {session_id} to frame {frame}: its head is {actor.next_frame}"
+            )
+        journal = self._journal()
+        await self._hold(actor)
+        try:
+            await actor.wait_uploaded()  # a checkpoint past `frame` must land before the prune
+            stored = await journal.log.read(session_id)
+            await journal.log.truncate(session_id, stored, frame)
+            await journal.catalog.drop_after(session_id, frame)
+            restored = await journal.restore(
+                session_id,
+                actor.model,
+                actor.spec.seed,
+                actor.spec.steps,
+                self.engine.in_step_thread,
+                to_frame=frame,
+            )
+            actor.reset_to(restored.state)
+            actor.log_seq = max((e.seq for e in restored.entries), default=0)
+            journal.sync_logged(actor, restored.entries)
+            actor.due = time.monotonic()
+            actor.push(
+                event(pb.SessionEvent.KIND_REWOUND, f"rewound to frame {frame}", frame, actor.steps)
+            )
+        finally:
+            actor.restoring = False
+            self.engine.wake()
+        log.info("rewound session %s to frame %d", session_id, frame)
+        return self.status(session_id)
+
+    async def replay(self, request: internal_pb2.WorkerReplayRequest) -> AsyncIterator[pb.Frame]:
+        """Frames [from, to) of a session, re-rendered from its checkpoints and log."""
+        if request.to_frame < request.from_frame:
+            raise OutOfRange(f"empty replay range [{request.from_frame}, {request.to_frame})")
+        actor = self.engine.sessions.get(request.session_id)
+        if actor is not None and request.to_frame > actor.next_frame:
+            raise OutOfRange(
+                f"replay up to {request.to_frame} is beyond the head ({actor.next_frame})"
+            )
+        model = self.models.get(request.spec.model_id)
+        if model is None:
+            raise NotFound(f"model {request.spec.model_id!r} is not loaded here")
+        spec = resolve_spec(request.spec, model_info_to_proto(model.info))
+        restored = await self._journal().restore(
+            request.session_id,
+            model,
+            spec.seed,
+            spec.steps,
+            self.engine.in_step_thread,
+            to_frame=request.from_frame,
+        )
+        controls = controls_by_frame(restored.entries)
+        state = restored.state
+        chunk = 8
+        for start in range(request.from_frame, request.to_frame, chunk):
+            stop = min(start + chunk, request.to_frame)
+            frames = await self.engine.in_step_thread(
+                lambda stop=stop: _render(model, state, controls, stop, spec)  # type: ignore[misc]
+            )
+            for frame in frames:
+                yield frame
+
     async def _read_client(
         self, actor: SessionActor, requests: AsyncIterator[pb.ClientMessage]
     ) -> None:
@@ -286,3 +408,34 @@ class WorkerRuntime:
         for session_id in list(self.engine.sessions):
             self.engine.remove(session_id)
         await self.engine.aclose()
+        if self.journal is not None:
+            await self.journal.aclose()
+
+
+def _render(
+    model: WorldModel,
+    state: SessionState,
+    controls: list[internal_pb2.LogEntry],
+    stop: int,
+    spec: pb.SessionSpec,
+) -> list[pb.Frame]:
+    """Step ``state`` up to ``stop`` under the logged controls, encoding every frame."""
+    out: list[pb.Frame] = []
+
+    def keep(index: int, rgb: object) -> None:
+        entry = applied_at(controls, index)
+        data = encode_frame(rgb, spec.format, spec.width, spec.height, spec.jpeg_quality)  # type: ignore[arg-type]
+        out.append(
+            pb.Frame(
+                frame_index=index,
+                format=spec.format,
+                width=spec.width,
+                height=spec.height,
+                data=data,
+                steps=entry.steps if entry and entry.steps else spec.steps,
+                action=entry.action if entry else 0,
+            )
+        )
+
+    replay_steps(model, state, controls, stop, spec.steps, keep)
+    return out

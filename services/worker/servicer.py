@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.worker.runtime import WorkerRuntime
+from windflow.errors import OutOfRange
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
@@ -18,7 +19,7 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
     async def OpenSession(
         self, request: internal_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.OpenSessionResponse:
-        model = self._runtime.open_session(request)
+        model = await self._runtime.open_session(request)
         return internal_pb2.OpenSessionResponse(model=model, sessions=self._runtime.session_count)
 
     async def Attach(
@@ -27,6 +28,19 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
         metadata = context.invocation_metadata() or ()
         async for message in self._runtime.attach(request_iterator, metadata):
             yield message
+
+    async def Rewind(
+        self, request: pb.RewindRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionStatus:
+        if request.to_frame < 0:
+            raise OutOfRange(f"cannot rewind to frame {request.to_frame}: frames start at 0")
+        return await self._runtime.rewind(request.session_id, request.to_frame)
+
+    async def Replay(
+        self, request: internal_pb2.WorkerReplayRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Frame]:
+        async for frame in self._runtime.replay(request):
+            yield frame
 
     async def GetSessionStatus(
         self, request: internal_pb2.GetSessionStatusRequest, context: grpc.aio.ServicerContext

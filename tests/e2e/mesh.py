@@ -68,6 +68,8 @@ class Mesh:
                 "--session-service",
                 self.addresses["session"],
             )
+        elif name == "session":
+            argv = (*SERVE, name, *common, "--router", self.addresses["router"])
         else:
             argv = (*SERVE, name, *common)
         return ChildSpec(

@@ -21,7 +21,7 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
     mesh = Mesh(
         tmp_path,
         workers=2,
-        worker_args=("--lease-ttl", str(LEASE_TTL_S), "--heartbeat", "0.5", "--capacity", "4"),
+        worker_args=("--lease-ttl", str(LEASE_TTL_S), "--heartbeat", "0.5", "--capacity", "6"),
     )
     try:
         await mesh.start()
@@ -41,15 +41,22 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
             gone_after = time.monotonic() - killed_at
             assert gone_after <= LEASE_TTL_S + 1.5
 
+            # the router re-placed the dead worker's sessions on the survivor (epoch 2)
+            victims = [s.session_id for s in placed if s.worker_id == victim]
+            for _ in range(100):
+                moved = [await client.get_session(v) for v in victims]
+                if all(m.worker_id == "worker-2" for m in moved):
+                    break
+                await asyncio.sleep(0.05)
+            assert [(m.worker_id, m.placement_epoch) for m in moved] == [("worker-2", 2)] * 2
             # new sessions land on the survivor, which streams them
-            await asyncio.sleep(0.3)  # let the router's watch see the deletion
             survivors = [await client.create_session(DEFAULT_MODEL, seed=10 + i) for i in range(2)]
             assert {s.worker_id for s in survivors} == {"worker-2"}
             live = await client.attach(survivors[0])
             indices = [f.index async for f in live.frames(limit=10)]
             assert indices == list(range(10))
             await live.aclose()
-            # the survivor is now full (2 + 2 of capacity 4): admission says so
+            # the survivor is now full (2 + 2 recovered + 2 new, capacity 6): admission says so
             from windflow import errors
 
             try:

@@ -25,8 +25,9 @@ def register(sub: Any) -> None:
     router.add_argument("--region", default=env.REGION.get("local"))
     router.set_defaults(func=_run_router)
 
-    session = services.add_parser("session", help="session metadata")
+    session = services.add_parser("session", help="session metadata, fork and rewind")
     _common(session)
+    session.add_argument("--router", required=True, help="router host:port")
     session.set_defaults(func=_run_session)
 
     worker = services.add_parser("worker", help="hosts sessions and runs models")
@@ -38,6 +39,9 @@ def register(sub: Any) -> None:
     worker.add_argument("--capacity", type=int, default=8, help="sessions at once")
     worker.add_argument("--lease-ttl", type=int, default=3, help="etcd lease TTL, seconds")
     worker.add_argument("--heartbeat", type=float, default=1.0, help="lease keep-alive, seconds")
+    worker.add_argument(
+        "--checkpoint-every", type=int, default=48, help="frames between checkpoints (0: never)"
+    )
     worker.add_argument(
         "--step-threads",
         type=int,
@@ -91,7 +95,11 @@ def _run_session(args: argparse.Namespace) -> int:
 
     _need(args)
     config = SessionServiceConfig(
-        etcd=args.etcd, nats=args.nats, listen=args.listen, otlp_endpoint=args.otlp_endpoint
+        etcd=args.etcd,
+        nats=args.nats,
+        router=args.router,
+        listen=args.listen,
+        otlp_endpoint=args.otlp_endpoint,
     )
     return asyncio.run(run(config))
 
@@ -112,6 +120,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         lease_ttl_s=args.lease_ttl,
         heartbeat_s=args.heartbeat,
+        checkpoint_every=args.checkpoint_every,
         step_threads=args.step_threads,
         otlp_endpoint=args.otlp_endpoint,
         fps_admission=args.admission == "fps",

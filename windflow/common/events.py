@@ -7,6 +7,7 @@ import time
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from windflow.common import telemetry
 from windflow.v1 import internal_pb2
@@ -26,6 +27,11 @@ class EventBus:
         self.nc = await nats.connect(
             self._url, name=self._name, max_reconnect_attempts=-1, reconnect_time_wait=0.5
         )
+
+    def jetstream(self) -> JetStreamContext:
+        if self.nc is None:
+            raise RuntimeError("EventBus.jetstream before connect")
+        return self.nc.jetstream()
 
     async def publish(
         self,

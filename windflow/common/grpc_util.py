@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from windflow.errors import WindflowError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # internal hops carry raw frames
 RETRY_AFTER_KEY = "windflow-retry-after-ms"
@@ -73,6 +74,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            server_streaming = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for response in server_streaming(request, context):
+                        yield response
+                except (WindflowError, Exception) as exc:
+                    if _is_abort(exc):
+                        raise
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -165,6 +185,14 @@ class ServiceServer:
 
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+async def call(awaitable: Awaitable[T]) -> T:
+    """Await a downstream RPC, turning its failure into the matching typed error."""
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from exc
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> WindflowError:

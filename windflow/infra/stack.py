@@ -145,7 +145,10 @@ class Stack:
         upstreams = ("--router", router, "--session-service", session)
         return [
             [self.etcd.child_spec, self.nats.child_spec],
-            [self._service_spec("router", self._region_args()), self._service_spec("session")],
+            [
+                self._service_spec("router", self._region_args()),
+                self._service_spec("session", ("--router", router)),
+            ],
             *([workers] if workers else []),
             [self._service_spec("gateway", upstreams)],
         ]

@@ -146,6 +146,8 @@ class Session:
                     self.events.append(message.event)
                     if message.event.kind == pb.SessionEvent.KIND_ATTACHED:
                         self.next_index = max(self.next_index, message.event.frame_index)
+                    if message.event.kind == pb.SessionEvent.KIND_REWOUND:
+                        self.next_index = message.event.frame_index
                     if message.event.kind == pb.SessionEvent.KIND_CLOSED:
                         return
                 elif kind == "error":
@@ -249,6 +251,35 @@ class Client:
         )
         assert isinstance(response, pb.CloseSessionResponse)
         return response.session
+
+    async def fork(self, session_id: str, at_frame: int) -> pb.Session:
+        """A new session continuing from frame ``at_frame`` of ``session_id``."""
+        response = await self._unary(
+            self.stub.Fork, pb.ForkRequest(session_id=session_id, at_frame=at_frame)
+        )
+        assert isinstance(response, pb.Session)
+        return response
+
+    async def rewind(self, session_id: str, to_frame: int) -> pb.Session:
+        """``session_id`` continues from ``to_frame``; its later log is truncated."""
+        response = await self._unary(
+            self.stub.Rewind, pb.RewindRequest(session_id=session_id, to_frame=to_frame)
+        )
+        assert isinstance(response, pb.Session)
+        return response
+
+    async def replay(
+        self, session_id: str, from_frame: int, to_frame: int
+    ) -> AsyncIterator[ReceivedFrame]:
+        """Frames [from_frame, to_frame) re-rendered from checkpoints and the control log."""
+        call = self.stub.Replay(
+            pb.ReplayRequest(session_id=session_id, from_frame=from_frame, to_frame=to_frame)
+        )
+        try:
+            async for frame in call:
+                yield ReceivedFrame(frame, telemetry.now_us())
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc) from exc
 
     async def attach(
         self,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from windflow.v1 import windflow_pb2 as _windflow_pb2
 import builtins as _builtins
 import sys
@@ -25,7 +26,12 @@ class PlaceRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    RESTORE_FIELD_NUMBER: _builtins.int
+    RESTORE_TO_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    restore: _builtins.bool
+    """see OpenSessionRequest"""
+    restore_to: _builtins.int
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec: ...
     def __init__(
@@ -33,14 +39,41 @@ class PlaceRequest(_message.Message):
         *,
         session_id: _builtins.str = ...,
         spec: _windflow_pb2.SessionSpec | None = ...,
+        restore: _builtins.bool = ...,
+        restore_to: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["restore", b"restore", "restore_to", b"restore_to", "session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlaceRequest: _TypeAlias = PlaceRequest  # noqa: Y015
+
+@_typing.final
+class RecoverRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    worker_id: _builtins.str
+    epoch: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverRequest: _TypeAlias = RecoverRequest  # noqa: Y015
 
 @_typing.final
 class Placement(_message.Message):
@@ -155,8 +188,18 @@ class OpenSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    RESTORE_FIELD_NUMBER: _builtins.int
+    RESTORE_TO_FIELD_NUMBER: _builtins.int
+    RESTORE_LATEST_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
+    restore: _builtins.bool
+    """Restore instead of starting fresh: from the session's newest checkpoint at or before
+    `restore_to` (older ones if it is unreadable), then replay its control log up to it.
+    """
+    restore_to: _builtins.int
+    restore_latest: _builtins.bool
+    """restore the newest checkpoint only; attach with resume replays"""
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec:
         """resolved"""
@@ -167,10 +210,13 @@ class OpenSessionRequest(_message.Message):
         session_id: _builtins.str = ...,
         spec: _windflow_pb2.SessionSpec | None = ...,
         epoch: _builtins.int = ...,
+        restore: _builtins.bool = ...,
+        restore_to: _builtins.int = ...,
+        restore_latest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "restore", b"restore", "restore_latest", b"restore_latest", "restore_to", b"restore_to", "session_id", b"session_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -199,6 +245,35 @@ class OpenSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OpenSessionResponse: _TypeAlias = OpenSessionResponse  # noqa: Y015
+
+@_typing.final
+class WorkerReplayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    FROM_FRAME_FIELD_NUMBER: _builtins.int
+    TO_FRAME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    from_frame: _builtins.int
+    to_frame: _builtins.int
+    @_builtins.property
+    def spec(self) -> _windflow_pb2.SessionSpec: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        spec: _windflow_pb2.SessionSpec | None = ...,
+        from_frame: _builtins.int = ...,
+        to_frame: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_frame", b"from_frame", "session_id", b"session_id", "spec", b"spec", "to_frame", b"to_frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerReplayRequest: _TypeAlias = WorkerReplayRequest  # noqa: Y015
 
 @_typing.final
 class GetSessionStatusRequest(_message.Message):
@@ -275,6 +350,63 @@ class SessionStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionStatus: _TypeAlias = SessionStatus  # noqa: Y015
+
+@_typing.final
+class LogEntry(_message.Message):
+    """---- the control log: JetStream stream WINDFLOW_LOG, subject windflow.v1.log.<session> ----
+
+    The control applied from `frame_index` on (until the next entry), and the denoising
+    steps used. A CLAIM entry marks a new owner (worker, epoch) and fences the previous one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[LogEntry._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_CONTROL: LogEntry._Kind.ValueType  # 0
+        KIND_CLAIM: LogEntry._Kind.ValueType  # 1
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_CONTROL: LogEntry.Kind.ValueType  # 0
+    KIND_CLAIM: LogEntry.Kind.ValueType  # 1
+
+    KIND_FIELD_NUMBER: _builtins.int
+    FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    AXES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    kind: Global___LogEntry.Kind.ValueType
+    frame_index: _builtins.int
+    action: _builtins.int
+    steps: _builtins.int
+    worker_id: _builtins.str
+    epoch: _builtins.int
+    @_builtins.property
+    def axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___LogEntry.Kind.ValueType = ...,
+        frame_index: _builtins.int = ...,
+        action: _builtins.int = ...,
+        axes: _abc.Iterable[_builtins.float] | None = ...,
+        steps: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "axes", b"axes", "epoch", b"epoch", "frame_index", b"frame_index", "kind", b"kind", "steps", b"steps", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015
 
 @_typing.final
 class WorkerInfo(_message.Message):
@@ -367,19 +499,25 @@ class PlacementRecord(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     WORKER_ADDRESS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     worker_address: _builtins.str
     epoch: _builtins.int
+    @_builtins.property
+    def spec(self) -> _windflow_pb2.SessionSpec:
+        """what a re-placement (crash recovery) needs to reopen it"""
+
     def __init__(
         self,
         *,
         worker_id: _builtins.str = ...,
         worker_address: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        spec: _windflow_pb2.SessionSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "spec", b"spec", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

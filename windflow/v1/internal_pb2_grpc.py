@@ -37,6 +37,11 @@ class RouterStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Recover = channel.unary_unary(
+                '/windflow.v1.Router/Recover',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.RecoverRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.Placement.FromString,
+                _registered_method=True)
         self.Place = channel.unary_unary(
                 '/windflow.v1.Router/Place',
                 request_serializer=windflow_dot_v1_dot_internal__pb2.PlaceRequest.SerializeToString,
@@ -49,6 +54,14 @@ class RouterServicer:
 
     """
 
+    def Recover(self, request, context):
+        """The client's stream to `worker_id` broke: if that worker is really gone (unreachable),
+        re-place the session now rather than after its lease expires. Returns the placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Place(self, request, context):
         """Choose a worker for a session, open it there, and record the placement in etcd
         (/windflow/v1/sessions/<id>/placement) by compare-and-swap with a new epoch.
@@ -60,6 +73,11 @@ class RouterServicer:
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Recover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recover,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.RecoverRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.Placement.SerializeToString,
+            ),
             'Place': grpc.unary_unary_rpc_method_handler(
                     servicer.Place,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.PlaceRequest.FromString,
@@ -77,6 +95,33 @@ class Router:
     """---- router: placement and admission ----
 
     """
+
+    @staticmethod
+    def Recover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Router/Recover',
+            windflow_dot_v1_dot_internal__pb2.RecoverRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Place(request,
@@ -117,6 +162,16 @@ class SessionStoreStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Fork = channel.unary_unary(
+                '/windflow.v1.SessionStore/Fork',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+                _registered_method=True)
+        self.Rewind = channel.unary_unary(
+                '/windflow.v1.SessionStore/Rewind',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+                _registered_method=True)
         self.CreateRecord = channel.unary_unary(
                 '/windflow.v1.SessionStore/CreateRecord',
                 request_serializer=windflow_dot_v1_dot_internal__pb2.SessionRecord.SerializeToString,
@@ -143,6 +198,18 @@ class SessionStoreServicer:
     """---- session service: the durable metadata of sessions ----
 
     """
+
+    def Fork(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rewind(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateRecord(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -171,6 +238,16 @@ class SessionStoreServicer:
 
 def add_SessionStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
+            ),
+            'Rewind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewind,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
+            ),
             'CreateRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRecord,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.SessionRecord.FromString,
@@ -203,6 +280,60 @@ class SessionStore:
     """---- session service: the durable metadata of sessions ----
 
     """
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.SessionStore/Fork',
+            windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.SessionStore/Rewind',
+            windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateRecord(request,
@@ -329,6 +460,16 @@ class WorkerStub:
                 request_serializer=windflow_dot_v1_dot_internal__pb2.OpenSessionRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_internal__pb2.OpenSessionResponse.FromString,
                 _registered_method=True)
+        self.Rewind = channel.unary_unary(
+                '/windflow.v1.Worker/Rewind',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.SessionStatus.FromString,
+                _registered_method=True)
+        self.Replay = channel.unary_stream(
+                '/windflow.v1.Worker/Replay',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.WorkerReplayRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Frame.FromString,
+                _registered_method=True)
         self.Attach = channel.stream_stream(
                 '/windflow.v1.Worker/Attach',
                 request_serializer=windflow_dot_v1_dot_windflow__pb2.ClientMessage.SerializeToString,
@@ -352,6 +493,18 @@ class WorkerServicer:
     """
 
     def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rewind(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replay(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -383,6 +536,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.OpenSession,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.OpenSessionRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_internal__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'Rewind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewind,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.SessionStatus.SerializeToString,
+            ),
+            'Replay': grpc.unary_stream_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.WorkerReplayRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Frame.SerializeToString,
             ),
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
@@ -429,6 +592,60 @@ class Worker:
             '/windflow.v1.Worker/OpenSession',
             windflow_dot_v1_dot_internal__pb2.OpenSessionRequest.SerializeToString,
             windflow_dot_v1_dot_internal__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Worker/Rewind',
+            windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.SessionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/windflow.v1.Worker/Replay',
+            windflow_dot_v1_dot_internal__pb2.WorkerReplayRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,10 @@ class RouterStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RouterAsyncStub: ...
+    Recover: _grpc.UnaryUnaryMultiCallable[_internal_pb2.RecoverRequest, _internal_pb2.Placement]
+    """The client's stream to `worker_id` broke: if that worker is really gone (unreachable),
+    re-place the session now rather than after its lease expires. Returns the placement.
+    """
     Place: _grpc.UnaryUnaryMultiCallable[_internal_pb2.PlaceRequest, _internal_pb2.Placement]
     """Choose a worker for a session, open it there, and record the placement in etcd
     (/windflow/v1/sessions/<id>/placement) by compare-and-swap with a new epoch.
@@ -44,6 +48,10 @@ class RouterAsyncStub(RouterStub):
     """---- router: placement and admission ----"""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Recover: _aio.UnaryUnaryMultiCallable[_internal_pb2.RecoverRequest, _internal_pb2.Placement]  # type: ignore[assignment]
+    """The client's stream to `worker_id` broke: if that worker is really gone (unreachable),
+    re-place the session now rather than after its lease expires. Returns the placement.
+    """
     Place: _aio.UnaryUnaryMultiCallable[_internal_pb2.PlaceRequest, _internal_pb2.Placement]  # type: ignore[assignment]
     """Choose a worker for a session, open it there, and record the placement in etcd
     (/windflow/v1/sessions/<id>/placement) by compare-and-swap with a new epoch.
@@ -51,6 +59,16 @@ class RouterAsyncStub(RouterStub):
 
 class RouterServicer(metaclass=_abc_1.ABCMeta):
     """---- router: placement and admission ----"""
+
+    @_abc_1.abstractmethod
+    def Recover(
+        self,
+        request: _internal_pb2.RecoverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.Placement, _abc.Awaitable[_internal_pb2.Placement]]:
+        """The client's stream to `worker_id` broke: if that worker is really gone (unreachable),
+        re-place the session now rather than after its lease expires. Returns the placement.
+        """
 
     @_abc_1.abstractmethod
     def Place(
@@ -71,6 +89,8 @@ class SessionStoreStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SessionStoreAsyncStub: ...
+    Fork: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]
+    Rewind: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]
     CreateRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]
     GetRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetRecordRequest, _internal_pb2.SessionRecord]
     UpdateRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]
@@ -81,6 +101,8 @@ class SessionStoreAsyncStub(SessionStoreStub):
     """---- session service: the durable metadata of sessions ----"""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Fork: _aio.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]  # type: ignore[assignment]
+    Rewind: _aio.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]  # type: ignore[assignment]
     CreateRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]  # type: ignore[assignment]
     GetRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetRecordRequest, _internal_pb2.SessionRecord]  # type: ignore[assignment]
     UpdateRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]  # type: ignore[assignment]
@@ -88,6 +110,20 @@ class SessionStoreAsyncStub(SessionStoreStub):
 
 class SessionStoreServicer(metaclass=_abc_1.ABCMeta):
     """---- session service: the durable metadata of sessions ----"""
+
+    @_abc_1.abstractmethod
+    def Fork(
+        self,
+        request: _windflow_pb2.ForkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]: ...
+
+    @_abc_1.abstractmethod
+    def Rewind(
+        self,
+        request: _windflow_pb2.RewindRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]: ...
 
     @_abc_1.abstractmethod
     def CreateRecord(
@@ -127,6 +163,8 @@ class WorkerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerAsyncStub: ...
     OpenSession: _grpc.UnaryUnaryMultiCallable[_internal_pb2.OpenSessionRequest, _internal_pb2.OpenSessionResponse]
+    Rewind: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _internal_pb2.SessionStatus]
+    Replay: _grpc.UnaryStreamMultiCallable[_internal_pb2.WorkerReplayRequest, _windflow_pb2.Frame]
     Attach: _grpc.StreamStreamMultiCallable[_windflow_pb2.ClientMessage, _windflow_pb2.ServerMessage]
     """The gateway's leg of a client stream: the same messages as the public Stream."""
     GetSessionStatus: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetSessionStatusRequest, _internal_pb2.SessionStatus]
@@ -138,6 +176,8 @@ class WorkerAsyncStub(WorkerStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     OpenSession: _aio.UnaryUnaryMultiCallable[_internal_pb2.OpenSessionRequest, _internal_pb2.OpenSessionResponse]  # type: ignore[assignment]
+    Rewind: _aio.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _internal_pb2.SessionStatus]  # type: ignore[assignment]
+    Replay: _aio.UnaryStreamMultiCallable[_internal_pb2.WorkerReplayRequest, _windflow_pb2.Frame]  # type: ignore[assignment]
     Attach: _aio.StreamStreamMultiCallable[_windflow_pb2.ClientMessage, _windflow_pb2.ServerMessage]  # type: ignore[assignment]
     """The gateway's leg of a client stream: the same messages as the public Stream."""
     GetSessionStatus: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetSessionStatusRequest, _internal_pb2.SessionStatus]  # type: ignore[assignment]
@@ -152,6 +192,20 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _internal_pb2.OpenSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_internal_pb2.OpenSessionResponse, _abc.Awaitable[_internal_pb2.OpenSessionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Rewind(
+        self,
+        request: _windflow_pb2.RewindRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.SessionStatus, _abc.Awaitable[_internal_pb2.SessionStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def Replay(
+        self,
+        request: _internal_pb2.WorkerReplayRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_windflow_pb2.Frame], _abc.AsyncIterator[_windflow_pb2.Frame]]: ...
 
     @_abc_1.abstractmethod
     def Attach(

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awindflow/v1/windflow.proto\x12\x0bwindflow.v1\"\xb4\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x02\x12\x0f\n\x07\x61\x63tions\x18\x07 \x03(\t\x12\x0c\n\x04\x61xes\x18\x08 \x03(\t\x12\r\n\x05steps\x18\t \x03(\r\x12\x15\n\rdefault_steps\x18\n \x01(\r\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.windflow.v1.ModelInfo\"\x97\x02\n\x0bSessionSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\x12\r\n\x05steps\x18\x04 \x01(\r\x12(\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x18.windflow.v1.FrameFormat\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x14\n\x0cjpeg_quality\x18\x08 \x01(\r\x12\x0e\n\x06region\x18\t \x01(\t\x12\x30\n\routput_policy\x18\n \x01(\x0e\x32\x19.windflow.v1.OutputPolicy\x12+\n\x07quality\x18\x14 \x01(\x0b\x32\x1a.windflow.v1.QualityPolicy\"\xef\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.windflow.v1.SessionState\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x05 \x01(\x04\x12\x12\n\nhead_frame\x18\x06 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12%\n\x05model\x18\x08 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\">\n\x14\x43reateSessionRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"\x87\x01\n\rClientMessage\x12%\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x13.windflow.v1.AttachH\x00\x12\'\n\x07\x63ontrol\x18\x02 \x01(\x0b\x32\x14.windflow.v1.ControlH\x00\x12\x1f\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x10.windflow.v1.AckH\x00\x42\x05\n\x03msg\"T\n\x06\x41ttach\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\r\x12&\n\x08\x63ontrols\x18\x03 \x03(\x0b\x32\x14.windflow.v1.Control\"T\n\x07\x43ontrol\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\r\x12\x0c\n\x04\x61xes\x18\x03 \x03(\x02\x12\x16\n\x0e\x63lient_time_us\x18\x04 \x01(\x03\"\x1a\n\x03\x41\x63k\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\"\x92\x01\n\rServerMessage\x12#\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x12.windflow.v1.FrameH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.windflow.v1.SessionEventH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.windflow.v1.StreamErrorH\x00\x42\x05\n\x03msg\"\x94\x01\n\x0f\x46rameTimestamps\x12\x0e\n\x06\x64ue_us\x18\x01 \x01(\x03\x12\x16\n\x0emodel_start_us\x18\x02 \x01(\x03\x12\x14\n\x0cmodel_end_us\x18\x03 \x01(\x03\x12\x12\n\nencoded_us\x18\x04 \x01(\x03\x12\x16\n\x0eworker_sent_us\x18\x05 \x01(\x03\x12\x17\n\x0fgateway_sent_us\x18\x06 \x01(\x03\"\x84\x01\n\x10LatencyBreakdown\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x10\n\x08model_ms\x18\x02 \x01(\x02\x12\x11\n\tencode_ms\x18\x03 \x01(\x02\x12\x0f\n\x07send_ms\x18\x04 \x01(\x02\x12\x14\n\x0ctransport_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\xab\x02\n\x05\x46rame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.windflow.v1.FrameFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\r\x12\x1e\n\x16\x63ontrol_client_time_us\x18\x08 \x01(\x03\x12\x30\n\ntimestamps\x18\t \x01(\x0b\x32\x1c.windflow.v1.FrameTimestamps\x12.\n\x07latency\x18\n \x01(\x0b\x32\x1d.windflow.v1.LatencyBreakdown\x12\x15\n\rdropped_total\x18\x0b \x01(\x04\"\x8c\x02\n\x0cSessionEvent\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.windflow.v1.SessionEvent.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x0b\n\x03\x66ps\x18\x14 \x01(\x02\x12\r\n\x05level\x18\x15 \x01(\r\"}\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_ATTACHED\x10\x01\x12\x18\n\x14KIND_QUALITY_CHANGED\x10\x02\x12\x0f\n\x0bKIND_PAUSED\x10\x03\x12\x10\n\x0cKIND_RESUMED\x10\x04\x12\x0f\n\x0bKIND_CLOSED\x10\x05\"T\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x04 \x01(\x04\"\xa3\x01\n\rQualityPolicy\x12-\n\x04mode\x18\x01 \x01(\x0e\x32\x1f.windflow.v1.QualityPolicy.Mode\x12\x11\n\tmin_steps\x18\x02 \x01(\r\x12\x0f\n\x07min_fps\x18\x03 \x01(\x02\"?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_ADAPTIVE\x10\x01\x12\x0e\n\nMODE_FIXED\x10\x02*X\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46RAME_FORMAT_RGB\x10\x01\x12\x15\n\x11\x46RAME_FORMAT_JPEG\x10\x02*e\n\x0cOutputPolicy\x12\x1d\n\x19OUTPUT_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19OUTPUT_POLICY_DROP_OLDEST\x10\x01\x12\x17\n\x13OUTPUT_POLICY_PAUSE\x10\x02*\x98\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_PLACED\x10\x01\x12\x1b\n\x17SESSION_STATE_STREAMING\x10\x02\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x03\x12\x18\n\x14SESSION_STATE_FAILED\x10\x04\x32\x90\x03\n\x08Windflow\x12M\n\nListModels\x12\x1e.windflow.v1.ListModelsRequest\x1a\x1f.windflow.v1.ListModelsResponse\x12V\n\rCreateSession\x12!.windflow.v1.CreateSessionRequest\x1a\".windflow.v1.CreateSessionResponse\x12\x44\n\x06Stream\x12\x1a.windflow.v1.ClientMessage\x1a\x1a.windflow.v1.ServerMessage(\x01\x30\x01\x12\x42\n\nGetSession\x12\x1e.windflow.v1.GetSessionRequest\x1a\x14.windflow.v1.Session\x12S\n\x0c\x43loseSession\x12 .windflow.v1.CloseSessionRequest\x1a!.windflow.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awindflow/v1/windflow.proto\x12\x0bwindflow.v1\"\xb4\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x02\x12\x0f\n\x07\x61\x63tions\x18\x07 \x03(\t\x12\x0c\n\x04\x61xes\x18\x08 \x03(\t\x12\r\n\x05steps\x18\t \x03(\r\x12\x15\n\rdefault_steps\x18\n \x01(\r\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.windflow.v1.ModelInfo\"\x97\x02\n\x0bSessionSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x02\x12\r\n\x05steps\x18\x04 \x01(\r\x12(\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x18.windflow.v1.FrameFormat\x12\r\n\x05width\x18\x06 \x01(\r\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\x14\n\x0cjpeg_quality\x18\x08 \x01(\r\x12\x0e\n\x06region\x18\t \x01(\t\x12\x30\n\routput_policy\x18\n \x01(\x0e\x32\x19.windflow.v1.OutputPolicy\x12+\n\x07quality\x18\x14 \x01(\x0b\x32\x1a.windflow.v1.QualityPolicy\"\xdf\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x04spec\x18\x02 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.windflow.v1.SessionState\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x05 \x01(\x04\x12\x12\n\nhead_frame\x18\x06 \x01(\x04\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12%\n\x05model\x18\x08 \x01(\x0b\x32\x16.windflow.v1.ModelInfo\x12,\n\x0b\x63heckpoints\x18\t \x03(\x0b\x32\x17.windflow.v1.Checkpoint\x12\x12\n\nlog_length\x18\n \x01(\x04\x12\x19\n\x11parent_session_id\x18\x0b \x01(\t\x12\x11\n\tforked_at\x18\x0c \x01(\x04\"t\n\nCheckpoint\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x13\n\x0bobject_name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x03\"3\n\x0b\x46orkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61t_frame\x18\x02 \x01(\x03\"5\n\rRewindRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08to_frame\x18\x02 \x01(\x03\"I\n\rReplayRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nfrom_frame\x18\x02 \x01(\x03\x12\x10\n\x08to_frame\x18\x03 \x01(\x03\">\n\x14\x43reateSessionRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.windflow.v1.SessionSpec\">\n\x15\x43reateSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"=\n\x14\x43loseSessionResponse\x12%\n\x07session\x18\x01 \x01(\x0b\x32\x14.windflow.v1.Session\"\x87\x01\n\rClientMessage\x12%\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x13.windflow.v1.AttachH\x00\x12\'\n\x07\x63ontrol\x18\x02 \x01(\x0b\x32\x14.windflow.v1.ControlH\x00\x12\x1f\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x10.windflow.v1.AckH\x00\x42\x05\n\x03msg\"y\n\x06\x41ttach\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\r\x12&\n\x08\x63ontrols\x18\x03 \x03(\x0b\x32\x14.windflow.v1.Control\x12\x0e\n\x06resume\x18\x04 \x01(\x08\x12\x13\n\x0bresume_from\x18\x05 \x01(\x04\"T\n\x07\x43ontrol\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\r\x12\x0c\n\x04\x61xes\x18\x03 \x03(\x02\x12\x16\n\x0e\x63lient_time_us\x18\x04 \x01(\x03\"\x1a\n\x03\x41\x63k\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\"\x92\x01\n\rServerMessage\x12#\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x12.windflow.v1.FrameH\x00\x12*\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.windflow.v1.SessionEventH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.windflow.v1.StreamErrorH\x00\x42\x05\n\x03msg\"\x94\x01\n\x0f\x46rameTimestamps\x12\x0e\n\x06\x64ue_us\x18\x01 \x01(\x03\x12\x16\n\x0emodel_start_us\x18\x02 \x01(\x03\x12\x14\n\x0cmodel_end_us\x18\x03 \x01(\x03\x12\x12\n\nencoded_us\x18\x04 \x01(\x03\x12\x16\n\x0eworker_sent_us\x18\x05 \x01(\x03\x12\x17\n\x0fgateway_sent_us\x18\x06 \x01(\x03\"\x84\x01\n\x10LatencyBreakdown\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x10\n\x08model_ms\x18\x02 \x01(\x02\x12\x11\n\tencode_ms\x18\x03 \x01(\x02\x12\x0f\n\x07send_ms\x18\x04 \x01(\x02\x12\x14\n\x0ctransport_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\xab\x02\n\x05\x46rame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.windflow.v1.FrameFormat\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\r\x12\x1e\n\x16\x63ontrol_client_time_us\x18\x08 \x01(\x03\x12\x30\n\ntimestamps\x18\t \x01(\x0b\x32\x1c.windflow.v1.FrameTimestamps\x12.\n\x07latency\x18\n \x01(\x0b\x32\x1d.windflow.v1.LatencyBreakdown\x12\x15\n\rdropped_total\x18\x0b \x01(\x04\"\xb3\x02\n\x0cSessionEvent\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.windflow.v1.SessionEvent.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x0b\n\x03\x66ps\x18\x14 \x01(\x02\x12\r\n\x05level\x18\x15 \x01(\r\"\xa3\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_ATTACHED\x10\x01\x12\x18\n\x14KIND_QUALITY_CHANGED\x10\x02\x12\x0f\n\x0bKIND_PAUSED\x10\x03\x12\x10\n\x0cKIND_RESUMED\x10\x04\x12\x0f\n\x0bKIND_CLOSED\x10\x05\x12\x10\n\x0cKIND_REWOUND\x10\x06\x12\x12\n\x0eKIND_RECOVERED\x10\x07\"T\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0b\x66rame_index\x18\x04 \x01(\x04\"\xa3\x01\n\rQualityPolicy\x12-\n\x04mode\x18\x01 \x01(\x0e\x32\x1f.windflow.v1.QualityPolicy.Mode\x12\x11\n\tmin_steps\x18\x02 \x01(\r\x12\x0f\n\x07min_fps\x18\x03 \x01(\x02\"?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x11\n\rMODE_ADAPTIVE\x10\x01\x12\x0e\n\nMODE_FIXED\x10\x02*X\n\x0b\x46rameFormat\x12\x1c\n\x18\x46RAME_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46RAME_FORMAT_RGB\x10\x01\x12\x15\n\x11\x46RAME_FORMAT_JPEG\x10\x02*e\n\x0cOutputPolicy\x12\x1d\n\x19OUTPUT_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19OUTPUT_POLICY_DROP_OLDEST\x10\x01\x12\x17\n\x13OUTPUT_POLICY_PAUSE\x10\x02*\x98\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14SESSION_STATE_PLACED\x10\x01\x12\x1b\n\x17SESSION_STATE_STREAMING\x10\x02\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x03\x12\x18\n\x14SESSION_STATE_FAILED\x10\x04\x32\xc0\x04\n\x08Windflow\x12M\n\nListModels\x12\x1e.windflow.v1.ListModelsRequest\x1a\x1f.windflow.v1.ListModelsResponse\x12V\n\rCreateSession\x12!.windflow.v1.CreateSessionRequest\x1a\".windflow.v1.CreateSessionResponse\x12\x44\n\x06Stream\x12\x1a.windflow.v1.ClientMessage\x1a\x1a.windflow.v1.ServerMessage(\x01\x30\x01\x12\x42\n\nGetSession\x12\x1e.windflow.v1.GetSessionRequest\x1a\x14.windflow.v1.Session\x12S\n\x0c\x43loseSession\x12 .windflow.v1.CloseSessionRequest\x1a!.windflow.v1.CloseSessionResponse\x12\x36\n\x04\x46ork\x12\x18.windflow.v1.ForkRequest\x1a\x14.windflow.v1.Session\x12:\n\x06Rewind\x12\x1a.windflow.v1.RewindRequest\x1a\x14.windflow.v1.Session\x12:\n\x06Replay\x12\x1a.windflow.v1.ReplayRequest\x1a\x12.windflow.v1.Frame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'windflow.v1.windflow_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMEFORMAT']._serialized_start=2706
-  _globals['_FRAMEFORMAT']._serialized_end=2794
-  _globals['_OUTPUTPOLICY']._serialized_start=2796
-  _globals['_OUTPUTPOLICY']._serialized_end=2897
-  _globals['_SESSIONSTATE']._serialized_start=2900
-  _globals['_SESSIONSTATE']._serialized_end=3052
+  _globals['_FRAMEFORMAT']._serialized_start=3195
+  _globals['_FRAMEFORMAT']._serialized_end=3283
+  _globals['_OUTPUTPOLICY']._serialized_start=3285
+  _globals['_OUTPUTPOLICY']._serialized_end=3386
+  _globals['_SESSIONSTATE']._serialized_start=3389
+  _globals['_SESSIONSTATE']._serialized_end=3541
   _globals['_MODELINFO']._serialized_start=44
   _globals['_MODELINFO']._serialized_end=224
   _globals['_LISTMODELSREQUEST']._serialized_start=226
@@ -46,43 +46,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSPEC']._serialized_start=310
   _globals['_SESSIONSPEC']._serialized_end=589
   _globals['_SESSION']._serialized_start=592
-  _globals['_SESSION']._serialized_end=831
-  _globals['_CREATESESSIONREQUEST']._serialized_start=833
-  _globals['_CREATESESSIONREQUEST']._serialized_end=895
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=897
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=959
-  _globals['_GETSESSIONREQUEST']._serialized_start=961
-  _globals['_GETSESSIONREQUEST']._serialized_end=1000
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1002
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1043
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1045
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1106
-  _globals['_CLIENTMESSAGE']._serialized_start=1109
-  _globals['_CLIENTMESSAGE']._serialized_end=1244
-  _globals['_ATTACH']._serialized_start=1246
-  _globals['_ATTACH']._serialized_end=1330
-  _globals['_CONTROL']._serialized_start=1332
-  _globals['_CONTROL']._serialized_end=1416
-  _globals['_ACK']._serialized_start=1418
-  _globals['_ACK']._serialized_end=1444
-  _globals['_SERVERMESSAGE']._serialized_start=1447
-  _globals['_SERVERMESSAGE']._serialized_end=1593
-  _globals['_FRAMETIMESTAMPS']._serialized_start=1596
-  _globals['_FRAMETIMESTAMPS']._serialized_end=1744
-  _globals['_LATENCYBREAKDOWN']._serialized_start=1747
-  _globals['_LATENCYBREAKDOWN']._serialized_end=1879
-  _globals['_FRAME']._serialized_start=1882
-  _globals['_FRAME']._serialized_end=2181
-  _globals['_SESSIONEVENT']._serialized_start=2184
-  _globals['_SESSIONEVENT']._serialized_end=2452
-  _globals['_SESSIONEVENT_KIND']._serialized_start=2327
-  _globals['_SESSIONEVENT_KIND']._serialized_end=2452
-  _globals['_STREAMERROR']._serialized_start=2454
-  _globals['_STREAMERROR']._serialized_end=2538
-  _globals['_QUALITYPOLICY']._serialized_start=2541
-  _globals['_QUALITYPOLICY']._serialized_end=2704
-  _globals['_QUALITYPOLICY_MODE']._serialized_start=2641
-  _globals['_QUALITYPOLICY_MODE']._serialized_end=2704
-  _globals['_WINDFLOW']._serialized_start=3055
-  _globals['_WINDFLOW']._serialized_end=3455
+  _globals['_SESSION']._serialized_end=943
+  _globals['_CHECKPOINT']._serialized_start=945
+  _globals['_CHECKPOINT']._serialized_end=1061
+  _globals['_FORKREQUEST']._serialized_start=1063
+  _globals['_FORKREQUEST']._serialized_end=1114
+  _globals['_REWINDREQUEST']._serialized_start=1116
+  _globals['_REWINDREQUEST']._serialized_end=1169
+  _globals['_REPLAYREQUEST']._serialized_start=1171
+  _globals['_REPLAYREQUEST']._serialized_end=1244
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1246
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1308
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1310
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1372
+  _globals['_GETSESSIONREQUEST']._serialized_start=1374
+  _globals['_GETSESSIONREQUEST']._serialized_end=1413
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1415
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1456
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1458
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1519
+  _globals['_CLIENTMESSAGE']._serialized_start=1522
+  _globals['_CLIENTMESSAGE']._serialized_end=1657
+  _globals['_ATTACH']._serialized_start=1659
+  _globals['_ATTACH']._serialized_end=1780
+  _globals['_CONTROL']._serialized_start=1782
+  _globals['_CONTROL']._serialized_end=1866
+  _globals['_ACK']._serialized_start=1868
+  _globals['_ACK']._serialized_end=1894
+  _globals['_SERVERMESSAGE']._serialized_start=1897
+  _globals['_SERVERMESSAGE']._serialized_end=2043
+  _globals['_FRAMETIMESTAMPS']._serialized_start=2046
+  _globals['_FRAMETIMESTAMPS']._serialized_end=2194
+  _globals['_LATENCYBREAKDOWN']._serialized_start=2197
+  _globals['_LATENCYBREAKDOWN']._serialized_end=2329
+  _globals['_FRAME']._serialized_start=2332
+  _globals['_FRAME']._serialized_end=2631
+  _globals['_SESSIONEVENT']._serialized_start=2634
+  _globals['_SESSIONEVENT']._serialized_end=2941
+  _globals['_SESSIONEVENT_KIND']._serialized_start=2778
+  _globals['_SESSIONEVENT_KIND']._serialized_end=2941
+  _globals['_STREAMERROR']._serialized_start=2943
+  _globals['_STREAMERROR']._serialized_end=3027
+  _globals['_QUALITYPOLICY']._serialized_start=3030
+  _globals['_QUALITYPOLICY']._serialized_end=3193
+  _globals['_QUALITYPOLICY_MODE']._serialized_start=3130
+  _globals['_QUALITYPOLICY_MODE']._serialized_end=3193
+  _globals['_WINDFLOW']._serialized_start=3544
+  _globals['_WINDFLOW']._serialized_end=4120
 # @@protoc_insertion_point(module_scope)

@@ -251,6 +251,10 @@ class Session(_message.Message):
     HEAD_FRAME_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    LOG_LENGTH_FIELD_NUMBER: _builtins.int
+    PARENT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    FORKED_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: Global___SessionState.ValueType
     worker_id: _builtins.str
@@ -258,12 +262,21 @@ class Session(_message.Message):
     head_frame: _builtins.int
     """frames generated so far"""
     created_unix_ms: _builtins.int
+    log_length: _builtins.int
+    """entries in the control log"""
+    parent_session_id: _builtins.str
+    """set for a fork"""
+    forked_at: _builtins.int
     @_builtins.property
     def spec(self) -> Global___SessionSpec:
         """as resolved (defaults filled in)"""
 
     @_builtins.property
     def model(self) -> Global___ModelInfo: ...
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]:
+        """oldest first"""
+
     def __init__(
         self,
         *,
@@ -275,14 +288,123 @@ class Session(_message.Message):
         head_frame: _builtins.int = ...,
         created_unix_ms: _builtins.int = ...,
         model: Global___ModelInfo | None = ...,
+        checkpoints: _abc.Iterable[Global___Checkpoint] | None = ...,
+        log_length: _builtins.int = ...,
+        parent_session_id: _builtins.str = ...,
+        forked_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "head_frame", b"head_frame", "model", b"model", "placement_epoch", b"placement_epoch", "session_id", b"session_id", "spec", b"spec", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "placement_epoch", b"placement_epoch", "session_id", b"session_id", "spec", b"spec", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A snapshot of a session's whole model state, taken before frame `frame_index` is made,
+    stored in the JetStream object store.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    OBJECT_NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    frame_index: _builtins.int
+    object_name: _builtins.str
+    size: _builtins.int
+    model_version: _builtins.str
+    created_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        frame_index: _builtins.int = ...,
+        object_name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        model_version: _builtins.str = ...,
+        created_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix_ms", b"created_unix_ms", "frame_index", b"frame_index", "model_version", b"model_version", "object_name", b"object_name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class ForkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AT_FRAME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    at_frame: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        at_frame: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_frame", b"at_frame", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkRequest: _TypeAlias = ForkRequest  # noqa: Y015
+
+@_typing.final
+class RewindRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TO_FRAME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    to_frame: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        to_frame: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "to_frame", b"to_frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewindRequest: _TypeAlias = RewindRequest  # noqa: Y015
+
+@_typing.final
+class ReplayRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    FROM_FRAME_FIELD_NUMBER: _builtins.int
+    TO_FRAME_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    from_frame: _builtins.int
+    to_frame: _builtins.int
+    """exclusive; at most the head"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        from_frame: _builtins.int = ...,
+        to_frame: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_frame", b"from_frame", "session_id", b"session_id", "to_frame", b"to_frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRequest: _TypeAlias = ReplayRequest  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
@@ -421,9 +543,16 @@ class Attach(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     window: _builtins.int
     """How many frames may be in flight unacknowledged (1..64; 0 = 8)."""
+    resume: _builtins.bool
+    """Resume a stream: the next frame sent is exactly `resume_from` (the worker replays or
+    rewinds to it), so a re-attaching client sees no gap and no repeat.
+    """
+    resume_from: _builtins.int
     @_builtins.property
     def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Control]:
         """Controls queued atomically with the attach, before any frame is made: the way to
@@ -436,10 +565,12 @@ class Attach(_message.Message):
         session_id: _builtins.str = ...,
         window: _builtins.int = ...,
         controls: _abc.Iterable[Global___Control] | None = ...,
+        resume: _builtins.bool = ...,
+        resume_from: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "session_id", b"session_id", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "resume", b"resume", "resume_from", b"resume_from", "session_id", b"session_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,6 +807,10 @@ class SessionEvent(_message.Message):
         KIND_PAUSED: SessionEvent._Kind.ValueType  # 3
         KIND_RESUMED: SessionEvent._Kind.ValueType  # 4
         KIND_CLOSED: SessionEvent._Kind.ValueType  # 5
+        KIND_REWOUND: SessionEvent._Kind.ValueType  # 6
+        """frame_index: the next frame to come"""
+        KIND_RECOVERED: SessionEvent._Kind.ValueType  # 7
+        """the session moved to another worker; frames continue"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: SessionEvent.Kind.ValueType  # 0
@@ -684,6 +819,10 @@ class SessionEvent(_message.Message):
     KIND_PAUSED: SessionEvent.Kind.ValueType  # 3
     KIND_RESUMED: SessionEvent.Kind.ValueType  # 4
     KIND_CLOSED: SessionEvent.Kind.ValueType  # 5
+    KIND_REWOUND: SessionEvent.Kind.ValueType  # 6
+    """frame_index: the next frame to come"""
+    KIND_RECOVERED: SessionEvent.Kind.ValueType  # 7
+    """the session moved to another worker; frames continue"""
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int

@@ -59,6 +59,21 @@ class WindflowStub:
                 request_serializer=windflow_dot_v1_dot_windflow__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_windflow__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/windflow.v1.Windflow/Fork',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+                _registered_method=True)
+        self.Rewind = channel.unary_unary(
+                '/windflow.v1.Windflow/Rewind',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+                _registered_method=True)
+        self.Replay = channel.unary_stream(
+                '/windflow.v1.Windflow/Replay',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.ReplayRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Frame.FromString,
+                _registered_method=True)
 
 
 class WindflowServicer:
@@ -98,6 +113,30 @@ class WindflowServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fork(self, request, context):
+        """A new session that continues from frame `at_frame` of another (same model, seed,
+        spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rewind(self, request, context):
+        """The same session continues from `to_frame`; its log after that is truncated. An
+        attached stream sees KIND_REWOUND and then frames from `to_frame` on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replay(self, request, context):
+        """Frames [from_frame, to_frame) re-rendered from the checkpoints and the control log:
+        bit-identical to what the session produced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WindflowServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +164,21 @@ def add_WindflowServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=windflow_dot_v1_dot_windflow__pb2.CloseSessionRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_windflow__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
+            ),
+            'Rewind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewind,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
+            ),
+            'Replay': grpc.unary_stream_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.ReplayRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Frame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +316,87 @@ class Windflow:
             '/windflow.v1.Windflow/CloseSession',
             windflow_dot_v1_dot_windflow__pb2.CloseSessionRequest.SerializeToString,
             windflow_dot_v1_dot_windflow__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Windflow/Fork',
+            windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Windflow/Rewind',
+            windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/windflow.v1.Windflow/Replay',
+            windflow_dot_v1_dot_windflow__pb2.ReplayRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,18 @@ class WindflowStub:
     """The session's frames out, its controls in. The first client message must be Attach."""
     GetSession: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.GetSessionRequest, _windflow_pb2.Session]
     CloseSession: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.CloseSessionRequest, _windflow_pb2.CloseSessionResponse]
+    Fork: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]
+    """A new session that continues from frame `at_frame` of another (same model, seed,
+    spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
+    """
+    Rewind: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]
+    """The same session continues from `to_frame`; its log after that is truncated. An
+    attached stream sees KIND_REWOUND and then frames from `to_frame` on.
+    """
+    Replay: _grpc.UnaryStreamMultiCallable[_windflow_pb2.ReplayRequest, _windflow_pb2.Frame]
+    """Frames [from_frame, to_frame) re-rendered from the checkpoints and the control log:
+    bit-identical to what the session produced.
+    """
 
 @_typing.type_check_only
 class WindflowAsyncStub(WindflowStub):
@@ -60,6 +72,18 @@ class WindflowAsyncStub(WindflowStub):
     """The session's frames out, its controls in. The first client message must be Attach."""
     GetSession: _aio.UnaryUnaryMultiCallable[_windflow_pb2.GetSessionRequest, _windflow_pb2.Session]  # type: ignore[assignment]
     CloseSession: _aio.UnaryUnaryMultiCallable[_windflow_pb2.CloseSessionRequest, _windflow_pb2.CloseSessionResponse]  # type: ignore[assignment]
+    Fork: _aio.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]  # type: ignore[assignment]
+    """A new session that continues from frame `at_frame` of another (same model, seed,
+    spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
+    """
+    Rewind: _aio.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]  # type: ignore[assignment]
+    """The same session continues from `to_frame`; its log after that is truncated. An
+    attached stream sees KIND_REWOUND and then frames from `to_frame` on.
+    """
+    Replay: _aio.UnaryStreamMultiCallable[_windflow_pb2.ReplayRequest, _windflow_pb2.Frame]  # type: ignore[assignment]
+    """Frames [from_frame, to_frame) re-rendered from the checkpoints and the control log:
+    bit-identical to what the session produced.
+    """
 
 class WindflowServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +125,35 @@ class WindflowServicer(metaclass=_abc_1.ABCMeta):
         request: _windflow_pb2.CloseSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_windflow_pb2.CloseSessionResponse, _abc.Awaitable[_windflow_pb2.CloseSessionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Fork(
+        self,
+        request: _windflow_pb2.ForkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]:
+        """A new session that continues from frame `at_frame` of another (same model, seed,
+        spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
+        """
+
+    @_abc_1.abstractmethod
+    def Rewind(
+        self,
+        request: _windflow_pb2.RewindRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]:
+        """The same session continues from `to_frame`; its log after that is truncated. An
+        attached stream sees KIND_REWOUND and then frames from `to_frame` on.
+        """
+
+    @_abc_1.abstractmethod
+    def Replay(
+        self,
+        request: _windflow_pb2.ReplayRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_windflow_pb2.Frame], _abc.AsyncIterator[_windflow_pb2.Frame]]:
+        """Frames [from_frame, to_frame) re-rendered from the checkpoints and the control log:
+        bit-identical to what the session produced.
+        """
 
 def add_WindflowServicer_to_server(servicer: WindflowServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,189 @@
+"""One client stream proxied to the worker holding its session, across worker failures.
+
+The proxy reads the client's messages in its own task and writes them to the current
+worker leg. It remembers the last frame it forwarded and the controls the client sent for
+frames not yet delivered (bounded). When the worker leg fails with UNAVAILABLE, it asks the
+router to recover the session (re-place it if the worker is really gone), attaches to the
+new worker with ``resume_from = last forwarded + 1`` and re-sends those controls: the
+client sees a pause, a KIND_RECOVERED event, then the next frame index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from windflow.common import grpc_util, names, telemetry
+from windflow.errors import ResourceExhausted, Unavailable
+from windflow.v1 import internal_pb2, internal_pb2_grpc
+from windflow.v1 import windflow_pb2 as pb
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
+
+MAX_REMEMBERED_CONTROLS = 1024
+
+
+class StreamProxy:
+    def __init__(
+        self,
+        first: pb.ClientMessage,
+        placement: internal_pb2.PlacementRecord,
+        worker: Callable[[str], internal_pb2_grpc.WorkerStub],
+        router: internal_pb2_grpc.RouterStub,
+        *,
+        recover_timeout_s: float,
+    ) -> None:
+        self.session_id = first.attach.session_id
+        self._attach = first.attach
+        self.placement = placement
+        self._worker = worker
+        self._router = router
+        self._recover_timeout = recover_timeout_s
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._controls: list[pb.Control] = list(first.attach.controls)
+        self.last_forwarded = -1
+        self.recoveries = 0
+
+    async def run(
+        self, requests: AsyncIterator[pb.ClientMessage]
+    ) -> AsyncIterator[pb.ServerMessage]:
+        reader = asyncio.create_task(
+            self._read_client(requests), name=f"gateway-read:{self.session_id}"
+        )
+        try:
+            resume = False
+            while True:
+                try:
+                    async for message in self._leg(resume):
+                        yield message
+                    return
+                except Unavailable as err:
+                    if reader.done() and reader.exception() is not None:
+                        raise
+                    log.warning(
+                        "session %s lost worker %s (%s); recovering",
+                        self.session_id,
+                        self.placement.worker_id,
+                        err.message,
+                    )
+                    started = time.monotonic()
+                    await self._recover()
+                    self.recoveries += 1
+                    resume = True
+                    yield pb.ServerMessage(
+                        event=pb.SessionEvent(
+                            kind=pb.SessionEvent.KIND_RECOVERED,
+                            message=(
+                                f"moved to worker {self.placement.worker_id} in "
+                                f"{(time.monotonic() - started) * 1000:.0f} ms"
+                            ),
+                            frame_index=self.last_forwarded + 1,
+                        )
+                    )
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            if self._call is not None:
+                self._call.cancel()
+
+    async def _leg(self, resume: bool) -> AsyncIterator[pb.ServerMessage]:
+        attach = pb.Attach()
+        attach.CopyFrom(self._attach)
+        if resume:
+            attach.resume = True
+            attach.resume_from = self.last_forwarded + 1
+            del attach.controls[:]
+            attach.controls.extend(c for c in self._controls if c.frame_index > self.last_forwarded)
+        call = self._worker(self.placement.worker_address).Attach(
+            metadata=telemetry.inject_metadata()
+        )
+        self._call = call
+        try:
+            await call.write(pb.ClientMessage(attach=attach))
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc) from exc
+        async for message in _responses(call):
+            if not message.HasField("frame"):
+                if message.event.kind == pb.SessionEvent.KIND_REWOUND:
+                    # the session's future restarts at frame_index
+                    self.last_forwarded = message.event.frame_index - 1
+                    self._controls.clear()
+                yield message
+                continue
+            frame = message.frame
+            if frame.frame_index <= self.last_forwarded:
+                continue  # never a repeat
+            span = tracer.start_span(
+                names.SPAN_GATEWAY_FRAME,
+                start_time=frame.timestamps.worker_sent_us * 1000,
+                attributes={
+                    "windflow.session_id": self.session_id,
+                    "windflow.frame": frame.frame_index,
+                },
+            )
+            sent = telemetry.now_us()
+            frame.timestamps.gateway_sent_us = sent
+            frame.latency.transport_ms = (sent - frame.timestamps.worker_sent_us) / 1000.0
+            self.last_forwarded = frame.frame_index
+            self._controls = [c for c in self._controls if c.frame_index > frame.frame_index]
+            yield message
+            span.end()
+
+    async def _recover(self) -> None:
+        deadline = time.monotonic() + self._recover_timeout
+        while True:
+            try:
+                placement = await grpc_util.call(
+                    self._router.Recover(
+                        internal_pb2.RecoverRequest(
+                            session_id=self.session_id,
+                            worker_id=self.placement.worker_id,
+                            epoch=self.placement.epoch,
+                        ),
+                        timeout=self._recover_timeout,
+                        metadata=telemetry.inject_metadata(),
+                    )
+                )
+            except (Unavailable, ResourceExhausted) as err:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(err.retry_after_s or 0.2)
+                continue
+            self.placement = internal_pb2.PlacementRecord(
+                worker_id=placement.worker_id,
+                worker_address=placement.worker_address,
+                epoch=placement.epoch,
+            )
+            return
+
+    async def _read_client(self, requests: AsyncIterator[pb.ClientMessage]) -> None:
+        async for message in requests:
+            if message.HasField("control"):
+                if len(self._controls) >= MAX_REMEMBERED_CONTROLS:
+                    self._controls.pop(0)  # only ever the oldest, long since delivered
+                self._controls.append(message.control)
+            call = self._call
+            if call is None:
+                continue
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await call.write(message)  # a dead leg: the control is re-sent on recovery
+        if self._call is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await self._call.done_writing()
+
+
+async def _responses(call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ServerMessage]:
+    try:
+        async for message in call:
+            yield message
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.CANCELLED:
+            return
+        raise grpc_util.error_from_rpc(exc) from exc

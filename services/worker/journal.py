@@ -1,0 +1,243 @@
+"""A worker's side of durable session state: log every applied control, checkpoint, restore.
+
+- Every frame whose control or step count differs from the previous frame's gets a
+  ``LogEntry`` in the session's JetStream log; the engine releases the frame only after
+  the server acknowledged that entry.
+- Every ``checkpoint_every`` frames the engine snapshots the session right after its step
+  (in the step thread); the upload to the object store and the catalog write run as
+  tracked background tasks, at most one per session at a time.
+- ``restore`` rebuilds a session's model state at any frame: the newest readable
+  checkpoint at or before it (older ones if it is corrupted or of another model version;
+  frame 0 from the seed as the last resort), then the log replayed up to the frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.worker.actor import SessionActor
+from services.worker.models.base import Control, SessionState, WorldModel
+from windflow.common.durable import (
+    CheckpointCatalog,
+    CheckpointStore,
+    ControlLog,
+    StoredEntry,
+    controls_by_frame,
+)
+from windflow.errors import DataLoss, FailedPrecondition, NotFound, WindflowError
+from windflow.v1 import internal_pb2
+from windflow.v1 import windflow_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Runs a blocking function in the worker's model-step thread.
+StepThread = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+@dataclass(slots=True)
+class Restored:
+    state: SessionState
+    entries: list[StoredEntry]
+    """The log as read (with sequences)."""
+    checkpoint_frame: int
+
+
+def applied_at(
+    entries: Sequence[internal_pb2.LogEntry], frame: int
+) -> internal_pb2.LogEntry | None:
+    """The control entry in effect at ``frame`` (entries ordered by frame)."""
+    current = None
+    for entry in entries:
+        if entry.frame_index > frame:
+            break
+        current = entry
+    return current
+
+
+def replay_steps(
+    model: WorldModel,
+    state: SessionState,
+    entries: Sequence[internal_pb2.LogEntry],
+    to_frame: int,
+    default_steps: int,
+    on_frame: Callable[[int, object], None] | None = None,
+) -> None:
+    """Step ``state`` (batch of one) up to ``to_frame`` under the logged controls.
+
+    Blocking; call in the step thread. ``on_frame(index, rgb)`` sees each frame made.
+    """
+    while state.frame_index < to_frame:
+        entry = applied_at(entries, state.frame_index)
+        control = Control(entry.action, tuple(entry.axes)) if entry else Control()
+        steps = entry.steps if entry and entry.steps else default_steps
+        index = state.frame_index
+        rgb = model.step([state], [control], steps)
+        if on_frame is not None:
+            on_frame(index, rgb[0])
+
+
+class Journal:
+    def __init__(
+        self,
+        worker_id: str,
+        log_: ControlLog,
+        store: CheckpointStore,
+        catalog: CheckpointCatalog,
+        *,
+        checkpoint_every: int,
+    ) -> None:
+        self.worker_id = worker_id
+        self.log = log_
+        self.store = store
+        self.catalog = catalog
+        self.checkpoint_every = checkpoint_every
+        self._uploads: set[asyncio.Task[None]] = set()
+
+    # ---- the hot path ----
+
+    @staticmethod
+    def entry_for(
+        actor: SessionActor, control: Control, steps: int
+    ) -> internal_pb2.LogEntry | None:
+        """The log entry frame ``actor.next_frame`` needs, or None if nothing changed."""
+        key = (control.action, control.axes, steps)
+        if actor.logged == key:
+            return None
+        actor.logged = key
+        return internal_pb2.LogEntry(
+            kind=internal_pb2.LogEntry.KIND_CONTROL,
+            frame_index=actor.next_frame,
+            action=control.action,
+            axes=list(control.axes),
+            steps=steps,
+        )
+
+    async def append(self, actor: SessionActor, entry: internal_pb2.LogEntry) -> None:
+        actor.log_seq = await self.log.append(actor.session_id, entry, actor.log_seq)
+
+    def wants_checkpoint(self, next_frame: int) -> bool:
+        return (
+            self.checkpoint_every > 0 and next_frame > 0 and next_frame % self.checkpoint_every == 0
+        )
+
+    def checkpoint(self, actor: SessionActor, frame_index: int, blob: bytes) -> None:
+        """Upload a snapshot taken before ``frame_index`` and record it, off the hot path."""
+        if actor.checkpoint_busy:
+            log.warning(
+                "skipping checkpoint of %s at %d: the previous upload is still running",
+                actor.session_id,
+                frame_index,
+            )
+            return
+        actor.checkpoint_busy = True
+        task = asyncio.create_task(
+            self._upload(actor, frame_index, blob),
+            name=f"checkpoint:{actor.session_id}:{frame_index}",
+        )
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    async def _upload(self, actor: SessionActor, frame_index: int, blob: bytes) -> None:
+        try:
+            name = self.store.object_name(actor.session_id, frame_index)
+            await self.store.put(name, blob)
+            checkpoint = pb.Checkpoint(
+                frame_index=frame_index,
+                object_name=name,
+                size=len(blob),
+                model_version=actor.model.info.version,
+            )
+            if not await self.catalog.add(actor.session_id, checkpoint, epoch=actor.epoch):
+                log.warning(
+                    "checkpoint of %s at %d fenced off (placement moved)",
+                    actor.session_id,
+                    frame_index,
+                )
+        except Exception:
+            log.exception("checkpoint of %s at %d failed", actor.session_id, frame_index)
+        finally:
+            actor.checkpoint_busy = False
+
+    # ---- restore ----
+
+    async def restore(
+        self,
+        session_id: str,
+        model: WorldModel,
+        seed: int,
+        default_steps: int,
+        step_thread: StepThread[None],
+        *,
+        to_frame: int | None,
+    ) -> Restored:
+        """Model state of ``session_id`` at ``to_frame`` (None: at its newest checkpoint)."""
+        entries = await self.log.read(session_id)
+        controls = controls_by_frame(entries)
+        candidates = [
+            c
+            for c in await self.catalog.list(session_id)
+            if to_frame is None or c.frame_index <= to_frame
+        ]
+        state: SessionState | None = None
+        base = 0
+        for checkpoint in reversed(candidates):
+            try:
+                blob = await self.store.get(checkpoint.object_name)
+                state = model.restore(blob)
+                base = checkpoint.frame_index
+                if state.frame_index != base:
+                    raise DataLoss(
+                        f"checkpoint {checkpoint.object_name} holds frame "
+                        f"{state.frame_index}, not {base}"
+                    )
+                break
+            except (WindflowError, NotFound) as exc:
+                log.warning(
+                    "checkpoint %s of %s unusable (%s); trying an older one",
+                    checkpoint.object_name,
+                    session_id,
+                    exc,
+                )
+                state = None
+        if state is None:
+            state = model.new_state(seed)
+        target = base if to_frame is None else to_frame
+        if target > state.frame_index:
+            restored_state = state
+            await step_thread(
+                lambda: replay_steps(model, restored_state, controls, target, default_steps)
+            )
+        if state.frame_index != target:
+            raise FailedPrecondition(f"could not bring {session_id} to frame {target}")
+        return Restored(state, entries, base)
+
+    async def claim(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
+        """Take over the session's log: later appends by a previous owner are refused."""
+        last = max((e.seq for e in entries), default=0)
+        claim = internal_pb2.LogEntry(
+            kind=internal_pb2.LogEntry.KIND_CLAIM,
+            frame_index=actor.next_frame,
+            worker_id=self.worker_id,
+            epoch=actor.epoch,
+        )
+        actor.log_seq = await self.log.append(actor.session_id, claim, last)
+
+    def sync_logged(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
+        """Set what was last logged (and is in effect) for the actor's next frame."""
+        entry = applied_at(controls_by_frame(entries), actor.next_frame - 1)
+        if entry is None:
+            actor.logged = None
+            actor.current = Control()
+        else:
+            actor.current = Control(entry.action, tuple(entry.axes))
+            actor.logged = (entry.action, tuple(entry.axes), entry.steps or actor.steps)
+
+    async def aclose(self) -> None:
+        for task in list(self._uploads):
+            task.cancel()
+        await asyncio.gather(*self._uploads, return_exceptions=True)

@@ -1,0 +1,37 @@
+"""Server messages the worker builds in more than one place."""
+
+from __future__ import annotations
+
+from windflow.errors import WindflowError
+from windflow.v1 import windflow_pb2 as pb
+
+# gRPC status numbers by name, for in-stream errors (StreamError.code).
+STATUS_NUMBER = {
+    "INVALID_ARGUMENT": 3,
+    "NOT_FOUND": 5,
+    "FAILED_PRECONDITION": 9,
+    "OUT_OF_RANGE": 11,
+    "RESOURCE_EXHAUSTED": 8,
+    "UNAVAILABLE": 14,
+    "INTERNAL": 13,
+    "DATA_LOSS": 15,
+}
+
+
+def stream_error(err: WindflowError, frame_index: int) -> pb.ServerMessage:
+    return pb.ServerMessage(
+        error=pb.StreamError(
+            code=STATUS_NUMBER.get(err.code, 2),
+            code_name=err.code,
+            message=err.message,
+            frame_index=frame_index,
+        )
+    )
+
+
+def event(
+    kind: pb.SessionEvent.Kind.ValueType, message: str, frame_index: int, steps: int = 0
+) -> pb.ServerMessage:
+    return pb.ServerMessage(
+        event=pb.SessionEvent(kind=kind, message=message, frame_index=frame_index, steps=steps)
+    )
