@@ -187,9 +187,9 @@ def decide_quality(
 
     Down: every session with ``down_after`` misses and out of cooldown is a candidate,
     the one highest on its ladder first; the first steps down, further ones only while the
-    predicted utilization is still above ``down_utilization``. Up (only when nothing steps
-    down): one session per round, the one lowest on its ladder first, if it had
-    ``up_after`` frames of slack, is out of cooldown, and the predicted utilization after
+    predicted utilization is still above ``down_utilization``. Up (only when no session
+    on the worker missed a deadline in its window): one session per round, the one
+    lowest on its ladder first, if it had ``up_after`` frames of slack, is out of cooldown, and the predicted utilization after
     its climb is at most ``up_utilization``.
     """
     ordered = sorted(views, key=lambda v: v.session_id)
@@ -201,8 +201,8 @@ def decide_quality(
             break
         changes.append(QualityChange(v.session_id, v.level + 1, "deadline"))
         utilization += v.costs[v.level + 1] - v.costs[v.level]
-    if changes:
-        return changes
+    if changes or any(v.misses for v in ordered):
+        return changes  # no climb while any session on the worker is missing deadlines
     climbers = [
         v for v in cool if v.level > 0 and v.misses == 0 and v.slack_streak >= params.up_after
     ]

@@ -162,3 +162,8 @@ def test_hysteresis_does_not_flap_on_a_steady_load() -> None:
             level, changed = c.level, now
             changes.append((now, c.level))
     assert changes == [(0.0, 1)]
+
+
+def test_no_climb_while_another_session_misses_deadlines() -> None:
+    views = [view("a", 2, slack=20), view("b", 2, misses=1)]  # b: below the down threshold
+    assert decide_quality(views, 10.0, 0.3, P) == []
