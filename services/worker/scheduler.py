@@ -189,7 +189,8 @@ def decide_quality(
     the one highest on its ladder first; the first steps down, further ones only while the
     predicted utilization is still above ``down_utilization``. Up (only when no session
     on the worker missed a deadline in its window): one session per round, the one
-    lowest on its ladder first, if it had ``up_after`` frames of slack, is out of cooldown, and the predicted utilization after
+    lowest on its ladder first, if it had ``up_after`` frames of slack, is out of
+    cooldown, and the predicted utilization after
     its climb is at most ``up_utilization``.
     """
     ordered = sorted(views, key=lambda v: v.session_id)
