@@ -1,13 +1,16 @@
 """Placement: the router's pure core. Which worker gets a session?
 
-Rules, in order: the worker serves the model; it has a free slot; it is in the session's
-region when any such worker is (otherwise any region); then the lowest load; ties by id.
+Rules, in order: the worker serves the model; it has a free slot; it can meet the
+session's fps (its published headroom for the model at the session's floor step count is
+at least the session's fps: docs/runtime.md); it is in the session's region when any such
+worker is (otherwise any region); then the lowest load (predicted utilization when
+published, else sessions / capacity); ties by id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from windflow.errors import NotFound, ResourceExhausted
 
@@ -20,6 +23,10 @@ class WorkerView:
     models: frozenset[str]
     capacity: int
     sessions: int
+    headroom: Mapping[tuple[str, int], float] = field(default_factory=dict)
+    """(model id, steps) -> fps more it can admit; empty = admission by slots only."""
+    utilization: float | None = None
+    """Predicted busy fraction of its step thread, when it publishes one."""
 
     @property
     def free(self) -> int:
@@ -27,7 +34,61 @@ class WorkerView:
 
     @property
     def load(self) -> float:
+        if self.utilization is not None:
+            return self.utilization
         return self.sessions / self.capacity if self.capacity else 1.0
+
+    def fits(self, demand: Demand | None) -> bool:
+        if demand is None or not self.headroom:
+            return True
+        steps = demand.floor_steps(self.headroom)
+        room = self.headroom.get((demand.model_id, steps))
+        return room is None or room + 1e-6 >= demand.fps
+
+    def admit(self, demand: Demand | None) -> WorkerView:
+        """This view with one more session of ``demand`` counted in (until the worker's own
+        update arrives): headroom shrinks in proportion (it scales as 1 / frame cost)."""
+        headroom = dict(self.headroom)
+        utilization = self.utilization
+        if demand is not None and headroom:
+            room = headroom.get((demand.model_id, demand.floor_steps(headroom)))
+            if room:
+                share = min(1.0, demand.fps / room)
+                headroom = {k: v * (1.0 - share) for k, v in headroom.items()}
+                if utilization is not None:
+                    # the free fraction (1 - u) shrinks by the same share
+                    utilization += (1.0 - utilization) * share
+        return WorkerView(
+            self.worker_id,
+            self.address,
+            self.region,
+            self.models,
+            self.capacity,
+            self.sessions + 1,
+            headroom,
+            utilization,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What admission needs to know about a new session."""
+
+    model_id: str
+    fps: float
+    steps: int
+    """The step count it asked for."""
+    min_steps: int = 0
+    """Its floor of the step ladder (0 = the model's lowest rung)."""
+    adaptive: bool = True
+
+    def floor_steps(self, headroom: Mapping[tuple[str, int], float]) -> int:
+        if not self.adaptive:
+            return self.steps
+        if self.min_steps:
+            return min(self.min_steps, self.steps)
+        rungs = [k for (m, k) in headroom if m == self.model_id]
+        return min(rungs, default=self.steps)
 
 
 def choose_worker(
@@ -36,6 +97,8 @@ def choose_worker(
     region: str = "",
     exclude: Collection[str] = (),
     prefer: str = "",
+    demand: Demand | None = None,
+    retry_after_s: float = 2.0,
 ) -> WorkerView:
     """The best worker for a new session; NotFound / ResourceExhausted say why none fits.
 
@@ -49,8 +112,17 @@ def choose_worker(
     if not free:
         raise ResourceExhausted(
             f"every worker serving {model_id!r} is full ({len(serving)} workers)",
-            retry_after_s=2.0,
+            retry_after_s=retry_after_s,
         )
+    able = [w for w in free if w.fits(demand)]
+    if not able:
+        assert demand is not None
+        raise ResourceExhausted(
+            f"no worker serving {model_id!r} can meet {demand.fps:g} fps now "
+            f"({len(free)} with free slots, all without enough headroom)",
+            retry_after_s=retry_after_s,
+        )
+    free = able
     for worker in free:
         if worker.worker_id == prefer:
             return worker

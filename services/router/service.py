@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 import grpc
@@ -15,7 +16,7 @@ from etcd3aio import Etcd3Client, prefix_range_end
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.router.config import RouterConfig
-from services.router.placement import WorkerView, choose_worker
+from services.router.placement import Demand, WorkerView, choose_worker
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.events import EventBus
 from windflow.errors import (
@@ -40,6 +41,20 @@ def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
         models=frozenset(m.model_id for m in info.models),
         capacity=info.capacity,
         sessions=info.sessions,
+        headroom={(h.model_id, h.steps): h.fps for h in info.headroom}
+        if info.fps_admission
+        else {},
+        utilization=info.utilization if info.fps_admission else None,
+    )
+
+
+def _demand(spec: pb.SessionSpec) -> Demand:
+    return Demand(
+        model_id=spec.model_id,
+        fps=spec.fps,
+        steps=spec.steps,
+        min_steps=spec.quality.min_steps,
+        adaptive=spec.quality.mode != pb.QualityPolicy.MODE_FIXED,
     )
 
 
@@ -199,7 +214,12 @@ class RouterService:
         for _ in range(self.config.place_attempts):
             try:
                 worker = choose_worker(
-                    self.workers.values(), request.spec.model_id, request.spec.region, tried, prefer
+                    self.workers.values(),
+                    request.spec.model_id,
+                    request.spec.region,
+                    tried,
+                    prefer,
+                    demand=_demand(request.spec),
                 )
             except (NotFound, ResourceExhausted) as err:
                 if last_error is None:
@@ -231,13 +251,9 @@ class RouterService:
                 if isinstance(last_error, (ResourceExhausted, Unavailable)):
                     continue
                 raise last_error from exc
-            self.workers[worker.worker_id] = WorkerView(
-                worker.worker_id,
-                worker.address,
-                worker.region,
-                worker.models,
-                worker.capacity,
-                max(worker.sessions, opened.sessions),
+            admitted = worker.admit(_demand(request.spec))
+            self.workers[worker.worker_id] = dataclasses.replace(
+                admitted, sessions=max(worker.sessions + 1, opened.sessions)
             )
             record = internal_pb2.PlacementRecord(
                 worker_id=worker.worker_id,

@@ -45,6 +45,20 @@ class WorkerConfig:
     step_threads: int = 1
     """torch intra-op threads used by the model step thread."""
     otlp_endpoint: str | None = None
+    fps_admission: bool = True
+    """Admit a session only if the predicted step-thread utilization, every session at its
+    quality floor, stays under ``target_utilization`` (False: session slots only)."""
+    target_utilization: float = 0.9
+    """Admission's ceiling on the predicted busy fraction of the step thread."""
+    admission_retry_after_s: float = 2.0
+    """The retry-after hint sent with RESOURCE_EXHAUSTED when a session does not fit."""
+    gil_switch_interval_ms: float = 0.5
+    """The interpreter's thread switch interval (default Python: 5 ms). The step thread
+    re-takes the GIL between torch ops; while the event loop holds it, the step thread
+    waits up to this long, so the default 5 ms stalls batches (docs/runtime.md)."""
+    memory_budget_mb: float = 0.0
+    """Per-model memory budget for one batch (caps the batch with the model's declared
+    ``sample_bytes``); 0 = no budget beyond the model's max batch."""
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -55,5 +69,11 @@ class WorkerConfig:
             raise InvalidArgument("need lease_ttl_s >= 1 and 0 < heartbeat_s < lease_ttl_s")
         if not 1 <= self.window <= 64:
             raise InvalidArgument("window must be in 1..64")
+        if self.gil_switch_interval_ms <= 0:
+            raise InvalidArgument("gil_switch_interval_ms must be > 0")
+        if not 0.0 < self.target_utilization <= 1.0:
+            raise InvalidArgument("target_utilization must be in (0, 1]")
+        if self.memory_budget_mb < 0 or self.admission_retry_after_s < 0:
+            raise InvalidArgument("memory_budget_mb and admission_retry_after_s must be >= 0")
         if self.out_queue < 1 or self.max_pending_controls < 1:
             raise InvalidArgument("out_queue and max_pending_controls must be >= 1")

@@ -21,15 +21,22 @@ import torch
 
 from services.worker import scheduler
 from services.worker.actor import AppliedControl, SessionActor
+from services.worker.costs import StepCosts
 from services.worker.journal import Journal
 from services.worker.messages import stream_error
-from services.worker.models.base import WorldModel
+from services.worker.models.base import Control, WorldModel
+from services.worker.quality import QualityGovernor
 from windflow.common import names, telemetry
 from windflow.common.frames import encode_frame
 from windflow.errors import Internal, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+WAKE_LEAD_S = 0.001
+"""The loop plans this much ahead of the clock: the event loop's timers fire up to ~1 ms
+late (epoll rounds its timeout up to whole milliseconds) and the hand-off to the step
+thread takes a fraction of one, so a frame starts at its due time rather than ~1 ms after."""
 tracer = telemetry.tracer(__name__)
 T = TypeVar("T")
 
@@ -53,10 +60,22 @@ class StepEngine:
         *,
         horizon_s: float,
         step_threads: int,
+        memory_budget_bytes: int = 0,
+        quality: scheduler.QualityParams | None = None,
+        on_quality_change: Callable[[], None] = lambda: None,
         journal: Journal | None = None,
     ) -> None:
         self._models = dict(models)
         self.journal = journal
+        self.max_batch = {
+            mid: scheduler.effective_max_batch(
+                m.info.max_batch, int(m.info.extra.get("sample_bytes", 0)), memory_budget_bytes
+            )
+            for mid, m in self._models.items()
+        }
+        self.costs = StepCosts()
+        self.quality = QualityGovernor(self.costs, self.max_batch, quality, on_quality_change)
+        self.frames_dropped_closed = 0
         self._horizon = horizon_s
         self._step_threads = step_threads
         self.sessions: dict[str, SessionActor] = {}
@@ -74,11 +93,14 @@ class StepEngine:
 
     def add(self, actor: SessionActor) -> None:
         self.sessions[actor.session_id] = actor
+        self.quality.add(actor)
         self.wake()
 
     def remove(self, session_id: str) -> SessionActor | None:
         actor = self.sessions.pop(session_id, None)
+        self.quality.remove(session_id)
         if actor is not None:
+            self.frames_dropped_closed += actor.dropped
             actor.closed = True
             actor.frame_available.set()
         return actor
@@ -90,6 +112,37 @@ class StepEngine:
         """Run blocking model work (restore, replay) in the model-step thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    def control_arrived(self, actor: SessionActor, frame_index: int) -> None:
+        """A control was queued: if it is for the next frame, that frame may start now."""
+        if self.quality.rephase(actor, frame_index, time.monotonic()):
+            self.wake()
+
+    def _batch_horizon(self, slots: list[scheduler.Slot]) -> float:
+        """Sessions due before the most urgent batch would finish join it: waiting for the
+        next batch would make them later, and a bigger batch costs less per frame. So the
+        horizon is the predicted time of that batch (at least the configured horizon)."""
+        urgent = min((s for s in slots if s.ready), key=lambda s: s.due, default=None)
+        if urgent is None:
+            return self._horizon
+        ms = self.costs.batch_ms(urgent.model_id, urgent.steps, self.max_batch[urgent.model_id])
+        return max(self._horizon, (ms or 0.0) / 1000.0)
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.frames_dropped_closed + sum(a.dropped for a in self.sessions.values())
+
+    async def calibrate(self, repeats: int = 2) -> None:
+        """Measure each model's batch cost (step + encode at its native size) at batch 1
+        and at its max batch, for every rung of its step ladder, in the step thread."""
+        loop = asyncio.get_running_loop()
+        for model_id, model in self._models.items():
+            for steps in model.info.steps:
+                for batch in sorted({1, self.max_batch[model_id]}):
+                    ms = await loop.run_in_executor(
+                        self._executor, _time_step, model, steps, batch, repeats
+                    )
+                    self.costs.observe(model_id, steps, batch, ms)
+
     def _slots(self) -> list[scheduler.Slot]:
         return [
             scheduler.Slot(a.session_id, a.spec.model_id, a.steps, a.due, a.ready)
@@ -98,15 +151,17 @@ class StepEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        max_batch = {mid: m.info.max_batch for mid, m in self._models.items()}
+        max_batch = self.max_batch
         while True:
             slots = self._slots()
             now = time.monotonic()
-            batches = scheduler.plan(slots, now, horizon=self._horizon, max_batch=max_batch)
+            batches = scheduler.plan(
+                slots, now + WAKE_LEAD_S, horizon=self._batch_horizon(slots), max_batch=max_batch
+            )
             if not batches:
                 wakeup = scheduler.next_wakeup(slots)
                 self._wake.clear()
-                timeout = None if wakeup is None else max(0.0, wakeup - now)
+                timeout = None if wakeup is None else max(0.0, wakeup - WAKE_LEAD_S - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
@@ -169,6 +224,9 @@ class StepEngine:
                 self.remove(actors[i].session_id)
         finished = time.monotonic()
         self.steps_total += 1
+        self.costs.observe(
+            batch.model_id, batch.steps, len(actors), result.model_ms + sum(result.encode_ms)
+        )
         wall_offset_us = telemetry.now_us() - int(finished * 1e6)
         for i, actor in enumerate(actors):
             actor.due = scheduler.next_due(dues[i], actor.interval, finished)
@@ -213,6 +271,7 @@ class StepEngine:
             actor.push(pb.ServerMessage(frame=frame))
             span.end()
             self.frames_total += 1
+        self.quality.after_step(actors, dues, finished)
 
     def _step_and_encode(
         self,
@@ -256,3 +315,17 @@ class StepEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _time_step(model: WorldModel, steps: int, batch: int, repeats: int) -> float:
+    """Median wall time (ms) of one batched step + JPEG encoding on fresh states."""
+    states = [model.new_state(i) for i in range(batch)]
+    info = model.info
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        t0 = time.perf_counter()
+        rgb = model.step(states, [Control()] * batch, steps)
+        for i in range(batch):
+            encode_frame(rgb[i], pb.FRAME_FORMAT_JPEG, info.width, info.height, 85)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times[1:]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from services.worker.config import WorkerConfig
 from services.worker.journal import Journal
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 async def run(config: WorkerConfig) -> int:
     telemetry.setup(f"windflow-worker-{config.worker_id}", config.otlp_endpoint)
+    sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
     models = {}
     for model_id in config.models:
         models[model_id] = await asyncio.to_thread(load_model, model_id)
@@ -63,6 +65,7 @@ async def run(config: WorkerConfig) -> int:
     bound = await server.start()
     runtime.address = config.advertise or bound
     engine_task = runtime.start()
+    await runtime.engine.calibrate()  # step costs for fps-aware admission, before registering
     await registration.start(runtime.info().SerializeToString())
     await server.set_serving()
     await bus.publish(names.SUBJECT_WORKER_UP, worker_id=config.worker_id, detail=runtime.address)

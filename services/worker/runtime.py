@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from opentelemetry import trace
 
+from services.worker import admission
 from services.worker.actor import SessionActor
 from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
@@ -54,6 +55,8 @@ class WorkerRuntime:
             self.models,
             horizon_s=config.batch_horizon_ms / 1000.0,
             step_threads=config.step_threads,
+            memory_budget_bytes=int(config.memory_budget_mb * 2**20),
+            on_quality_change=on_change,
             journal=journal,
         )
         self._opening = 0
@@ -81,6 +84,14 @@ class WorkerRuntime:
             sessions=n,
             load=n / self.config.capacity,
             started_unix_ms=self.started_ms,
+            utilization=self.engine.quality.utilization() or 0.0,
+            admitted_utilization=self.engine.quality.utilization(floor=True) or 0.0,
+            target_utilization=self.config.target_utilization,
+            headroom=admission.headroom(self.engine, self.models, self.config.target_utilization),
+            frames_dropped=self.engine.frames_dropped,
+            deadline_misses=self.engine.quality.deadline_misses,
+            quality_changes=self.engine.quality.quality_changes,
+            fps_admission=self.config.fps_admission,
         )
 
     def _actor(self, session_id: str) -> SessionActor:
@@ -113,6 +124,15 @@ class WorkerRuntime:
                 retry_after_s=1.0,
             )
         spec = resolve_spec(request.spec, info)
+        if self.config.fps_admission:
+            admission.check(
+                self.engine,
+                spec,
+                info,
+                self.config.target_utilization,
+                self.config.admission_retry_after_s,
+                self.config.worker_id,
+            )
         entries: list[StoredEntry] = []
         self._opening += 1
         try:
@@ -186,6 +206,9 @@ class WorkerRuntime:
             head_frame=actor.durable_head,
             dropped=actor.dropped,
             attached=actor.attached,
+            steps=actor.steps,
+            fps=1.0 / actor.interval,
+            deadline_misses=self.engine.quality.misses(session_id),
         )
 
     def close_session(self, session_id: str) -> internal_pb2.SessionStatus:
@@ -250,6 +273,8 @@ class WorkerRuntime:
                     message=f"attached on worker {self.config.worker_id}",
                     frame_index=actor.next_frame,
                     steps=actor.steps,
+                    fps=1.0 / actor.interval,
+                    level=self.engine.quality.level(session_id)[0],
                 )
             )
             while self._attach_owner.get(session_id) == generation:
@@ -394,6 +419,7 @@ class WorkerRuntime:
             if kind == "control":
                 try:
                     actor.add_control(message.control)
+                    self.engine.control_arrived(actor, message.control.frame_index)
                 except WindflowError as err:
                     actor.push(stream_error(err, message.control.frame_index))
             elif kind == "ack":

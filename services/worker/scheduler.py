@@ -2,12 +2,20 @@
 
 Earliest-deadline-first over the sessions' next frame deadlines; sessions of one model at
 one step count that are due within ``horizon`` of the earliest deadline share one batched
-model step, up to the model's max batch.
+model step, up to the model's max batch and its memory budget (``effective_max_batch``).
+
+Adaptive quality (``quality_ladder``, ``decide_quality``): each session has a ladder of
+(steps, fps) rungs; rung 0 is what it asked for, each next rung has fewer denoising steps,
+then a lower output fps. Sessions that miss deadlines step down; a session climbs back one
+rung only after a long run of frames with slack, when the predicted utilization after the
+climb stays under a lower threshold, and never within a cooldown of its last change: the
+thresholds differ (hysteresis), so quality does not flap. See docs/runtime.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -67,3 +75,143 @@ def next_due(previous_due: float, interval: float, finished_at: float) -> float:
     behind restarts its clock at ``finished_at`` instead of bursting to catch up."""
     due = previous_due + interval
     return finished_at if finished_at - due > interval else due
+
+
+def effective_max_batch(max_batch: int, sample_bytes: int, budget_bytes: int) -> int:
+    """The batch limit of a model under a memory budget (0 = no budget / unknown cost)."""
+    size = max(1, max_batch)
+    if budget_bytes > 0 and sample_bytes > 0:
+        size = min(size, budget_bytes // sample_bytes)
+    return max(1, size)
+
+
+# ---- adaptive quality ----
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One rung of a session's quality ladder."""
+
+    steps: int
+    fps: float
+
+
+def quality_ladder(
+    ladder_steps: Sequence[int],
+    steps: int,
+    fps: float,
+    *,
+    adaptive: bool,
+    min_steps: int = 0,
+    min_fps: float = 0.0,
+) -> tuple[Level, ...]:
+    """The rungs from what the session asked for down to its floor.
+
+    Fewer denoising steps first (each rung of the model's step ladder down to
+    ``min_steps``, default its lowest), then a lower output fps (3/4, 1/2, 1/3 and 1/4 of
+    the asked fps, not below ``min_fps``, default half the asked fps). A fixed policy has
+    one rung.
+    """
+    levels = [Level(steps, fps)]
+    if not adaptive:
+        return tuple(levels)
+    floor_steps = min_steps or min(ladder_steps, default=steps)
+    for k in sorted((k for k in ladder_steps if floor_steps <= k < steps), reverse=True):
+        levels.append(Level(k, fps))
+    low = levels[-1].steps
+    floor_fps = min_fps if min_fps > 0 else fps / 2
+    for fraction in (0.75, 0.5, 1 / 3, 0.25):
+        rung = fps * fraction
+        if rung < floor_fps - 1e-9:
+            if levels[-1].fps > floor_fps + 1e-9:
+                levels.append(Level(low, floor_fps))
+            break
+        levels.append(Level(low, rung))
+    return tuple(levels)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityParams:
+    """Thresholds of the quality controller (hysteresis: down fast, up slowly)."""
+
+    window: int = 8
+    """Recent frames per session over which deadline misses are counted."""
+    down_after: int = 2
+    """Misses within the window that step a session down one rung."""
+    up_after: int = 48
+    """Consecutive frames with slack before a session may climb one rung."""
+    slack_fraction: float = 0.5
+    """A frame has slack when it is ready within this fraction of an interval of its due."""
+    cooldown_s: float = 1.0
+    """No change to a session within this long of its previous change."""
+    down_utilization: float = 0.9
+    """After the first late session steps down, more late ones step down in the same round
+    only while the predicted utilization stays above this."""
+    up_utilization: float = 0.75
+    """A climb happens only if the predicted utilization after it stays at or below this."""
+
+
+@dataclass(frozen=True, slots=True)
+class QualityView:
+    """What the quality controller needs to know about one session."""
+
+    session_id: str
+    level: int
+    costs: tuple[float, ...]
+    """Predicted share of the step thread's time at each rung (fps x frame cost)."""
+    misses: int
+    """Deadline misses among its last ``window`` frames."""
+    slack_streak: int
+    """Consecutive recent frames that had slack."""
+    changed_at: float
+    """When its rung last changed (monotonic seconds; -inf if never)."""
+
+    @property
+    def rungs(self) -> int:
+        return len(self.costs)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityChange:
+    session_id: str
+    level: int
+    reason: str
+    """"deadline" (stepped down) or "slack" (climbed back)."""
+
+
+def decide_quality(
+    views: Iterable[QualityView], now: float, utilization: float, params: QualityParams
+) -> list[QualityChange]:
+    """Rung changes to make now, given each session's recent misses and the predicted
+    utilization of the step thread at the current rungs.
+
+    Down: every session with ``down_after`` misses and out of cooldown is a candidate,
+    the one highest on its ladder first; the first steps down, further ones only while the
+    predicted utilization is still above ``down_utilization``. Up (only when no session
+    on the worker missed a deadline in its window): one session per round, the one
+    lowest on its ladder first, if it had ``up_after`` frames of slack, is out of
+    cooldown, and the predicted utilization after
+    its climb is at most ``up_utilization``.
+    """
+    ordered = sorted(views, key=lambda v: v.session_id)
+    cool = [v for v in ordered if now - v.changed_at >= params.cooldown_s]
+    late = [v for v in cool if v.misses >= params.down_after and v.level + 1 < v.rungs]
+    changes: list[QualityChange] = []
+    for v in sorted(late, key=lambda v: v.level):
+        if changes and utilization <= params.down_utilization:
+            break
+        changes.append(QualityChange(v.session_id, v.level + 1, "deadline"))
+        utilization += v.costs[v.level + 1] - v.costs[v.level]
+    if changes or any(v.misses for v in ordered):
+        return changes  # no climb while any session on the worker is missing deadlines
+    climbers = [
+        v for v in cool if v.level > 0 and v.misses == 0 and v.slack_streak >= params.up_after
+    ]
+    for v in sorted(climbers, key=lambda v: (-v.level, v.changed_at)):
+        after = utilization + v.costs[v.level - 1] - v.costs[v.level]
+        if after <= params.up_utilization:
+            return [QualityChange(v.session_id, v.level - 1, "slack")]
+    return []
+
+
+NEVER = -math.inf

@@ -61,7 +61,9 @@ async def test_session_streams_200_frames(mesh: Mesh) -> None:
         assert frames[-1].rgb().shape == (128, 128, 3)
         assert last.latency.model_ms > 0 and last.latency.encode_ms > 0
         ts = last.timestamps
-        assert ts.due_us <= ts.model_start_us <= ts.model_end_us <= ts.encoded_us
+        # a frame may start a little before its deadline to share a batch, never a whole
+        # frame interval (48 fps: 20.8 ms) early
+        assert ts.due_us - 20_800 <= ts.model_start_us <= ts.model_end_us <= ts.encoded_us
         assert ts.encoded_us <= ts.worker_sent_us <= ts.gateway_sent_us <= frames[-1].received_us
         # the controls reached the frames they were stamped for
         assert frames[0].frame.action == 1
@@ -181,7 +183,7 @@ async def test_stream_must_start_with_attach(mesh: Mesh) -> None:
 async def test_bad_controls_are_refused_and_the_stream_goes_on(mesh: Mesh) -> None:
     async with Client(mesh.gateway) as client, client.session(MODEL, seed=3) as session:
         n_actions = len(session.info.model.actions)
-        await session.send(action=n_actions + 7, frame_index=2)  # outside the action space
+        await session.send(action=n_actions + 7, frame_index=30)  # outside the action space
         received = []
         async for frame in session.frames(limit=12):
             received.append(frame.index)

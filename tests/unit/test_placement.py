@@ -59,3 +59,25 @@ def test_affinity_wins_when_it_fits() -> None:
         == "idle"
     )
     assert choose_worker(workers, "m", prefer="gone").worker_id == "idle"
+
+
+def test_fps_admission_places_only_where_the_fps_fits() -> None:
+    from services.router.placement import Demand
+
+    roomy = WorkerView("w1", "a1", "r", frozenset({"m"}), 8, 6, {("m", 1): 30.0, ("m", 2): 15.0})
+    tight = WorkerView("w2", "a2", "r", frozenset({"m"}), 8, 0, {("m", 1): 10.0, ("m", 2): 5.0})
+    adaptive = Demand("m", fps=24.0, steps=2)  # floor: the lowest rung, 1 step
+    assert choose_worker([roomy, tight], "m", demand=adaptive).worker_id == "w1"
+    fixed = Demand("m", fps=24.0, steps=2, adaptive=False)  # needs 24 fps at 2 steps
+    with pytest.raises(ResourceExhausted) as err:
+        choose_worker([roomy, tight], "m", demand=fixed, retry_after_s=3.0)
+    assert err.value.retry_after_s == 3.0
+    assert choose_worker([roomy, tight], "m", demand=Demand("m", 4.0, 2)).worker_id == "w2"
+    # admitting shrinks the view's headroom until the worker's own update arrives
+    after = roomy.admit(adaptive)
+    assert after.sessions == 7
+    assert after.headroom[("m", 1)] == pytest.approx(6.0)
+    assert not after.fits(adaptive)
+    # a worker publishing no headroom is admitted by slots only
+    legacy = WorkerView("w3", "a3", "r", frozenset({"m"}), 8, 0)
+    assert choose_worker([legacy], "m", demand=fixed).worker_id == "w3"

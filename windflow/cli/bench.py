@@ -6,7 +6,11 @@ import argparse
 import importlib
 from typing import Any
 
-BENCH_MODULES: tuple[str, ...] = ("windflow.cli.bench_wan", "windflow.cli.bench_state")
+BENCH_MODULES: tuple[str, ...] = (
+    "windflow.cli.bench_wan",
+    "windflow.cli.bench_state",
+    "windflow.cli.bench_runtime",
+)
 
 
 def register(sub: Any) -> None:

@@ -48,6 +48,18 @@ def register(sub: Any) -> None:
         default=int(env.STEP_THREADS.get("1") or 1),
         help="torch threads for the model step",
     )
+    worker.add_argument(
+        "--admission",
+        choices=("fps", "slots"),
+        default="fps",
+        help="admit by predicted fps headroom (default) or by session slots only",
+    )
+    worker.add_argument(
+        "--target-utilization", type=float, default=0.9, help="admission ceiling (0, 1]"
+    )
+    worker.add_argument(
+        "--memory-budget-mb", type=float, default=0.0, help="per-model batch memory budget"
+    )
     worker.set_defaults(func=_run_worker)
 
     gateway = services.add_parser("gateway", help="the public API")
@@ -111,6 +123,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         step_threads=args.step_threads,
         otlp_endpoint=args.otlp_endpoint,
+        fps_admission=args.admission == "fps",
+        target_utilization=args.target_utilization,
+        memory_budget_mb=args.memory_budget_mb,
     )
     return asyncio.run(run(config))
 

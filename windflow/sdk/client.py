@@ -19,6 +19,7 @@ from windflow.v1 import windflow_pb2_grpc
 
 FORMATS = {"jpeg": pb.FRAME_FORMAT_JPEG, "rgb": pb.FRAME_FORMAT_RGB}
 POLICIES = {"drop_oldest": pb.OUTPUT_POLICY_DROP_OLDEST, "pause": pb.OUTPUT_POLICY_PAUSE}
+QUALITY = {"adaptive": pb.QualityPolicy.MODE_ADAPTIVE, "fixed": pb.QualityPolicy.MODE_FIXED}
 
 
 class SessionStreamError(Exception):
@@ -208,11 +209,18 @@ class Client:
         jpeg_quality: int = 0,
         region: str = "",
         output_policy: str = "drop_oldest",
+        quality: str = "adaptive",
+        min_steps: int = 0,
+        min_fps: float = 0.0,
     ) -> pb.Session:
+        """Create and place a session. ``quality``: "adaptive" (the worker may step it down
+        its ladder to ``min_steps`` / ``min_fps`` under load) or "fixed"."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
         if output_policy not in POLICIES:
             raise ValueError(f"output_policy must be one of {', '.join(POLICIES)}")
+        if quality not in QUALITY:
+            raise ValueError(f"quality must be one of {', '.join(QUALITY)}")
         spec = pb.SessionSpec(
             model_id=model_id,
             seed=seed,
@@ -224,6 +232,7 @@ class Client:
             jpeg_quality=jpeg_quality,
             region=region,
             output_policy=POLICIES[output_policy],
+            quality=pb.QualityPolicy(mode=QUALITY[quality], min_steps=min_steps, min_fps=min_fps),
         )
         response = await self._unary(self.stub.CreateSession, pb.CreateSessionRequest(spec=spec))
         assert isinstance(response, pb.CreateSessionResponse)

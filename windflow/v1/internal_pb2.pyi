@@ -331,10 +331,17 @@ class SessionStatus(_message.Message):
     HEAD_FRAME_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     ATTACHED_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    DEADLINE_MISSES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     head_frame: _builtins.int
     dropped: _builtins.int
     attached: _builtins.bool
+    steps: _builtins.int
+    """current quality"""
+    fps: _builtins.float
+    deadline_misses: _builtins.int
     def __init__(
         self,
         *,
@@ -342,10 +349,13 @@ class SessionStatus(_message.Message):
         head_frame: _builtins.int = ...,
         dropped: _builtins.int = ...,
         attached: _builtins.bool = ...,
+        steps: _builtins.int = ...,
+        fps: _builtins.float = ...,
+        deadline_misses: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "dropped", b"dropped", "head_frame", b"head_frame", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "fps", b"fps", "head_frame", b"head_frame", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,6 +432,14 @@ class WorkerInfo(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    UTILIZATION_FIELD_NUMBER: _builtins.int
+    ADMITTED_UTILIZATION_FIELD_NUMBER: _builtins.int
+    TARGET_UTILIZATION_FIELD_NUMBER: _builtins.int
+    HEADROOM_FIELD_NUMBER: _builtins.int
+    FRAMES_DROPPED_FIELD_NUMBER: _builtins.int
+    DEADLINE_MISSES_FIELD_NUMBER: _builtins.int
+    QUALITY_CHANGES_FIELD_NUMBER: _builtins.int
+    FPS_ADMISSION_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     region: _builtins.str
@@ -432,8 +450,28 @@ class WorkerInfo(_message.Message):
     load: _builtins.float
     """sessions / capacity, in [0, 1]"""
     started_unix_ms: _builtins.int
+    utilization: _builtins.float
+    """Load and headroom for fps-aware admission (docs/runtime.md). Utilization is the
+    predicted busy fraction of the step thread: sum over sessions of fps x frame cost.
+    at the sessions' current quality
+    """
+    admitted_utilization: _builtins.float
+    """at their quality floors (steps), full fps: what admission counts"""
+    target_utilization: _builtins.float
+    """admission keeps admitted_utilization at or below this"""
+    frames_dropped: _builtins.int
+    """frames dropped by DROP_OLDEST, all sessions, since start"""
+    deadline_misses: _builtins.int
+    """frames finished after their deadline, since start"""
+    quality_changes: _builtins.int
+    fps_admission: _builtins.bool
+    """false: admission by session slots only"""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_windflow_pb2.ModelInfo]: ...
+    @_builtins.property
+    def headroom(self) -> _containers.RepeatedCompositeFieldContainer[Global___Headroom]:
+        """more fps it can admit, per model and step count"""
+
     def __init__(
         self,
         *,
@@ -445,10 +483,18 @@ class WorkerInfo(_message.Message):
         sessions: _builtins.int = ...,
         load: _builtins.float = ...,
         started_unix_ms: _builtins.int = ...,
+        utilization: _builtins.float = ...,
+        admitted_utilization: _builtins.float = ...,
+        target_utilization: _builtins.float = ...,
+        headroom: _abc.Iterable[Global___Headroom] | None = ...,
+        frames_dropped: _builtins.int = ...,
+        deadline_misses: _builtins.int = ...,
+        quality_changes: _builtins.int = ...,
+        fps_admission: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "load", b"load", "models", b"models", "region", b"region", "sessions", b"sessions", "started_unix_ms", b"started_unix_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_utilization", b"admitted_utilization", "capacity", b"capacity", "deadline_misses", b"deadline_misses", "fps_admission", b"fps_admission", "frames_dropped", b"frames_dropped", "headroom", b"headroom", "load", b"load", "models", b"models", "quality_changes", b"quality_changes", "region", b"region", "sessions", b"sessions", "started_unix_ms", b"started_unix_ms", "target_utilization", b"target_utilization", "utilization", b"utilization", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -525,3 +571,36 @@ class LifecycleEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LifecycleEvent: _TypeAlias = LifecycleEvent  # noqa: Y015
+
+@_typing.final
+class Headroom(_message.Message):
+    """One entry of WorkerInfo.headroom: a new session of `model_id` at `steps` denoising steps
+    fits if its fps <= `fps`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    FRAME_MS_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    steps: _builtins.int
+    fps: _builtins.float
+    frame_ms: _builtins.float
+    """predicted step-thread cost of one more frame (batched)"""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        steps: _builtins.int = ...,
+        fps: _builtins.float = ...,
+        frame_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frame_ms", b"frame_ms", "model_id", b"model_id", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Headroom: _TypeAlias = Headroom  # noqa: Y015

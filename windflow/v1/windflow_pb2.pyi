@@ -196,6 +196,7 @@ class SessionSpec(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     OUTPUT_POLICY_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     seed: _builtins.int
     fps: _builtins.float
@@ -211,6 +212,10 @@ class SessionSpec(_message.Message):
     region: _builtins.str
     """preferred worker region; empty = any"""
     output_policy: Global___OutputPolicy.ValueType
+    @_builtins.property
+    def quality(self) -> Global___QualityPolicy:
+        """How the worker may trade quality for deadlines; unset = adaptive with the defaults."""
+
     def __init__(
         self,
         *,
@@ -224,10 +229,11 @@ class SessionSpec(_message.Message):
         jpeg_quality: _builtins.int = ...,
         region: _builtins.str = ...,
         output_policy: Global___OutputPolicy.ValueType = ...,
+        quality: Global___QualityPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "fps", b"fps", "height", b"height", "jpeg_quality", b"jpeg_quality", "model_id", b"model_id", "output_policy", b"output_policy", "region", b"region", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "fps", b"fps", "height", b"height", "jpeg_quality", b"jpeg_quality", "model_id", b"model_id", "output_policy", b"output_policy", "quality", b"quality", "region", b"region", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -822,10 +828,16 @@ class SessionEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     FRAME_INDEX_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
     kind: Global___SessionEvent.Kind.ValueType
     message: _builtins.str
     frame_index: _builtins.int
     steps: _builtins.int
+    fps: _builtins.float
+    """the session's output fps after this event (KIND_QUALITY_CHANGED, ATTACHED)"""
+    level: _builtins.int
+    """its rung on the quality ladder: 0 = what the session asked for"""
     def __init__(
         self,
         *,
@@ -833,10 +845,12 @@ class SessionEvent(_message.Message):
         message: _builtins.str = ...,
         frame_index: _builtins.int = ...,
         steps: _builtins.int = ...,
+        fps: _builtins.float = ...,
+        level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "kind", b"kind", "message", b"message", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frame_index", b"frame_index", "kind", b"kind", "level", b"level", "message", b"message", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -873,3 +887,54 @@ class StreamError(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamError: _TypeAlias = StreamError  # noqa: Y015
+
+@_typing.final
+class QualityPolicy(_message.Message):
+    """How the worker may trade a session's quality for its deadlines (docs/runtime.md).
+    Down the ladder: fewer denoising steps first (to min_steps), then a lower output fps
+    (to min_fps); back up when there is slack. A change arrives as KIND_QUALITY_CHANGED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Mode:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[QualityPolicy._Mode.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        MODE_UNSPECIFIED: QualityPolicy._Mode.ValueType  # 0
+        """treated as ADAPTIVE"""
+        MODE_ADAPTIVE: QualityPolicy._Mode.ValueType  # 1
+        MODE_FIXED: QualityPolicy._Mode.ValueType  # 2
+        """never changed; the session may miss deadlines instead"""
+
+    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
+    MODE_UNSPECIFIED: QualityPolicy.Mode.ValueType  # 0
+    """treated as ADAPTIVE"""
+    MODE_ADAPTIVE: QualityPolicy.Mode.ValueType  # 1
+    MODE_FIXED: QualityPolicy.Mode.ValueType  # 2
+    """never changed; the session may miss deadlines instead"""
+
+    MODE_FIELD_NUMBER: _builtins.int
+    MIN_STEPS_FIELD_NUMBER: _builtins.int
+    MIN_FPS_FIELD_NUMBER: _builtins.int
+    mode: Global___QualityPolicy.Mode.ValueType
+    min_steps: _builtins.int
+    """floor of the step ladder; 0 = the model's lowest rung"""
+    min_fps: _builtins.float
+    """floor of the output fps; 0 = half the session's fps"""
+    def __init__(
+        self,
+        *,
+        mode: Global___QualityPolicy.Mode.ValueType = ...,
+        min_steps: _builtins.int = ...,
+        min_fps: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_fps", b"min_fps", "min_steps", b"min_steps", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QualityPolicy: _TypeAlias = QualityPolicy  # noqa: Y015

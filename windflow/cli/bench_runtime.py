@@ -1,0 +1,487 @@
+"""``windflow bench runtime``: what the runtime costs and how it behaves under load.
+
+Starts its own stacks (etcd, NATS, router, session, gateway, one worker) and measures:
+
+a) overhead: one session, the same model and controls in-process and through gateway +
+   worker; per frame, client-observed latency (deadline -> arrival) minus the frame's own
+   model step and encoding (what the in-process loop spends on it);
+b) throughput: delivered fps per session and in total for 1, 2, 4, 8 and 16 sessions asking
+   for the highest fps (120, fixed quality) against the raw batched throughput of the same
+   model in-process (same batches, encoding included), capped at what the sessions ask for;
+c) control-to-frame latency: controls sent at random moments, stamped for the next frame;
+d) slow-client isolation: 4 sessions; one of them reads at a quarter of its fps;
+e) overload: adaptive sessions opened until the router refuses (fps admission on); their
+   deadline misses and quality steps while they run.
+
+Stack A (a-d) runs its worker with ``--admission slots`` so that (b) can oversubscribe it;
+stack B (e) with the default fps admission. With ``--json`` the last stdout line is one
+JSON object; the full result is written under ``bench/results/`` with the machine's
+description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SESSION_COUNTS = (1, 2, 4, 8, 16)
+MAX_FPS = 120.0
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "runtime", help="runtime overhead, throughput, isolation, overload"
+    )
+    parser.add_argument("--model", default="windflow-world")
+    parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument(
+        "--out-dir", default="bench/results", help="where the JSON result file goes ('' = none)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+# ---- in-process baseline ----
+
+
+@dataclass(slots=True)
+class InProcess:
+    model_step_ms: list[float] = field(default_factory=list)
+    frame_ms: list[float] = field(default_factory=list)  # step + encode
+    raw_fps: dict[int, float] = field(default_factory=dict)
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    steps: int = 0
+    actions: int = 1
+
+
+def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
+    import torch
+
+    from services.worker.models.base import Control
+    from services.worker.models.registry import load_model
+    from windflow.common.frames import encode_frame
+    from windflow.v1 import windflow_pb2 as pb
+
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    model = load_model(model_id)
+    info = model.info
+    out = InProcess(
+        width=info.width,
+        height=info.height,
+        fps=info.fps,
+        steps=info.default_steps,
+        actions=len(info.actions),
+    )
+    rng = random.Random(0)
+
+    def frame(states: list[Any]) -> tuple[float, float]:
+        controls = [Control(action=rng.randrange(out.actions)) for _ in states]
+        t0 = time.perf_counter()
+        rgb = model.step(states, controls, out.steps)
+        t1 = time.perf_counter()
+        for i in range(len(states)):
+            encode_frame(rgb[i], pb.FRAME_FORMAT_JPEG, info.width, info.height, 85)
+        return (t1 - t0) * 1000.0, (time.perf_counter() - t0) * 1000.0
+
+    state = [model.new_state(0)]
+    for _ in range(5):
+        frame(state)
+    for _ in range(frames):
+        step_ms, total_ms = frame(state)
+        out.model_step_ms.append(step_ms)
+        out.frame_ms.append(total_ms)
+    for n in SESSION_COUNTS:
+        states = [model.new_state(i) for i in range(n)]
+        chunks = [states[i : i + info.max_batch] for i in range(0, n, info.max_batch)]
+        for chunk in chunks:
+            frame(chunk)
+        made, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for chunk in chunks:
+                frame(chunk)
+                made += len(chunk)
+        out.raw_fps[n] = made / (time.perf_counter() - t0)
+    return out
+
+
+# ---- through the stack ----
+
+
+@dataclass(slots=True)
+class Received:
+    index: int
+    received_us: int
+    latency_ms: float
+    overhead_ms: float
+    c2f_ms: float | None
+    missed: bool
+    queue_ms: float = 0.0
+    send_ms: float = 0.0
+    transport_ms: float = 0.0
+    wake_ms: float = 0.0
+    batch: int = 1
+    model_ms: float = 0.0
+
+
+async def _consume(
+    session: Any,
+    seconds: float,
+    *,
+    interval_s: float,
+    read_delay_s: float = 0.0,
+    controls: bool = False,
+) -> list[Received]:
+    """Read frames for ``seconds``; optionally send controls for the next frame at random
+    moments (2-5 frame intervals apart) from a side task."""
+    out: list[Received] = []
+    stop = time.monotonic() + seconds
+    rng = random.Random(hash(session.id) & 0xFFFF)
+    actions = max(1, len(session.info.model.actions))
+
+    async def send_controls() -> None:
+        while True:
+            await asyncio.sleep(rng.uniform(2.0, 5.0) * interval_s)
+            await session.send(rng.randrange(actions), frame_index=session.next_index)
+
+    sender = asyncio.create_task(send_controls(), name="bench-controls") if controls else None
+    try:
+        async for f in session.frames():
+            lat = f.latency_ms
+            spent = f.frame.latency.model_ms + f.frame.latency.encode_ms
+            ts = f.frame.timestamps
+            missed = ts.encoded_us > ts.due_us + interval_s * 1e6
+            br = f.frame.latency
+            out.append(
+                Received(
+                    f.index,
+                    f.received_us,
+                    lat,
+                    lat - spent,
+                    f.control_to_frame_ms,
+                    missed,
+                    br.queue_ms,
+                    br.send_ms,
+                    br.transport_ms,
+                    (ts.model_start_us - ts.due_us) / 1000.0,
+                    br.batch_size,
+                    br.model_ms,
+                )
+            )
+            if time.monotonic() >= stop:
+                break
+            if read_delay_s:
+                await asyncio.sleep(read_delay_s)
+    finally:
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return out
+
+
+def _fps(frames: list[Received], warmup_s: float) -> float:
+    if len(frames) < 2:
+        return 0.0
+    t0 = frames[0].received_us + warmup_s * 1e6
+    window = [f for f in frames if f.received_us >= t0]
+    if len(window) < 2:
+        return 0.0
+    return (len(window) - 1) / ((window[-1].received_us - window[0].received_us) / 1e6)
+
+
+async def _open(client: Any, model: str, n: int, **spec: Any) -> list[Any]:
+    infos = [await client.create_session(model, seed=i, **spec) for i in range(n)]
+    return [await client.attach(info) for info in infos]
+
+
+async def _close(client: Any, sessions: list[Any]) -> None:
+    from windflow.errors import WindflowError
+
+    for s in sessions:
+        await s.aclose()
+        with contextlib.suppress(WindflowError):
+            await client.close_session(s.id)
+
+
+async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path) -> dict[str, Any]:
+    from windflow.infra import Stack, StackConfig
+    from windflow.sdk import Client
+
+    interval = 1.0 / base.fps
+    seconds = 4.0 if quick else 10.0
+    warm = 1.0
+    res: dict[str, Any] = {}
+    worker_args = ("--models", model, "--admission", "slots", "--capacity", "16")
+    config = StackConfig(state_dir=state_dir / "a", workers=1, worker_args=worker_args)
+    async with Stack(config) as stack, Client(stack.gateway_address) as client:
+        # a) + c): one session, native fps, fixed quality, controls at random moments
+        [s] = await _open(client, model, 1, quality="fixed", steps=base.steps)
+        frames = await _consume(s, seconds + warm, interval_s=interval, controls=True)
+        await _close(client, [s])
+        steady = [f for f in frames if f.received_us >= frames[0].received_us + warm * 1e6]
+        res["single"] = {
+            "frames": len(steady),
+            "fps": _fps(frames, warm),
+            "latency_ms_p50": _pct([f.latency_ms for f in steady], 50),
+            "latency_ms_p99": _pct([f.latency_ms for f in steady], 99),
+            "overhead_ms_p50": _pct([f.overhead_ms for f in steady], 50),
+            "overhead_ms_p99": _pct([f.overhead_ms for f in steady], 99),
+            "control_to_frame_ms_p50": _pct([f.c2f_ms for f in steady if f.c2f_ms], 50),
+            "control_to_frame_ms_p99": _pct([f.c2f_ms for f in steady if f.c2f_ms], 99),
+            "controls_measured": sum(1 for f in steady if f.c2f_ms),
+            "breakdown_ms_p50": {
+                "due_to_model_start": _pct([f.wake_ms for f in steady], 50),
+                "send": _pct([f.send_ms for f in steady], 50),
+                "worker_to_gateway": _pct([f.transport_ms for f in steady], 50),
+            },
+        }
+        # b) throughput at 120 fps per session, fixed quality
+        res["throughput"] = {}
+        for n in SESSION_COUNTS:
+            sessions = await _open(client, model, n, quality="fixed", fps=MAX_FPS, steps=base.steps)
+            results = await asyncio.gather(
+                *(_consume(s, seconds + warm, interval_s=1 / MAX_FPS) for s in sessions)
+            )
+            await _close(client, sessions)
+            per = [_fps(r, warm) for r in results]
+            raw = min(base.raw_fps[n], n * MAX_FPS)
+            res["throughput"][n] = {
+                "delivered_fps_total": sum(per),
+                "delivered_fps_per_session_min": min(per),
+                "delivered_fps_per_session_mean": statistics.fmean(per),
+                "raw_fps": base.raw_fps[n],
+                "expected_fps": raw,
+                "ratio": sum(per) / raw,
+                "batch_mean": statistics.fmean(f.batch for r in results for f in r),
+                "model_ms_p50": _pct([f.model_ms for r in results for f in r], 50),
+            }
+        # d) slow-client isolation: 4 sessions at native fps, one then reads at fps / 4
+        fair: list[float] = []
+        for slow in (False, True):
+            sessions = await _open(client, model, 4, quality="fixed", steps=base.steps)
+            tasks = [
+                _consume(
+                    s,
+                    seconds + warm,
+                    interval_s=interval,
+                    read_delay_s=4 * interval if slow and i == 0 else 0.0,
+                )
+                for i, s in enumerate(sessions)
+            ]
+            results = await asyncio.gather(*tasks)
+            await _close(client, sessions)
+            fair.append(statistics.fmean(_fps(r, warm) for r in results[1:]))
+            if slow:
+                res["slow_client_fps"] = _fps(results[0], warm)
+                res["slow_client_dropped"] = _dropped(results[0])
+        res["isolation"] = {"others_fps_without": fair[0], "others_fps_with": fair[1]}
+        res["slow_client_isolation_ratio"] = fair[1] / fair[0] if fair[0] else float("nan")
+
+    # e) overload: fps admission on; adaptive sessions until refused
+    config = StackConfig(
+        state_dir=state_dir / "b", workers=1, worker_args=("--models", model, "--capacity", "64")
+    )
+    async with Stack(config) as stack, Client(stack.gateway_address) as client:
+        res["overload"] = await _overload(client, model, base, seconds, warm)
+    return res
+
+
+def _dropped(frames: list[Received]) -> int:
+    idx = [f.index for f in frames]
+    return sum(b - a - 1 for a, b in itertools.pairwise(idx) if b > a + 1)
+
+
+async def _overload(
+    client: Any, model: str, base: InProcess, seconds: float, warm: float
+) -> dict[str, Any]:
+    from windflow.errors import ResourceExhausted
+
+    admitted: list[Any] = []
+    refusals: list[float] = []
+    steps = max(base.steps, 1)
+    for i in range(64):
+        try:
+            info = await client.create_session(model, seed=i, steps=steps)
+        except ResourceExhausted as err:
+            refusals.append(err.retry_after_s or 0.0)
+            if len(refusals) >= 3:
+                break
+            continue
+        admitted.append(await client.attach(info))
+    interval = 1.0 / base.fps
+    results = await asyncio.gather(
+        *(_consume(s, seconds + warm, interval_s=interval) for s in admitted)
+    )
+    from windflow.v1 import windflow_pb2 as pb
+
+    quality_events = [
+        e for s in admitted for e in s.events if e.kind == pb.SessionEvent.KIND_QUALITY_CHANGED
+    ]
+    await _close(client, admitted)
+    frames = [f for r in results for f in r]
+    return {
+        "admitted": len(admitted),
+        "refused": len(refusals),
+        "retry_after_s": refusals[0] if refusals else None,
+        "frames": len(frames),
+        "deadline_misses": sum(f.missed for f in frames),
+        "miss_rate": sum(f.missed for f in frames) / max(1, len(frames)),
+        "quality_steps_down": sum(1 for e in quality_events if "down" in e.message),
+        "quality_steps_up": sum(1 for e in quality_events if "up" in e.message),
+        "final_steps": sorted({e.steps for e in quality_events}) or [steps],
+        "fps_per_session_mean": statistics.fmean(_fps(r, warm) for r in results)
+        if results
+        else 0.0,
+    }
+
+
+def summarize(base: InProcess, res: dict[str, Any]) -> dict[str, Any]:
+    step_p50 = _pct(base.model_step_ms, 50)
+    single = res["single"]
+    ratios = {n: t["ratio"] for n, t in res["throughput"].items()}
+    summary = {
+        "overhead_ms_p50": single["overhead_ms_p50"],
+        "overhead_ms_p99": single["overhead_ms_p99"],
+        "delivered_ratio_min": min(ratios.values()),
+        "control_to_frame_ms_p50": single["control_to_frame_ms_p50"],
+        "model_step_ms_p50": step_p50,
+        "slow_client_isolation_ratio": res["slow_client_isolation_ratio"],
+    }
+    frame_p50 = _pct(base.frame_ms, 50)
+    summary["goals"] = {
+        "overhead_p50_le_1ms": summary["overhead_ms_p50"] <= 1.0,
+        "overhead_p99_le_3ms": summary["overhead_ms_p99"] <= 3.0,
+        "delivered_ge_97pct": summary["delivered_ratio_min"] >= 0.97,
+        "c2f_le_step_plus_2ms": summary["control_to_frame_ms_p50"] <= step_p50 + 2.0,
+        "isolation_ge_0_95": summary["slow_client_isolation_ratio"] >= 0.95,
+    }
+    summary["inprocess_frame_ms_p50"] = frame_p50
+    return summary
+
+
+def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
+    s = res["single"]
+    lines = [
+        f"model step (in-process, batch 1) p50 {_pct(base.model_step_ms, 50):.2f} ms, "
+        f"p99 {_pct(base.model_step_ms, 99):.2f} ms; step+encode p50 "
+        f"{_pct(base.frame_ms, 50):.2f} ms",
+        f"a) overhead per frame      p50 {s['overhead_ms_p50']:.2f} ms   p99 "
+        f"{s['overhead_ms_p99']:.2f} ms   (latency p50 {s['latency_ms_p50']:.2f} ms, "
+        f"p99 {s['latency_ms_p99']:.2f} ms, {s['fps']:.1f} fps)",
+        "b) sessions  delivered fps total  per session (min)  raw in-process  ratio",
+    ]
+    for n, t in res["throughput"].items():
+        lines.append(
+            f"   {n:>8}  {t['delivered_fps_total']:>19.1f}  "
+            f"{t['delivered_fps_per_session_min']:>18.1f}  {t['expected_fps']:>14.1f}  "
+            f"{t['ratio']:>5.3f}"
+        )
+    lines += [
+        f"c) control-to-frame        p50 {s['control_to_frame_ms_p50']:.2f} ms   p99 "
+        f"{s['control_to_frame_ms_p99']:.2f} ms   ({s['controls_measured']} controls)",
+        f"d) isolation               others {res['isolation']['others_fps_without']:.1f} fps "
+        f"alone, {res['isolation']['others_fps_with']:.1f} fps with a slow client "
+        f"(ratio {res['slow_client_isolation_ratio']:.3f}); slow client "
+        f"{res['slow_client_fps']:.1f} fps, {res['slow_client_dropped']} frames dropped",
+    ]
+    o = res["overload"]
+    lines.append(
+        f"e) overload                {o['admitted']} admitted, {o['refused']} refused "
+        f"(retry-after {o['retry_after_s']} s), deadline misses {o['deadline_misses']}/"
+        f"{o['frames']} frames, quality steps {o['quality_steps_down']} down / "
+        f"{o['quality_steps_up']} up, {o['fps_per_session_mean']:.1f} fps per session"
+    )
+    lines.append(
+        "goals: "
+        + ", ".join(f"{k} {'MET' if v else 'NOT MET'}" for k, v in summary["goals"].items())
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from windflow.infra import StackFailed
+
+    started = dt.datetime.now(dt.UTC)
+    desc = machine()
+    base = in_process(args.model, 60 if args.quick else 300, 1.0 if args.quick else 3.0)
+    state_dir = Path(tempfile.mkdtemp(prefix="windflow-bench-"))
+    try:
+        res = asyncio.run(stack_phases(args.model, base, args.quick, state_dir))
+    except StackFailed as exc:
+        print(f"bench runtime: the stack failed: {exc}; logs in {state_dir}", file=sys.stderr)
+        return 1
+    shutil.rmtree(state_dir, ignore_errors=True)
+    summary = summarize(base, res)
+    print(table(base, res, summary), flush=True)
+    result = {
+        "bench": "runtime",
+        "command": " ".join(["windflow", "bench", "runtime", *sys.argv[3:]]),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": desc,
+        "model": args.model,
+        "quick": args.quick,
+        "summary": summary,
+        "in_process": {
+            "model_step_ms_p50": _pct(base.model_step_ms, 50),
+            "model_step_ms_p99": _pct(base.model_step_ms, 99),
+            "frame_ms_p50": _pct(base.frame_ms, 50),
+            "raw_fps": base.raw_fps,
+            "steps": base.steps,
+            "size": [base.width, base.height],
+            "fps": base.fps,
+        },
+        "stack": res,
+    }
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"runtime-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"results written to {path}", flush=True)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items()}), flush=True)
+    return 0
