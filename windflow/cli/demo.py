@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from windflow.cli.play import add_play_arguments, play, print_summary
+from windflow.cli.play import add_play_arguments, play_from_args, print_summary
 from windflow.infra import Stack, StackConfig, StackFailed
 
 
@@ -32,17 +32,7 @@ def register(sub: Any) -> None:
 async def _demo(args: argparse.Namespace, state_dir: Path) -> int:
     async with Stack(StackConfig(state_dir=state_dir, workers=args.workers)) as stack:
         print(f"windflow demo: stack ready, gateway {stack.gateway_address}", flush=True)
-        summary = await play(
-            stack.gateway_address,
-            model=args.model,
-            frames=args.frames,
-            fps=args.fps,
-            actions=args.actions,
-            out=args.out,
-            seed=args.seed,
-            size=args.size,
-            fmt=args.format,
-        )
+        summary = await play_from_args(stack.gateway_address, args)
         print_summary(summary, args.json)
     return 0
 

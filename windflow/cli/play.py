@@ -214,19 +214,22 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    summary = asyncio.run(
-        play(
-            args.gateway,
-            model=args.model,
-            frames=args.frames,
-            fps=args.fps,
-            actions=args.actions,
-            out=args.out,
-            seed=args.seed,
-            size=args.size,
-            fmt=args.format,
-        )
+async def play_from_args(gateway: str, args: argparse.Namespace) -> PlaySummary:
+    """``play`` with the options ``add_play_arguments`` declared."""
+    return await play(
+        gateway,
+        model=args.model,
+        frames=args.frames,
+        fps=args.fps,
+        actions=args.actions,
+        out=args.out,
+        seed=args.seed,
+        size=args.size,
+        fmt=args.format,
     )
+
+
+def _main(args: argparse.Namespace) -> int:
+    summary = asyncio.run(play_from_args(args.gateway, args))
     print_summary(summary, args.json)
     return 0

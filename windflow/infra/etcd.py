@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import TracebackType
 
 from windflow.infra.binaries import find_binary
 from windflow.infra.ports import LOOPBACK, address, free_ports
-from windflow.infra.procs import ChildSpec, ManagedProcess, RestartPolicy
+from windflow.infra.procs import ChildSpec, RestartPolicy
+from windflow.infra.server import ServerProcess
 
 # A single member has no peer to lose its leadership to, so short raft timings only
 # shorten the first election (start to ready drops from ~1 s to ~0.1 s).
@@ -56,7 +56,7 @@ class EtcdHealthProbe:
         return b'"health":"true"' in body
 
 
-class EtcdServer:
+class EtcdServer(ServerProcess):
     """A single-member etcd whose data lives in ``<state_dir>/<name>``."""
 
     def __init__(
@@ -70,16 +70,12 @@ class EtcdServer:
         restart: RestartPolicy = _DEFAULT_RESTART,
         ready_timeout_s: float = 30.0,
     ) -> None:
-        self.name = name
+        super().__init__(state_dir, name, restart, ready_timeout_s)
         self.host = host
         picked = iter(free_ports(2, host))
         self.client_port = client_port or next(picked)
         self.peer_port = peer_port or next(picked)
         self.data_dir = state_dir / name
-        self.log_path = state_dir / "logs" / f"{name}.log"
-        self._restart = restart
-        self._ready_timeout_s = ready_timeout_s
-        self._proc: ManagedProcess | None = None
 
     @property
     def endpoint(self) -> str:
@@ -93,11 +89,6 @@ class EtcdServer:
     @property
     def peer_url(self) -> str:
         return f"http://{address(self.host, self.peer_port)}"
-
-    @property
-    def process(self) -> ManagedProcess | None:
-        """The process started by ``start()`` (None when supervised elsewhere)."""
-        return self._proc
 
     @property
     def child_spec(self) -> ChildSpec:
@@ -122,32 +113,3 @@ class EtcdServer:
             restart=self._restart,
             ready_timeout_s=self._ready_timeout_s,
         )
-
-    async def start(self) -> None:
-        """Run etcd and wait until it serves; on failure it is stopped and this raises."""
-        if self._proc is not None:
-            raise RuntimeError(f"{self.name} was already started")
-        self._proc = ManagedProcess(self.child_spec, self.log_path)
-        self._proc.start()
-        try:
-            await self._proc.wait_ready()
-        except BaseException:
-            await self._proc.stop()
-            raise
-
-    async def aclose(self) -> None:
-        """Stop etcd (idempotent); the data dir stays."""
-        if self._proc is not None:
-            await self._proc.stop()
-
-    async def __aenter__(self) -> EtcdServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from types import TracebackType
 
 import nats
 from nats.errors import Error as NatsError
 
 from windflow.infra.binaries import find_binary
 from windflow.infra.ports import LOOPBACK, address, free_port
-from windflow.infra.procs import ChildSpec, ManagedProcess, RestartPolicy
+from windflow.infra.procs import ChildSpec, RestartPolicy
+from windflow.infra.server import ServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class NatsJetStreamProbe:
         return True
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """A nats-server with JetStream whose store lives in ``<state_dir>/<name>``."""
 
     def __init__(
@@ -79,24 +79,15 @@ class NatsServer:
         restart: RestartPolicy = _DEFAULT_RESTART,
         ready_timeout_s: float = 30.0,
     ) -> None:
-        self.name = name
+        super().__init__(state_dir, name, restart, ready_timeout_s)
         self.host = host
         self.port = port or free_port(host)
         self.store_dir = state_dir / name
-        self.log_path = state_dir / "logs" / f"{name}.log"
-        self._restart = restart
-        self._ready_timeout_s = ready_timeout_s
-        self._proc: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
         """``nats://host:port``, what nats-py and ``--nats`` take."""
         return f"nats://{address(self.host, self.port)}"
-
-    @property
-    def process(self) -> ManagedProcess | None:
-        """The process started by ``start()`` (None when supervised elsewhere)."""
-        return self._proc
 
     @property
     def child_spec(self) -> ChildSpec:
@@ -115,32 +106,3 @@ class NatsServer:
             restart=self._restart,
             ready_timeout_s=self._ready_timeout_s,
         )
-
-    async def start(self) -> None:
-        """Run nats-server and wait until JetStream answers; on failure it is stopped."""
-        if self._proc is not None:
-            raise RuntimeError(f"{self.name} was already started")
-        self._proc = ManagedProcess(self.child_spec, self.log_path)
-        self._proc.start()
-        try:
-            await self._proc.wait_ready()
-        except BaseException:
-            await self._proc.stop()
-            raise
-
-    async def aclose(self) -> None:
-        """Stop nats-server (idempotent); the store dir stays."""
-        if self._proc is not None:
-            await self._proc.stop()
-
-    async def __aenter__(self) -> NatsServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
