@@ -25,7 +25,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 typecheck: venv
-	$(BIN)/mypy windflow services kernels tools
+	$(BIN)/mypy windflow services kernels tools tests
 
 compose-lint:
 	@if command -v docker-compose >/dev/null 2>&1; then \
