@@ -1,7 +1,7 @@
 """Train the built-in world model on the repo's own arena; write weights and a model card.
 
-    python -m tools.train_world_model                 # the committed recipe (CPU: ~20 min)
-    python -m tools.train_world_model --steps 200     # a quick smoke run
+    .venv/bin/python tools/train_world_model.py                # the committed recipe (CPU: ~20 min)
+    .venv/bin/python tools/train_world_model.py --steps 200    # a quick smoke run
 
 Everything follows from --seed: the worlds, the action policy, the batches, the noise and
 the initial weights. Uses a GPU when one is present (the same recipe, faster).
@@ -21,15 +21,19 @@ import numpy as np
 import torch
 
 from services.worker.models.world import sim
+from services.worker.models.world.evaluation import evaluate
 from services.worker.models.world.model import WEIGHTS, load, save_weights
 from services.worker.models.world.net import NetConfig, WorldNet, block_ages, train_forward
 
 # Times the sampler uses (1..4 steps), seen often in training next to uniform ones.
 LADDER_TIMES = torch.tensor([1.0, 0.75, 2 / 3, 0.5, 1 / 3, 0.25])
+# Gaussian noise (max sigma, in [-1, 1] units) on the context frames: at inference the
+# model conditions on its own imperfect frames.
+CONTEXT_NOISE = 0.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worlds", type=int, default=256, help="training worlds (episodes)")
     p.add_argument("--length", type=int, default=200, help="frames per episode")
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         acts = actions_t[world[:, None], idx[:, :-1]]
         context, target = seq[:, :-1], seq[:, 1:]
         # the model conditions on its own (imperfect) frames at inference: noisy context
-        sigma = torch.rand(args.batch, 1, 1, 1, 1, generator=gen) * 0.03
+        sigma = torch.rand(args.batch, 1, 1, 1, 1, generator=gen) * CONTEXT_NOISE
         context = context + sigma * torch.randn(context.shape, generator=gen)
         pick = torch.rand(args.batch, f, generator=gen) < 0.5
         ladder = LADDER_TIMES[torch.randint(len(LADDER_TIMES), (args.batch, f), generator=gen)]
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             t.to(device),
             acts.to(device),
             ages,
+            seq[:, :-1].to(device),
         )
         # pixels that change carry the dynamics: weight them up
         moving = ((target - seq[:, :-1]).abs().amax(-1, keepdim=True) > 0.05).float()
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch,
             "frames_per_sequence": f,
             "lr": args.lr,
-            "context_noise_max": 0.03,
+            "context_noise_max": CONTEXT_NOISE,
             "moving_pixel_weight": 8.0,
             "device": str(device),
             "threads": args.threads,
@@ -148,12 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, torch {torch.__version__}",
     }
     if not args.no_eval:
-        from tools.eval_world_model import evaluate
-
-        model = load(args.out)
-        torch.set_num_threads(1)
-        card["eval"] = evaluate(model, png=args.out.with_name("eval_strip.png"))
+        model = load(args.out, num_threads=1)
         card["version"] = model.info.version
+        card["eval"] = evaluate(model)
     args.card.write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {args.card}")
     return 0

@@ -6,7 +6,8 @@ start of the next step), the session's own noise generator, its frame index and 
 
 A step, batched over sessions: (1) the last frame's clean pass fills the cache; (2) K
 denoising passes from pure noise: each predicts the clean frame, which is re-noised to the
-next time of the schedule with fresh noise from the session's generator; (3) the last
+next time of the schedule with the noise that prediction implies (DDIM; the only
+random draw is the starting noise, from the session's generator); (3) the last
 prediction, rounded to uint8, is the frame. K is the quality ladder: 1..4.
 """
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +37,23 @@ from windflow.errors import (
 
 MODEL_ID = "windflow-world"
 SNAPSHOT_MAGIC = b"WFWSNAP1"
+SNAPSHOT_FORMAT = 1  # bump when the layout after the header changes
 _HEADER = struct.Struct("<8sI")  # magic, header length
+_DIGEST = 32  # trailing SHA-256 of everything before it
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads inside the block (None: leave as it is)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def schedule(steps: int) -> list[float]:
@@ -61,16 +80,36 @@ class WorldState(SessionState):
 
 
 class BuiltinWorldModel(WorldModel):
-    def __init__(self, net: WorldNet, version: str) -> None:
+    """The ``WorldModel`` over a trained ``WorldNet``.
+
+    ``window``: past frames in the KV cache, 1..the trained window (default: the trained
+    one). ``num_threads``: torch intra-op threads used inside ``step`` (set on entry and
+    restored on exit; None leaves the process setting alone). Frames are bit-identical for
+    a fixed ``num_threads`` on one machine class; the default of 1 is what the speed and
+    determinism figures are measured with.
+    """
+
+    def __init__(
+        self, net: WorldNet, version: str, *, window: int | None = None, num_threads: int | None = 1
+    ) -> None:
         self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
         cfg = net.cfg
         self.cfg = cfg
+        w = cfg.window if window is None else int(window)
+        if not 1 <= w <= cfg.window:
+            raise InvalidArgument(f"window must be in 1..{cfg.window} (trained), got {window}")
+        if num_threads is not None and num_threads < 1:
+            raise InvalidArgument(f"num_threads must be >= 1 or None, got {num_threads}")
+        self.window = w
+        self.num_threads = num_threads
         self.info = ModelInfo(
             model_id=MODEL_ID,
             version=version,
             description=(
                 "Built-in action-conditioned world model: a block-causal transformer with "
-                f"a {cfg.window}-frame KV cache and a 1-4 step flow-matching head, trained "
+                f"a {w}-frame KV cache and a 1-4 step flow-matching head, trained "
                 "on the repo's own 2-D arena"
             ),
             width=cfg.width,
@@ -80,10 +119,12 @@ class BuiltinWorldModel(WorldModel):
             steps=(1, 2, 3, 4),
             default_steps=2,
             max_batch=16,
-            extra={"sample_bytes": cfg.depth * 2 * cfg.window * cfg.tokens * cfg.dim * 4},
+            extra={
+                "window": w,
+                "state_bytes": cfg.depth * 2 * w * cfg.tokens * cfg.dim * 4,
+            },
         )
         # age of each cache slot as seen by the next frame: oldest = window, newest = 1
-        w = cfg.window
         self._slot_age = torch.arange(w, 0, -1)
 
     # ---- sessions ----
@@ -95,33 +136,57 @@ class BuiltinWorldModel(WorldModel):
         return WorldState(
             seed=seed,
             frame_index=0,
-            kv=torch.zeros(cfg.depth, 2, cfg.window, cfg.tokens, cfg.dim),
-            valid=torch.zeros(cfg.window, dtype=torch.bool),
+            kv=torch.zeros(cfg.depth, 2, self.window, cfg.tokens, cfg.dim),
+            valid=torch.zeros(self.window, dtype=torch.bool),
             prev=first,
             rng=np.random.default_rng([seed, 0x5EED]),
         )
+
+    def observe(self, state: SessionState, frame: np.ndarray) -> None:
+        """Make ``frame`` (uint8 (H, W, 3)) the session's current frame in place of the one
+        it imagined: the next step conditions on it (teacher forcing, or a real camera)."""
+        (s,) = self._states([state])
+        shape = (self.cfg.height, self.cfg.width, 3)
+        if frame.shape != shape or frame.dtype != np.uint8:
+            raise InvalidArgument(
+                f"observe takes a uint8 frame shaped {shape}, got {frame.dtype} {frame.shape}"
+            )
+        s.prev = np.ascontiguousarray(frame).copy()
 
     def _states(self, states: Sequence[SessionState]) -> list[WorldState]:
         out = []
         for s in states:
             if not isinstance(s, WorldState):
                 raise InvalidArgument(f"not a {MODEL_ID} session state: {type(s).__name__}")
+            if s.kv.shape[2] != self.window:
+                raise InvalidArgument(
+                    f"session state has a {s.kv.shape[2]}-frame window, this model {self.window}"
+                )
             out.append(s)
         return out
 
-    @torch.inference_mode()
     def step(
         self, states: Sequence[SessionState], controls: Sequence[Control], steps: int
     ) -> np.ndarray:
         if steps not in self.info.steps:
             raise InvalidArgument(f"steps must be one of {self.info.steps}, got {steps}")
         if len(states) != len(controls):
-            raise InvalidArgument("one control per session state")
+            raise InvalidArgument(
+                f"one control per session state: {len(states)} states, {len(controls)} controls"
+            )
         for control in controls:
             self.validate_control(control)
         ws = self._states(states)
+        if len({id(s) for s in ws}) != len(ws):
+            raise InvalidArgument("a session state appears twice in one batch")
+        if not ws:
+            return np.zeros((0, self.cfg.height, self.cfg.width, 3), dtype=np.uint8)
+        with _torch_threads(self.num_threads), torch.inference_mode():
+            return self._step(ws, controls, steps)
+
+    def _step(self, ws: list[WorldState], controls: Sequence[Control], steps: int) -> np.ndarray:
         net, cfg = self.net, self.cfg
-        b, t, w = len(ws), cfg.tokens, cfg.window
+        b, t, w = len(ws), cfg.tokens, self.window
         kv = torch.stack([s.kv for s in ws])  # (B, L, 2, W, T, D)
         valid = torch.stack([s.valid for s in ws])  # (B, W)
         prev = torch.from_numpy(np.stack([s.prev for s in ws])).float() / 127.5 - 1.0
@@ -165,10 +230,12 @@ class BuiltinWorldModel(WorldModel):
                 keys = torch.cat([cache_k[i], k], 1)
                 values = torch.cat([cache_v[i], v], 1)
                 z = block.attend(z, q, keys, values, age)
-            x0 = net.output(z).clamp(-1.0, 1.0)
+            x0 = net.output(z, prev).clamp(-1.0, 1.0)
             if n + 1 < len(times):
+                # deterministic (DDIM) update: keep the noise the prediction implies
+                noise = (x - (1.0 - time) * x0) / time
                 nxt = times[n + 1]
-                x = (1.0 - nxt) * x0 + nxt * self._noise(ws, shape)
+                x = (1.0 - nxt) * x0 + nxt * noise
 
         # (3) the frame, and the new session states
         frames = ((x0 + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -188,12 +255,16 @@ class BuiltinWorldModel(WorldModel):
     # ---- snapshots ----
 
     def snapshot(self, state: SessionState) -> bytes:
+        """``WFWSNAP1`` | header length (u32 LE) | JSON header | KV cache (float32) | slot
+        validity (u8) | last frame (u8) | SHA-256 of everything before it. No pickle."""
         (s,) = self._states([state])
         header = {
+            "format": SNAPSHOT_FORMAT,
             "model_id": MODEL_ID,
             "model_version": self.info.version,
             "seed": s.seed,
             "frame_index": s.frame_index,
+            "window": self.window,
             "rng": s.rng.bit_generator.state,
             "kv_shape": list(s.kv.shape),
         }
@@ -207,42 +278,70 @@ class BuiltinWorldModel(WorldModel):
         return payload + hashlib.sha256(payload).digest()
 
     def restore(self, data: bytes) -> WorldState:
-        if len(data) < _HEADER.size + 32 or not data.startswith(SNAPSHOT_MAGIC):
-            raise SnapshotError("not a windflow-world snapshot (bad magic or too short)")
-        payload, digest = data[:-32], data[-32:]
-        if hashlib.sha256(payload).digest() != digest:
-            raise SnapshotError("windflow-world snapshot is corrupted (checksum mismatch)")
-        _, head_len = _HEADER.unpack_from(payload)
-        try:
-            header = json.loads(payload[_HEADER.size : _HEADER.size + head_len])
-        except ValueError as exc:
-            raise SnapshotError(f"windflow-world snapshot header is unreadable: {exc}") from exc
+        header, body = _read_snapshot(data)
         if header.get("model_id") != MODEL_ID or header.get("model_version") != self.info.version:
             raise SnapshotVersionMismatch(
                 f"snapshot of {header.get('model_id')} {header.get('model_version')} cannot be "
                 f"restored by {MODEL_ID} {self.info.version}"
             )
+        if header.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotVersionMismatch(
+                f"snapshot format {header.get('format')}, this build reads {SNAPSHOT_FORMAT}"
+            )
+        if header.get("window") != self.window:
+            raise SnapshotVersionMismatch(
+                f"snapshot made with a {header.get('window')}-frame window; this model "
+                f"instance uses {self.window} (load it with window={header.get('window')})"
+            )
         cfg = self.cfg
-        kv_shape = (cfg.depth, 2, cfg.window, cfg.tokens, cfg.dim)
-        if tuple(header["kv_shape"]) != kv_shape:
-            raise SnapshotError(f"snapshot KV cache shape {header['kv_shape']} != {kv_shape}")
-        body = payload[_HEADER.size + head_len :]
+        kv_shape = (cfg.depth, 2, self.window, cfg.tokens, cfg.dim)
+        try:
+            if tuple(header["kv_shape"]) != kv_shape:
+                raise SnapshotError(f"snapshot KV cache shape {header['kv_shape']} != {kv_shape}")
+            seed, frame_index = int(header["seed"]), int(header["frame_index"])
+            rng = np.random.default_rng()
+            rng.bit_generator.state = header["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"windflow-world snapshot header is malformed: {exc!r}") from exc
         n_kv = int(np.prod(kv_shape)) * 4
         n_prev = cfg.height * cfg.width * 3
-        if len(body) != n_kv + cfg.window + n_prev:
-            raise SnapshotError("windflow-world snapshot is truncated")
+        if len(body) != n_kv + self.window + n_prev:
+            raise SnapshotError(
+                f"windflow-world snapshot body is {len(body)} bytes, expected "
+                f"{n_kv + self.window + n_prev}"
+            )
         kv = torch.from_numpy(np.frombuffer(body[:n_kv], dtype=np.float32).reshape(kv_shape).copy())
         valid = torch.from_numpy(
-            np.frombuffer(body[n_kv : n_kv + cfg.window], np.uint8).astype(bool)
+            np.frombuffer(body[n_kv : n_kv + self.window], np.uint8).astype(bool)
         )
         prev = (
-            np.frombuffer(body[n_kv + cfg.window :], np.uint8)
+            np.frombuffer(body[n_kv + self.window :], np.uint8)
             .reshape(cfg.height, cfg.width, 3)
             .copy()
         )
-        rng = np.random.default_rng()
-        rng.bit_generator.state = header["rng"]
-        return WorldState(int(header["seed"]), int(header["frame_index"]), kv, valid, prev, rng)
+        return WorldState(seed, frame_index, kv, valid, prev, rng)
+
+
+def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """Check magic and checksum; return the JSON header and the raw body."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SnapshotError(f"a snapshot is bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _HEADER.size + _DIGEST or not data.startswith(SNAPSHOT_MAGIC):
+        raise SnapshotError("not a windflow-world snapshot (bad magic or too short)")
+    payload, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise SnapshotError("windflow-world snapshot is corrupted or truncated (checksum mismatch)")
+    _, head_len = _HEADER.unpack_from(payload)
+    if _HEADER.size + head_len > len(payload):
+        raise SnapshotError("windflow-world snapshot header runs past the end of the data")
+    try:
+        header = json.loads(payload[_HEADER.size : _HEADER.size + head_len])
+    except ValueError as exc:
+        raise SnapshotError(f"windflow-world snapshot header is unreadable: {exc}") from exc
+    if not isinstance(header, dict):
+        raise SnapshotError("windflow-world snapshot header is not a JSON object")
+    return header, payload[_HEADER.size + head_len :]
 
 
 # ---- weights ----
@@ -257,7 +356,10 @@ def save_weights(net: WorldNet, path: Path, meta: dict[str, str] | None = None) 
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load(path: Path = WEIGHTS) -> BuiltinWorldModel:
+def load(
+    path: Path = WEIGHTS, *, window: int | None = None, num_threads: int | None = 1
+) -> BuiltinWorldModel:
+    """A model over the weights at ``path``; raises ``CheckpointError`` if they do not fit."""
     if not path.exists():
         raise CheckpointError(f"no weights at {path}; train them with tools/train_world_model.py")
     from safetensors import safe_open
@@ -281,4 +383,4 @@ def load(path: Path = WEIGHTS) -> BuiltinWorldModel:
         )
     net.load_state_dict(tensors)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return BuiltinWorldModel(net, f"1.0+{digest}")
+    return BuiltinWorldModel(net, f"1.0+{digest}", window=window, num_threads=num_threads)

@@ -121,6 +121,11 @@ class WorldNet(nn.Module):
         self.head = nn.Linear(d, cfg.patch_dim)
         nn.init.normal_(self.pos, std=0.02)
         nn.init.normal_(self.kind, std=0.02)
+        # the prediction is a change to the previous frame: it starts as "copy the last frame"
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     @property
     def layers(self) -> list[Block]:
@@ -160,9 +165,11 @@ class WorldNet(nn.Module):
         x = linear(self.patchify(x_t), self.embed) + linear(self.patchify(prev), self.embed_prev)
         return x + self.pos + self.kind[1] + cond
 
-    def output(self, x: torch.Tensor) -> torch.Tensor:
-        """Final tokens (B, T, D) -> predicted clean frame (B, H, W, 3)."""
-        return self.unpatchify(linear(self.norm(x), self.head))
+    def output(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Final tokens (B, T, D) -> predicted clean frame (B, H, W, 3), as a change to
+        ``base`` (the previous frame): what does not move needs no work, and an untrained
+        head starts as the copy-last-frame baseline."""
+        return base + self.unpatchify(linear(self.norm(x), self.head))
 
 
 def block_ages(frames: int, window: int, tokens: int) -> torch.Tensor:
@@ -193,10 +200,12 @@ def train_forward(
     t: torch.Tensor,
     actions: torch.Tensor,
     ages: torch.Tensor,
+    base: torch.Tensor,
 ) -> torch.Tensor:
     """Teacher-forced prediction of every frame of a sequence at once.
 
-    context (B, F, H, W, 3): clean frames 0..F-1 (possibly noise-augmented);
+    context (B, F, H, W, 3): clean frames 0..F-1 (possibly noise-augmented); base: the same
+    frames un-augmented (the residual base of each prediction);
     x_t (B, F, H, W, 3): noisy versions of frames 1..F; t (B, F); actions (B, F) (the
     action that turns frame i into i+1). Returns predicted clean frames 1..F (B, F, H, W, 3).
     """
@@ -212,5 +221,8 @@ def train_forward(
     for block in net.layers:
         q, k, v = block.project(z)
         z = block.attend(z, q, k, v, age)
-    out = net.output(z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim))
+    out = net.output(
+        z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim),
+        base.reshape(b * f, cfg.height, cfg.width, 3),
+    )
     return out.view(b, f, cfg.height, cfg.width, 3)

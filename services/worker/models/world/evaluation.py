@@ -1,0 +1,153 @@
+"""Quality and speed of the built-in world model on held-out worlds.
+
+Shared by ``tools/eval_world_model.py`` (the report) and ``tools/train_world_model.py``
+(the figures in the model card). Quality: PSNR = 10 log10(1 / MSE) over the whole set,
+pixels in [0, 1]. Speed: wall time of ``step`` on the calling machine, with the model's own
+thread setting (one thread by default).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from services.worker.models.base import Control
+from services.worker.models.world import sim
+from services.worker.models.world.model import BuiltinWorldModel
+
+EVAL_SEEDS = tuple(9_000_000 + i for i in range(16))  # held out: training uses seed*1_000_003+i
+POLICY_SEED = 424242
+HORIZON = 32
+
+
+def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
+    diff = pred.astype(np.float64) / 255.0 - truth.astype(np.float64) / 255.0
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+
+
+def rollout(
+    model: BuiltinWorldModel, seeds: tuple[int, ...], actions: np.ndarray, steps: int
+) -> np.ndarray:
+    """Frames 1..T imagined from each world's first frame under ``actions`` (N, T)."""
+    states = [model.new_state(s) for s in seeds]
+    out = [
+        model.step(states, [Control(int(a)) for a in actions[:, t]], steps)
+        for t in range(actions.shape[1])
+    ]
+    return np.stack(out, axis=1)  # (N, T, H, W, 3)
+
+
+def one_step(
+    model: BuiltinWorldModel,
+    seeds: tuple[int, ...],
+    frames: np.ndarray,
+    actions: np.ndarray,
+    steps: int,
+) -> np.ndarray:
+    """Teacher-forced: each frame predicted from the true frames before it."""
+    states = [model.new_state(s) for s in seeds]
+    preds = []
+    for t in range(actions.shape[1]):
+        preds.append(model.step(states, [Control(int(a)) for a in actions[:, t]], steps))
+        for i, state in enumerate(states):
+            model.observe(state, frames[i, t + 1])  # the truth becomes the context
+    return np.stack(preds, axis=1)
+
+
+def speed_ms(model: BuiltinWorldModel, steps: int, batch: int, repeats: int) -> float:
+    """Median wall time of one batched step, in ms."""
+    states = [model.new_state(s) for s in range(batch)]
+    controls = [Control(1 + i % 4) for i in range(batch)]
+    for _ in range(3):
+        model.step(states, controls, steps)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.step(states, controls, steps)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0
+
+
+def save_strip(truth: np.ndarray, pred: np.ndarray, path: Path, every: int = 2) -> None:
+    """Truth (top row) over prediction (bottom row) for one world, every ``every`` frames."""
+    top = np.concatenate(list(truth[::every]), axis=1)
+    bottom = np.concatenate(list(pred[::every]), axis=1)
+    image = Image.fromarray(np.concatenate([top, bottom], axis=0))
+    image.resize((image.width * 2, image.height * 2), Image.Resampling.NEAREST).save(path)
+
+
+def evaluate(
+    model: BuiltinWorldModel,
+    png: Path | None = None,
+    seeds: tuple[int, ...] = EVAL_SEEDS,
+    horizon: int = HORIZON,
+    speed_repeats: int = 30,
+) -> dict[str, Any]:
+    """Every figure of the report as a JSON-ready dict (see tools/eval_world_model.py)."""
+    frames, actions = sim.generate_episodes(list(seeds), horizon, POLICY_SEED)
+    # Shuffled: each world gets another world's action sequence (same policy, wrong moves).
+    shuffled = np.roll(actions, 1, axis=0)
+    truth = frames[:, 1:]
+    copy_last = np.repeat(frames[:, :1], horizon, axis=1)
+
+    def per_step(pred: np.ndarray) -> list[float]:
+        return [round(psnr(pred[:, t], truth[:, t]), 3) for t in range(horizon)]
+
+    k0 = model.info.default_steps
+    by_k: dict[str, float] = {}
+    rollouts: dict[int, np.ndarray] = {}
+    for k in model.info.steps:
+        rollouts[k] = rollout(model, seeds, actions, k)
+        by_k[str(k)] = round(float(np.mean(per_step(rollouts[k]))), 3)
+    true = per_step(rollouts[k0])
+    shuf = per_step(rollout(model, seeds, shuffled, k0))
+    copy = per_step(copy_last)
+    if png is not None:
+        save_strip(truth[0], rollouts[k0][0], png)
+    one = one_step(model, seeds, frames, actions, k0)
+    return {
+        "model_version": model.info.version,
+        "steps": k0,
+        "window": model.window,
+        "eval_worlds": len(seeds),
+        "horizon": horizon,
+        "one_step_psnr": round(psnr(one, truth), 3),
+        "rollout_psnr_true": true,
+        "rollout_psnr_shuffled": shuf,
+        "rollout_psnr_copy_last": copy,
+        "rollout_mean_true": round(float(np.mean(true)), 3),
+        "rollout_mean_shuffled": round(float(np.mean(shuf)), 3),
+        "rollout_mean_copy_last": round(float(np.mean(copy)), 3),
+        "rollout_mean_by_k": by_k,
+        "ms_per_frame_b1": {
+            str(k): round(speed_ms(model, k, 1, speed_repeats * 2), 3) for k in model.info.steps
+        },
+        "ms_per_step_b8": {
+            str(k): round(speed_ms(model, k, 8, speed_repeats), 3) for k in model.info.steps
+        },
+    }
+
+
+def check(result: dict[str, Any]) -> list[str]:
+    """The issue's acceptance bars that ``result`` misses (empty when all hold)."""
+    true, copy = result["rollout_psnr_true"], result["rollout_psnr_copy_last"]
+    misses = []
+    if not all(t > c for t, c in zip(true, copy, strict=True)):
+        misses.append("true-action rollout is not above copy-last at every step")
+    if result["rollout_mean_true"] < result["rollout_mean_copy_last"] + 4.0:
+        misses.append("rollout mean is not 4 dB above copy-last")
+    if result["rollout_mean_true"] < result["rollout_mean_shuffled"] + 4.0:
+        misses.append("rollout mean is not 4 dB above shuffled actions")
+    by_k = result["rollout_mean_by_k"]
+    if by_k["4"] < by_k["1"]:
+        misses.append("K=4 is worse than K=1 on the rollout mean")
+    if result["ms_per_frame_b1"]["2"] > 10.0:
+        misses.append("batch 1, K=2 is over 10 ms per frame")
+    if result["ms_per_step_b8"]["2"] > 25.0:
+        misses.append("batch 8, K=2 is over 25 ms per step")
+    return misses
