@@ -2,7 +2,8 @@
 
 Session state: the KV cache of the last ``window`` frames (per layer), which cache slots
 hold a frame yet, the last frame made (uint8; its keys and values enter the cache at the
-start of the next step), the session's own noise generator, its frame index and seed.
+start of the next step) and the one before it (the motion input of the denoiser), the
+session's own noise generator, its frame index and seed.
 
 A step, batched over sessions: (1) the last frame's clean pass fills the cache; (2) K
 denoising passes from pure noise: each predicts the clean frame, which is re-noised to the
@@ -70,12 +71,14 @@ class WorldState(SessionState):
         valid: torch.Tensor,
         prev: np.ndarray,
         rng: np.random.Generator,
+        before: np.ndarray | None = None,
     ) -> None:
         self.seed = seed
         self.frame_index = frame_index
         self.kv = kv  # (L, 2, W, T, D) float32
         self.valid = valid  # (W,) bool, oldest slot first
         self.prev = prev  # (H, W, 3) uint8: the last frame, not yet in the cache
+        self.before = prev if before is None else before  # the frame before it
         self.rng = rng
 
 
@@ -190,6 +193,7 @@ class BuiltinWorldModel(WorldModel):
         kv = torch.stack([s.kv for s in ws])  # (B, L, 2, W, T, D)
         valid = torch.stack([s.valid for s in ws])  # (B, W)
         prev = torch.from_numpy(np.stack([s.prev for s in ws])).float() / 127.5 - 1.0
+        before = torch.from_numpy(np.stack([s.before for s in ws])).float() / 127.5 - 1.0
         actions = torch.tensor([c.action for c in controls], dtype=torch.long)
 
         # ages of [cache slots..., own block] for the T queries of a block, per session
@@ -224,7 +228,7 @@ class BuiltinWorldModel(WorldModel):
         times = schedule(steps)
         x0 = x
         for n, time in enumerate(times):
-            z = net.noisy_tokens(x, prev, torch.full((b,), time), actions)
+            z = net.noisy_tokens(x, prev, before, torch.full((b,), time), actions)
             for i, block in enumerate(net.layers):
                 q, k, v = block.project(z)
                 keys = torch.cat([cache_k[i], k], 1)
@@ -242,6 +246,7 @@ class BuiltinWorldModel(WorldModel):
         for j, s in enumerate(ws):
             s.kv = kv[j].clone()
             s.valid = valid[j].clone()
+            s.before = s.prev
             s.prev = frames[j].copy()
             s.frame_index += 1
         return frames
@@ -256,7 +261,8 @@ class BuiltinWorldModel(WorldModel):
 
     def snapshot(self, state: SessionState) -> bytes:
         """``WFWSNAP1`` | header length (u32 LE) | JSON header | KV cache (float32) | slot
-        validity (u8) | last frame (u8) | SHA-256 of everything before it. No pickle."""
+        validity (u8) | last frame (u8) | the frame before it (u8) | SHA-256 of everything
+        before it. No pickle."""
         (s,) = self._states([state])
         header = {
             "format": SNAPSHOT_FORMAT,
@@ -273,6 +279,7 @@ class BuiltinWorldModel(WorldModel):
             s.kv.contiguous().numpy().tobytes()
             + s.valid.numpy().astype(np.uint8).tobytes()
             + s.prev.tobytes()
+            + s.before.tobytes()
         )
         payload = _HEADER.pack(SNAPSHOT_MAGIC, len(head)) + head + body
         return payload + hashlib.sha256(payload).digest()
@@ -305,21 +312,20 @@ class BuiltinWorldModel(WorldModel):
             raise SnapshotError(f"windflow-world snapshot header is malformed: {exc!r}") from exc
         n_kv = int(np.prod(kv_shape)) * 4
         n_prev = cfg.height * cfg.width * 3
-        if len(body) != n_kv + self.window + n_prev:
+        if len(body) != n_kv + self.window + 2 * n_prev:
             raise SnapshotError(
                 f"windflow-world snapshot body is {len(body)} bytes, expected "
-                f"{n_kv + self.window + n_prev}"
+                f"{n_kv + self.window + 2 * n_prev}"
             )
         kv = torch.from_numpy(np.frombuffer(body[:n_kv], dtype=np.float32).reshape(kv_shape).copy())
         valid = torch.from_numpy(
             np.frombuffer(body[n_kv : n_kv + self.window], np.uint8).astype(bool)
         )
-        prev = (
-            np.frombuffer(body[n_kv + self.window :], np.uint8)
-            .reshape(cfg.height, cfg.width, 3)
-            .copy()
-        )
-        return WorldState(seed, frame_index, kv, valid, prev, rng)
+        shape = (cfg.height, cfg.width, 3)
+        start = n_kv + self.window
+        prev = np.frombuffer(body[start : start + n_prev], np.uint8).reshape(shape).copy()
+        before = np.frombuffer(body[start + n_prev :], np.uint8).reshape(shape).copy()
+        return WorldState(seed, frame_index, kv, valid, prev, rng, before)
 
 
 def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:

@@ -111,6 +111,7 @@ class WorldNet(nn.Module):
         d = cfg.dim
         self.embed = nn.Linear(cfg.patch_dim, d)
         self.embed_prev = nn.Linear(cfg.patch_dim, d, bias=False)
+        self.embed_motion = nn.Linear(cfg.patch_dim, d, bias=False)
         self.pos = nn.Parameter(torch.zeros(1, cfg.tokens, d))
         self.kind = nn.Parameter(torch.zeros(2, d))  # 0 clean, 1 noisy
         self.action = nn.Embedding(cfg.n_actions, d)
@@ -154,15 +155,22 @@ class WorldNet(nn.Module):
         return linear(self.patchify(frames), self.embed) + self.pos + self.kind[0]
 
     def noisy_tokens(
-        self, x_t: torch.Tensor, prev: torch.Tensor, t: torch.Tensor, action: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        prev: torch.Tensor,
+        before: torch.Tensor,
+        t: torch.Tensor,
+        action: torch.Tensor,
     ) -> torch.Tensor:
-        """Input tokens of the frame being denoised: noisy frame x_t, previous frame, time
-        t (B,), action (B,) -> (B, T, D)."""
+        """Input tokens of the frame being denoised: noisy frame x_t, the previous frame and
+        its change from the one before (motion at a glance), time t (B,), action (B,)
+        -> (B, T, D)."""
         time = linear(
             torch.nn.functional.silu(linear(t.view(-1, 1, 1), self.time_in)), self.time_out
         )
         cond = time + self.action(action).unsqueeze(1)
         x = linear(self.patchify(x_t), self.embed) + linear(self.patchify(prev), self.embed_prev)
+        x = x + linear(self.patchify(prev - before), self.embed_motion)
         return x + self.pos + self.kind[1] + cond
 
     def output(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -213,8 +221,14 @@ def train_forward(
     cfg = net.cfg
     flat = context.reshape(b * f, cfg.height, cfg.width, 3)
     clean = net.clean_tokens(flat).view(b, f * cfg.tokens, cfg.dim)
+    # the frame before each context frame (the first has none: no motion, as at a start)
+    before = torch.cat([context[:, :1], context[:, :-1]], dim=1).reshape(flat.shape)
     noisy = net.noisy_tokens(
-        x_t.reshape(b * f, cfg.height, cfg.width, 3), flat, t.reshape(-1), actions.reshape(-1)
+        x_t.reshape(b * f, cfg.height, cfg.width, 3),
+        flat,
+        before,
+        t.reshape(-1),
+        actions.reshape(-1),
     ).view(b, f * cfg.tokens, cfg.dim)
     z = torch.cat([clean, noisy], dim=1)
     age = ages.unsqueeze(0).expand(b, -1, -1)

@@ -7,11 +7,11 @@ training and for the quality tests.
 One world (64x64 RGB):
 
 * obstacles: ``N_OBSTACLES`` grey rectangles, placed from the world's seed, never move;
-* the agent: an 8x8 red square moved ``AGENT_SPEED`` px per frame by a discrete action
+* the agent: a 12x12 red square moved ``AGENT_SPEED`` px per frame by a discrete action
   (``ACTIONS``); a move into a wall, an obstacle or a ball is refused (the agent stays);
-* balls: ``N_BALLS`` 6x6 squares with their own integer velocities; each axis moves
-  separately and bounces (the velocity flips, the ball stays) when it would hit a wall, an
-  obstacle, the agent or another ball.
+* balls: ``N_BALLS`` 8x8 squares with their own velocities (1 px per frame on each axis);
+  each axis moves separately and bounces (the velocity flips, the ball stays) when it would
+  hit a wall, an obstacle, the agent or another ball.
 
 The action given with frame t produces frame t+1. Everything is integer arithmetic, so a
 seed and an action sequence determine every frame exactly.
@@ -29,12 +29,12 @@ ACTIONS: tuple[str, ...] = ("noop", "up", "down", "left", "right")
 # (dy, dx) per action, in the order of ACTIONS.
 _MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
 
-AGENT_SIZE = 8
+AGENT_SIZE = 12
 AGENT_SPEED = 2
-BALL_SIZE = 6
+BALL_SIZE = 8
 N_BALLS = 2
 N_OBSTACLES = 3
-BALL_SPEEDS = np.array([-2, -1, 1, 2], dtype=np.int64)
+BALL_SPEEDS = np.array([-1, 1], dtype=np.int64)
 
 BACKGROUND = np.array([18, 22, 38], dtype=np.uint8)
 OBSTACLE_COLOR = np.array([128, 128, 136], dtype=np.uint8)
