@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training")
+    p.add_argument(
+        "--self-forcing",
+        type=float,
+        default=0.0,
+        help="after 30%% of the steps, the share of batches whose context frames are the "
+        "model's own one-step predictions (it learns to correct its own errors)",
+    )
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--card", type=Path, default=WEIGHTS.with_name("model_card.json"))
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
@@ -90,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         seq = frames_t[world[:, None], idx].float().div(127.5).sub(1.0)  # (B, F+1, H, W, 3)
         acts = actions_t[world[:, None], idx[:, :-1]]
         context, target = seq[:, :-1], seq[:, 1:]
+        base = context
+        if args.self_forcing > 0 and step >= 0.3 * args.steps and rng.random() < args.self_forcing:
+            # context frames 1..F-1 := the model's own one-step (K=1) predictions, rounded
+            # to uint8 levels as at inference; the targets stay the truth
+            with torch.no_grad():
+                own = train_forward(
+                    net,
+                    context.to(device),
+                    torch.randn(target.shape, generator=gen).to(device),
+                    torch.ones(args.batch, f).to(device),
+                    acts.to(device),
+                    ages,
+                    context.to(device),
+                ).cpu()
+            own = ((own.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0
+            context = torch.cat([context[:, :1], own[:, :-1]], dim=1)
+            base = context
         # the model conditions on its own (imperfect) frames at inference: noisy context
         sigma = torch.rand(args.batch, 1, 1, 1, 1, generator=gen) * CONTEXT_NOISE
         context = context + sigma * torch.randn(context.shape, generator=gen)
@@ -106,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             t.to(device),
             acts.to(device),
             ages,
-            seq[:, :-1].to(device),
+            base.to(device),
         )
-        # pixels that change carry the dynamics: weight them up
-        moving = ((target - seq[:, :-1]).abs().amax(-1, keepdim=True) > 0.05).float()
+        # pixels that change (or that the base has wrong) carry the dynamics: weight them up
+        moving = ((target - base).abs().amax(-1, keepdim=True) > 0.05).float()
         weight = (1.0 + 7.0 * moving).to(device)
         loss = (weight * (pred - target.to(device)) ** 2).mean()
         for group in opt.param_groups:
@@ -143,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "frames_per_sequence": f,
             "lr": args.lr,
             "context_noise_max": CONTEXT_NOISE,
+            "self_forcing": args.self_forcing,
             "moving_pixel_weight": 8.0,
             "device": str(device),
             "threads": args.threads,
