@@ -219,7 +219,8 @@ class RouterService:
                     request.spec.region,
                     tried,
                     prefer,
-                    demand=_demand(request.spec),
+                    # a recovery is not a new admission: slots alone (see the worker)
+                    demand=None if restore_latest else _demand(request.spec),
                 )
             except (NotFound, ResourceExhausted) as err:
                 if last_error is None:

@@ -124,7 +124,9 @@ class WorkerRuntime:
                 retry_after_s=1.0,
             )
         spec = resolve_spec(request.spec, info)
-        if self.config.fps_admission:
+        # A recovered session was admitted once already: it is taken by slots alone and the
+        # quality governor steps it down if the worker cannot keep its fps.
+        if self.config.fps_admission and not request.restore_latest:
             admission.check(
                 self.engine,
                 spec,
