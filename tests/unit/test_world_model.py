@@ -1,0 +1,272 @@
+"""The built-in world model with its committed weights: determinism, batch invariance,
+snapshots, bad input, and that it really learned the arena."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.worker.models.base import Control
+from services.worker.models.world import load_default, sim
+from services.worker.models.world.model import SNAPSHOT_MAGIC, WEIGHTS, BuiltinWorldModel, load
+from tests.fakes import FakeWorld
+from windflow.errors import (
+    CheckpointError,
+    InvalidArgument,
+    InvalidControl,
+    SnapshotError,
+    SnapshotVersionMismatch,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model() -> BuiltinWorldModel:
+    return load_default()
+
+
+def actions(n: int, salt: int = 0) -> list[Control]:
+    return [Control((i // 3 + salt) % len(sim.ACTIONS)) for i in range(n)]
+
+
+def run(model: BuiltinWorldModel, seed: int, controls: list[Control], steps: int = 2) -> np.ndarray:
+    state = model.new_state(seed)
+    return np.stack([model.step([state], [c], steps)[0] for c in controls])
+
+
+def test_same_seed_same_actions_bit_identical_across_instances(model: BuiltinWorldModel) -> None:
+    controls = actions(12)
+    first = run(model, 5, controls)
+    second = run(load(), 5, controls)
+    assert first.dtype == np.uint8 and first.shape == (12, 64, 64, 3)
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, run(model, 6, controls))
+    assert not np.array_equal(first, run(model, 5, actions(12, salt=2)))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_batch_invariant(model: BuiltinWorldModel, steps: int) -> None:
+    controls = actions(8)
+    alone = run(model, 42, controls, steps)
+    for size, position in ((8, 3), (5, 0), (2, 1), (16, 15)):
+        states = [model.new_state(100 + i) for i in range(size)]
+        states[position] = model.new_state(42)
+        frames = []
+        for t, c in enumerate(controls):
+            batch = [Control((t + i) % 5) for i in range(size)]
+            batch[position] = c
+            frames.append(model.step(states, batch, steps)[position])
+        assert np.array_equal(np.stack(frames), alone), (size, position)
+
+
+def test_two_threads_give_the_same_frames_as_one(model: BuiltinWorldModel) -> None:
+    controls = actions(6)
+    assert np.array_equal(run(load(num_threads=2), 11, controls), run(model, 11, controls))
+
+
+def test_snapshot_restore_in_a_fresh_instance_continues_bit_exactly(
+    model: BuiltinWorldModel,
+) -> None:
+    controls = actions(14)
+    reference = run(model, 9, controls)
+    state = model.new_state(9)
+    for c in controls[:6]:
+        model.step([state], [c], 2)
+    blob = model.snapshot(state)
+    fresh = load()
+    restored = fresh.restore(blob)
+    assert restored.frame_index == 6 and restored.seed == 9
+    rest = np.stack([fresh.step([restored], [c], 2)[0] for c in controls[6:]])
+    assert np.array_equal(rest, reference[6:])
+    assert fresh.snapshot(fresh.restore(blob)) == blob
+
+
+def test_snapshot_restores_in_another_process(model: BuiltinWorldModel) -> None:
+    controls = actions(10)
+    reference = run(model, 13, controls)
+    state = model.new_state(13)
+    for c in controls[:4]:
+        model.step([state], [c], 2)
+    script = (
+        "import sys, numpy as np\n"
+        "from services.worker.models.base import Control\n"
+        "from services.worker.models.world import load_default\n"
+        "m = load_default()\n"
+        "s = m.restore(sys.stdin.buffer.read())\n"
+        f"acts = {[c.action for c in controls[4:]]}\n"
+        "f = np.stack([m.step([s], [Control(a)], 2)[0] for a in acts])\n"
+        "sys.stdout.buffer.write(f.tobytes())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        input=model.snapshot(state),
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == reference[4:].tobytes()
+
+
+def test_bad_controls_and_steps_are_refused_before_any_state_changes(
+    model: BuiltinWorldModel,
+) -> None:
+    state = model.new_state(1)
+    before = model.snapshot(state)
+    with pytest.raises(InvalidControl, match="outside the action space"):
+        model.step([state], [Control(len(sim.ACTIONS))], 2)
+    with pytest.raises(InvalidControl):
+        model.step([state], [Control(-1)], 2)
+    with pytest.raises(InvalidArgument, match="steps"):
+        model.step([state], [Control(0)], 5)
+    assert model.snapshot(state) == before
+
+
+def test_bad_snapshots_raise_typed_errors(model: BuiltinWorldModel) -> None:
+    state = model.new_state(2)
+    model.step([state], [Control(1)], 2)
+    blob = model.snapshot(state)
+    corrupted = bytearray(blob)
+    corrupted[len(blob) // 2] ^= 0xFF
+    with pytest.raises(SnapshotError, match="corrupted"):
+        model.restore(bytes(corrupted))
+    with pytest.raises(SnapshotError):
+        model.restore(blob[: len(blob) // 3])
+    with pytest.raises(SnapshotError):
+        model.restore(blob[:-1])
+    with pytest.raises(SnapshotError, match="not a windflow-world snapshot"):
+        model.restore(b"\x00" * 64)
+    with pytest.raises(SnapshotError):
+        model.restore(b"")
+    with pytest.raises(SnapshotError):
+        model.restore(FakeWorld().snapshot(FakeWorld().new_state(1)))
+    # a well-formed snapshot of another version of the model
+    head_len = struct.unpack_from("<I", blob, len(SNAPSHOT_MAGIC))[0]
+    start = len(SNAPSHOT_MAGIC) + 4
+    header = json.loads(blob[start : start + head_len])
+    header["model_version"] = "0.9+other"
+    head = json.dumps(header, sort_keys=True).encode()
+    payload = SNAPSHOT_MAGIC + struct.pack("<I", len(head)) + head + blob[start + head_len : -32]
+    foreign = payload + hashlib.sha256(payload).digest()
+    with pytest.raises(SnapshotVersionMismatch, match=r"0\.9\+other"):
+        model.restore(foreign)
+    # a checksummed snapshot whose header is garbage
+    payload = SNAPSHOT_MAGIC + struct.pack("<I", 3) + b"{x]" + blob[start + head_len : -32]
+    with pytest.raises(SnapshotError, match="unreadable"):
+        model.restore(payload + hashlib.sha256(payload).digest())
+
+
+def test_it_learned_the_arena(model: BuiltinWorldModel) -> None:
+    """Short rollouts on held-out worlds: true actions beat copying the last frame and beat
+    the wrong actions (the full evaluation is tools/eval_world_model.py)."""
+    seeds = [7_000_000 + i for i in range(8)]
+    frames, acts = sim.generate_episodes(seeds, 8, policy_seed=99)
+    wrong = (acts + 2) % len(sim.ACTIONS)
+
+    def rollout(a: np.ndarray) -> np.ndarray:
+        states = [model.new_state(s) for s in seeds]
+        return np.stack(
+            [model.step(states, [Control(int(x)) for x in a[:, t]], 2) for t in range(8)], 1
+        )
+
+    def mse(pred: np.ndarray) -> float:
+        return float(np.mean((pred / 255.0 - frames[:, 1:] / 255.0) ** 2))
+
+    true, other = mse(rollout(acts)), mse(rollout(wrong))
+    copy = mse(np.repeat(frames[:, :1], 8, axis=1))
+    assert true < copy
+    assert true < other
+
+
+def test_weights_and_model_card_are_committed(model: BuiltinWorldModel) -> None:
+    assert WEIGHTS.stat().st_size <= 20 * 1024 * 1024
+    card = json.loads(WEIGHTS.with_name("model_card.json").read_text())
+    assert card["training"]["data_frames"] >= 50_000
+    # the card describes these very weights
+    assert card["version"] == card["eval"]["model_version"] == model.info.version
+    assert len(card["eval"]["rollout_psnr_true"]) == 32
+
+
+def test_options_threads_and_batch_shape_errors(model: BuiltinWorldModel) -> None:
+    with pytest.raises(InvalidArgument, match="options"):
+        load_default(windw=3)
+    with pytest.raises(InvalidArgument, match="window"):
+        load_default(window=9)
+    short = load_default(window=2, num_threads=1)
+    assert short.info.extra["window"] == 2 and short.info.version == model.info.version
+    state = short.new_state(3)
+    threads = torch.get_num_threads()
+    assert short.step([state], [Control(1)], 1).shape == (1, 64, 64, 3)
+    assert torch.get_num_threads() == threads  # the model restores the process setting
+    with pytest.raises(SnapshotVersionMismatch, match="window"):
+        model.restore(short.snapshot(state))
+    with pytest.raises(InvalidArgument, match="window"):
+        model.step([state], [Control(1)], 1)
+    other = model.new_state(4)
+    with pytest.raises(InvalidArgument, match="twice"):
+        model.step([other, other], [Control(1), Control(1)], 1)
+    with pytest.raises(InvalidArgument, match="one control per session"):
+        model.step([other], [], 1)
+    assert model.step([], [], 2).shape == (0, 64, 64, 3)
+    assert other.frame_index == 0
+
+
+def test_observe_replaces_the_context_frame(model: BuiltinWorldModel) -> None:
+    world = sim.WorldSim([77])
+    a, b = model.new_state(77), model.new_state(77)
+    model.step([a], [Control(4)], 2)
+    model.step([b], [Control(4)], 2)
+    truth = world.step([4])[0]
+    model.observe(b, truth)
+    assert np.array_equal(b.prev, truth)
+    assert not np.array_equal(model.step([a], [Control(4)], 2), model.step([b], [Control(4)], 2))
+    with pytest.raises(InvalidArgument, match="uint8"):
+        model.observe(a, truth.astype(np.float32))
+
+
+def _train_tiny(tmp_path: Path, name: str) -> Path:
+    out = tmp_path / f"{name}.safetensors"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train_world_model.py"), "--steps", "2",
+         "--worlds", "4", "--length", "12", "--batch", "2", "--frames", "3", "--dim", "32",
+         "--depth", "1", "--threads", "1", "--self-forcing", "1.0", "--no-eval",
+         "--out", str(out), "--card", str(tmp_path / f"{name}.json")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_training_script_is_reproducible_and_its_weights_load(tmp_path: Path) -> None:
+    first, second = _train_tiny(tmp_path, "a"), _train_tiny(tmp_path, "b")
+    assert first.read_bytes() == second.read_bytes()  # same seed, same weights
+    small = load(first)
+    assert small.cfg.dim == 32
+    state = small.new_state(1)
+    assert small.step([state], [Control(1)], 1).shape == (1, 64, 64, 3)
+    assert json.loads((tmp_path / "a.json").read_text())["training"]["steps"] == 2
+
+
+def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(WEIGHTS))
+    tensors.pop(next(iter(tensors)))
+    with safe_open(str(WEIGHTS), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError, match="missing"):
+        load(bad)
+    with pytest.raises(CheckpointError, match="no weights"):
+        load(tmp_path / "absent.safetensors")
