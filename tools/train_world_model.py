@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training")
+    p.add_argument("--init", type=Path, default=None, help="start from these weights")
+    p.add_argument(
+        "--self-forcing-start", type=float, default=0.3, help="fraction of steps before it"
+    )
     p.add_argument(
         "--self-forcing",
         type=float,
@@ -75,7 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     actions_t = torch.from_numpy(actions)
 
     cfg = NetConfig(dim=args.dim, depth=args.depth, window=args.window)
-    net = WorldNet(cfg).to(device)
+    net = WorldNet(cfg)
+    if args.init is not None:
+        start_from = load(args.init).net
+        cfg = start_from.cfg
+        net = WorldNet(cfg)
+        net.load_state_dict(start_from.state_dict())
+        for p in net.parameters():
+            p.requires_grad_(True)
+    net = net.to(device)
     ages = block_ages(args.frames, cfg.window, cfg.tokens).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, args.steps // 30)
@@ -98,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         acts = actions_t[world[:, None], idx[:, :-1]]
         context, target = seq[:, :-1], seq[:, 1:]
         base = context
-        if args.self_forcing > 0 and step >= 0.3 * args.steps and rng.random() < args.self_forcing:
+        if (
+            args.self_forcing > 0
+            and step >= args.self_forcing_start * args.steps
+            and rng.random() < args.self_forcing
+        ):
             # context frames 1..F-1 := the model's own one-step (K=1) predictions, rounded
             # to uint8 levels as at inference; the targets stay the truth
             with torch.no_grad():
@@ -168,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "context_noise_max": CONTEXT_NOISE,
             "self_forcing": args.self_forcing,
+            "self_forcing_start": args.self_forcing_start,
+            "init": None if args.init is None else args.init.name,
             "moving_pixel_weight": 8.0,
             "device": str(device),
             "threads": args.threads,
