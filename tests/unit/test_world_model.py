@@ -248,8 +248,8 @@ def _train_tiny(tmp_path: Path, name: str) -> Path:
 
 def test_training_script_is_reproducible_and_its_weights_load(tmp_path: Path) -> None:
     first, second = _train_tiny(tmp_path, "a"), _train_tiny(tmp_path, "b")
-    assert first.read_bytes() == second.read_bytes()  # same seed, same weights
     small = load(first)
+    assert small.info.version == load(second).info.version  # a digest of every tensor
     assert small.cfg.dim == 32
     state = small.new_state(1)
     assert small.step([state], [Control(1)], 1).shape == (1, 64, 64, 3)

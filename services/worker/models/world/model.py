@@ -355,6 +355,17 @@ def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_ID}.safetensors"
 
 
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """12 hex digits of a SHA-256 over the tensors (names, dtypes, shapes, bytes): the same
+    weights give the same model version whatever the file's header order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def save_weights(net: WorldNet, path: Path, meta: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"config": json.dumps(net.cfg.to_dict()), **(meta or {})}
@@ -388,5 +399,5 @@ def load(
             f"{unexpected[:5]}, shape mismatches {shapes[:5]}"
         )
     net.load_state_dict(tensors)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return BuiltinWorldModel(net, f"1.0+{digest}", window=window, num_threads=num_threads)
+    version = f"1.0+{weights_digest(tensors)}"
+    return BuiltinWorldModel(net, version, window=window, num_threads=num_threads)
