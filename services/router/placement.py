@@ -129,4 +129,6 @@ def choose_worker(
     if region:
         local = [w for w in free if w.region == region]
         free = local or free
-    return min(free, key=lambda w: (w.load, w.sessions, w.worker_id))
+    # Loads within the same tenth count as equal (two idle workers' calibrations differ by
+    # noise): then the one with fewer sessions wins, so equal workers share evenly.
+    return min(free, key=lambda w: (int(w.load * 10), w.sessions, w.load, w.worker_id))
