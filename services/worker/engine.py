@@ -112,11 +112,6 @@ class StepEngine:
         """Run blocking model work (restore, replay) in the model-step thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def control_arrived(self, actor: SessionActor, frame_index: int) -> None:
-        """A control was queued: if it is for the next frame, that frame may start now."""
-        if self.quality.rephase(actor, frame_index, time.monotonic()):
-            self.wake()
-
     def _batch_horizon(self, slots: list[scheduler.Slot]) -> float:
         """Sessions due before the most urgent batch would finish join it: waiting for the
         next batch would make them later, and a bigger batch costs less per frame. So the

@@ -1,11 +1,13 @@
-"""Adaptive quality and control-driven pacing on a worker: runs the scheduler's pure
-decisions over the live session actors.
+"""Adaptive quality on a worker: runs the scheduler's pure decisions over the live
+session actors.
 
 The step engine calls ``add``/``remove`` as sessions come and go, ``after_step`` after
 every batch (it records each frame's deadline outcome, decides rung changes with
 ``scheduler.decide_quality`` and applies them: the actor's steps and frame interval
-change, and the client gets a ``KIND_QUALITY_CHANGED`` event), and ``rephase`` when a
-control for a session's very next frame arrives. No I/O here; it runs on the event loop.
+change, and the client gets a ``KIND_QUALITY_CHANGED`` event). No I/O here; it runs on
+the event loop. A session's cadence is never pulled forward by its controls: that would
+deliver more frames than its fps (a client that wants low control-to-frame latency sends
+each control just before the frame it is for is due).
 
 A frame's deadline is its due time plus one frame interval (it must be ready before the
 next one is due); a frame ready within ``slack_fraction`` of an interval of its due time
@@ -28,7 +30,6 @@ from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-REPHASE_MIN_INTERVALS = 4.0
 """A session's frame clock is pulled forward by a control at most once per this many
 frame intervals, so that a chatty client cannot raise its frame rate much above its fps."""
 
@@ -41,7 +42,6 @@ class _Track:
     recent: collections.deque[bool] = field(default_factory=collections.deque)
     slack_streak: int = 0
     changed_at: float = scheduler.NEVER
-    rephased_at: float = scheduler.NEVER
     misses: int = 0
 
 
@@ -128,18 +128,6 @@ class QualityGovernor:
             slack = finished <= due + self.params.slack_fraction * actor.interval
             track.slack_streak = track.slack_streak + 1 if slack else 0
         self._decide(finished)
-
-    def rephase(self, actor: SessionActor, frame_index: int, now: float) -> bool:
-        """A control for the session's next frame arrived: make that frame due now (at
-        most once per ``REPHASE_MIN_INTERVALS`` intervals). True if the clock moved."""
-        track = self._tracks.get(actor.session_id)
-        if track is None or frame_index != actor.next_frame or actor.stepping:
-            return False
-        if actor.due <= now or now - track.rephased_at < REPHASE_MIN_INTERVALS * actor.interval:
-            return False
-        actor.due = now
-        track.rephased_at = now
-        return True
 
     def _decide(self, now: float) -> None:
         if not any(len(t.levels) > 1 for t in self._tracks.values()):

@@ -421,7 +421,6 @@ class WorkerRuntime:
             if kind == "control":
                 try:
                     actor.add_control(message.control)
-                    self.engine.control_arrived(actor, message.control.frame_index)
                 except WindflowError as err:
                     actor.push(stream_error(err, message.control.frame_index))
             elif kind == "ack":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.worker.actor import SessionActor
 from services.worker.costs import StepCosts
-from services.worker.quality import REPHASE_MIN_INTERVALS, QualityGovernor
+from services.worker.quality import QualityGovernor
 from services.worker.scheduler import QualityParams
 from tests.fakes import FakeWorld
 from windflow.v1 import windflow_pb2 as pb
@@ -65,17 +65,3 @@ def test_misses_step_an_adaptive_session_down_and_tell_its_client() -> None:
     assert adaptive.steps == 1 and adaptive.interval == 1 / 15
     assert gov.quality_changes == 3
     assert gov.utilization(floor=True) is not None
-
-
-def test_a_control_for_the_next_frame_makes_it_due_now_at_most_every_few_intervals() -> None:
-    gov = governor()
-    a = make_actor("a", pb.QualityPolicy.MODE_FIXED)
-    gov.add(a)
-    a.due = 1.0
-    assert not gov.rephase(a, frame_index=1, now=0.5)  # not the next frame
-    assert gov.rephase(a, frame_index=0, now=0.5) and a.due == 0.5
-    a.due = 0.55
-    too_soon = 0.5 + (REPHASE_MIN_INTERVALS - 1) * a.interval
-    assert not gov.rephase(a, 0, too_soon) and a.due == 0.55
-    a.due = 2.0
-    assert gov.rephase(a, 0, 0.5 + REPHASE_MIN_INTERVALS * a.interval + 0.01)
