@@ -165,11 +165,6 @@ def test_bad_snapshots_raise_typed_errors(model: BuiltinWorldModel) -> None:
         model.restore(payload + hashlib.sha256(payload).digest())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the committed weights (teacher forcing only) drift below copy-last after ~3 "
-    "rollout steps; see docs/world_model.md, 'Status'. Strict: passing flags the fix.",
-)
 def test_it_learned_the_arena(model: BuiltinWorldModel) -> None:
     """Short rollouts on held-out worlds: true actions beat copying the last frame and beat
     the wrong actions (the full evaluation is tools/eval_world_model.py)."""
