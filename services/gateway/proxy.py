@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from opentelemetry import context as otel_context
 
 from windflow.common import grpc_util, names, telemetry
 from windflow.errors import ResourceExhausted, Unavailable
@@ -49,6 +50,8 @@ class StreamProxy:
         self._controls: list[pb.Control] = list(first.attach.controls)
         self.last_forwarded = -1
         self.recoveries = 0
+        self.trace_context: otel_context.Context | None = None
+        """The stream span's context: parent of the worker legs and the frame spans."""
 
     async def run(
         self, requests: AsyncIterator[pb.ClientMessage]
@@ -102,7 +105,7 @@ class StreamProxy:
             del attach.controls[:]
             attach.controls.extend(c for c in self._controls if c.frame_index > self.last_forwarded)
         call = self._worker(self.placement.worker_address).Attach(
-            metadata=telemetry.inject_metadata()
+            metadata=telemetry.inject_metadata(self.trace_context)
         )
         self._call = call
         try:
@@ -122,6 +125,7 @@ class StreamProxy:
                 continue  # never a repeat
             span = tracer.start_span(
                 names.SPAN_GATEWAY_FRAME,
+                context=self.trace_context,
                 start_time=frame.timestamps.worker_sent_us * 1000,
                 attributes={
                     "windflow.session_id": self.session_id,
@@ -148,7 +152,7 @@ class StreamProxy:
                             epoch=self.placement.epoch,
                         ),
                         timeout=self._recover_timeout,
-                        metadata=telemetry.inject_metadata(),
+                        metadata=telemetry.inject_metadata(self.trace_context),
                     )
                 )
             except (Unavailable, ResourceExhausted) as err:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from etcd3aio import Etcd3Client
+from opentelemetry import trace
 
 from services.gateway.config import GatewayConfig
 from services.gateway.proxy import StreamProxy
@@ -183,12 +184,17 @@ class GatewayService:
             self._router,
             recover_timeout_s=self.config.recover_timeout_s,
         )
-        with tracer.start_as_current_span(
+        # An explicit span, not the "current" one: this generator resumes in other contexts.
+        span = tracer.start_span(
             names.SPAN_GATEWAY_STREAM,
             attributes={"windflow.session_id": session_id, "windflow.worker": placement.worker_id},
-        ):
+        )
+        proxy.trace_context = trace.set_span_in_context(span)
+        try:
             async for message in proxy.run(requests):
                 yield message
+        finally:
+            span.end()
 
     async def fork(self, request: pb.ForkRequest) -> pb.Session:
         return await grpc_util.call(self._store.Fork(request, timeout=self.config.rpc_timeout_s))

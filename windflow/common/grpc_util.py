@@ -138,6 +138,12 @@ class ServiceServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", max_receive_bytes),
                 ("grpc.so_reuseport", 0),
+                # accept our channels' keep-alive pings (CHANNEL_OPTIONS): by default a
+                # server answers pings more often than every 5 min with GOAWAY
+                # "too_many_pings", which tears down every stream on the connection
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.http2.max_ping_strikes", 0),
             ],
         )
         self.health = HealthServicer()

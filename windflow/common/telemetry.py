@@ -56,10 +56,10 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
 
-def inject_metadata() -> list[tuple[str, str]]:
-    """The current trace context as gRPC metadata pairs."""
+def inject_metadata(context: otel_context.Context | None = None) -> list[tuple[str, str]]:
+    """The trace context (default: the current one) as gRPC metadata pairs."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return list(carrier.items())
 
 
