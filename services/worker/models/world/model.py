@@ -125,6 +125,9 @@ class BuiltinWorldModel(WorldModel):
             extra={
                 "window": w,
                 "state_bytes": cfg.depth * 2 * w * cfg.tokens * cfg.dim * 4,
+                # what one session adds to a batched step (its stacked cache dominates): the
+                # engine caps the batch at --memory-budget-mb / this
+                "sample_bytes": cfg.depth * 2 * w * cfg.tokens * cfg.dim * 4,
             },
         )
         # age of each cache slot as seen by the next frame: oldest = window, newest = 1
