@@ -45,7 +45,6 @@ T = TypeVar("T")
 class _StepResult:
     frames: list[bytes]
     snapshots: list[bytes | None]
-    rgb: np.ndarray
     model_start_us: int
     model_end_us: int
     encoded_us: list[int]
@@ -300,7 +299,7 @@ class StepEngine:
             encode_ms.append((time.perf_counter() - e0) * 1000.0)
             encoded_us.append(telemetry.now_us())
         return _StepResult(
-            frames, snapshots, rgb, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms
+            frames, snapshots, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms
         )
 
     async def aclose(self) -> None:

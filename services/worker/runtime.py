@@ -217,15 +217,7 @@ class WorkerRuntime:
         status = self.status(session_id)
         actor = self.engine.remove(session_id)
         if actor is not None:
-            actor.push(
-                pb.ServerMessage(
-                    event=pb.SessionEvent(
-                        kind=pb.SessionEvent.KIND_CLOSED,
-                        message="session closed",
-                        frame_index=actor.next_frame,
-                    )
-                )
-            )
+            actor.push(event(pb.SessionEvent.KIND_CLOSED, "session closed", actor.next_frame))
         self._on_change()
         log.info("closed session %s", session_id, extra={"session_id": session_id})
         return status
