@@ -47,6 +47,9 @@ class StreamProxy:
         self._router = router
         self._recover_timeout = recover_timeout_s
         self._call: grpc.aio.StreamStreamCall | None = None
+        self._leg_ready = asyncio.Event()
+        """Set once the current worker leg has taken its Attach: a call takes one write at
+        a time, and nothing may overtake the Attach."""
         self._controls: list[pb.Control] = list(first.attach.controls)
         self.last_forwarded = -1
         self.recoveries = 0
@@ -104,6 +107,7 @@ class StreamProxy:
             attach.resume_from = self.last_forwarded + 1
             del attach.controls[:]
             attach.controls.extend(c for c in self._controls if c.frame_index > self.last_forwarded)
+        self._leg_ready.clear()
         call = self._worker(self.placement.worker_address).Attach(
             metadata=telemetry.inject_metadata(self.trace_context)
         )
@@ -112,6 +116,7 @@ class StreamProxy:
             await call.write(pb.ClientMessage(attach=attach))
         except grpc.aio.AioRpcError as exc:
             raise grpc_util.error_from_rpc(exc) from exc
+        self._leg_ready.set()
         async for message in _responses(call):
             if not message.HasField("frame"):
                 if message.event.kind == pb.SessionEvent.KIND_REWOUND:
@@ -173,11 +178,16 @@ class StreamProxy:
                 if len(self._controls) >= MAX_REMEMBERED_CONTROLS:
                     self._controls.pop(0)  # only ever the oldest, long since delivered
                 self._controls.append(message.control)
+            await self._leg_ready.wait()  # after the leg's Attach, never beside it
             call = self._call
             if call is None:
                 continue
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                await call.write(message)  # a dead leg: the control is re-sent on recovery
+            try:
+                await call.write(message)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+                pass  # a dead leg: the control is re-sent on recovery
+            except Exception:  # the reader must outlive a bad write, or acks stop
+                log.exception("session %s: forwarding a client message failed", self.session_id)
         if self._call is not None:
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                 await self._call.done_writing()

@@ -68,6 +68,8 @@ class SessionActor:
         """(action, axes, steps) of the newest control-log entry; None before the first."""
         self.log_seq = 0
         """Stream sequence of the session's newest log entry (the append fence)."""
+        self.log_lock = asyncio.Lock()
+        """Held by an append in flight: appends of one session go one at a time, in order."""
         self._no_upload = asyncio.Event()
         self._no_upload.set()
         self.recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
@@ -87,6 +89,11 @@ class SessionActor:
         self._idle = asyncio.Event()
         self._idle.set()
         self.closed = False
+        self.unreleased = 0
+        """Frames stepped whose release (log ack, send) is still under way."""
+        self.generation = 0
+        """Bumped when the state is replaced (rewind, resume): frames stepped before are
+        of another future and are not sent."""
 
     # ---- the step loop's hold on the state ----
 
@@ -157,6 +164,11 @@ class SessionActor:
         self.model.validate_control(control)
         return control
 
+    @property
+    def control_waiting(self) -> bool:
+        """Has a control stamped for the next frame (or earlier) arrived, not yet applied?"""
+        return bool(self._pending_idx) and self._pending_idx[0] <= self.next_frame
+
     def take_control(self) -> AppliedControl:
         """The control for the next frame: the latest one stamped at or before it."""
         applied_time = 0
@@ -187,7 +199,7 @@ class SessionActor:
         if not self.attached or self.closed or self.stepping or self.restoring:
             return False
         if self.spec.output_policy == pb.OUTPUT_POLICY_PAUSE:
-            return len(self.out) < self._out_capacity
+            return len(self.out) + self.unreleased < self._out_capacity
         return True
 
     def remember(self, frame: int, blob: bytes, keep: int) -> None:
@@ -198,6 +210,7 @@ class SessionActor:
     def reset_to(self, state: SessionState) -> None:
         """Continue from ``state`` (a rewind or resume): queued output and controls go."""
         self.state = state
+        self.generation += 1
         self.durable_head = state.frame_index
         for frame in [f for f in self.recent if f > state.frame_index]:
             del self.recent[frame]  # another future now

@@ -52,6 +52,22 @@ class _StepResult:
     encode_ms: list[float]
 
 
+@dataclass(slots=True)
+class _Stepped:
+    """A stepped batch whose frames are still to be sent (``StepEngine._release``)."""
+
+    steps: int
+    actors: list[SessionActor]
+    generations: list[int]
+    indices: list[int]
+    dues: list[float]
+    controls: list[AppliedControl]
+    appends: dict[int, asyncio.Task[None]]
+    result: _StepResult
+    ready_us: int
+    wall_offset_us: int
+
+
 class StepEngine:
     def __init__(
         self,
@@ -81,6 +97,7 @@ class StepEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model-step")
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._release_tail: asyncio.Task[None] | None = None
         self.frames_total = 0
         self.steps_total = 0
 
@@ -139,7 +156,13 @@ class StepEngine:
 
     def _slots(self) -> list[scheduler.Slot]:
         return [
-            scheduler.Slot(a.session_id, a.spec.model_id, a.steps, a.due, a.ready)
+            scheduler.Slot(
+                a.session_id,
+                a.spec.model_id,
+                a.steps,
+                scheduler.start_due(a.due, a.interval, a.control_waiting),
+                a.ready,
+            )
             for a in self.sessions.values()
         ]
 
@@ -206,26 +229,77 @@ class StepEngine:
         finally:
             for a in actors:
                 a.stepping = False
-        # A frame leaves only once its control-log entry is acknowledged by the server.
-        unlogged: set[int] = set()
-        for i, task in appends.items():
-            try:
-                await task
-            except WindflowError as err:
-                unlogged.add(i)
-                log.error("session %s: %s; closing it here", actors[i].session_id, err.message)
-                actors[i].push(stream_error(err, indices[i]))
-                self.remove(actors[i].session_id)
+        # What the next plan needs happens here; building and sending the frames happens
+        # in a release task, so the next batch starts without waiting for it.
         finished = time.monotonic()
         self.steps_total += 1
         self.costs.observe(
             batch.model_id, batch.steps, len(actors), result.model_ms + sum(result.encode_ms)
         )
-        wall_offset_us = telemetry.now_us() - int(finished * 1e6)
         for i, actor in enumerate(actors):
             actor.due = scheduler.next_due(dues[i], actor.interval, finished)
-            if actor.closed or i in unlogged:
-                continue
+            actor.unreleased += 1
+        self.quality.after_step(actors, dues, finished)
+        step = _Stepped(
+            batch.steps,
+            actors,
+            [a.generation for a in actors],
+            indices,
+            dues,
+            controls,
+            appends,
+            result,
+            ready_us,
+            telemetry.now_us() - int(finished * 1e6),
+        )
+        tail = self._release_tail
+        if not appends and (tail is None or tail.done()):
+            # nothing to wait for: send on the loop's next turn (by then the next batch,
+            # if one is due, is already in the step thread)
+            loop.call_soon(self._send_now, step)
+        else:
+            self._release_tail = asyncio.create_task(
+                self._release(tail, step), name="worker-release"
+            )
+
+    def _send_now(self, step: _Stepped) -> None:
+        try:
+            self._send_frames(step, set())
+        finally:
+            for actor in step.actors:
+                actor.unreleased -= 1
+
+    async def _release(self, previous: asyncio.Task[None] | None, step: _Stepped) -> None:
+        """Send a batch's frames, after those of the batch before (frames leave in order),
+        each once its control-log entry is acknowledged by the server."""
+        try:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            self._send_frames(step, await self._await_appends(step))
+        finally:
+            for actor in step.actors:
+                actor.unreleased -= 1
+
+    async def _await_appends(self, step: _Stepped) -> set[int]:
+        unlogged: set[int] = set()
+        for i, task in step.appends.items():
+            actor = step.actors[i]
+            try:
+                await task
+            except WindflowError as err:
+                unlogged.add(i)
+                log.error("session %s: %s; closing it here", actor.session_id, err.message)
+                actor.push(stream_error(err, step.indices[i]))
+                self.remove(actor.session_id)
+        return unlogged
+
+    def _send_frames(self, step: _Stepped, unlogged: set[int]) -> None:
+        result, controls, indices, dues = step.result, step.controls, step.indices, step.dues
+        actors, wall_offset_us = step.actors, step.wall_offset_us
+        for i, actor in enumerate(actors):
+            if actor.closed or i in unlogged or actor.generation != step.generations[i]:
+                continue  # closed, not logged, or rewound meanwhile (another future now)
             actor.durable_head = indices[i] + 1
             blob = result.snapshots[i]
             if blob is not None and self.journal is not None:
@@ -236,7 +310,7 @@ class StepEngine:
                 width=actor.spec.width,
                 height=actor.spec.height,
                 data=result.frames[i],
-                steps=batch.steps,
+                steps=step.steps,
                 action=controls[i].control.action,
                 control_client_time_us=controls[i].client_time_us,
                 timestamps=pb.FrameTimestamps(
@@ -246,7 +320,7 @@ class StepEngine:
                     encoded_us=result.encoded_us[i],
                 ),
                 latency=pb.LatencyBreakdown(
-                    queue_ms=max(0.0, (result.model_start_us - ready_us) / 1000.0),
+                    queue_ms=max(0.0, (result.model_start_us - step.ready_us) / 1000.0),
                     model_ms=result.model_ms,
                     encode_ms=result.encode_ms[i],
                     batch_size=len(actors),
@@ -265,7 +339,6 @@ class StepEngine:
             actor.push(pb.ServerMessage(frame=frame))
             span.end()
             self.frames_total += 1
-        self.quality.after_step(actors, dues, finished)
 
     def _step_and_encode(
         self,
@@ -303,11 +376,12 @@ class StepEngine:
         )
 
     async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._task, self._release_tail):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._release_tail = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -122,7 +122,10 @@ class Journal:
         )
 
     async def append(self, actor: SessionActor, entry: internal_pb2.LogEntry) -> None:
-        actor.log_seq = await self.log.append(actor.session_id, entry, actor.log_seq)
+        """Append ``entry`` after the session's earlier appends (one at a time: each is
+        fenced on the sequence of the one before; batches overlap their releases)."""
+        async with actor.log_lock:
+            actor.log_seq = await self.log.append(actor.session_id, entry, actor.log_seq)
 
     def wants_checkpoint(self, next_frame: int) -> bool:
         every = self.checkpoint_every

@@ -15,6 +15,7 @@ from windflow.common import etcd, lifecycle, names, telemetry
 from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlLog
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
+from windflow.common.malloc import keep_freed_memory
 from windflow.v1 import internal_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 async def run(config: WorkerConfig) -> int:
     telemetry.setup(f"windflow-worker-{config.worker_id}", config.otlp_endpoint)
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
+    keep_freed_memory()  # model steps reuse their buffers instead of faulting in fresh pages
     models = {}
     for model_id in config.models:
         models[model_id] = await asyncio.to_thread(load_model, model_id)

@@ -415,6 +415,8 @@ class WorkerRuntime:
                     actor.add_control(message.control)
                 except WindflowError as err:
                     actor.push(stream_error(err, message.control.frame_index))
+                else:
+                    self.engine.wake()  # its frame may now start early (scheduler.start_due)
             elif kind == "ack":
                 actor.ack(message.ack.frame_index)
             else:

@@ -77,6 +77,20 @@ def next_due(previous_due: float, interval: float, finished_at: float) -> float:
     return finished_at if finished_at - due > interval else due
 
 
+EARLY_START_FRACTION = 0.25
+"""How far (as a share of its frame interval) a session's frame may start before its
+deadline once the control stamped for that frame has arrived (``start_due``)."""
+
+
+def start_due(due: float, interval: float, control_waiting: bool) -> float:
+    """When the frame due at ``due`` may start: at its deadline, or up to a quarter interval
+    earlier when its control is already here, so a client that sends each control just
+    before the frame's deadline (as games sample input late) gets the frame one step after
+    the control. The deadline grid does not move (the next frame is still due at
+    ``due + interval``), so a session never gets more than its fps."""
+    return due - EARLY_START_FRACTION * interval if control_waiting else due
+
+
 def effective_max_batch(max_batch: int, sample_bytes: int, budget_bytes: int) -> int:
     """The batch limit of a model under a memory budget (0 = no budget / unknown cost)."""
     size = max(1, max_batch)

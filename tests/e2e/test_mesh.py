@@ -199,7 +199,11 @@ async def test_bad_controls_are_refused_and_the_stream_goes_on(mesh: Mesh) -> No
 
 
 async def test_oversize_message_is_resource_exhausted_others_unharmed(mesh: Mesh) -> None:
-    async with Client(mesh.gateway) as client, client.session(MODEL, seed=4) as bystander:
+    # the bystander waits (PAUSE) while the test does not read it, so any gap is a harm
+    async with (
+        Client(mesh.gateway) as client,
+        client.session(MODEL, seed=4, output_policy="pause") as bystander,
+    ):
         before = [f.index async for f in bystander.frames(limit=3)]
         victim_info = await client.create_session(MODEL, seed=5)
         victim = await client.attach(victim_info)

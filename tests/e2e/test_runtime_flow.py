@@ -118,3 +118,42 @@ async def test_admission_refuses_what_the_worker_cannot_serve_on_time(mesh: Mesh
         finally:
             for info in opened:
                 await client.close_session(info.session_id)
+
+
+async def test_a_control_sent_just_in_time_starts_its_frame_early_at_the_session_fps(
+    mesh: Mesh,
+) -> None:
+    """A control that arrives shortly before its frame's deadline lets that frame start at
+    once (up to a quarter interval early) without raising the session's frame rate."""
+    frames: list[ReceivedFrame] = []
+    stamped: list[int] = []
+    async with (
+        Client(mesh.gateway) as client,
+        client.session(MODEL, fps=FPS, steps=1, quality="fixed") as session,
+    ):
+
+        async def read() -> None:
+            async for frame in session.frames():
+                frames.append(frame)
+                if len(frames) >= 48:
+                    return
+
+        reader = asyncio.create_task(read())
+        while not reader.done():
+            await asyncio.sleep(2.5 / FPS)
+            stamped.append(await session.send_just_in_time(1 + len(stamped) % 4))
+        await reader
+        errors_seen = list(session.errors)
+    by_index = {f.index: f for f in frames}
+    early = [
+        by_index[i]
+        for i in stamped
+        if i in by_index
+        and by_index[i].frame.timestamps.model_start_us < by_index[i].frame.timestamps.due_us
+    ]
+    assert early, "no frame with a control waiting started before its deadline"
+    for f in early:  # never more than a quarter interval early
+        lead_us = f.frame.timestamps.due_us - f.frame.timestamps.model_start_us
+        assert lead_us <= 0.25e6 / FPS + 1000
+    assert _fps(frames[8:]) <= FPS * 1.05  # the grid did not move
+    assert len(errors_seen) <= len(stamped) // 2  # late ones are refused as in the past

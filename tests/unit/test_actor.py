@@ -111,3 +111,30 @@ def test_not_ready_unless_attached() -> None:
     assert a.ready
     a.detach()
     assert not a.ready
+
+
+def test_control_waiting_only_for_the_next_frame() -> None:
+    a = actor()
+    assert not a.control_waiting
+    a.add_control(pb.Control(frame_index=1, action=2))
+    assert not a.control_waiting  # stamped for a later frame
+    a.add_control(pb.Control(frame_index=0, action=1))
+    assert a.control_waiting
+    a.take_control()
+    assert not a.control_waiting
+
+
+def test_pause_counts_frames_still_being_released() -> None:
+    a = actor(pb.OUTPUT_POLICY_PAUSE, out_queue=2)
+    a.attach(8)
+    a.push(frame(0))
+    assert a.ready
+    a.unreleased = 1  # a stepped frame not yet pushed fills the queue's last place
+    assert not a.ready
+
+
+def test_reset_to_starts_a_new_generation() -> None:
+    a = actor()
+    before = a.generation
+    a.reset_to(a.model.new_state(2))
+    assert a.generation == before + 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.worker.scheduler import Slot, next_due, next_wakeup, plan
+from services.worker.scheduler import Slot, next_due, next_wakeup, plan, start_due
 
 MAX = {"m": 4, "n": 2}
 
@@ -167,3 +167,16 @@ def test_hysteresis_does_not_flap_on_a_steady_load() -> None:
 def test_no_climb_while_another_session_misses_deadlines() -> None:
     views = [view("a", 2, slack=20), view("b", 2, misses=1)]  # b: below the down threshold
     assert decide_quality(views, 10.0, 0.3, P) == []
+
+
+def test_a_waiting_control_lets_its_frame_start_a_quarter_interval_early() -> None:
+    interval = 0.04
+    assert start_due(1.0, interval, control_waiting=False) == 1.0
+    early = start_due(1.0, interval, control_waiting=True)
+    assert early == 1.0 - 0.25 * interval
+    # planned at once when the control arrives inside that window, not before it
+    assert plan([slot("a", early)], now=0.995, horizon=0.001, max_batch=MAX) != []
+    assert plan([slot("a", early)], now=0.985, horizon=0.001, max_batch=MAX) == []
+    # the grid does not move: the next frame is due one interval after the deadline, so
+    # early starts never raise a session's frame rate
+    assert next_due(1.0, interval, finished_at=0.996) == 1.0 + interval

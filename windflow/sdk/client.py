@@ -78,6 +78,10 @@ class Session:
         self.errors: collections.deque[pb.StreamError] = collections.deque(maxlen=256)
         self.last_index = -1
         self.next_index = 0
+        self.fps = float(info.spec.fps) or 24.0
+        """The session's output fps (follows quality changes)."""
+        self.next_due_us = 0
+        """Deadline of the next frame on the worker's clock (unix us; 0 before a frame)."""
         self._closed = False
 
     async def start(self, controls: Sequence[tuple[int, int]] = ()) -> None:
@@ -122,6 +126,24 @@ class Session:
         )
         return index
 
+    async def send_just_in_time(
+        self, action: int = 0, axes: Sequence[float] = (), lead_ms: float | None = None
+    ) -> int:
+        """Wait until ``lead_ms`` before the next frame's deadline, then send the control
+        stamped for that frame: input sampled as late as possible, as games do. A worker
+        starts a frame up to a quarter interval early once its control is there, so the
+        frame follows the control by about one model step. The default lead is a fifth of
+        the frame interval (inside that quarter, with room for timer jitter both ways).
+        Assumes the client's clock agrees with the worker's (NTP); sends at once before the
+        first frame. Returns the frame index stamped.
+        """
+        lead_us = (1e6 / self.fps / 5.0) if lead_ms is None else lead_ms * 1000.0
+        if self.next_due_us:
+            wait_s = (self.next_due_us - lead_us - telemetry.now_us()) / 1e6
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+        return await self.send(action, axes, frame_index=self.next_index)
+
     async def send_raw(self, message: pb.ClientMessage) -> None:
         await self._outbox.put(message)
 
@@ -137,6 +159,7 @@ class Session:
                     received = ReceivedFrame(message.frame, telemetry.now_us())
                     self.last_index = received.index
                     self.next_index = received.index + 1
+                    self.next_due_us = message.frame.timestamps.due_us + int(1e6 / self.fps)
                     yield received
                     await self._outbox.put(pb.ClientMessage(ack=pb.Ack(frame_index=received.index)))
                     count += 1
@@ -144,6 +167,8 @@ class Session:
                         return
                 elif kind == "event":
                     self.events.append(message.event)
+                    if message.event.fps > 0:
+                        self.fps = message.event.fps
                     if message.event.kind == pb.SessionEvent.KIND_ATTACHED:
                         self.next_index = max(self.next_index, message.event.frame_index)
                     if message.event.kind == pb.SessionEvent.KIND_REWOUND:
