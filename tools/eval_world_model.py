@@ -26,6 +26,7 @@ import torch
 
 from services.worker.models.world.evaluation import check, evaluate
 from services.worker.models.world.model import WEIGHTS, load
+from windflow.common.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a bar of the issue is missed")
     args = p.parse_args(argv)
 
+    keep_freed_memory()  # as the worker does
     model = load(args.weights, window=args.window, num_threads=1)
     result = evaluate(model, args.png)
     result["machine"] = (

@@ -20,16 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.worker.models.base import Control
 from services.worker.models.world import sim
 from services.worker.models.world.evaluation import evaluate
-from services.worker.models.world.model import WEIGHTS, load, save_weights
+from services.worker.models.world.model import WEIGHTS, BuiltinWorldModel, load, save_weights
 from services.worker.models.world.net import NetConfig, WorldNet, block_ages, train_forward
+from windflow.common.malloc import keep_freed_memory
 
 # Times the sampler uses (1..4 steps), seen often in training next to uniform ones.
 LADDER_TIMES = torch.tensor([1.0, 0.75, 2 / 3, 0.5, 1 / 3, 0.25])
 # Gaussian noise (max sigma, in [-1, 1] units) on the context frames: at inference the
 # model conditions on its own imperfect frames.
 CONTEXT_NOISE = 0.05
+# Loss weight of the pixels whose colour changes from the previous frame.
+MOVING_WEIGHT = 8.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,24 +41,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worlds", type=int, default=256, help="training worlds (episodes)")
     p.add_argument("--length", type=int, default=200, help="frames per episode")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=2200, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--frames", type=int, default=6, help="predicted frames per sequence")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--dim", type=int, default=96)
+    p.add_argument("--depth", type=int, default=3)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for training")
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
-        "--self-forcing-start", type=float, default=0.3, help="fraction of steps before it"
+        "--self-forcing-start", type=float, default=0.6, help="fraction of steps before it"
     )
     p.add_argument(
         "--self-forcing",
         type=float,
-        default=0.0,
-        help="after 30%% of the steps, the share of batches whose context frames are the "
-        "model's own one-step predictions (it learns to correct its own errors)",
+        default=0.3,
+        help="after --self-forcing-start of the steps, the share of batches whose context "
+        "frames are the model's own one-step predictions (it learns to correct its errors)",
+    )
+    p.add_argument(
+        "--rollout",
+        action="store_true",
+        help="self-forcing context from the model's free rollout (KV cache, K from the "
+        "ladder) rather than its one-step predictions",
+    )
+    p.add_argument(
+        "--corrupt",
+        type=float,
+        default=0.1,
+        help="the most of a context frame's pixels that take a neighbour's colour",
+    )
+    p.add_argument(
+        "--denoise-own",
+        type=float,
+        default=0.5,
+        help="in self-forcing batches, the share of frames noised (t < 1) from the model's "
+        "own one-step prediction instead of the truth",
     )
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--card", type=Path, default=WEIGHTS.with_name("model_card.json"))
@@ -62,11 +85,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def corrupt_edges(frames: torch.Tensor, max_rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Frames (B, F, H, W, 3) where up to ``max_rate`` of the pixels (a rate drawn per
+    sequence) take a neighbour's colour: inside a uniform region nothing changes, at an
+    object's edge the edge moves by a pixel."""
+    b = frames.shape[0]
+    rate = torch.rand(b, 1, 1, 1, 1, generator=gen) * max_rate
+    mask = torch.rand((*frames.shape[:-1], 1), generator=gen) < rate
+    shift = [(1, 2), (-1, 2), (1, 3), (-1, 3)][int(torch.randint(4, (1,), generator=gen))]
+    neighbour = torch.roll(frames, shifts=shift[0], dims=shift[1])
+    return torch.where(mask, neighbour, frames)
+
+
+def one_step_own(
+    net: WorldNet,
+    context: torch.Tensor,
+    target: torch.Tensor,
+    actions: torch.Tensor,
+    ages: torch.Tensor,
+    first_before: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The model's K=1 predictions of every target frame from the true context frames
+    (B, F, H, W, 3) in [-1, 1], as palette images."""
+    device = ages.device
+    b, f = target.shape[:2]
+    with torch.no_grad():
+        logits = train_forward(
+            net,
+            context.to(device),
+            torch.randn(target.shape, generator=gen).to(device),
+            torch.ones(b, f).to(device),
+            actions.to(device),
+            ages,
+            context.to(device),
+            first_before.to(device),
+        )
+    return net.colors_of(logits).cpu()
+
+
+def self_rollout(
+    roller: BuiltinWorldModel, seq: torch.Tensor, actions: torch.Tensor, steps: int, seed: int
+) -> torch.Tensor:
+    """Frames 2..F+1 of each sequence (B, F+2, H, W, 3) in [-1, 1] as the model imagines
+    them from frames 0 and 1 under ``actions`` (B, F) -> (B, F, H, W, 3) in [-1, 1]."""
+    u8 = ((seq + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    states = [roller.state_from(u8[i, 0], u8[i, 1], seed + i) for i in range(len(u8))]
+    out = [
+        roller.step(states, [Control(int(a)) for a in actions[:, t]], steps)
+        for t in range(actions.shape[1])
+    ]
+    return torch.from_numpy(np.stack(out, axis=1)).float() / 127.5 - 1.0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     rng = np.random.default_rng(args.seed)
 
     t0 = time.perf_counter()
@@ -89,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             p.requires_grad_(True)
     net = net.to(device)
     ages = block_ages(args.frames, cfg.window, cfg.tokens).to(device)
+    # the inference code over the net being trained, for --rollout
+    roller = BuiltinWorldModel(net, "training", num_threads=None, frozen=False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, args.steps // 30)
 
@@ -104,32 +183,36 @@ def main(argv: list[str] | None = None) -> int:
     losses: list[float] = []
     for step in range(args.steps):
         world = torch.from_numpy(rng.integers(0, frames.shape[0], size=args.batch))
-        start = torch.from_numpy(rng.integers(0, args.length - f + 1, size=args.batch))
-        idx = start[:, None] + torch.arange(f + 1)[None]
-        seq = frames_t[world[:, None], idx].float().div(127.5).sub(1.0)  # (B, F+1, H, W, 3)
-        acts = actions_t[world[:, None], idx[:, :-1]]
-        context, target = seq[:, :-1], seq[:, 1:]
+        # a sequence starts at frame >= 1: its first context frame has a true frame before
+        # it (as at inference, where a session starts from two frames)
+        start = torch.from_numpy(rng.integers(1, args.length - f + 1, size=args.batch))
+        idx = start[:, None] + torch.arange(-1, f + 1)[None]
+        seq = frames_t[world[:, None], idx].float().div(127.5).sub(1.0)  # (B, F+2, H, W, 3)
+        acts = actions_t[world[:, None], idx[:, 1:-1]]
+        first_before, context, target = seq[:, 0], seq[:, 1:-1], seq[:, 2:]
         base = context
+        own: torch.Tensor | None = None
         if (
             args.self_forcing > 0
             and step >= args.self_forcing_start * args.steps
             and rng.random() < args.self_forcing
         ):
-            # context frames 1..F-1 := the model's own one-step (K=1) predictions, rounded
-            # to uint8 levels as at inference; the targets stay the truth
-            with torch.no_grad():
-                own = train_forward(
-                    net,
-                    context.to(device),
-                    torch.randn(target.shape, generator=gen).to(device),
-                    torch.ones(args.batch, f).to(device),
-                    acts.to(device),
-                    ages,
-                    context.to(device),
-                ).cpu()
-            own = ((own.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0
+            if args.rollout:
+                # context frames 1..F-1 := the model's own free rollout from the first two
+                # frames (the inference code: KV cache, K from the ladder), so it sees and
+                # learns to undo what its errors grow into; the targets stay the truth
+                k = int(rng.integers(1, 5))
+                own = self_rollout(roller, seq, acts, k, args.seed * 1_000_000 + step)
+            else:
+                # context frames 1..F-1 := the model's own one-step (K=1) predictions
+                # (palette images, as at inference); the targets stay the truth
+                own = one_step_own(net, context, target, acts, ages, first_before, gen)
             context = torch.cat([context[:, :1], own[:, :-1]], dim=1)
-            base = context
+        if args.corrupt > 0:
+            # the context's object edges, a pixel off here and there (as in the model's own
+            # frames): the pixel decoder learns to restore shapes rather than grow errors
+            context = corrupt_edges(context, args.corrupt, gen)
+        base = context
         # the model conditions on its own (imperfect) frames at inference: noisy context
         sigma = torch.rand(args.batch, 1, 1, 1, 1, generator=gen) * CONTEXT_NOISE
         context = context + sigma * torch.randn(context.shape, generator=gen)
@@ -138,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         t = torch.where(pick, ladder, torch.rand(args.batch, f, generator=gen))
         noise = torch.randn(target.shape, generator=gen)
         tt = t[..., None, None, None]
-        x_t = (1 - tt) * target + tt * noise
-        pred = train_forward(
+        x_0 = target
+        if own is not None:
+            # some frames are noised from the model's own first guess instead of the truth:
+            # a later denoising pass learns to correct the first (more steps, better frames)
+            mine = torch.rand(args.batch, f, 1, 1, 1, generator=gen) < args.denoise_own
+            x_0 = torch.where(mine & (tt < 1.0), own, target)
+        x_t = (1 - tt) * x_0 + tt * noise
+        logits = train_forward(
             net,
             context.to(device),
             x_t.to(device),
@@ -147,11 +236,17 @@ def main(argv: list[str] | None = None) -> int:
             acts.to(device),
             ages,
             base.to(device),
+            first_before.to(device),
         )
-        # pixels that change (or that the base has wrong) carry the dynamics: weight them up
-        moving = ((target - base).abs().amax(-1, keepdim=True) > 0.05).float()
-        weight = (1.0 + 7.0 * moving).to(device)
-        loss = (weight * (pred - target.to(device)) ** 2).mean()
+        # per-pixel cross-entropy over the palette; pixels that change (or that the base
+        # has wrong) carry the dynamics: weight them up
+        target_idx = net.color_index(target.to(device))
+        moving = (target_idx != net.color_index(base.to(device))).float()
+        weight = 1.0 + (MOVING_WEIGHT - 1.0) * moving
+        ce = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), target_idx.flatten(0, 1), reduction="none"
+        )
+        loss = (weight.flatten(0, 1) * ce).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -185,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             "context_noise_max": CONTEXT_NOISE,
             "self_forcing": args.self_forcing,
             "self_forcing_start": args.self_forcing_start,
+            "denoise_own": args.denoise_own,
+            "corrupt": args.corrupt,
+            "rollout": args.rollout,
             "init": None if args.init is None else args.init.name,
-            "moving_pixel_weight": 8.0,
+            "moving_pixel_weight": MOVING_WEIGHT,
             "device": str(device),
             "threads": args.threads,
             "seconds": round(train_s, 1),

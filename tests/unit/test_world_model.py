@@ -169,7 +169,7 @@ def test_it_learned_the_arena(model: BuiltinWorldModel) -> None:
     """Short rollouts on held-out worlds: true actions beat copying the last frame and beat
     the wrong actions (the full evaluation is tools/eval_world_model.py)."""
     seeds = [7_000_000 + i for i in range(8)]
-    frames, acts = sim.generate_episodes(seeds, 8, policy_seed=99)
+    frames, acts = sim.generate_episodes(seeds, 8, policy_seed=99, warm_start=True)
     wrong = (acts + 2) % len(sim.ACTIONS)
 
     def rollout(a: np.ndarray) -> np.ndarray:
@@ -190,16 +190,16 @@ def test_it_learned_the_arena(model: BuiltinWorldModel) -> None:
 def test_one_step_prediction_beats_copying_the_last_frame(model: BuiltinWorldModel) -> None:
     """Teacher-forced (true context frames): the model does learn the dynamics."""
     seeds = tuple(7_000_000 + i for i in range(8))
-    frames, acts = sim.generate_episodes(list(seeds), 6, policy_seed=99)
+    frames, acts = sim.generate_episodes(list(seeds), 6, policy_seed=99, warm_start=True)
     states = [model.new_state(s) for s in seeds]
     preds = []
     for t in range(6):
         preds.append(model.step(states, [Control(int(a)) for a in acts[:, t]], 2))
         for i, state in enumerate(states):
             model.observe(state, frames[i, t + 1])
-    pred = np.stack(preds, 1)[:, 1:] / 255.0  # from step 2 on, the motion is visible
-    truth, last = frames[:, 2:] / 255.0, frames[:, 1:-1] / 255.0
-    assert np.mean((pred - truth) ** 2) < 0.5 * np.mean((last - truth) ** 2)  # >= 3 dB
+    pred = np.stack(preds, 1) / 255.0
+    truth, last = frames[:, 1:] / 255.0, frames[:, :-1] / 255.0
+    assert np.mean((pred - truth) ** 2) < 0.25 * np.mean((last - truth) ** 2)  # >= 6 dB
 
 
 def test_weights_and_model_card_are_committed(model: BuiltinWorldModel) -> None:
@@ -285,3 +285,31 @@ def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:
         load(bad)
     with pytest.raises(CheckpointError, match="no weights"):
         load(tmp_path / "absent.safetensors")
+
+
+def test_sessions_start_from_two_frames_and_make_palette_images(model: BuiltinWorldModel) -> None:
+    """A session's context is the world's first two frames (one still frame cannot show
+    the balls' velocities), and every frame made is an image in the arena's palette."""
+    before, first = sim.start_frames(21)
+    state = model.new_state(21)
+    assert np.array_equal(state.before, before) and np.array_equal(state.prev, first)
+    frames, _ = sim.generate_episodes([21], 1, policy_seed=5, warm_start=True)
+    assert np.array_equal(frames[0, 0], first)
+    made = np.stack([model.step([state], [c], 2)[0] for c in actions(6)])
+    palette = {tuple(c) for c in sim.PALETTE}
+    assert {tuple(p) for p in made.reshape(-1, 3)} <= palette
+    again = model.state_from(before, first, 21)
+    assert np.array_equal(np.stack([model.step([again], [c], 2)[0] for c in actions(6)]), made)
+
+
+def test_an_observed_frame_off_the_palette_is_read_by_nearest_colour(
+    model: BuiltinWorldModel,
+) -> None:
+    a, b = model.new_state(8), model.new_state(8)
+    tinted = np.clip(a.prev.astype(np.int16) + 9, 0, 255).astype(np.uint8)  # a camera's view
+    model.observe(b, tinted)
+    # the pixel decoder reads the same colours; the tokens see the tint itself
+    assert model.step([b], [Control(1)], 1).shape == (1, 64, 64, 3)
+    from services.worker.models.world.model import _color_index
+
+    assert torch.equal(_color_index([tinted]), _color_index([a.prev]))

@@ -89,7 +89,7 @@ def evaluate(
     speed_repeats: int = 30,
 ) -> dict[str, Any]:
     """Every figure of the report as a JSON-ready dict (see tools/eval_world_model.py)."""
-    frames, actions = sim.generate_episodes(list(seeds), horizon, POLICY_SEED)
+    frames, actions = sim.generate_episodes(list(seeds), horizon, POLICY_SEED, warm_start=True)
     # Shuffled: each world gets another world's action sequence (same policy, wrong moves).
     shuffled = np.roll(actions, 1, axis=0)
     truth = frames[:, 1:]

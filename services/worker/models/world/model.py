@@ -6,10 +6,10 @@ start of the next step) and the one before it (the motion input of the denoiser)
 session's own noise generator, its frame index and seed.
 
 A step, batched over sessions: (1) the last frame's clean pass fills the cache; (2) K
-denoising passes from pure noise: each predicts the clean frame, which is re-noised to the
-next time of the schedule with the noise that prediction implies (DDIM; the only
-random draw is the starting noise, from the session's generator); (3) the last
-prediction, rounded to uint8, is the frame. K is the quality ladder: 1..4.
+denoising passes from pure noise: each predicts the frame's palette colours, whose arg-max
+image is re-noised to the next time of the schedule with the noise that prediction
+implies (DDIM; the only random draw is the starting noise, from the session's generator);
+(3) the last pass's arg-max colours are the frame. K is the quality ladder: 1..4.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from services.worker.models.base import Control, ModelInfo, SessionState, WorldModel
 from services.worker.models.world import sim
-from services.worker.models.world.net import NetConfig, WorldNet
+from services.worker.models.world.net import NetConfig, WorldNet, arg_max_color
 from windflow.errors import (
     CheckpointError,
     InvalidArgument,
@@ -93,11 +93,19 @@ class BuiltinWorldModel(WorldModel):
     """
 
     def __init__(
-        self, net: WorldNet, version: str, *, window: int | None = None, num_threads: int | None = 1
+        self,
+        net: WorldNet,
+        version: str,
+        *,
+        window: int | None = None,
+        num_threads: int | None = 1,
+        frozen: bool = True,
     ) -> None:
-        self.net = net.eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
+        self.net = net
+        if frozen:  # False: the training script's rollouts over a net it goes on training
+            net.eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
         cfg = net.cfg
         self.cfg = cfg
         w = cfg.window if window is None else int(window)
@@ -112,7 +120,7 @@ class BuiltinWorldModel(WorldModel):
             version=version,
             description=(
                 "Built-in action-conditioned world model: a block-causal transformer with "
-                f"a {w}-frame KV cache and a 1-4 step flow-matching head, trained "
+                f"a {w}-frame KV cache, a pixel decoder and a 1-4 step sampler, trained "
                 "on the repo's own 2-D arena"
             ),
             width=cfg.width,
@@ -130,15 +138,17 @@ class BuiltinWorldModel(WorldModel):
                 "sample_bytes": cfg.depth * 2 * w * cfg.tokens * cfg.dim * 4,
             },
         )
+        self._palette = sim.PALETTE
         # age of each cache slot as seen by the next frame: oldest = window, newest = 1
         self._slot_age = torch.arange(w, 0, -1)
 
     # ---- sessions ----
 
     def new_state(self, seed: int) -> WorldState:
-        """A fresh arena from ``seed``: its first frame is the context the model starts from."""
+        """A fresh arena from ``seed``: its first two frames (``sim.start_frames``) are the
+        context the model starts from."""
         cfg = self.cfg
-        first = sim.WorldSim([seed]).render()[0]
+        before, first = sim.start_frames(seed)
         return WorldState(
             seed=seed,
             frame_index=0,
@@ -146,7 +156,17 @@ class BuiltinWorldModel(WorldModel):
             valid=torch.zeros(self.window, dtype=torch.bool),
             prev=first,
             rng=np.random.default_rng([seed, 0x5EED]),
+            before=before,
         )
+
+    def state_from(self, before: np.ndarray, frame: np.ndarray, seed: int) -> WorldState:
+        """A session that starts from two given frames (uint8 (H, W, 3)) and an empty
+        cache, its noise drawn from ``seed``."""
+        state = self.new_state(seed)
+        self.observe(state, before)
+        state.before = state.prev
+        self.observe(state, frame)
+        return state
 
     def observe(self, state: SessionState, frame: np.ndarray) -> None:
         """Make ``frame`` (uint8 (H, W, 3)) the session's current frame in place of the one
@@ -229,23 +249,29 @@ class BuiltinWorldModel(WorldModel):
         shape = (cfg.height, cfg.width, 3)
         x = self._noise(ws, shape)
         times = schedule(steps)
-        x0 = x
+        local = net.local_features(
+            _color_index([s.prev for s in ws]), _color_index([s.before for s in ws])
+        )
+        keep = net.keep_bias(_color_index([s.prev for s in ws]))
+        context = net.noisy_context(prev, before, actions)
+        logits = torch.empty(0)
         for n, time in enumerate(times):
-            z = net.noisy_tokens(x, prev, before, torch.full((b,), time), actions)
+            z = net.noisy_tokens(x, torch.full((b,), time), context)
             for i, block in enumerate(net.layers):
                 q, k, v = block.project(z)
                 keys = torch.cat([cache_k[i], k], 1)
                 values = torch.cat([cache_v[i], v], 1)
                 z = block.attend(z, q, keys, values, age)
-            x0 = net.output(z, prev).clamp(-1.0, 1.0)
+            logits = net.output(z, local, keep)
             if n + 1 < len(times):
+                x0 = net.colors_of(logits)  # a palette image, like the frames it learned
                 # deterministic (DDIM) update: keep the noise the prediction implies
                 noise = (x - (1.0 - time) * x0) / time
                 nxt = times[n + 1]
                 x = (1.0 - nxt) * x0 + nxt * noise
 
-        # (3) the frame, and the new session states
-        frames = ((x0 + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        # (3) the frame (the arg-max colours of the last pass), and the new session states
+        frames = self._palette[arg_max_color(logits).numpy()]
         for j, s in enumerate(ws):
             s.kv = kv[j].clone()
             s.valid = valid[j].clone()
@@ -329,6 +355,23 @@ class BuiltinWorldModel(WorldModel):
         prev = np.frombuffer(body[start : start + n_prev], np.uint8).reshape(shape).copy()
         before = np.frombuffer(body[start + n_prev :], np.uint8).reshape(shape).copy()
         return WorldState(seed, frame_index, kv, valid, prev, rng, before)
+
+
+# The arena's colours differ in their red channel: a frame made of palette colours maps
+# to colour indices through the red channel alone.
+_RED_TO_INDEX = np.abs(
+    np.arange(256)[:, None] - sim.PALETTE[:, 0].astype(np.int64)[None, :]
+).argmin(1)
+
+
+def _color_index(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 frames (H, W, 3) -> their nearest palette colours' indices (B, H, W) long."""
+    stacked = np.stack(frames)
+    idx = _RED_TO_INDEX[stacked[..., 0]]
+    if not np.array_equal(sim.PALETTE[idx], stacked):  # not a palette image (observed)
+        diff = stacked[..., None, :].astype(np.int64) - sim.PALETTE.astype(np.int64)
+        idx = (diff**2).sum(-1).argmin(-1)
+    return torch.from_numpy(idx)
 
 
 def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:

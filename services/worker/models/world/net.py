@@ -7,6 +7,13 @@ and the previous frame at the same patch). Every block attends to itself and to 
 ``window`` clean frames before it; a learned bias per (head, age) tells frames apart by
 age, so the cache is a window that rolls.
 
+The head is categorical: for every pixel, logits over the arena's palette (its ``colors``
+colours), plus a learned bias towards the previous frame's colour at that pixel (an
+untrained head is the copy-last-frame baseline). A frame is the palette's colour of the
+arg-max, which is also the clean-frame estimate the few-step sampler re-noises between
+passes. Frames made this way are exact palette images, so what
+the model feeds back to itself in a long rollout is never off-palette junk.
+
 Every matrix product is batched per session (``bmm``/``baddbmm`` with the batch as the
 batch dimension): a session's numbers are computed by the same kernel calls on the same
 shapes whether it is stepped alone or with others, so its frames are bit-identical either
@@ -21,6 +28,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from services.worker.models.world import sim
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -33,6 +42,9 @@ class NetConfig:
     mlp: int = 2
     window: int = 4
     n_actions: int = 5
+    colors: int = len(sim.PALETTE)
+    pixel: int = 8  # per-pixel feature channels the head makes from each token
+    local: int = 16  # channels of the local pixel decoder
 
     @property
     def tokens(self) -> int:
@@ -119,14 +131,26 @@ class WorldNet(nn.Module):
         self.time_out = nn.Linear(d, d)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg.patch_dim)
+        if cfg.colors != len(sim.PALETTE):
+            raise ValueError(f"the arena has {len(sim.PALETTE)} colours, not {cfg.colors}")
+        c, loc = cfg.colors, cfg.local
+        self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
+        # the local pixel decoder: two 3x3 convolutions over the last two frames' colours
+        # (once per step), mixed with the tokens' per-pixel features (every pass)
+        self.local1 = nn.Conv2d(2 * c, loc, 3, padding=1)
+        self.local2 = nn.Conv2d(loc, loc, 3, padding=1)
+        self.mix = nn.Linear(cfg.pixel, loc, bias=False)
+        self.logits = nn.Linear(loc, c)
+        # logit bias for "the pixel keeps its colour": with a zero output layer the model
+        # starts as the copy-last-frame baseline
+        self.keep = nn.Parameter(torch.tensor(4.0))
+        self.register_buffer(
+            "palette", torch.from_numpy(sim.PALETTE).float() / 127.5 - 1.0, persistent=False
+        )
         nn.init.normal_(self.pos, std=0.02)
         nn.init.normal_(self.kind, std=0.02)
-        # the prediction is a change to the previous frame: it starts as "copy the last frame"
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.logits.weight)
+        nn.init.zeros_(self.logits.bias)
 
     @property
     def layers(self) -> list[Block]:
@@ -141,12 +165,22 @@ class WorldNet(nn.Module):
         x = frames.view(b, self.cfg.height // p, p, self.cfg.width // p, p, 3)
         return x.permute(0, 1, 3, 2, 4, 5).reshape(b, self.cfg.tokens, self.cfg.patch_dim)
 
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, tokens: torch.Tensor, channels: int = 3) -> torch.Tensor:
+        """(B, T, patch * patch * channels) -> (B, H, W, channels)."""
         b = tokens.shape[0]
         p = self.cfg.patch
         gh, gw = self.cfg.height // p, self.cfg.width // p
-        x = tokens.view(b, gh, gw, p, p, 3).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, self.cfg.height, self.cfg.width, 3)
+        x = tokens.view(b, gh, gw, p, p, channels).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, self.cfg.height, self.cfg.width, channels)
+
+    # ---- colours ----
+
+    def color_index(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) in [-1, 1] -> (B, H, W) long: the nearest palette colour per pixel."""
+        palette = cast(torch.Tensor, self.palette)
+        # argmin |x - p|^2 = argmax 2 x.p - |p|^2 (elementwise per pixel: batch-invariant)
+        score = (frames.unsqueeze(-2) * (2.0 * palette)).sum(-1) - (palette**2).sum(-1)
+        return score.argmax(-1)
 
     # ---- token inputs ----
 
@@ -154,30 +188,76 @@ class WorldNet(nn.Module):
         """Input tokens of clean frames (B, H, W, 3) -> (B, T, D)."""
         return linear(self.patchify(frames), self.embed) + self.pos + self.kind[0]
 
-    def noisy_tokens(
-        self,
-        x_t: torch.Tensor,
-        prev: torch.Tensor,
-        before: torch.Tensor,
-        t: torch.Tensor,
-        action: torch.Tensor,
+    def noisy_context(
+        self, prev: torch.Tensor, before: torch.Tensor, action: torch.Tensor
     ) -> torch.Tensor:
-        """Input tokens of the frame being denoised: noisy frame x_t, the previous frame and
-        its change from the one before (motion at a glance), time t (B,), action (B,)
-        -> (B, T, D)."""
+        """The part of a denoised frame's input tokens that every pass of a step shares:
+        the previous frame, its change from the one before (motion at a glance) and the
+        action (B,) -> (B, T, D)."""
+        x = linear(self.patchify(prev), self.embed_prev)
+        x = x + linear(self.patchify(prev - before), self.embed_motion)
+        return x + self.pos + self.kind[1] + self.action(action).unsqueeze(1)
+
+    def noisy_tokens(
+        self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """Input tokens of the frame being denoised: noisy frame x_t, time t (B,) and the
+        step's ``noisy_context`` -> (B, T, D)."""
         time = linear(
             torch.nn.functional.silu(linear(t.view(-1, 1, 1), self.time_in)), self.time_out
         )
-        cond = time + self.action(action).unsqueeze(1)
-        x = linear(self.patchify(x_t), self.embed) + linear(self.patchify(prev), self.embed_prev)
-        x = x + linear(self.patchify(prev - before), self.embed_motion)
-        return x + self.pos + self.kind[1] + cond
+        return linear(self.patchify(x_t), self.embed) + context + time
 
-    def output(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """Final tokens (B, T, D) -> predicted clean frame (B, H, W, 3), as a change to
-        ``base`` (the previous frame): what does not move needs no work, and an untrained
-        head starts as the copy-last-frame baseline."""
-        return base + self.unpatchify(linear(self.norm(x), self.head))
+    def local_features(self, prev_idx: torch.Tensor, before_idx: torch.Tensor) -> torch.Tensor:
+        """What the pixel decoder sees of the last two frames (their colour indices,
+        (B, H, W) long) around each pixel (a 5x5 neighbourhood: everything moves at most
+        2 px a frame) -> (B, local, H * W). The same for every denoising pass of a step."""
+        c = self.cfg.colors
+        b, h, w = prev_idx.shape
+        hot = torch.zeros(b, 2 * c, h, w)
+        hot.scatter_(1, prev_idx.unsqueeze(1), 1.0)
+        hot.scatter_(1, before_idx.unsqueeze(1) + c, 1.0)
+        # one convolution call per session: the same call on the same shape whether a
+        # session is stepped alone or in a batch (batch-invariant, like ``linear``)
+        out = [self.local2(torch.relu(self.local1(m.unsqueeze(0)))) for m in hot]
+        return torch.cat(out).flatten(2)
+
+    def keep_bias(self, prev_idx: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) colour indices of the previous frame -> (B, colors, H * W): the logit
+        bias towards keeping each pixel's colour (what does not move needs no work, and an
+        untrained decoder starts as the copy-last-frame baseline)."""
+        b = prev_idx.shape[0]
+        keep = torch.zeros(b, self.cfg.colors, prev_idx[0].numel())
+        return keep.scatter_(1, prev_idx.view(b, 1, -1), 1.0) * self.keep
+
+    def output(self, x: torch.Tensor, local: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Final tokens (B, T, D), ``local_features`` and ``keep_bias`` -> per-pixel palette
+        logits (B, colors, H, W). Channels first: every GEMM here is short and wide."""
+        cfg = self.cfg
+        b = x.shape[0]
+        p, gh, gw = cfg.patch, cfg.height // cfg.patch, cfg.width // cfg.patch
+        pixel = linear(self.norm(x), self.head).view(b, gh, gw, p, p, cfg.pixel)
+        pixel = pixel.permute(0, 5, 1, 3, 2, 4).reshape(b, cfg.pixel, cfg.height * cfg.width)
+        h = torch.relu(torch.baddbmm(local, _per_session(self.mix.weight, b), pixel))
+        logits = torch.baddbmm(
+            keep + self.logits.bias.view(1, -1, 1), _per_session(self.logits.weight, b), h
+        )
+        return logits.view(b, cfg.colors, cfg.height, cfg.width)
+
+    def colors_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., colors, H, W) logits -> (..., H, W, 3) in [-1, 1]: the arg-max's colour."""
+        return cast(torch.Tensor, self.palette)[arg_max_color(logits)]
+
+
+def arg_max_color(logits: torch.Tensor) -> torch.Tensor:
+    """(..., colors, H, W) -> (..., H, W) long: the arg-max over the colour axis (taken
+    channels-last: a reduction over a strided axis is many times slower)."""
+    return logits.movedim(-3, -1).contiguous().argmax(-1)
+
+
+def _per_session(weight: torch.Tensor, b: int) -> torch.Tensor:
+    """A weight (out, in) as (B, out, in) for ``bmm``: one GEMM per session."""
+    return weight.unsqueeze(0).expand(b, -1, -1)
 
 
 def block_ages(frames: int, window: int, tokens: int) -> torch.Tensor:
@@ -209,34 +289,37 @@ def train_forward(
     actions: torch.Tensor,
     ages: torch.Tensor,
     base: torch.Tensor,
+    first_before: torch.Tensor,
 ) -> torch.Tensor:
     """Teacher-forced prediction of every frame of a sequence at once.
 
     context (B, F, H, W, 3): clean frames 0..F-1 (possibly noise-augmented); base: the same
     frames un-augmented (the residual base of each prediction);
     x_t (B, F, H, W, 3): noisy versions of frames 1..F; t (B, F); actions (B, F) (the
-    action that turns frame i into i+1). Returns predicted clean frames 1..F (B, F, H, W, 3).
+    action that turns frame i into i+1); first_before (B, H, W, 3): the frame before
+    context frame 0 (its motion input). Returns the palette logits of frames 1..F
+    (B, F, colors, H, W).
     """
     b, f = context.shape[:2]
     cfg = net.cfg
     flat = context.reshape(b * f, cfg.height, cfg.width, 3)
     clean = net.clean_tokens(flat).view(b, f * cfg.tokens, cfg.dim)
-    # the frame before each context frame (the first has none: no motion, as at a start)
-    before = torch.cat([context[:, :1], context[:, :-1]], dim=1).reshape(flat.shape)
+    # the frame before each context frame
+    before = torch.cat([first_before.unsqueeze(1), context[:, :-1]], dim=1).reshape(flat.shape)
     noisy = net.noisy_tokens(
         x_t.reshape(b * f, cfg.height, cfg.width, 3),
-        flat,
-        before,
         t.reshape(-1),
-        actions.reshape(-1),
+        net.noisy_context(flat, before, actions.reshape(-1)),
     ).view(b, f * cfg.tokens, cfg.dim)
     z = torch.cat([clean, noisy], dim=1)
     age = ages.unsqueeze(0).expand(b, -1, -1)
     for block in net.layers:
         q, k, v = block.project(z)
         z = block.attend(z, q, k, v, age)
+    base_idx = net.color_index(base.reshape(b * f, cfg.height, cfg.width, 3))
     out = net.output(
         z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim),
-        base.reshape(b * f, cfg.height, cfg.width, 3),
+        net.local_features(net.color_index(flat), net.color_index(before)),
+        net.keep_bias(base_idx),
     )
-    return out.view(b, f, cfg.height, cfg.width, 3)
+    return out.view(b, f, cfg.colors, cfg.height, cfg.width)

@@ -40,6 +40,8 @@ BACKGROUND = np.array([18, 22, 38], dtype=np.uint8)
 OBSTACLE_COLOR = np.array([128, 128, 136], dtype=np.uint8)
 AGENT_COLOR = np.array([232, 64, 56], dtype=np.uint8)
 BALL_COLORS = np.array([[250, 210, 60], [70, 200, 230]], dtype=np.uint8)
+# Every colour a frame can hold (index 0 = background): the model's output classes.
+PALETTE = np.stack([BACKGROUND, OBSTACLE_COLOR, AGENT_COLOR, *BALL_COLORS]).astype(np.uint8)
 
 
 def _boxes_overlap(
@@ -197,15 +199,33 @@ class StickyRandomPolicy:
         return self._last.copy()
 
 
+def start_frames(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two frames a session of the world ``seed`` starts from: the one at its seed and
+    the one after a no-op step. One still frame cannot show the balls' velocities; two do,
+    so what comes next is determined by them and the actions."""
+    world = WorldSim([seed])
+    before = world.render()[0]
+    return before, world.step([0])[0]
+
+
 def generate_episodes(
-    seeds: Sequence[int], length: int, policy_seed: int, repeat_prob: float = 0.8
+    seeds: Sequence[int],
+    length: int,
+    policy_seed: int,
+    repeat_prob: float = 0.8,
+    *,
+    warm_start: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Episodes under the sticky random policy, one per world seed.
 
     Returns ``frames`` uint8 (n, length + 1, 64, 64, 3) and ``actions`` int64 (n, length),
-    where ``actions[:, t]`` turns ``frames[:, t]`` into ``frames[:, t + 1]``.
+    where ``actions[:, t]`` turns ``frames[:, t]`` into ``frames[:, t + 1]``. With
+    ``warm_start`` the worlds take a no-op step first, so ``frames[:, 0]`` is the second of
+    ``start_frames`` (the frame a model session starts from).
     """
     sim = WorldSim(seeds)
+    if warm_start:
+        sim.step(np.zeros(sim.n, dtype=np.int64))
     policy = StickyRandomPolicy(sim.n, np.random.default_rng(policy_seed), repeat_prob)
     frames = np.empty((sim.n, length + 1, HEIGHT, WIDTH, 3), dtype=np.uint8)
     actions = np.empty((sim.n, length), dtype=np.int64)
