@@ -229,8 +229,9 @@ class StepEngine:
         finally:
             for a in actors:
                 a.stepping = False
-        # What the next plan needs happens here; building and sending the frames happens
-        # in a release task, so the next batch starts without waiting for it.
+        # What the next plan needs happens here; frames whose control-log entries are
+        # still being acknowledged go out from a release task, so the next batch does not
+        # wait for the log server.
         finished = time.monotonic()
         self.steps_total += 1
         self.costs.observe(
@@ -254,9 +255,10 @@ class StepEngine:
         )
         tail = self._release_tail
         if not appends and (tail is None or tail.done()):
-            # nothing to wait for: send on the loop's next turn (by then the next batch,
-            # if one is due, is already in the step thread)
-            loop.call_soon(self._send_now, step)
+            # nothing to wait for: send now. (Sending on the loop's next turn, beside the
+            # next batch, measured worse: the loop's Python work then contends for the GIL
+            # with the step thread: bench runtime, 2 sessions 0.68 vs 0.87 of raw.)
+            self._send_now(step)
         else:
             self._release_tail = asyncio.create_task(
                 self._release(tail, step), name="worker-release"

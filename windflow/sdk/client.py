@@ -22,6 +22,11 @@ POLICIES = {"drop_oldest": pb.OUTPUT_POLICY_DROP_OLDEST, "pause": pb.OUTPUT_POLI
 QUALITY = {"adaptive": pb.QualityPolicy.MODE_ADAPTIVE, "fixed": pb.QualityPolicy.MODE_FIXED}
 
 
+JIT_MARGIN_MS = 2.0
+"""``send_just_in_time`` does not aim at a frame due sooner than this: the worker starts a
+frame about a millisecond before its deadline, and the control has two hops to travel."""
+
+
 class SessionStreamError(Exception):
     """The server refused one client message (the stream goes on); carries the status."""
 
@@ -137,12 +142,18 @@ class Session:
         Assumes the client's clock agrees with the worker's (NTP); sends at once before the
         first frame. Returns the frame index stamped.
         """
-        lead_us = (1e6 / self.fps / 5.0) if lead_ms is None else lead_ms * 1000.0
-        if self.next_due_us:
-            wait_s = (self.next_due_us - lead_us - telemetry.now_us()) / 1e6
+        interval_us = 1e6 / self.fps
+        lead_us = interval_us / 5.0 if lead_ms is None else lead_ms * 1000.0
+        index, due = self.next_index, self.next_due_us
+        if due:
+            # a frame due within JIT_MARGIN_MS is being made already: aim at the next one
+            while telemetry.now_us() > due - JIT_MARGIN_MS * 1000.0:
+                due += int(interval_us)
+                index += 1
+            wait_s = (due - lead_us - telemetry.now_us()) / 1e6
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-        return await self.send(action, axes, frame_index=self.next_index)
+        return await self.send(action, axes, frame_index=index)
 
     async def send_raw(self, message: pb.ClientMessage) -> None:
         await self._outbox.put(message)
