@@ -1,8 +1,10 @@
 """``windflow play``: open a session, stream controls, receive frames, write a video.
 
 Frame latency is measured from a frame's deadline (when the worker was due to make it) to
-its arrival at this client: model step, encoding, queueing and two gRPC hops. Control-to-
-frame latency runs from sending a control to the arrival of the first frame it shaped.
+its arrival at this client: model step, encoding, queueing and two gRPC hops; a frame whose
+control came early may start, and arrive, before its deadline. Control-to-frame latency
+runs from sending a control to the arrival of the first frame it shaped; each control is
+sampled just before its frame is due (``Session.just_in_time``).
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ async def play(
                 c2f = frame.control_to_frame_ms
                 if c2f is not None:
                     control_latencies.append(c2f)
-                nxt = frame.index + 1
+                # the next control is sampled just before its frame is due (as games do)
+                nxt = await live.just_in_time()
                 await live.send(source.action(nxt), frame_index=nxt)
                 if writer is not None:
                     writer.write(frame.rgb())

@@ -131,17 +131,16 @@ class Session:
         )
         return index
 
-    async def send_just_in_time(
-        self, action: int = 0, axes: Sequence[float] = (), lead_ms: float | None = None
-    ) -> int:
-        """Wait until ``lead_ms`` before the next frame's deadline, then send the control
-        stamped for that frame: input sampled as late as possible, as games do. A worker
-        starts a frame up to a quarter interval early once its control is there, so the
-        frame follows the control by about one model step. The default lead is a fifth of
-        the frame interval (inside that quarter, with room for timer jitter both ways).
-        Assumes the client's clock agrees with the worker's (NTP); sends at once before the
-        first frame. Returns the frame index stamped.
-        """
+    async def just_in_time(self, lead_ms: float | None = None) -> int:
+        """Wait until ``lead_ms`` before the deadline of the next frame a control can still
+        shape, and return that frame's index: sample the input then and send it stamped
+        with the index (``send_just_in_time`` does both). Input sampled as late as
+        possible, as games do: a worker starts a frame up to a quarter interval early once
+        its control is there, so the frame follows the control by about one model step.
+        The default lead is a fifth of the frame interval (inside that quarter, with room
+        for timer jitter both ways). Uses the deadline each frame carries, so it assumes
+        the client's clock agrees with the worker's (NTP); returns at once before the
+        first frame."""
         interval_us = 1e6 / self.fps
         lead_us = interval_us / 5.0 if lead_ms is None else lead_ms * 1000.0
         index, due = self.next_index, self.next_due_us
@@ -153,6 +152,13 @@ class Session:
             wait_s = (due - lead_us - telemetry.now_us()) / 1e6
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
+        return index
+
+    async def send_just_in_time(
+        self, action: int = 0, axes: Sequence[float] = (), lead_ms: float | None = None
+    ) -> int:
+        """``just_in_time`` then ``send`` stamped for that frame; returns its index."""
+        index = await self.just_in_time(lead_ms)
         return await self.send(action, axes, frame_index=index)
 
     async def send_raw(self, message: pb.ClientMessage) -> None:
