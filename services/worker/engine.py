@@ -61,6 +61,7 @@ class _Stepped:
     generations: list[int]
     indices: list[int]
     dues: list[float]
+    next_dues: list[float]
     controls: list[AppliedControl]
     appends: dict[int, asyncio.Task[None]]
     result: _StepResult
@@ -237,8 +238,10 @@ class StepEngine:
         self.costs.observe(
             batch.model_id, batch.steps, len(actors), result.model_ms + sum(result.encode_ms)
         )
+        next_dues = []
         for i, actor in enumerate(actors):
             actor.due = scheduler.next_due(dues[i], actor.interval, finished)
+            next_dues.append(actor.due)
             actor.unreleased += 1
         self.quality.after_step(actors, dues, finished)
         step = _Stepped(
@@ -247,6 +250,7 @@ class StepEngine:
             [a.generation for a in actors],
             indices,
             dues,
+            next_dues,
             controls,
             appends,
             result,
@@ -317,6 +321,7 @@ class StepEngine:
                 control_client_time_us=controls[i].client_time_us,
                 timestamps=pb.FrameTimestamps(
                     due_us=int(dues[i] * 1e6) + wall_offset_us,
+                    next_due_us=int(step.next_dues[i] * 1e6) + wall_offset_us,
                     model_start_us=result.model_start_us,
                     model_end_us=result.model_end_us,
                     encoded_us=result.encoded_us[i],

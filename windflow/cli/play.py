@@ -153,11 +153,11 @@ async def play(
                 c2f = frame.control_to_frame_ms
                 if c2f is not None:
                     control_latencies.append(c2f)
+                if writer is not None:  # first: encoding blocks the loop for a while
+                    writer.write(frame.rgb())
                 # the next control is sampled just before its frame is due (as games do)
                 nxt = await live.just_in_time()
                 await live.send(source.action(nxt), frame_index=nxt)
-                if writer is not None:
-                    writer.write(frame.rgb())
         finally:
             await live.aclose()
             if writer is not None:

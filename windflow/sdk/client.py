@@ -144,15 +144,17 @@ class Session:
         interval_us = 1e6 / self.fps
         lead_us = interval_us / 5.0 if lead_ms is None else lead_ms * 1000.0
         index, due = self.next_index, self.next_due_us
-        if due:
+        if not due:
+            return index
+        while True:
             # a frame due within JIT_MARGIN_MS is being made already: aim at the next one
             while telemetry.now_us() > due - JIT_MARGIN_MS * 1000.0:
                 due += int(interval_us)
                 index += 1
             wait_s = (due - lead_us - telemetry.now_us()) / 1e6
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
-        return index
+            if wait_s <= 0:
+                return index
+            await asyncio.sleep(wait_s)  # and check again: a timer may wake us late
 
     async def send_just_in_time(
         self, action: int = 0, axes: Sequence[float] = (), lead_ms: float | None = None
@@ -176,7 +178,8 @@ class Session:
                     received = ReceivedFrame(message.frame, telemetry.now_us())
                     self.last_index = received.index
                     self.next_index = received.index + 1
-                    self.next_due_us = message.frame.timestamps.due_us + int(1e6 / self.fps)
+                    ts = message.frame.timestamps
+                    self.next_due_us = ts.next_due_us or ts.due_us + int(1e6 / self.fps)
                     yield received
                     await self._outbox.put(pb.ClientMessage(ack=pb.Ack(frame_index=received.index)))
                     count += 1

@@ -673,6 +673,7 @@ class FrameTimestamps(_message.Message):
     ENCODED_US_FIELD_NUMBER: _builtins.int
     WORKER_SENT_US_FIELD_NUMBER: _builtins.int
     GATEWAY_SENT_US_FIELD_NUMBER: _builtins.int
+    NEXT_DUE_US_FIELD_NUMBER: _builtins.int
     due_us: _builtins.int
     """the frame's deadline by the session's fps"""
     model_start_us: _builtins.int
@@ -680,6 +681,11 @@ class FrameTimestamps(_message.Message):
     encoded_us: _builtins.int
     worker_sent_us: _builtins.int
     gateway_sent_us: _builtins.int
+    next_due_us: _builtins.int
+    """the next frame's deadline as the worker planned it after this one (a session that fell
+    behind restarts its clock): clients that send each control just before its frame is
+    due aim at it
+    """
     def __init__(
         self,
         *,
@@ -689,10 +695,11 @@ class FrameTimestamps(_message.Message):
         encoded_us: _builtins.int = ...,
         worker_sent_us: _builtins.int = ...,
         gateway_sent_us: _builtins.int = ...,
+        next_due_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_us", b"due_us", "encoded_us", b"encoded_us", "gateway_sent_us", b"gateway_sent_us", "model_end_us", b"model_end_us", "model_start_us", b"model_start_us", "worker_sent_us", b"worker_sent_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_us", b"due_us", "encoded_us", b"encoded_us", "gateway_sent_us", b"gateway_sent_us", "model_end_us", b"model_end_us", "model_start_us", b"model_start_us", "next_due_us", b"next_due_us", "worker_sent_us", b"worker_sent_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
