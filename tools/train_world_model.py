@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ladder) rather than its one-step predictions",
     )
     p.add_argument(
+        "--smear",
+        type=float,
+        default=0.0,
+        help="share of sequences whose context objects are smeared by 1-2 px",
+    )
+    p.add_argument(
         "--corrupt",
         type=float,
         default=0.1,
@@ -95,6 +101,25 @@ def corrupt_edges(frames: torch.Tensor, max_rate: float, gen: torch.Generator) -
     shift = [(1, 2), (-1, 2), (1, 3), (-1, 3)][int(torch.randint(4, (1,), generator=gen))]
     neighbour = torch.roll(frames, shifts=shift[0], dims=shift[1])
     return torch.where(mask, neighbour, frames)
+
+
+def smear(frames: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """In ``share`` of the sequences, every context frame's objects smeared by 1-2 px in
+    one direction (the frame united with a shifted copy of its non-background pixels): the
+    error a rollout makes when an object's leading edge grows and its trailing edge stays.
+    The targets stay the truth, so the model learns to clear trailing edges."""
+    b = frames.shape[0]
+    pick = torch.rand(b, generator=gen) < share
+    if not bool(pick.any()):
+        return frames
+    step = int(torch.randint(1, 3, (1,), generator=gen))
+    sign = 1 if bool(torch.rand(1, generator=gen) < 0.5) else -1
+    dim = 2 + int(torch.randint(2, (1,), generator=gen))
+    shifted = torch.roll(frames, shifts=sign * step, dims=dim)
+    background = torch.from_numpy(sim.PALETTE[0]).float() / 127.5 - 1.0
+    filled = (shifted - background).abs().amax(-1, keepdim=True) > 0.01
+    smeared = torch.where(filled, shifted, frames)
+    return torch.where(pick.view(b, 1, 1, 1, 1), smeared, frames)
 
 
 def one_step_own(
@@ -208,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 # (palette images, as at inference); the targets stay the truth
                 own = one_step_own(net, context, target, acts, ages, first_before, gen)
             context = torch.cat([context[:, :1], own[:, :-1]], dim=1)
+        if args.smear > 0:
+            context = smear(context, args.smear, gen)
         if args.corrupt > 0:
             # the context's object edges, a pixel off here and there (as in the model's own
             # frames): the pixel decoder learns to restore shapes rather than grow errors
@@ -282,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "self_forcing_start": args.self_forcing_start,
             "denoise_own": args.denoise_own,
             "corrupt": args.corrupt,
+            "smear": args.smear,
             "rollout": args.rollout,
             "init": None if args.init is None else args.init.name,
             "moving_pixel_weight": MOVING_WEIGHT,
