@@ -75,7 +75,13 @@ async def test_frame_spans_share_the_gateway_trace(tmp_path: Path) -> None:
             by_name.clear()
             for service, span in collector.spans:
                 by_name[span.name].append((service, span))
-            if len(by_name[names.SPAN_WORKER_FRAME]) >= 10 and by_name[names.SPAN_GATEWAY_FRAME]:
+            # the stream and session spans end (and are exported) after the stream closes
+            if (
+                len(by_name[names.SPAN_WORKER_FRAME]) >= 10
+                and by_name[names.SPAN_GATEWAY_FRAME]
+                and by_name[names.SPAN_GATEWAY_STREAM]
+                and by_name[names.SPAN_WORKER_SESSION]
+            ):
                 break
             await asyncio.sleep(0.2)
         (gw_service, stream_span), *_ = by_name[names.SPAN_GATEWAY_STREAM] or [("", None)]
