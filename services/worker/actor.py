@@ -172,7 +172,7 @@ class SessionActor:
     def take_control(self) -> AppliedControl:
         """The control for the next frame: the latest one stamped at or before it."""
         applied_time = 0
-        while self._pending_idx and self._pending_idx[0] <= self.next_frame:
+        while self.control_waiting:
             self._pending_idx.pop(0)
             self.current, applied_time = self._pending.pop(0)
         return AppliedControl(self.current, applied_time)

@@ -5,9 +5,9 @@ The step engine calls ``add``/``remove`` as sessions come and go, ``after_step``
 every batch (it records each frame's deadline outcome, decides rung changes with
 ``scheduler.decide_quality`` and applies them: the actor's steps and frame interval
 change, and the client gets a ``KIND_QUALITY_CHANGED`` event). No I/O here; it runs on
-the event loop. A session's cadence is never pulled forward by its controls: that would
-deliver more frames than its fps (a client that wants low control-to-frame latency sends
-each control just before the frame it is for is due).
+the event loop. A session's deadline grid is never moved by its controls: that would
+deliver more frames than its fps (a frame whose control is waiting may only start a
+little early, ``scheduler.start_due``).
 
 A frame's deadline is its due time plus one frame interval (it must be ready before the
 next one is due); a frame ready within ``slack_fraction`` of an interval of its due time
@@ -29,9 +29,6 @@ from services.worker.scheduler import Level, QualityParams
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-"""A session's frame clock is pulled forward by a control at most once per this many
-frame intervals, so that a chatty client cannot raise its frame rate much above its fps."""
 
 
 @dataclass(slots=True)

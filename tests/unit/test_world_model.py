@@ -310,6 +310,4 @@ def test_an_observed_frame_off_the_palette_is_read_by_nearest_colour(
     model.observe(b, tinted)
     # the pixel decoder reads the same colours; the tokens see the tint itself
     assert model.step([b], [Control(1)], 1).shape == (1, 64, 64, 3)
-    from services.worker.models.world.model import _color_index
-
-    assert torch.equal(_color_index([tinted]), _color_index([a.prev]))
+    assert torch.equal(model._color_index(tinted[None]), model._color_index(a.prev[None]))

@@ -2,7 +2,7 @@
 
 A model step allocates and frees the same few-MB tensors again and again. Left alone,
 glibc serves such blocks with mmap and gives them back on free, so every step pays page
-faults on fresh pages (on the built-in model's pixel decoder: ~30% of a batched step).
+faults on fresh pages (on the built-in model: ~20% of a batched step).
 Raising the mmap and trim thresholds keeps those blocks in the heap. Does nothing where
 the C library is not glibc.
 """

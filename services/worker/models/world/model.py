@@ -215,8 +215,10 @@ class BuiltinWorldModel(WorldModel):
         b, t, w = len(ws), cfg.tokens, self.window
         kv = torch.stack([s.kv for s in ws])  # (B, L, 2, W, T, D)
         valid = torch.stack([s.valid for s in ws])  # (B, W)
-        prev = torch.from_numpy(np.stack([s.prev for s in ws])).float() / 127.5 - 1.0
-        before = torch.from_numpy(np.stack([s.before for s in ws])).float() / 127.5 - 1.0
+        prev_u8 = np.stack([s.prev for s in ws])
+        before_u8 = np.stack([s.before for s in ws])
+        prev = torch.from_numpy(prev_u8).float() / 127.5 - 1.0
+        before = torch.from_numpy(before_u8).float() / 127.5 - 1.0
         actions = torch.tensor([c.action for c in controls], dtype=torch.long)
 
         # ages of [cache slots..., own block] for the T queries of a block, per session
@@ -249,10 +251,9 @@ class BuiltinWorldModel(WorldModel):
         shape = (cfg.height, cfg.width, 3)
         x = self._noise(ws, shape)
         times = schedule(steps)
-        local = net.local_features(
-            _color_index([s.prev for s in ws]), _color_index([s.before for s in ws])
-        )
-        keep = net.keep_bias(_color_index([s.prev for s in ws]))
+        prev_idx = self._color_index(prev_u8)
+        local = net.local_features(prev_idx, self._color_index(before_u8))
+        keep = net.keep_bias(prev_idx)
         context = net.noisy_context(prev, before, actions)
         logits = torch.empty(0)
         for n, time in enumerate(times):
@@ -279,6 +280,15 @@ class BuiltinWorldModel(WorldModel):
             s.prev = frames[j].copy()
             s.frame_index += 1
         return frames
+
+    def _color_index(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (B, H, W, 3) -> their nearest palette colours' indices (B, H, W):
+        through the red channel for palette images (every frame the model makes), else
+        (an observed frame) by the net's own nearest-colour rule."""
+        idx = _RED_TO_INDEX[frames[..., 0]]
+        if np.array_equal(sim.PALETTE[idx], frames):
+            return torch.from_numpy(idx)
+        return self.net.color_index(torch.from_numpy(frames).float() / 127.5 - 1.0)
 
     @staticmethod
     def _noise(ws: list[WorldState], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -362,16 +372,6 @@ class BuiltinWorldModel(WorldModel):
 _RED_TO_INDEX = np.abs(
     np.arange(256)[:, None] - sim.PALETTE[:, 0].astype(np.int64)[None, :]
 ).argmin(1)
-
-
-def _color_index(frames: list[np.ndarray]) -> torch.Tensor:
-    """uint8 frames (H, W, 3) -> their nearest palette colours' indices (B, H, W) long."""
-    stacked = np.stack(frames)
-    idx = _RED_TO_INDEX[stacked[..., 0]]
-    if not np.array_equal(sim.PALETTE[idx], stacked):  # not a palette image (observed)
-        diff = stacked[..., None, :].astype(np.int64) - sim.PALETTE.astype(np.int64)
-        idx = (diff**2).sum(-1).argmin(-1)
-    return torch.from_numpy(idx)
 
 
 def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:

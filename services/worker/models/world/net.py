@@ -60,8 +60,7 @@ class NetConfig:
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)`` for x (B, N, in) as one GEMM per batch element (batch-invariant)."""
-    b = x.shape[0]
-    w = layer.weight.t().unsqueeze(0).expand(b, -1, -1)
+    w = _per_session(layer.weight.t(), x.shape[0])
     if layer.bias is None:
         return torch.bmm(x, w)
     return torch.baddbmm(layer.bias.view(1, 1, -1), x, w)
@@ -165,14 +164,6 @@ class WorldNet(nn.Module):
         x = frames.view(b, self.cfg.height // p, p, self.cfg.width // p, p, 3)
         return x.permute(0, 1, 3, 2, 4, 5).reshape(b, self.cfg.tokens, self.cfg.patch_dim)
 
-    def unpatchify(self, tokens: torch.Tensor, channels: int = 3) -> torch.Tensor:
-        """(B, T, patch * patch * channels) -> (B, H, W, channels)."""
-        b = tokens.shape[0]
-        p = self.cfg.patch
-        gh, gw = self.cfg.height // p, self.cfg.width // p
-        x = tokens.view(b, gh, gw, p, p, channels).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, self.cfg.height, self.cfg.width, channels)
-
     # ---- colours ----
 
     def color_index(self, frames: torch.Tensor) -> torch.Tensor:
@@ -256,7 +247,7 @@ def arg_max_color(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _per_session(weight: torch.Tensor, b: int) -> torch.Tensor:
-    """A weight (out, in) as (B, out, in) for ``bmm``: one GEMM per session."""
+    """A weight matrix (M, N) as (B, M, N) for ``bmm``: one GEMM per session."""
     return weight.unsqueeze(0).expand(b, -1, -1)
 
 

@@ -120,6 +120,21 @@ class WorldSim:
         )
         return out | (total > 0)
 
+    def _hits_balls(self, pos: np.ndarray, size: int, skip: int = -1) -> np.ndarray:
+        """Whether each box (pos (n, 2) = (y, x), size) overlaps a ball other than ``skip``."""
+        hit = np.zeros(self.n, dtype=bool)
+        for b in range(N_BALLS):
+            if b != skip:
+                hit |= _boxes_overlap(
+                    pos[:, 0],
+                    pos[:, 1],
+                    size,
+                    self.ball_pos[:, b, 0],
+                    self.ball_pos[:, b, 1],
+                    BALL_SIZE,
+                )
+        return hit
+
     def step(self, actions: np.ndarray | Sequence[int]) -> np.ndarray:
         """Apply one action per world and return the new frames, uint8 (n, 64, 64, 3)."""
         a = np.asarray(actions, dtype=np.int64)
@@ -130,15 +145,7 @@ class WorldSim:
         # The agent first, blocked by the arena, obstacles and balls.
         new = self.agent + _MOVES[a] * AGENT_SPEED
         blocked = self._hits_obstacle(new[:, 0], new[:, 1], AGENT_SIZE)
-        for b in range(N_BALLS):
-            blocked |= _boxes_overlap(
-                new[:, 0],
-                new[:, 1],
-                AGENT_SIZE,
-                self.ball_pos[:, b, 0],
-                self.ball_pos[:, b, 1],
-                BALL_SIZE,
-            )
+        blocked |= self._hits_balls(new, AGENT_SIZE)
         self.agent = np.where(blocked[:, None], self.agent, new)
         # Then each ball, one axis at a time (x, then y), bouncing on anything solid.
         for b in range(N_BALLS):
@@ -149,16 +156,7 @@ class WorldSim:
                 hit |= _boxes_overlap(
                     pos[:, 0], pos[:, 1], BALL_SIZE, self.agent[:, 0], self.agent[:, 1], AGENT_SIZE
                 )
-                for o in range(N_BALLS):
-                    if o != b:
-                        hit |= _boxes_overlap(
-                            pos[:, 0],
-                            pos[:, 1],
-                            BALL_SIZE,
-                            self.ball_pos[:, o, 0],
-                            self.ball_pos[:, o, 1],
-                            BALL_SIZE,
-                        )
+                hit |= self._hits_balls(pos, BALL_SIZE, skip=b)
                 self.ball_vel[:, b, axis] = np.where(
                     hit, -self.ball_vel[:, b, axis], self.ball_vel[:, b, axis]
                 )
