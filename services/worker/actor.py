@@ -200,7 +200,9 @@ class SessionActor:
             return False
         if self.spec.output_policy == pb.OUTPUT_POLICY_PAUSE:
             return len(self.out) + self.unreleased < self._out_capacity
-        return True
+        # frames still waiting for their control-log acks are bounded too: a slow log
+        # server holds the session back rather than piling up stepped frames
+        return self.unreleased < self._out_capacity
 
     def remember(self, frame: int, blob: bytes, keep: int) -> None:
         self.recent[frame] = blob

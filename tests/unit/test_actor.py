@@ -138,3 +138,12 @@ def test_reset_to_starts_a_new_generation() -> None:
     before = a.generation
     a.reset_to(a.model.new_state(2))
     assert a.generation == before + 1
+
+
+def test_frames_awaiting_release_are_bounded_under_drop_oldest() -> None:
+    a = actor(out_queue=2)
+    a.attach(8)
+    a.unreleased = 1
+    assert a.ready
+    a.unreleased = 2  # as many as the output queue holds: wait for the log server
+    assert not a.ready
