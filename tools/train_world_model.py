@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="in self-forcing batches, the share of frames noised (t < 1) from the model's "
         "own one-step prediction instead of the truth",
     )
+    p.add_argument(
+        "--edge-weight",
+        action="store_true",
+        help="weight up every pixel within 2 px of an edge of the context or the target "
+        "(where the dynamics are decided), not only the pixels that change",
+    )
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--card", type=Path, default=WEIGHTS.with_name("model_card.json"))
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
@@ -101,6 +107,20 @@ def corrupt_edges(frames: torch.Tensor, max_rate: float, gen: torch.Generator) -
     shift = [(1, 2), (-1, 2), (1, 3), (-1, 3)][int(torch.randint(4, (1,), generator=gen))]
     neighbour = torch.roll(frames, shifts=shift[0], dims=shift[1])
     return torch.where(mask, neighbour, frames)
+
+
+def near_edges(idx: torch.Tensor, reach: int = 2) -> torch.Tensor:
+    """Colour indices (..., H, W) -> float mask of the pixels within ``reach`` px of an
+    edge (a pixel whose right or lower neighbour has another colour): where an object's
+    next position is decided, whether or not it moves (a blocked agent, a bounce)."""
+    shape = idx.shape
+    flat = idx.reshape(-1, 1, *shape[-2:])
+    edge = torch.zeros(flat.shape, dtype=torch.float32, device=idx.device)
+    edge[..., :, :-1] += (flat[..., :, 1:] != flat[..., :, :-1]).float()
+    edge[..., :-1, :] += (flat[..., 1:, :] != flat[..., :-1, :]).float()
+    # an edge between columns c and c+1 marks columns c-reach+1 .. c+reach
+    near = torch.nn.functional.max_pool2d(edge.clamp(max=1.0), 2 * reach, 1, padding=reach)
+    return near[..., : shape[-2], : shape[-1]].reshape(shape)
 
 
 def smear(frames: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
@@ -268,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         # per-pixel cross-entropy over the palette; pixels that change (or that the base
         # has wrong) carry the dynamics: weight them up
         target_idx = net.color_index(target.to(device))
-        moving = (target_idx != net.color_index(base.to(device))).float()
+        base_idx = net.color_index(base.to(device))
+        moving = (target_idx != base_idx).float()
+        if args.edge_weight:
+            moving = torch.maximum(moving, torch.maximum(near_edges(base_idx), near_edges(target_idx)))
         weight = 1.0 + (MOVING_WEIGHT - 1.0) * moving
         ce = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1), target_idx.flatten(0, 1), reduction="none"
