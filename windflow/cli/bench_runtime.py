@@ -87,7 +87,10 @@ def machine() -> dict[str, Any]:
 
 @dataclass(slots=True)
 class InProcess:
-    model_step_ms: list[float] = field(default_factory=list)
+    model_step_ms: list[float] = field(default_factory=list)  # back to back
+    # one session stepped at its fps, idle in between, as a worker steps it: the step then
+    # starts from caches the rest of the machine has used meanwhile, and takes longer
+    paced_step_ms: list[float] = field(default_factory=list)
     frame_ms: list[float] = field(default_factory=list)  # step + encode
     raw_fps: dict[int, float] = field(default_factory=dict)
     width: int = 0
@@ -136,6 +139,11 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
         step_ms, total_ms = frame(state)
         out.model_step_ms.append(step_ms)
         out.frame_ms.append(total_ms)
+    interval = 1.0 / out.fps
+    for _ in range(max(24, frames // 3)):
+        t0 = time.perf_counter()
+        out.paced_step_ms.append(frame(state)[0])
+        time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
     for n in SESSION_COUNTS:
         states = [model.new_state(i) for i in range(n)]
         chunks = [states[i : i + info.max_batch] for i in range(0, n, info.max_batch)]
@@ -273,12 +281,16 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
         # c) the same with controls: sent just before their frame's deadline (the way to
         # drive a session) and, for comparison, at random moments
         c2f: dict[str, list[float]] = {}
+        beyond_step: list[float] = []  # each just-in-time frame's c2f minus its own step
         for mode in ("jit", "random"):
             [s] = await _open(client, model, 1, quality="fixed", steps=base.steps)
             got = await _consume(s, seconds + warm, interval_s=interval, controls=mode)
             await _close(client, [s])
             t0 = got[0].received_us + warm * 1e6
-            c2f[mode] = [f.c2f_ms for f in got if f.received_us >= t0 and f.c2f_ms]
+            measured = [f for f in got if f.received_us >= t0 and f.c2f_ms]
+            c2f[mode] = [f.c2f_ms for f in measured if f.c2f_ms is not None]
+            if mode == "jit":
+                beyond_step = [f.c2f_ms - f.model_ms for f in measured if f.c2f_ms is not None]
         res["single"] = {
             "frames": len(steady),
             "fps": _fps(frames, warm),
@@ -289,6 +301,8 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
             "control_to_frame_ms_p50": _pct(c2f["jit"], 50),
             "control_to_frame_ms_p99": _pct(c2f["jit"], 99),
             "controls_measured": len(c2f["jit"]),
+            "control_to_frame_beyond_step_ms_p50": _pct(beyond_step, 50),
+            "control_to_frame_beyond_step_ms_p99": _pct(beyond_step, 99),
             "control_to_frame_random_ms_p50": _pct(c2f["random"], 50),
             "control_to_frame_random_ms_p99": _pct(c2f["random"], 99),
             "breakdown_ms_p50": {
@@ -408,13 +422,17 @@ def summarize(base: InProcess, res: dict[str, Any]) -> dict[str, Any]:
         "control_to_frame_ms_p50": single["control_to_frame_ms_p50"],
         "model_step_ms_p50": step_p50,
         "slow_client_isolation_ratio": res["slow_client_isolation_ratio"],
+        "model_step_paced_ms_p50": _pct(base.paced_step_ms, 50),
+        "control_to_frame_beyond_step_ms_p50": single["control_to_frame_beyond_step_ms_p50"],
     }
     frame_p50 = _pct(base.frame_ms, 50)
     summary["goals"] = {
         "overhead_p50_le_1ms": summary["overhead_ms_p50"] <= 1.0,
         "overhead_p99_le_3ms": summary["overhead_ms_p99"] <= 3.0,
         "delivered_ge_97pct": summary["delivered_ratio_min"] >= 0.97,
-        "c2f_le_step_plus_2ms": summary["control_to_frame_ms_p50"] <= step_p50 + 2.0,
+        # each frame against its own model step: a session at its fps steps from colder
+        # caches than a back-to-back loop (model_step_paced_ms_p50 vs model_step_ms_p50)
+        "c2f_le_step_plus_2ms": summary["control_to_frame_beyond_step_ms_p50"] <= 2.0,
         "isolation_ge_0_95": summary["slow_client_isolation_ratio"] >= 0.95,
     }
     summary["inprocess_frame_ms_p50"] = frame_p50
@@ -426,7 +444,8 @@ def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [
         f"model step (in-process, batch 1) p50 {_pct(base.model_step_ms, 50):.2f} ms, "
         f"p99 {_pct(base.model_step_ms, 99):.2f} ms; step+encode p50 "
-        f"{_pct(base.frame_ms, 50):.2f} ms",
+        f"{_pct(base.frame_ms, 50):.2f} ms; paced at {base.fps:g} fps p50 "
+        f"{_pct(base.paced_step_ms, 50):.2f} ms",
         f"a) overhead per frame      p50 {s['overhead_ms_p50']:.2f} ms   p99 "
         f"{s['overhead_ms_p99']:.2f} ms   (latency p50 {s['latency_ms_p50']:.2f} ms, "
         f"p99 {s['latency_ms_p99']:.2f} ms, {s['fps']:.1f} fps)",
@@ -442,6 +461,8 @@ def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
         f"c) control-to-frame        p50 {s['control_to_frame_ms_p50']:.2f} ms   p99 "
         f"{s['control_to_frame_ms_p99']:.2f} ms   ({s['controls_measured']} controls sent "
         f"just in time; at random moments p50 {s['control_to_frame_random_ms_p50']:.2f} ms)",
+        f"   beyond the frame's own step p50 {s['control_to_frame_beyond_step_ms_p50']:.2f} ms"
+        f"   p99 {s['control_to_frame_beyond_step_ms_p99']:.2f} ms",
         f"d) isolation               others {res['isolation']['others_fps_without']:.1f} fps "
         f"alone, {res['isolation']['others_fps_with']:.1f} fps with a slow client "
         f"(ratio {res['slow_client_isolation_ratio']:.3f}); slow client "
