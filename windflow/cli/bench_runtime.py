@@ -287,10 +287,10 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
             got = await _consume(s, seconds + warm, interval_s=interval, controls=mode)
             await _close(client, [s])
             t0 = got[0].received_us + warm * 1e6
-            measured = [f for f in got if f.received_us >= t0 and f.c2f_ms]
-            c2f[mode] = [f.c2f_ms for f in measured if f.c2f_ms is not None]
+            measured = [(f.c2f_ms, f.model_ms) for f in got if f.received_us >= t0 and f.c2f_ms]
+            c2f[mode] = [c for c, _ in measured]
             if mode == "jit":
-                beyond_step = [f.c2f_ms - f.model_ms for f in measured if f.c2f_ms is not None]
+                beyond_step = [c - step for c, step in measured]
         res["single"] = {
             "frames": len(steady),
             "fps": _fps(frames, warm),

@@ -83,8 +83,9 @@ class Session:
         self.errors: collections.deque[pb.StreamError] = collections.deque(maxlen=256)
         self.last_index = -1
         self.next_index = 0
-        self.fps = float(info.spec.fps) or 24.0
-        """The session's output fps (follows quality changes)."""
+        self.fps = float(info.spec.fps or info.model.fps)
+        """The session's output fps (follows quality changes; the gateway fills an unset
+        spec fps with the model's native one, which is also the fallback here)."""
         self.next_due_us = 0
         """Deadline of the next frame on the worker's clock (unix us; 0 before a frame)."""
         self._closed = False
