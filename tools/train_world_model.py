@@ -1,6 +1,6 @@
 """Train the built-in world model on the repo's own arena; write weights and a model card.
 
-    .venv/bin/python tools/train_world_model.py                # the committed recipe (CPU: ~21 min)
+    .venv/bin/python tools/train_world_model.py                # the committed recipe (CPU: ~13 min)
     .venv/bin/python tools/train_world_model.py --steps 200    # a quick smoke run
 
 Everything follows from --seed: the worlds, the action policy, the batches, the noise and
@@ -49,11 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--window", type=int, default=4)
     p.add_argument(
+        "--local-frames",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="frames the pixel decoder sees (3: also the one before the last two, which "
+        "shows where a ball goes after a bounce's pause)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=2,
         help="CPU threads for training (the committed weights: 2; another count gives other "
         "bits, as torch splits its reductions by thread)",
+    )
+    p.add_argument(
+        "--local-dilation",
+        type=int,
+        default=0,
+        help="dilation of a third, residual convolution in the pixel decoder (0: none)",
     )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
@@ -157,6 +171,7 @@ def one_step_own(
     actions: torch.Tensor,
     ages: torch.Tensor,
     first_before: torch.Tensor,
+    first_earlier: torch.Tensor,
     gen: torch.Generator,
 ) -> torch.Tensor:
     """The model's K=1 predictions of every target frame from the true context frames
@@ -173,6 +188,7 @@ def one_step_own(
             ages,
             context.to(device),
             first_before.to(device),
+            first_earlier.to(device),
         )
     return net.colors_of(logits).cpu()
 
@@ -208,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     frames_t = torch.from_numpy(frames)  # uint8 (N, L+1, H, W, 3)
     actions_t = torch.from_numpy(actions)
 
-    cfg = NetConfig(dim=args.dim, depth=args.depth, window=args.window)
+    cfg = NetConfig(
+        dim=args.dim,
+        depth=args.depth,
+        window=args.window,
+        local_frames=args.local_frames,
+        local_dilation=args.local_dilation,
+    )
     net = WorldNet(cfg)
     if args.init is not None:
         start_from = load(args.init).net
@@ -236,13 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     losses: list[float] = []
     for step in range(args.steps):
         world = torch.from_numpy(rng.integers(0, frames.shape[0], size=args.batch))
-        # a sequence starts at frame >= 1: its first context frame has a true frame before
-        # it (as at inference, where a session starts from two frames)
-        start = torch.from_numpy(rng.integers(1, args.length - f + 1, size=args.batch))
-        idx = start[:, None] + torch.arange(-1, f + 1)[None]
-        seq = frames_t[world[:, None], idx].float().div(127.5).sub(1.0)  # (B, F+2, H, W, 3)
-        acts = actions_t[world[:, None], idx[:, 1:-1]]
-        first_before, context, target = seq[:, 0], seq[:, 1:-1], seq[:, 2:]
+        # a sequence starts at frame >= 2: its first context frame has two true frames
+        # before it
+        start = torch.from_numpy(rng.integers(2, args.length - f + 1, size=args.batch))
+        idx = start[:, None] + torch.arange(-2, f + 1)[None]
+        seq = frames_t[world[:, None], idx].float().div(127.5).sub(1.0)  # (B, F+3, H, W, 3)
+        acts = actions_t[world[:, None], idx[:, 2:-1]]
+        first_earlier, first_before = seq[:, 0], seq[:, 1]
+        context, target = seq[:, 2:-1], seq[:, 3:]
+        # in half the sequences the frame before the first two is unknown, as at a
+        # session's first step (its state repeats the older of its two frames)
+        unknown = torch.rand(args.batch, 1, 1, 1, generator=gen) < 0.5
+        first_earlier = torch.where(unknown, first_before, first_earlier)
         base = context
         own: torch.Tensor | None = None
         if (
@@ -255,11 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                 # frames (the inference code: KV cache, K from the ladder), so it sees and
                 # learns to undo what its errors grow into; the targets stay the truth
                 k = int(rng.integers(1, 5))
-                own = self_rollout(roller, seq, acts, k, args.seed * 1_000_000 + step)
+                own = self_rollout(roller, seq[:, 1:], acts, k, args.seed * 1_000_000 + step)
             else:
                 # context frames 1..F-1 := the model's own one-step (K=1) predictions
                 # (palette images, as at inference); the targets stay the truth
-                own = one_step_own(net, context, target, acts, ages, first_before, gen)
+                own = one_step_own(
+                    net, context, target, acts, ages, first_before, first_earlier, gen
+                )
             context = torch.cat([context[:, :1], own[:, :-1]], dim=1)
         if args.smear > 0:
             context = smear(context, args.smear, gen)
@@ -292,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             ages,
             base.to(device),
             first_before.to(device),
+            first_earlier.to(device),
         )
         # per-pixel cross-entropy over the palette; the pixels where the dynamics are
         # decided are weighted up. Only those that change (or that the base has wrong), as

@@ -248,13 +248,13 @@ def test_observe_replaces_the_context_frame(model: BuiltinWorldModel) -> None:
         model.observe(a, truth.astype(np.float32))
 
 
-def _train_tiny(tmp_path: Path, name: str) -> Path:
+def _train_tiny(tmp_path: Path, name: str, *extra: str) -> Path:
     out = tmp_path / f"{name}.safetensors"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "train_world_model.py"), "--steps", "2",
          "--worlds", "4", "--length", "12", "--batch", "2", "--frames", "3", "--dim", "32",
          "--depth", "1", "--threads", "1", "--self-forcing", "1.0", "--no-eval",
-         "--out", str(out), "--card", str(tmp_path / f"{name}.json")],
+         "--out", str(out), "--card", str(tmp_path / f"{name}.json"), *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -269,6 +269,39 @@ def test_training_script_is_reproducible_and_its_weights_load(tmp_path: Path) ->
     state = small.new_state(1)
     assert small.step([state], [Control(1)], 1).shape == (1, 64, 64, 3)
     assert json.loads((tmp_path / "a.json").read_text())["training"]["steps"] == 2
+
+
+def test_a_three_frame_pixel_decoder_sees_the_frame_before_and_keeps_the_contracts(
+    tmp_path: Path,
+) -> None:
+    """``--local-frames 3``: the pixel decoder also sees the frame before the last two
+    (where a ball goes after a bounce's pause); the session state carries it, snapshots
+    too, and batching stays bit-exact."""
+    small = load(_train_tiny(tmp_path, "three", "--local-frames", "3"))
+    assert small.cfg.local_frames == 3
+    net = small.net
+    prev, before = (torch.from_numpy(f).unsqueeze(0) for f in sim.start_frames(5))
+    idx = [
+        net.color_index(prev.float() / 127.5 - 1.0),
+        net.color_index(before.float() / 127.5 - 1.0),
+    ]
+    with torch.no_grad():
+        same = net.local_features([*idx, idx[1]])
+        moved = net.local_features([*idx, torch.roll(idx[1], 3, dims=2)])
+    assert not torch.equal(same, moved)  # the third frame is an input
+    controls = actions(8)
+    alone = run(small, 3, controls, 2)
+    states = [small.new_state(s) for s in (7, 3, 9)]
+    snap = b""
+    for t, c in enumerate(controls):
+        batch = [Control((t + 1) % 5), c, Control((t + 2) % 5)]
+        assert np.array_equal(small.step(states, batch, 2)[1], alone[t])
+        if t == 3:
+            snap = small.snapshot(states[1])
+    restored = small.restore(snap)
+    assert np.array_equal(restored.earlier, run(small, 3, controls[:2], 2)[-1])
+    rest = np.stack([small.step([restored], [c], 2)[0] for c in controls[4:]])
+    assert np.array_equal(rest, alone[4:])
 
 
 def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:

@@ -19,7 +19,16 @@ from services.worker.models.base import Control
 from services.worker.models.world import sim
 from services.worker.models.world.model import BuiltinWorldModel
 
-EVAL_SEEDS = tuple(9_000_000 + i for i in range(16))  # held out: training uses seed*1_000_003+i
+# Worlds held out from training (which uses seeds seed * 1_000_003 + i):
+# - EVAL_SEEDS, the reported figures. 64 worlds: between samples of 16 worlds the rollout
+#   means move by up to ~1 dB;
+# - VALIDATION_SEEDS, to choose between training runs (recipes, seeds) by, so that the
+#   reported figures are not the ones a run was picked by;
+# - FIRST16_SEEDS, the 16 worlds every figure before 2026-11-21 15:00 came from, which runs
+#   were also picked by (their figures are optimistic; kept to compare with the record).
+EVAL_SEEDS = tuple(9_100_000 + i for i in range(64))
+VALIDATION_SEEDS = tuple(8_500_000 + i for i in range(64))
+FIRST16_SEEDS = tuple(9_000_000 + i for i in range(16))
 POLICY_SEED = 424242
 HORIZON = 32
 

@@ -2,8 +2,9 @@
 
 Session state: the KV cache of the last ``window`` frames (per layer), which cache slots
 hold a frame yet, the last frame made (uint8; its keys and values enter the cache at the
-start of the next step) and the one before it (the motion input of the denoiser), the
-session's own noise generator, its frame index and seed.
+start of the next step), the one before it (the motion input of the denoiser) and the one
+before that (a 3-frame pixel decoder's), the session's own noise generator, its frame
+index and seed.
 
 A step, batched over sessions: (1) the last frame's clean pass fills the cache; (2) K
 denoising passes from pure noise: each predicts the frame's palette colours, whose arg-max
@@ -38,7 +39,7 @@ from windflow.errors import (
 
 MODEL_ID = "windflow-world"
 SNAPSHOT_MAGIC = b"WFWSNAP1"
-SNAPSHOT_FORMAT = 1  # bump when the layout after the header changes
+SNAPSHOT_FORMAT = 2  # bump when the layout after the header changes
 _HEADER = struct.Struct("<8sI")  # magic, header length
 _DIGEST = 32  # trailing SHA-256 of everything before it
 
@@ -72,6 +73,7 @@ class WorldState(SessionState):
         prev: np.ndarray,
         rng: np.random.Generator,
         before: np.ndarray | None = None,
+        earlier: np.ndarray | None = None,
     ) -> None:
         self.seed = seed
         self.frame_index = frame_index
@@ -79,6 +81,8 @@ class WorldState(SessionState):
         self.valid = valid  # (W,) bool, oldest slot first
         self.prev = prev  # (H, W, 3) uint8: the last frame, not yet in the cache
         self.before = prev if before is None else before  # the frame before it
+        # the frame before that; a session that knows two frames repeats the older one
+        self.earlier = self.before if earlier is None else earlier
         self.rng = rng
 
 
@@ -157,6 +161,7 @@ class BuiltinWorldModel(WorldModel):
             prev=first,
             rng=np.random.default_rng([seed, 0x5EED]),
             before=before,
+            earlier=before,
         )
 
     def state_from(self, before: np.ndarray, frame: np.ndarray, seed: int) -> WorldState:
@@ -164,7 +169,7 @@ class BuiltinWorldModel(WorldModel):
         cache, its noise drawn from ``seed``."""
         state = self.new_state(seed)
         self.observe(state, before)
-        state.before = state.prev
+        state.before = state.earlier = state.prev
         self.observe(state, frame)
         return state
 
@@ -252,7 +257,10 @@ class BuiltinWorldModel(WorldModel):
         x = self._noise(ws, shape)
         times = schedule(steps)
         prev_idx = self._color_index(prev_u8)
-        local = net.local_features(prev_idx, self._color_index(before_u8))
+        history = [prev_idx, self._color_index(before_u8)]
+        if cfg.local_frames > 2:
+            history.append(self._color_index(np.stack([s.earlier for s in ws])))
+        local = net.local_features(history)
         keep = net.keep_bias(prev_idx)
         context = net.noisy_context(prev, before, actions)
         logits = torch.empty(0)
@@ -276,6 +284,7 @@ class BuiltinWorldModel(WorldModel):
         for j, s in enumerate(ws):
             s.kv = kv[j].clone()
             s.valid = valid[j].clone()
+            s.earlier = s.before
             s.before = s.prev
             s.prev = frames[j].copy()
             s.frame_index += 1
@@ -300,8 +309,8 @@ class BuiltinWorldModel(WorldModel):
 
     def snapshot(self, state: SessionState) -> bytes:
         """``WFWSNAP1`` | header length (u32 LE) | JSON header | KV cache (float32) | slot
-        validity (u8) | last frame (u8) | the frame before it (u8) | SHA-256 of everything
-        before it. No pickle."""
+        validity (u8) | last frame (u8) | the frame before it (u8) | the one before that
+        (u8) | SHA-256 of everything before it. No pickle."""
         (s,) = self._states([state])
         header = {
             "format": SNAPSHOT_FORMAT,
@@ -319,6 +328,7 @@ class BuiltinWorldModel(WorldModel):
             + s.valid.numpy().astype(np.uint8).tobytes()
             + s.prev.tobytes()
             + s.before.tobytes()
+            + s.earlier.tobytes()
         )
         payload = _HEADER.pack(SNAPSHOT_MAGIC, len(head)) + head + body
         return payload + hashlib.sha256(payload).digest()
@@ -351,10 +361,10 @@ class BuiltinWorldModel(WorldModel):
             raise SnapshotError(f"windflow-world snapshot header is malformed: {exc!r}") from exc
         n_kv = int(np.prod(kv_shape)) * 4
         n_prev = cfg.height * cfg.width * 3
-        if len(body) != n_kv + self.window + 2 * n_prev:
+        if len(body) != n_kv + self.window + 3 * n_prev:
             raise SnapshotError(
                 f"windflow-world snapshot body is {len(body)} bytes, expected "
-                f"{n_kv + self.window + 2 * n_prev}"
+                f"{n_kv + self.window + 3 * n_prev}"
             )
         kv = torch.from_numpy(np.frombuffer(body[:n_kv], dtype=np.float32).reshape(kv_shape).copy())
         valid = torch.from_numpy(
@@ -362,9 +372,13 @@ class BuiltinWorldModel(WorldModel):
         )
         shape = (cfg.height, cfg.width, 3)
         start = n_kv + self.window
-        prev = np.frombuffer(body[start : start + n_prev], np.uint8).reshape(shape).copy()
-        before = np.frombuffer(body[start + n_prev :], np.uint8).reshape(shape).copy()
-        return WorldState(seed, frame_index, kv, valid, prev, rng, before)
+        prev, before, earlier = (
+            np.frombuffer(body[start + i * n_prev : start + (i + 1) * n_prev], np.uint8)
+            .reshape(shape)
+            .copy()
+            for i in range(3)
+        )
+        return WorldState(seed, frame_index, kv, valid, prev, rng, before, earlier)
 
 
 # The arena's colours differ in their red channel: a frame made of palette colours maps

@@ -22,6 +22,7 @@ way (the runtime's fork, replay and recovery rely on it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -45,6 +46,13 @@ class NetConfig:
     colors: int = len(sim.PALETTE)
     pixel: int = 8  # per-pixel feature channels the head makes from each token
     local: int = 16  # channels of the local pixel decoder
+    # frames the local pixel decoder sees: 2 (the last two) or 3 (also the one before
+    # them: after a bounce a ball pauses on one axis for a frame, and only three frames
+    # show which way it goes next)
+    local_frames: int = 2
+    # dilation of a third, residual 3x3 convolution of the local decoder (0: none; 2: a
+    # 9x9 view, a ball's whole width, so a shape can be restored and a bounce seen locally)
+    local_dilation: int = 0
 
     @property
     def tokens(self) -> int:
@@ -58,8 +66,19 @@ class NetConfig:
         return asdict(self)
 
 
+def _training(module: nn.Module) -> bool:
+    """Whether gradients flow into ``module``'s weights: training, where batch invariance
+    does not matter and one folded kernel call per batch is much cheaper (a per-session
+    weight gradient is B matrices summed). Serving and the no-grad passes of the training
+    script take the batch-invariant path."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)`` for x (B, N, in) as one GEMM per batch element (batch-invariant)."""
+    """``layer(x)`` for x (B, N, in) as one GEMM per batch element (batch-invariant);
+    folded into one GEMM when training (``_training``)."""
+    if _training(layer):
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
     w = _per_session(layer.weight.t(), x.shape[0])
     if layer.bias is None:
         return torch.bmm(x, w)
@@ -95,7 +114,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """Attention of q (B, Nq, D) over k, v (B, Nk, D), then the MLP.
 
-        ``age`` (B, Nq, Nk) long: the key's frame age for each query, or -1 (masked).
+        ``age`` (B, Nq, Nk) long: the key's frame age for each query, or -1 (masked); a
+        batch dimension of 1 is shared by all (training: one gather, one small gradient).
         """
         b, nq, d = q.shape
         nk = k.shape[1]
@@ -105,9 +125,9 @@ class Block(nn.Module):
         kh = k.view(b, nk, h, dh).transpose(1, 2).reshape(b * h, nk, dh)
         vh = v.view(b, nk, h, dh).transpose(1, 2).reshape(b * h, nk, dh)
         scores = torch.bmm(qh, kh.transpose(1, 2)) * (dh**-0.5)
-        bias = self.age_bias[:, age.clamp(min=0)]  # (H, B, Nq, Nk)
+        bias = self.age_bias[:, age.clamp(min=0)]  # (H, B or 1, Nq, Nk)
         bias = bias.permute(1, 0, 2, 3).masked_fill((age < 0).unsqueeze(1), float("-inf"))
-        scores = scores + bias.reshape(b * h, nq, nk)
+        scores = scores + bias.expand(b, h, nq, nk).reshape(b * h, nq, nk)
         attn = torch.softmax(scores, dim=-1)
         o = torch.bmm(attn, vh).view(b, h, nq, dh).transpose(1, 2).reshape(b, nq, d)
         x = x + linear(o, self.out)
@@ -132,12 +152,16 @@ class WorldNet(nn.Module):
         self.norm = nn.LayerNorm(d)
         if cfg.colors != len(sim.PALETTE):
             raise ValueError(f"the arena has {len(sim.PALETTE)} colours, not {cfg.colors}")
+        if cfg.local_frames not in (2, 3):
+            raise ValueError(f"local_frames must be 2 or 3, got {cfg.local_frames}")
         c, loc = cfg.colors, cfg.local
         self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
-        # the local pixel decoder: two 3x3 convolutions over the last two frames' colours
+        # the local pixel decoder: two 3x3 convolutions over the last frames' colours
         # (once per step), mixed with the tokens' per-pixel features (every pass)
-        self.local1 = nn.Conv2d(2 * c, loc, 3, padding=1)
+        self.local1 = nn.Conv2d(cfg.local_frames * c, loc, 3, padding=1)
         self.local2 = nn.Conv2d(loc, loc, 3, padding=1)
+        d = cfg.local_dilation
+        self.local3 = nn.Conv2d(loc, loc, 3, padding=d, dilation=d) if d > 0 else None
         self.mix = nn.Linear(cfg.pixel, loc, bias=False)
         self.logits = nn.Linear(loc, c)
         # logit bias for "the pixel keeps its colour": with a zero output layer the model
@@ -169,8 +193,12 @@ class WorldNet(nn.Module):
     def color_index(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) in [-1, 1] -> (B, H, W) long: the nearest palette colour per pixel."""
         palette = cast(torch.Tensor, self.palette)
-        # argmin |x - p|^2 = argmax 2 x.p - |p|^2 (elementwise per pixel: batch-invariant)
-        score = (frames.unsqueeze(-2) * (2.0 * palette)).sum(-1) - (palette**2).sum(-1)
+        # argmin |x - p|^2 = argmax 2 x.p - |p|^2, channel by channel (elementwise per
+        # pixel: batch-invariant; a reduction over a last axis of 3 is many times slower)
+        two_p = 2.0 * palette
+        score = frames[..., 0:1] * two_p[:, 0] - (palette**2).sum(-1)
+        score = score + frames[..., 1:2] * two_p[:, 1]
+        score = score + frames[..., 2:3] * two_p[:, 2]
         return score.argmax(-1)
 
     # ---- token inputs ----
@@ -199,26 +227,36 @@ class WorldNet(nn.Module):
         )
         return linear(self.patchify(x_t), self.embed) + context + time
 
-    def local_features(self, prev_idx: torch.Tensor, before_idx: torch.Tensor) -> torch.Tensor:
-        """What the pixel decoder sees of the last two frames (their colour indices,
-        (B, H, W) long) around each pixel (a 5x5 neighbourhood: everything moves at most
-        2 px a frame) -> (B, local, H * W). The same for every denoising pass of a step."""
-        c = self.cfg.colors
-        b, h, w = prev_idx.shape
-        hot = torch.zeros(b, 2 * c, h, w)
-        hot.scatter_(1, prev_idx.unsqueeze(1), 1.0)
-        hot.scatter_(1, before_idx.unsqueeze(1) + c, 1.0)
+    def local_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
+        """What the pixel decoder sees of the last ``local_frames`` frames (their colour
+        indices, (B, H, W) long, the latest first; ``history`` may hold more) around each
+        pixel (a 5x5 neighbourhood: everything moves at most 2 px a frame) ->
+        (B, local, H * W). The same for every denoising pass of a step."""
+        c, n = self.cfg.colors, self.cfg.local_frames
+        if len(history) < n:
+            raise ValueError(f"the local decoder sees {n} frames, got {len(history)}")
+        b, h, w = history[0].shape
+        hot = torch.zeros(b, n * c, h, w, device=history[0].device)
+        for j, idx in enumerate(history[:n]):
+            hot.scatter_(1, idx.unsqueeze(1) + j * c, 1.0)
+        if _training(self.local1):
+            return self._local(hot).flatten(2)
         # one convolution call per session: the same call on the same shape whether a
         # session is stepped alone or in a batch (batch-invariant, like ``linear``)
-        out = [self.local2(torch.relu(self.local1(m.unsqueeze(0)))) for m in hot]
-        return torch.cat(out).flatten(2)
+        return torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
+
+    def _local(self, hot: torch.Tensor) -> torch.Tensor:
+        h = self.local2(torch.relu(self.local1(hot)))
+        if self.local3 is not None:
+            h = h + self.local3(torch.relu(h))
+        return h
 
     def keep_bias(self, prev_idx: torch.Tensor) -> torch.Tensor:
         """(B, H, W) colour indices of the previous frame -> (B, colors, H * W): the logit
         bias towards keeping each pixel's colour (what does not move needs no work, and an
         untrained decoder starts as the copy-last-frame baseline)."""
         b = prev_idx.shape[0]
-        keep = torch.zeros(b, self.cfg.colors, prev_idx[0].numel())
+        keep = torch.zeros(b, self.cfg.colors, prev_idx[0].numel(), device=prev_idx.device)
         return keep.scatter_(1, prev_idx.view(b, 1, -1), 1.0) * self.keep
 
     def output(self, x: torch.Tensor, local: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -281,6 +319,7 @@ def train_forward(
     ages: torch.Tensor,
     base: torch.Tensor,
     first_before: torch.Tensor,
+    first_earlier: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Teacher-forced prediction of every frame of a sequence at once.
 
@@ -288,8 +327,9 @@ def train_forward(
     frames un-augmented (the residual base of each prediction);
     x_t (B, F, H, W, 3): noisy versions of frames 1..F; t (B, F); actions (B, F) (the
     action that turns frame i into i+1); first_before (B, H, W, 3): the frame before
-    context frame 0 (its motion input). Returns the palette logits of frames 1..F
-    (B, F, colors, H, W).
+    context frame 0 (its motion input); first_earlier: the frame before that (what a
+    3-frame local decoder sees; default: first_before, as at a session's first step).
+    Returns the palette logits of frames 1..F (B, F, colors, H, W).
     """
     b, f = context.shape[:2]
     cfg = net.cfg
@@ -303,14 +343,21 @@ def train_forward(
         net.noisy_context(flat, before, actions.reshape(-1)),
     ).view(b, f * cfg.tokens, cfg.dim)
     z = torch.cat([clean, noisy], dim=1)
-    age = ages.unsqueeze(0).expand(b, -1, -1)
+    age = ages.unsqueeze(0)  # the same for every sequence
     for block in net.layers:
         q, k, v = block.project(z)
         z = block.attend(z, q, k, v, age)
     base_idx = net.color_index(base.reshape(b * f, cfg.height, cfg.width, 3))
+    history = [net.color_index(flat), net.color_index(before)]
+    if cfg.local_frames > 2:
+        first = first_before if first_earlier is None else first_earlier
+        earlier = torch.cat(
+            [first.unsqueeze(1), first_before.unsqueeze(1), context[:, :-2]], dim=1
+        )[:, :f]
+        history.append(net.color_index(earlier.reshape(flat.shape)))
     out = net.output(
         z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim),
-        net.local_features(net.color_index(flat), net.color_index(before)),
+        net.local_features(history),
         net.keep_bias(base_idx),
     )
     return out.view(b, f, cfg.colors, cfg.height, cfg.width)
