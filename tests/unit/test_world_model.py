@@ -318,6 +318,11 @@ def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:
         load(bad)
     with pytest.raises(CheckpointError, match="no weights"):
         load(tmp_path / "absent.safetensors")
+    odd = tmp_path / "odd.safetensors"
+    config = {**json.loads(meta["config"]), "local_frames": 4}
+    save_file(load_file(str(WEIGHTS)), str(odd), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match="local_frames"):
+        load(odd)
 
 
 def test_sessions_start_from_two_frames_and_make_palette_images(model: BuiltinWorldModel) -> None:

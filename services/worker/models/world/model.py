@@ -447,7 +447,10 @@ def load(
         cfg = NetConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: no usable config in the weights' metadata ({exc})") from exc
-    net = WorldNet(cfg)
+    try:
+        net = WorldNet(cfg)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: the weights' config does not build ({exc})") from exc
     tensors = load_file(str(path))
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))

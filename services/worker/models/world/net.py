@@ -154,14 +154,16 @@ class WorldNet(nn.Module):
             raise ValueError(f"the arena has {len(sim.PALETTE)} colours, not {cfg.colors}")
         if cfg.local_frames not in (2, 3):
             raise ValueError(f"local_frames must be 2 or 3, got {cfg.local_frames}")
+        if cfg.local_dilation < 0:
+            raise ValueError(f"local_dilation must be >= 0, got {cfg.local_dilation}")
         c, loc = cfg.colors, cfg.local
         self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
         # the local pixel decoder: two 3x3 convolutions over the last frames' colours
         # (once per step), mixed with the tokens' per-pixel features (every pass)
         self.local1 = nn.Conv2d(cfg.local_frames * c, loc, 3, padding=1)
         self.local2 = nn.Conv2d(loc, loc, 3, padding=1)
-        d = cfg.local_dilation
-        self.local3 = nn.Conv2d(loc, loc, 3, padding=d, dilation=d) if d > 0 else None
+        dil = cfg.local_dilation
+        self.local3 = nn.Conv2d(loc, loc, 3, padding=dil, dilation=dil) if dil > 0 else None
         self.mix = nn.Linear(cfg.pixel, loc, bias=False)
         self.logits = nn.Linear(loc, c)
         # logit bias for "the pixel keeps its colour": with a zero output layer the model
