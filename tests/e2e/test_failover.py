@@ -28,7 +28,10 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
         async with Client(mesh.gateway) as client, Etcd3Client([mesh.etcd.endpoint]) as etcd:
             placed = [await client.create_session(DEFAULT_MODEL, seed=i) for i in range(4)]
             spread = Counter(s.worker_id for s in placed)
-            assert spread == {"worker-1": 2, "worker-2": 2}
+            # both serve: the first goes to worker-1 (a tie, by id), the second to the idle
+            # worker-2; after that, loads within a tenth tie and the workers' own updates
+            # (their calibrations differ by noise) decide, so 2/2 or 1/3 (seen once in CI)
+            assert set(spread) == {"worker-1", "worker-2"}, spread
 
             assert etcd.kv is not None
             victim = "worker-1"
@@ -48,7 +51,9 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
                 if all(m.worker_id == "worker-2" for m in moved):
                     break
                 await asyncio.sleep(0.05)
-            assert [(m.worker_id, m.placement_epoch) for m in moved] == [("worker-2", 2)] * 2
+            assert [(m.worker_id, m.placement_epoch) for m in moved] == [("worker-2", 2)] * len(
+                victims
+            )
             # new sessions land on the survivor, which streams them
             survivors = [await client.create_session(DEFAULT_MODEL, seed=10 + i) for i in range(2)]
             assert {s.worker_id for s in survivors} == {"worker-2"}
@@ -56,7 +61,8 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
             indices = [f.index async for f in live.frames(limit=10)]
             assert indices == list(range(10))
             await live.aclose()
-            # the survivor is now full (2 + 2 recovered + 2 new, capacity 6): admission says so
+            # the survivor is now full (4 placed, the dead worker's recovered, + 2 new,
+            # capacity 6): admission says so
             from windflow import errors
 
             try:
