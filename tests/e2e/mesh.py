@@ -10,11 +10,17 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from windflow.infra import ChildSpec, EtcdServer, ManagedProcess, NatsServer, free_ports
 
 SERVE = (sys.executable, "-m", "windflow", "serve")
+
+MESHES: list[Mesh] = []
+"""Every mesh started in this test session: a failing test's report gets the logs' tails
+of those alive during it (tests/e2e/conftest.py), so a flake in CI leaves its evidence in
+the CI output."""
 
 
 class Mesh:
@@ -42,6 +48,8 @@ class Mesh:
         self._worker_args = worker_args
         self._env = env
         self.procs: dict[str, ManagedProcess] = {}
+        self.closed_at: float | None = None
+        """``time.time()`` when it was closed (None while it runs)."""
 
     @property
     def gateway(self) -> str:
@@ -90,6 +98,7 @@ class Mesh:
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        MESHES.append(self)
         await asyncio.gather(self.etcd.start(), self.nats.start())
         names = [n for n in self.addresses if n.startswith("worker-")]
         await asyncio.gather(*(self.start_service(n) for n in ("router", "session", *names)))
@@ -105,7 +114,16 @@ class Mesh:
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
+    def log_tails(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of every service's log."""
+        parts = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     async def aclose(self) -> None:
+        self.closed_at = time.time()
         for proc in reversed(list(self.procs.values())):
             await proc.stop()
         await self.nats.aclose()
