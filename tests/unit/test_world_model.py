@@ -280,11 +280,8 @@ def test_a_three_frame_pixel_decoder_sees_the_frame_before_and_keeps_the_contrac
     small = load(_train_tiny(tmp_path, "three", "--local-frames", "3"))
     assert small.cfg.local_frames == 3
     net = small.net
-    prev, before = (torch.from_numpy(f).unsqueeze(0) for f in sim.start_frames(5))
-    idx = [
-        net.color_index(prev.float() / 127.5 - 1.0),
-        net.color_index(before.float() / 127.5 - 1.0),
-    ]
+    before, prev = sim.start_frames(5)
+    idx = [small._color_index(prev[None]), small._color_index(before[None])]
     with torch.no_grad():
         same = net.local_features([*idx, idx[1]])
         moved = net.local_features([*idx, torch.roll(idx[1], 3, dims=2)])

@@ -160,8 +160,7 @@ class BuiltinWorldModel(WorldModel):
             valid=torch.zeros(self.window, dtype=torch.bool),
             prev=first,
             rng=np.random.default_rng([seed, 0x5EED]),
-            before=before,
-            earlier=before,
+            before=before,  # the frame before it is unknown: ``earlier`` repeats this one
         )
 
     def state_from(self, before: np.ndarray, frame: np.ndarray, seed: int) -> WorldState:
