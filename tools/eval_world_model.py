@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         f"mean {result['rollout_mean_true']:7.2f} {result['rollout_mean_shuffled']:9.2f} "
         f"{result['rollout_mean_copy_last']:10.2f}"
     )
+    print(
+        "a perfect simulator with the shuffled actions: mean "
+        f"{result['rollout_mean_simulator_shuffled']:.2f} dB"
+    )
     print("rollout mean by K:", result["rollout_mean_by_k"])
     print("ms per frame, batch 1:", result["ms_per_frame_b1"])
     print("ms per step, batch 8: ", result["ms_per_step_b8"])

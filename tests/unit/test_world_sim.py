@@ -57,3 +57,14 @@ def test_frames_are_64x64_rgb_with_every_kind_of_thing() -> None:
     assert tuple(sim.AGENT_COLOR) in colors
     assert tuple(sim.OBSTACLE_COLOR) in colors
     assert all(tuple(c) in colors for c in sim.BALL_COLORS)
+
+
+def test_the_evaluations_perfect_model_is_the_arena_from_a_sessions_start() -> None:
+    """``evaluation.simulated`` (the ceiling the report gives for shuffled actions) steps the
+    arenas from the frame a session starts from: with the true actions it is the truth."""
+    from services.worker.models.world.evaluation import simulated
+
+    seeds = (3, 4, 5)
+    frames, actions = sim.generate_episodes(list(seeds), 6, policy_seed=1, warm_start=True)
+    assert np.array_equal(simulated(seeds, actions), frames[:, 1:])
+    assert not np.array_equal(simulated(seeds, np.roll(actions, 1, axis=0)), frames[:, 1:])

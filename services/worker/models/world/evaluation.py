@@ -51,6 +51,13 @@ def rollout(
     return np.stack(out, axis=1)  # (N, T, H, W, 3)
 
 
+def simulated(seeds: tuple[int, ...], actions: np.ndarray) -> np.ndarray:
+    """Frames 1..T of the true arenas under ``actions`` (N, T): a perfect model's rollout."""
+    world = sim.WorldSim(list(seeds))
+    world.step(np.zeros(len(seeds), dtype=np.int64))  # the warm start sessions begin from
+    return np.stack([world.step(actions[:, t]) for t in range(actions.shape[1])], axis=1)
+
+
 def one_step(
     model: BuiltinWorldModel,
     seeds: tuple[int, ...],
@@ -116,6 +123,8 @@ def evaluate(
     true = per_step(rollouts[k0])
     shuf = per_step(rollout(model, seeds, shuffled, k0))
     copy = per_step(copy_last)
+    # what shuffled actions cost a perfect model: the ceiling of the shuffled rollout
+    sim_shuf = per_step(simulated(seeds, shuffled))
     if png is not None:
         save_strip(truth[0], rollouts[k0][0], png)
     one = one_step(model, seeds, frames, actions, k0)
@@ -132,6 +141,7 @@ def evaluate(
         "rollout_mean_true": round(float(np.mean(true)), 3),
         "rollout_mean_shuffled": round(float(np.mean(shuf)), 3),
         "rollout_mean_copy_last": round(float(np.mean(copy)), 3),
+        "rollout_mean_simulator_shuffled": round(float(np.mean(sim_shuf)), 3),
         "rollout_mean_by_k": by_k,
         "ms_per_frame_b1": {
             str(k): round(speed_ms(model, k, 1, speed_repeats * 2), 3) for k in model.info.steps
