@@ -43,7 +43,11 @@ class WorkerConfig:
     memory_snapshots: int = 8
     """In-memory snapshots kept per session (the newest)."""
     step_threads: int = 1
-    """torch intra-op threads used by the model step thread."""
+    """torch intra-op threads used by the model step."""
+    model_process: bool = True
+    """Run each model in a process of its own (``services.worker.model_host``), so that the
+    model step never waits for the interpreter lock the event loop holds; False: in the
+    worker's process, in its step thread (docs/runtime.md, "Model hosts")."""
     otlp_endpoint: str | None = None
     fps_admission: bool = True
     """Admit a session only if the predicted step-thread utilization, every session at its

@@ -1,8 +1,10 @@
 """The worker's step loop: runs the scheduler, steps batches off the event loop, encodes.
 
 Lifecycle: construct -> ``start()`` -> ``add``/``remove`` sessions, ``wake()`` on changes
--> ``aclose()``. The model step and the frame encoding run in one dedicated thread (torch
-calls never run on the event loop); the loop only plans batches and delivers frames.
+-> ``aclose()``. The model step and the frame encoding run in the model's host process
+(``model_host``, the default), which the loop awaits directly, or for a model loaded in
+this process in one dedicated thread; torch calls never run on the event loop, which only
+plans batches and delivers frames.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
 import torch
 
 from services.worker import scheduler
@@ -24,10 +25,11 @@ from services.worker.actor import AppliedControl, SessionActor
 from services.worker.costs import StepCosts
 from services.worker.journal import Journal
 from services.worker.messages import stream_error
-from services.worker.models.base import Control, WorldModel
+from services.worker.model_host import ModelHost, exit_worker
+from services.worker.models.base import WorldModel
 from services.worker.quality import QualityGovernor
+from services.worker.stepping import Encoding, StepResult, step_and_encode, time_step
 from windflow.common import names, telemetry
-from windflow.common.frames import encode_frame
 from windflow.errors import Internal, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
@@ -37,19 +39,13 @@ WAKE_LEAD_S = 0.001
 """The loop plans this much ahead of the clock: the event loop's timers fire up to ~1 ms
 late (epoll rounds its timeout up to whole milliseconds) and the hand-off to the step
 thread takes a fraction of one, so a frame starts at its due time rather than ~1 ms after."""
+HOST_LEAD_S = 0.001
+"""More lead where a model runs in a model host: its batch is sent this much earlier and
+the host starts it at its due time (``start_at_us``). Waking a model host that sat idle
+between frames takes ~0.3 ms on this project's machine (docs/runtime.md, "Model hosts"):
+sent at the due time, every frame would start that much late."""
 tracer = telemetry.tracer(__name__)
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class _StepResult:
-    frames: list[bytes]
-    snapshots: list[bytes | None]
-    model_start_us: int
-    model_end_us: int
-    encoded_us: list[int]
-    model_ms: float
-    encode_ms: list[float]
 
 
 @dataclass(slots=True)
@@ -64,7 +60,7 @@ class _Stepped:
     next_dues: list[float]
     controls: list[AppliedControl]
     appends: dict[int, asyncio.Task[None]]
-    result: _StepResult
+    result: StepResult
     ready_us: int
     wall_offset_us: int
 
@@ -97,6 +93,9 @@ class StepEngine:
         self.sessions: dict[str, SessionActor] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model-step")
         self._wake = asyncio.Event()
+        self._lead = WAKE_LEAD_S + (
+            HOST_LEAD_S if any(isinstance(m, ModelHost) for m in self._models.values()) else 0.0
+        )
         self._task: asyncio.Task[None] | None = None
         self._release_tail: asyncio.Task[None] | None = None
         self.frames_total = 0
@@ -151,7 +150,7 @@ class StepEngine:
             for steps in model.info.steps:
                 for batch in sorted({1, self.max_batch[model_id]}):
                     ms = await loop.run_in_executor(
-                        self._executor, _time_step, model, steps, batch, repeats
+                        self._executor, time_step, model, steps, batch, repeats
                     )
                     self.costs.observe(model_id, steps, batch, ms)
 
@@ -174,12 +173,12 @@ class StepEngine:
             slots = self._slots()
             now = time.monotonic()
             batches = scheduler.plan(
-                slots, now + WAKE_LEAD_S, horizon=self._batch_horizon(slots), max_batch=max_batch
+                slots, now + self._lead, horizon=self._batch_horizon(slots), max_batch=max_batch
             )
             if not batches:
                 wakeup = scheduler.next_wakeup(slots)
                 self._wake.clear()
-                timeout = None if wakeup is None else max(0.0, wakeup - WAKE_LEAD_S - now)
+                timeout = None if wakeup is None else max(0.0, wakeup - self._lead - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
@@ -193,6 +192,9 @@ class StepEngine:
         self, loop: asyncio.AbstractEventLoop, batch: scheduler.Batch, actors: list[SessionActor]
     ) -> None:
         model = self._models[batch.model_id]
+        # the earliest start the batch may have (before its controls are taken: a waiting
+        # control lets its frame start early)
+        start = min(scheduler.start_due(a.due, a.interval, a.control_waiting) for a in actors)
         controls = [a.take_control() for a in actors]
         indices = [a.next_frame for a in actors]
         dues = [a.due for a in actors]
@@ -210,16 +212,38 @@ class StepEngine:
         for a in actors:
             a.stepping = True
         try:
-            result = await loop.run_in_executor(
-                self._executor,
-                self._step_and_encode,
-                model,
-                batch.steps,
-                actors,
-                controls,
-                snapshot_mask,
-            )
+            encodings = [
+                Encoding(a.spec.format, a.spec.width, a.spec.height, a.spec.jpeg_quality)
+                for a in actors
+            ]
+            states = [a.state for a in actors]
+            applied = [c.control for c in controls]
+            with tracer.start_as_current_span(
+                names.SPAN_WORKER_STEP, attributes={"windflow.batch": len(actors)}
+            ):
+                if isinstance(model, ModelHost):  # in its own process: no thread needed
+                    result = await model.step_and_encode_async(
+                        states,
+                        applied,
+                        batch.steps,
+                        encodings,
+                        snapshot_mask,
+                        start_at_us=telemetry.now_us() + int((start - time.monotonic()) * 1e6),
+                    )
+                else:
+                    result = await loop.run_in_executor(
+                        self._executor,
+                        step_and_encode,
+                        model,
+                        states,
+                        applied,
+                        batch.steps,
+                        encodings,
+                        snapshot_mask,
+                    )
         except Exception as exc:
+            if isinstance(model, ModelHost) and model.lost:
+                exit_worker(model)
             # A failed step ends the sessions in it (their state may be half-updated);
             # every other session on this worker goes on.
             log.exception("model step failed for %s", ",".join(a.session_id for a in actors))
@@ -258,10 +282,12 @@ class StepEngine:
             telemetry.now_us() - int(finished * 1e6),
         )
         tail = self._release_tail
-        if not appends and (tail is None or tail.done()):
+        if not appends and (tail is None or tail.done()) and not isinstance(model, ModelHost):
             # nothing to wait for: send now. (Sending on the loop's next turn, beside the
-            # next batch, measured worse: the loop's Python work then contends for the GIL
-            # with the step thread: bench runtime, 2 sessions 0.68 vs 0.87 of raw.)
+            # next batch, measured worse with the model in this process: the loop's Python
+            # work then contends for the GIL with the step thread: bench runtime, 2
+            # sessions 0.68 vs 0.87 of raw. A model host has its own: there the next batch
+            # starts first, and these frames go out while it runs.)
             self._send_now(step)
         else:
             self._release_tail = asyncio.create_task(
@@ -347,41 +373,6 @@ class StepEngine:
             span.end()
             self.frames_total += 1
 
-    def _step_and_encode(
-        self,
-        model: WorldModel,
-        steps: int,
-        actors: list[SessionActor],
-        controls: list[AppliedControl],
-        snapshot_mask: list[bool],
-    ) -> _StepResult:
-        start_us = telemetry.now_us()
-        t0 = time.perf_counter()
-        with tracer.start_as_current_span(
-            names.SPAN_WORKER_STEP, attributes={"windflow.batch": len(actors)}
-        ):
-            rgb = model.step([a.state for a in actors], [c.control for c in controls], steps)
-        t1 = time.perf_counter()
-        end_us = telemetry.now_us()
-        snapshots = [
-            model.snapshot(a.state) if wanted else None
-            for a, wanted in zip(actors, snapshot_mask, strict=True)
-        ]
-        frames: list[bytes] = []
-        encoded_us: list[int] = []
-        encode_ms: list[float] = []
-        for i, actor in enumerate(actors):
-            e0 = time.perf_counter()
-            spec = actor.spec
-            frames.append(
-                encode_frame(rgb[i], spec.format, spec.width, spec.height, spec.jpeg_quality)
-            )
-            encode_ms.append((time.perf_counter() - e0) * 1000.0)
-            encoded_us.append(telemetry.now_us())
-        return _StepResult(
-            frames, snapshots, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms
-        )
-
     async def aclose(self) -> None:
         for task in (self._task, self._release_tail):
             if task is not None:
@@ -390,17 +381,3 @@ class StepEngine:
                     await task
         self._task = self._release_tail = None
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _time_step(model: WorldModel, steps: int, batch: int, repeats: int) -> float:
-    """Median wall time (ms) of one batched step + JPEG encoding on fresh states."""
-    states = [model.new_state(i) for i in range(batch)]
-    info = model.info
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        t0 = time.perf_counter()
-        rgb = model.step(states, [Control()] * batch, steps)
-        for i in range(batch):
-            encode_frame(rgb[i], pb.FRAME_FORMAT_JPEG, info.width, info.height, 85)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return float(np.median(times[1:]))

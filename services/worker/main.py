@@ -8,6 +8,8 @@ import sys
 
 from services.worker.config import WorkerConfig
 from services.worker.journal import Journal
+from services.worker.model_host import ModelHost, exit_worker
+from services.worker.models.base import WorldModel
 from services.worker.models.registry import load_model
 from services.worker.runtime import WorkerRuntime
 from services.worker.servicer import WorkerServicer
@@ -25,10 +27,23 @@ async def run(config: WorkerConfig) -> int:
     telemetry.setup(f"windflow-worker-{config.worker_id}", config.otlp_endpoint)
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
     keep_freed_memory()  # model steps reuse their buffers instead of faulting in fresh pages
-    models = {}
+    models: dict[str, WorldModel] = {}
+    hosts: list[ModelHost] = []
     for model_id in config.models:
-        models[model_id] = await asyncio.to_thread(load_model, model_id)
-        log.info("loaded model %s (%s)", model_id, models[model_id].info.version)
+        if config.model_process:
+            host = await asyncio.to_thread(ModelHost, model_id, threads=config.step_threads)
+            hosts.append(host)
+            models[model_id] = host
+        else:
+            models[model_id] = await asyncio.to_thread(load_model, model_id)
+        log.info(
+            "loaded model %s (%s)%s",
+            model_id,
+            models[model_id].info.version,
+            f" in model host pid {hosts[-1].process.pid}" if config.model_process else "",
+        )
+    # A model host that dies takes the worker down with it (model_host.exit_worker).
+    watchers = [asyncio.create_task(_watch(h), name=f"model-host:{h.model_id}") for h in hosts]
 
     client = await etcd.connect(config.etcd)
     bus = EventBus(config.nats, f"worker-{config.worker_id}")
@@ -73,12 +88,20 @@ async def run(config: WorkerConfig) -> int:
     await bus.publish(names.SUBJECT_WORKER_UP, worker_id=config.worker_id, detail=runtime.address)
     log.info("worker %s serving on %s", config.worker_id, runtime.address)
     try:
-        return await lifecycle.wait_for_stop(engine_task)
+        return await lifecycle.wait_for_stop(engine_task, *watchers)
     finally:
         await registration.aclose()
         await bus.publish(names.SUBJECT_WORKER_DOWN, worker_id=config.worker_id, detail="stopped")
         await server.aclose()
         await runtime.aclose()
+        for host in hosts:
+            await asyncio.to_thread(host.close)
         await bus.aclose()
         await client.close()
         telemetry.shutdown()
+
+
+async def _watch(host: ModelHost) -> None:
+    await asyncio.to_thread(host.wait_exit)
+    if host.lost:
+        exit_worker(host)

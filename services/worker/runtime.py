@@ -151,7 +151,8 @@ class WorkerRuntime:
                 )
                 state, entries = restored.state, restored.entries
             else:
-                state = model.new_state(spec.seed)
+                # in the step thread: a model host answers between batches
+                state = await self.engine.in_step_thread(lambda: model.new_state(spec.seed))
         finally:
             self._opening -= 1
         actor = SessionActor(

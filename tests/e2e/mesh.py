@@ -111,6 +111,21 @@ class Mesh:
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def kill_model_host(self, worker: str) -> int:
+        """SIGKILL the model host process under a worker; returns its pid."""
+        parent = self.procs[worker].pid
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and b"services.worker.model_host" in cmdline:
+                pid = int(stat.parent.name)
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        raise AssertionError(f"{worker} (pid {parent}) has no model host")
+
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 

@@ -1,9 +1,12 @@
-"""Crash recovery: kill -9 the worker holding a session mid-stream; the client sees every
-frame index exactly once, each equal to an uninterrupted reference run."""
+"""Crash recovery: kill -9 the worker holding a session mid-stream, or the model host
+process under it; the client sees every frame index exactly once, each equal to an
+uninterrupted reference run."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from services.worker.models.registry import DEFAULT_MODEL
 from tests.e2e.mesh import Mesh
@@ -14,7 +17,10 @@ FRAMES = 300
 KILL_AT = 100
 
 
-async def test_worker_killed_mid_stream_no_gap_no_repeat(tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim_process", ["worker", "model host"])
+async def test_worker_killed_mid_stream_no_gap_no_repeat(
+    tmp_path: Path, victim_process: str
+) -> None:
     mesh = Mesh(
         tmp_path,
         workers=2,
@@ -57,7 +63,10 @@ async def test_worker_killed_mid_stream_no_gap_no_repeat(tmp_path: Path) -> None
                         await live.send(action=a, frame_index=f)
                 if frame.index == KILL_AT:
                     victim = (await client.get_session(info.session_id)).worker_id
-                    mesh.kill(victim)
+                    if victim_process == "worker":
+                        mesh.kill(victim)
+                    else:  # the worker exits at once and its sessions recover elsewhere
+                        mesh.kill_model_host(victim)
             await live.aclose()
 
             assert [i for i, _ in got] == list(range(FRAMES))  # no gap, no repeat
@@ -66,5 +75,9 @@ async def test_worker_killed_mid_stream_no_gap_no_repeat(tmp_path: Path) -> None
             assert len(recovered) == 1
             after = await client.get_session(info.session_id)
             assert after.worker_id != victim and after.placement_epoch == 2
+            if victim_process == "model host":
+                assert "died" in mesh.log(victim) and "sessions recover elsewhere" in mesh.log(
+                    victim
+                )
     finally:
         await mesh.aclose()

@@ -7,7 +7,9 @@ a) overhead: one session, the same model and controls in-process and through gat
    model step and encoding (what the in-process loop spends on it);
 b) throughput: delivered fps per session and in total for 1, 2, 4, 8 and 16 sessions asking
    for the highest fps (120, fixed quality) against the raw batched throughput of the same
-   model in-process (same batches, encoding included), capped at what the sessions ask for;
+   model in-process (same batches, encoding included; measured in the bench's process just
+   before each session count's stack run, the stack idle), capped at what the sessions ask
+   for;
 c) control-to-frame latency: controls sent at random moments, stamped for the next frame;
 d) slow-client isolation: 4 sessions; one of them reads at a quarter of its fps;
 e) overload: adaptive sessions opened until the router refuses (fps admission on); their
@@ -27,19 +29,20 @@ import contextlib
 import datetime as dt
 import itertools
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from windflow.cli import bench_results as results
 
 SESSION_COUNTS = (1, 2, 4, 8, 16)
 MAX_FPS = 120.0
@@ -53,6 +56,13 @@ def register(sub: Any) -> None:
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the workers (repeat; e.g. --worker-arg=--no-model-process)",
+    )
+    parser.add_argument(
         "--out-dir", default="bench/results", help="where the JSON result file goes ('' = none)"
     )
     parser.set_defaults(func=run)
@@ -60,26 +70,6 @@ def register(sub: Any) -> None:
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "loadavg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 # ---- in-process baseline ----
@@ -92,7 +82,11 @@ class InProcess:
     # starts from caches the rest of the machine has used meanwhile, and takes longer
     paced_step_ms: list[float] = field(default_factory=list)
     frame_ms: list[float] = field(default_factory=list)  # step + encode
-    raw_fps: dict[int, float] = field(default_factory=dict)
+    raw_fps: dict[int, float] = field(default_factory=dict)  # at the start of the run
+    # raw in-process throughput for n sessions, measured when called: phase b measures it
+    # again just before each of its stack runs, so that a ratio's two figures are minutes
+    # closer together on a shared machine
+    raw: Callable[[int], float] | None = None
     width: int = 0
     height: int = 0
     fps: float = 0.0
@@ -144,7 +138,8 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
         t0 = time.perf_counter()
         out.paced_step_ms.append(frame(state)[0])
         time.sleep(max(0.0, interval - (time.perf_counter() - t0)))
-    for n in SESSION_COUNTS:
+
+    def raw(n: int) -> float:
         states = [model.new_state(i) for i in range(n)]
         chunks = [states[i : i + info.max_batch] for i in range(0, n, info.max_batch)]
         for chunk in chunks:
@@ -154,7 +149,11 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
             for chunk in chunks:
                 frame(chunk)
                 made += len(chunk)
-        out.raw_fps[n] = made / (time.perf_counter() - t0)
+        return made / (time.perf_counter() - t0)
+
+    for n in SESSION_COUNTS:
+        out.raw_fps[n] = raw(n)
+    out.raw = raw
     return out
 
 
@@ -261,7 +260,13 @@ async def _close(client: Any, sessions: list[Any]) -> None:
             await client.close_session(s.id)
 
 
-async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path) -> dict[str, Any]:
+async def stack_phases(
+    model: str,
+    base: InProcess,
+    quick: bool,
+    state_dir: Path,
+    extra_worker_args: tuple[str, ...] = (),
+) -> dict[str, Any]:
     from windflow.infra import Stack, StackConfig
     from windflow.sdk import Client
 
@@ -269,7 +274,15 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
     seconds = 4.0 if quick else 10.0
     warm = 1.0
     res: dict[str, Any] = {}
-    worker_args = ("--models", model, "--admission", "slots", "--capacity", "16")
+    worker_args = (
+        "--models",
+        model,
+        "--admission",
+        "slots",
+        "--capacity",
+        "16",
+        *extra_worker_args,
+    )
     config = StackConfig(state_dir=state_dir / "a", workers=1, worker_args=worker_args)
     async with Stack(config) as stack, Client(stack.gateway_address) as client:
         # a) one session, native fps, fixed quality, no controls (a frame with a control
@@ -314,18 +327,21 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
         # b) throughput at 120 fps per session, fixed quality
         res["throughput"] = {}
         for n in SESSION_COUNTS:
+            # the raw figure again, now (the stack idle): what this phase is compared with
+            raw_now = base.raw(n) if base.raw is not None else base.raw_fps[n]
             sessions = await _open(client, model, n, quality="fixed", fps=MAX_FPS, steps=base.steps)
             results = await asyncio.gather(
                 *(_consume(s, seconds + warm, interval_s=1 / MAX_FPS) for s in sessions)
             )
             await _close(client, sessions)
             per = [_fps(r, warm) for r in results]
-            raw = min(base.raw_fps[n], n * MAX_FPS)
+            raw = min(raw_now, n * MAX_FPS)
             res["throughput"][n] = {
                 "delivered_fps_total": sum(per),
                 "delivered_fps_per_session_min": min(per),
                 "delivered_fps_per_session_mean": statistics.fmean(per),
-                "raw_fps": base.raw_fps[n],
+                "raw_fps": raw_now,
+                "raw_fps_at_start": base.raw_fps[n],
                 "expected_fps": raw,
                 "ratio": sum(per) / raw,
                 "batch_mean": statistics.fmean(f.batch for r in results for f in r),
@@ -355,7 +371,9 @@ async def stack_phases(model: str, base: InProcess, quick: bool, state_dir: Path
 
     # e) overload: fps admission on; adaptive sessions until refused
     config = StackConfig(
-        state_dir=state_dir / "b", workers=1, worker_args=("--models", model, "--capacity", "64")
+        state_dir=state_dir / "b",
+        workers=1,
+        worker_args=("--models", model, "--capacity", "64", *extra_worker_args),
     )
     async with Stack(config) as stack, Client(stack.gateway_address) as client:
         res["overload"] = await _overload(client, model, base, seconds, warm)
@@ -486,11 +504,13 @@ def run(args: argparse.Namespace) -> int:
     from windflow.infra import StackFailed
 
     started = dt.datetime.now(dt.UTC)
-    desc = machine()
+    desc = results.machine()
     base = in_process(args.model, 60 if args.quick else 300, 1.0 if args.quick else 3.0)
     state_dir = Path(tempfile.mkdtemp(prefix="windflow-bench-"))
     try:
-        res = asyncio.run(stack_phases(args.model, base, args.quick, state_dir))
+        res = asyncio.run(
+            stack_phases(args.model, base, args.quick, state_dir, tuple(args.worker_arg))
+        )
     except StackFailed as exc:
         print(f"bench runtime: the stack failed: {exc}; logs in {state_dir}", file=sys.stderr)
         return 1
@@ -499,11 +519,12 @@ def run(args: argparse.Namespace) -> int:
     print(table(base, res, summary), flush=True)
     result = {
         "bench": "runtime",
-        "command": " ".join(["windflow", "bench", "runtime", *sys.argv[3:]]),
+        "command": results.command("runtime"),
         "started": started.isoformat(timespec="seconds"),
         "machine": desc,
         "model": args.model,
         "quick": args.quick,
+        "worker_args": args.worker_arg,
         "summary": summary,
         "in_process": {
             "model_step_ms_p50": _pct(base.model_step_ms, 50),
@@ -517,10 +538,7 @@ def run(args: argparse.Namespace) -> int:
         "stack": res,
     }
     if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"runtime-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        path = results.write(args.out_dir, "runtime", started, result)
         print(f"results written to {path}", flush=True)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items()}), flush=True)

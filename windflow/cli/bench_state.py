@@ -2,13 +2,15 @@
 
 Starts its own stack (etcd, NATS, every service as a process, two workers) unless
 ``--gateway`` is given; crash recovery needs its own stack (it kills a worker). Prints a
-table; with ``--json`` the last stdout line is one JSON object.
+table and writes the result under ``bench/results/`` with the machine's description; with
+``--json`` the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import random
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.worker.models.registry import DEFAULT_MODEL
+from windflow.cli import bench_results as results
 from windflow.infra import Stack, StackConfig
 from windflow.sdk import Client
 from windflow.v1 import windflow_pb2 as pb
@@ -38,6 +41,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--forks", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--out-dir", default="bench/results", help="where the JSON result file goes ('' = none)"
+    )
     parser.set_defaults(func=_main)
 
 
@@ -184,8 +190,21 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
+    started = dt.datetime.now(dt.UTC)
+    machine = results.machine()
     result = asyncio.run(_run(args))
     print(_table(result), flush=True)
+    if args.out_dir:
+        record = {
+            "bench": "state",
+            "command": results.command("state"),
+            "started": started.isoformat(timespec="seconds"),
+            "machine": machine,
+            "model": args.model,
+            "result": result,
+        }
+        path = results.write(args.out_dir, "state", started, record)
+        print(f"results written to {path}", flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
     ok = all(v for k, v in result.items() if k.endswith(("_exact", "_no_gap")))

@@ -49,6 +49,12 @@ def register(sub: Any) -> None:
         help="torch threads for the model step",
     )
     worker.add_argument(
+        "--model-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each model in its own process (default) or in the worker's",
+    )
+    worker.add_argument(
         "--admission",
         choices=("fps", "slots"),
         default="fps",
@@ -122,6 +128,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         checkpoint_every=args.checkpoint_every,
         step_threads=args.step_threads,
+        model_process=args.model_process,
         otlp_endpoint=args.otlp_endpoint,
         fps_admission=args.admission == "fps",
         target_utilization=args.target_utilization,

@@ -1,0 +1,132 @@
+"""A model in its own process (services.worker.model_host): the same frames, snapshots and
+typed errors as the model in the caller's process, states freed when dropped, and a dead
+host reported, not hung on. Real child processes; the committed built-in model."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from services.worker import stepping
+from services.worker.model_host import ModelHost
+from services.worker.models.base import Control, WorldModel
+from services.worker.models.registry import load_model
+from windflow.errors import InvalidArgument, InvalidControl, NotFound, SnapshotError, Unavailable
+
+MODEL = "windflow-world"
+
+
+@pytest.fixture(scope="module")
+def local() -> WorldModel:
+    return load_model(MODEL)
+
+
+@pytest.fixture
+def host() -> Iterator[ModelHost]:
+    h = ModelHost(MODEL)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def _controls(n: int, t: int) -> list[Control]:
+    return [Control(action=(i + t) % 5) for i in range(n)]
+
+
+def test_frames_snapshots_and_encodings_match_the_model_in_process(
+    host: ModelHost, local: WorldModel
+) -> None:
+    assert host.info == local.info
+    hosted = [host.new_state(seed) for seed in range(5)]
+    here = [local.new_state(seed) for seed in range(5)]
+    encodings = [stepping.native_encoding(local)] * 5
+    for t in range(6):
+        steps = 1 + t % 3
+        if t % 2:
+            a = host.step(hosted, _controls(5, t), steps)
+            b = local.step(here, _controls(5, t), steps)
+            assert a.shape == b.shape == (5, 64, 64, 3)
+            assert np.array_equal(a, b)
+        else:
+            mask = [i == t % 5 for i in range(5)]
+            ra = stepping.step_and_encode(host, hosted, _controls(5, t), steps, encodings, mask)
+            rb = stepping.step_and_encode(local, here, _controls(5, t), steps, encodings, mask)
+            assert ra.frames == rb.frames
+            assert ra.snapshots == rb.snapshots
+            assert sum(s is not None for s in ra.snapshots) == 1
+    assert [s.frame_index for s in hosted] == [s.frame_index for s in here] == [6] * 5
+    blob = host.snapshot(hosted[2])
+    assert blob == local.snapshot(here[2])
+    restored = host.restore(blob)
+    assert (restored.frame_index, restored.seed) == (6, 2)
+    assert np.array_equal(
+        host.step([restored], _controls(1, 9), 2), local.step([here[2]], _controls(1, 9), 2)
+    )
+
+
+def test_the_event_loop_path_matches_the_blocking_one(host: ModelHost) -> None:
+    a = [host.new_state(seed) for seed in (3, 4)]
+    b = [host.new_state(seed) for seed in (3, 4)]
+    encodings = [stepping.native_encoding(host)] * 2
+
+    async def on_the_loop() -> list[bytes]:
+        frames = []
+        for t in range(4):
+            r = await host.step_and_encode_async(a, _controls(2, t), 2, encodings, [False] * 2)
+            frames += r.frames
+        return frames
+
+    loop_frames = asyncio.run(on_the_loop())
+    blocking = []
+    for t in range(4):
+        blocking += stepping.step_and_encode(
+            host, b, _controls(2, t), 2, encodings, [False] * 2
+        ).frames
+    assert loop_frames == blocking
+    assert [s.frame_index for s in a] == [4, 4]
+
+
+def test_bad_input_raises_the_models_typed_errors(host: ModelHost, local: WorldModel) -> None:
+    state = host.new_state(0)
+    with pytest.raises(InvalidControl, match="outside the action space"):
+        host.step([state], [Control(action=7)], 2)
+    with pytest.raises(InvalidArgument):
+        host.step([state], [Control()], 9)  # off the step ladder
+    with pytest.raises(SnapshotError):
+        host.restore(b"not a snapshot")
+    with pytest.raises(InvalidArgument, match="not made by model host"):
+        host.step([local.new_state(0)], [Control()], 2)
+    assert state.frame_index == 0  # nothing was stepped
+    assert host.step([state], [Control()], 2).shape == (1, 64, 64, 3)  # and it still serves
+
+
+def test_dropped_states_are_freed_in_the_host(host: ModelHost) -> None:
+    kept = host.new_state(0)
+    states = [host.new_state(seed) for seed in range(1, 21)]
+    assert host.live_states() == 21
+    del states
+    gc.collect()
+    assert host.live_states() == 1
+    assert host.step([kept], [Control()], 1).shape[0] == 1
+
+
+def test_unknown_model_fails_at_start() -> None:
+    with pytest.raises(NotFound, match="unknown model"):
+        ModelHost("no-such-model")
+
+
+def test_a_dead_host_raises_unavailable_and_its_exit_is_seen(host: ModelHost) -> None:
+    state = host.new_state(0)
+    os.kill(host.process.pid, signal.SIGKILL)
+    assert host.wait_exit() == -signal.SIGKILL
+    with pytest.raises(Unavailable, match="died"):
+        host.step([state], [Control()], 2)
+    with pytest.raises(Unavailable, match="gone"):
+        host.snapshot(state)

@@ -1,0 +1,49 @@
+"""Where benchmark results go: one JSON file per run under ``bench/results/``, with the
+machine it ran on (results from a shared machine mean little without it)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def command(bench: str) -> str:
+    """The command line that ran ``bench`` (global options before it left out)."""
+    argv = sys.argv[1:]
+    rest = argv[argv.index(bench) + 1 :] if bench in argv else []
+    return " ".join(["windflow", "bench", bench, *rest])
+
+
+def write(out_dir: str, bench: str, started: dt.datetime, result: dict[str, Any]) -> Path:
+    """Write ``result`` as ``<out_dir>/<bench>-<started, UTC>.json``; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{bench}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
