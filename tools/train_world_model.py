@@ -113,6 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "context or the target (where the dynamics are decided, whether or not anything "
         "moves) or only those that change",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.998,
+        help="save an exponential moving average of the weights with this decay per step "
+        "(0: the last weights)",
+    )
     p.add_argument("--out", type=Path, default=WEIGHTS)
     p.add_argument("--card", type=Path, default=WEIGHTS.with_name("model_card.json"))
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
@@ -254,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     f = args.frames
+    params = [p for p in net.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params] if args.ema > 0 else []
     t_train = time.perf_counter()
     losses: list[float] = []
     for step in range(args.steps):
@@ -345,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
+        if ema:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - args.ema)
         losses.append(float(loss.detach()))
         if step % 100 == 0 or step == args.steps - 1:
             recent = float(np.mean(losses[-100:]))
@@ -352,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step:5d}  loss {recent:.5f}  {elapsed:6.0f} s", flush=True)
     train_s = time.perf_counter() - t_train
 
+    if ema:
+        with torch.no_grad():
+            for p, average in zip(params, ema, strict=True):
+                p.copy_(average)
     net = net.cpu().eval()
     save_weights(net, args.out, {"seed": str(args.seed)})
     card: dict[str, object] = {
@@ -378,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             "rollout": args.rollout,
             "init": None if args.init is None else args.init.name,
             "weighted_pixels": args.weighted,
+            "ema": args.ema,
             "pixel_weight": PIXEL_WEIGHT,
             "device": str(device),
             "threads": args.threads,

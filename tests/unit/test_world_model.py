@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from services.worker.models.base import Control
 from services.worker.models.world import load_default, sim
@@ -269,6 +270,19 @@ def test_training_script_is_reproducible_and_its_weights_load(tmp_path: Path) ->
     state = small.new_state(1)
     assert small.step([state], [Control(1)], 1).shape == (1, 64, 64, 3)
     assert json.loads((tmp_path / "a.json").read_text())["training"]["steps"] == 2
+
+
+def test_training_saves_the_moving_average_of_the_weights_by_default(tmp_path: Path) -> None:
+    """The recipe saves an EMA of the weights (``--ema``, default 0.998); ``--ema 0`` the
+    last weights. After 2 steps the average has barely left the initial weights."""
+    averaged, last = _train_tiny(tmp_path, "avg"), _train_tiny(tmp_path, "last", "--ema", "0")
+    assert json.loads((tmp_path / "avg.json").read_text())["training"]["ema"] == 0.998
+    assert json.loads((tmp_path / "last.json").read_text())["training"]["ema"] == 0.0
+    init = _train_tiny(tmp_path, "init", "--steps", "0", "--ema", "0")
+    tensors = [load_file(str(p)) for p in (averaged, last, init)]
+    moved_avg = sum(float((tensors[0][k] - tensors[2][k]).abs().sum()) for k in tensors[2])
+    moved_last = sum(float((tensors[1][k] - tensors[2][k]).abs().sum()) for k in tensors[2])
+    assert 0 < moved_avg < 0.01 * moved_last
 
 
 def test_a_three_frame_pixel_decoder_sees_the_frame_before_and_keeps_the_contracts(
