@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from windflow.common import grpc_util
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
@@ -16,7 +18,7 @@ class GatewayConfig:
     session_service: str
     """Session service address, host:port."""
     listen: str = "127.0.0.1:0"
-    max_message_bytes: int = 1024 * 1024
+    max_message_bytes: int = grpc_util.PUBLIC_MAX_MESSAGE_BYTES
     """Largest client message accepted; bigger ones fail with RESOURCE_EXHAUSTED."""
     recover_timeout_s: float = 20.0
     """How long a stream may wait for its session to be recovered on another worker."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
-from collections.abc import AsyncIterator, Generator
+import threading
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -29,21 +31,26 @@ DUMP_BEFORE_TIMEOUT_S = 20.0
 
 
 def _dump_tasks() -> None:
-    """Every task of the running loop with the line it waits on (pytest-timeout's own dump
-    shows threads only, and an async test stuck on an await shows as an idle loop)."""
+    """Every unfinished asyncio task, of any loop, with the line it waits on (pytest-timeout's
+    own dump shows threads only, where a test stuck on an await is an idle loop). Runs in a
+    timer thread: the tests' loops may be module-scoped, so no one loop is known here."""
     out = io.StringIO()
-    for task in asyncio.all_tasks():
-        print(f"--- {task.get_name()}", file=out)
-        task.print_stack(limit=12, file=out)
+    tasks: Any = getattr(asyncio.tasks, "_all_tasks", ())
+    for task in list(tasks):
+        if not task.done():
+            print(f"--- {task.get_name()}", file=out)
+            task.print_stack(limit=12, file=out)
     print(f"=== asyncio tasks of a test about to time out ===\n{out.getvalue()}", file=sys.stderr)
 
 
 @pytest.fixture(autouse=True)
-async def _tasks_dumped_before_timeout(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+def _tasks_dumped_before_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
     timeout = float(request.config.getini("timeout") or 0)
-    handle = None
+    timer = None
     if timeout > DUMP_BEFORE_TIMEOUT_S:
-        handle = asyncio.get_running_loop().call_later(timeout - DUMP_BEFORE_TIMEOUT_S, _dump_tasks)
+        timer = threading.Timer(timeout - DUMP_BEFORE_TIMEOUT_S, _dump_tasks)
+        timer.daemon = True
+        timer.start()
     yield
-    if handle is not None:
-        handle.cancel()
+    if timer is not None:
+        timer.cancel()

@@ -206,17 +206,28 @@ async def test_oversize_message_is_resource_exhausted_others_unharmed(mesh: Mesh
     ):
         before = [f.index async for f in bystander.frames(limit=3)]
         victim_info = await client.create_session(MODEL, seed=5)
+        oversize = pb.ClientMessage(control=pb.Control(frame_index=10, axes=[0.0] * 400_000))
+        # another client, on its own connection, with no limit of its own: the gateway
+        # refuses the message and ends that stream
+        async with grpc.aio.insecure_channel(mesh.gateway) as raw:
+            call = windflow_pb2_grpc.WindflowStub(raw).Stream()
+            await call.write(pb.ClientMessage(attach=pb.Attach(session_id=victim_info.session_id)))
+            await call.write(oversize)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call:
+                    pass
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # through the SDK the message fails its own stream in the client, before it takes
+        # the flow-control window the client's other streams share on its connection
         victim = await client.attach(victim_info)
-        await victim.send_raw(
-            pb.ClientMessage(control=pb.Control(frame_index=10, axes=[0.0] * 400_000))
-        )
+        await victim.send_raw(oversize)
         with pytest.raises(errors.ResourceExhausted):
             async for _ in victim.frames(limit=1000):
                 pass
         await victim.aclose()
         after = [f.index async for f in bystander.frames(limit=24)]
         assert after == list(range(before[-1] + 1, before[-1] + 25))
-        # the refused stream lost nothing: the session re-attaches and streams on
+        # the refused streams lost nothing: the session re-attaches and streams on
         again = await client.attach(victim_info)
         frames = [f.index async for f in again.frames(limit=5)]
         assert len(frames) == 5 and frames == sorted(frames)

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # internal hops carry raw frames
+PUBLIC_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The largest message the gateway accepts from a client (by default), and the largest the
+SDK sends: an oversize message fails its own call in the client, before it takes any of
+the connection's flow-control window that the client's other streams share."""
 RETRY_AFTER_KEY = "windflow-retry-after-ms"
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -189,8 +193,11 @@ class ServiceServer:
         await self.server.stop(grace)
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, *, max_send_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+    options = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_send_message_length"]
+    return grpc.aio.insecure_channel(
+        address, options=[("grpc.max_send_message_length", max_send_bytes), *options]
+    )
 
 
 async def call(awaitable: Awaitable[T]) -> T:

@@ -219,7 +219,9 @@ class Client:
     def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
         self.address = address
         self._timeout = timeout_s
-        self._channel = grpc_util.channel(address)
+        self._channel = grpc_util.channel(
+            address, max_send_bytes=grpc_util.PUBLIC_MAX_MESSAGE_BYTES
+        )
         self.stub = windflow_pb2_grpc.WindflowStub(self._channel)
 
     async def __aenter__(self) -> Client:
