@@ -312,6 +312,9 @@ class StepEngine:
         finally:
             for actor in step.actors:
                 actor.unreleased -= 1
+            # a session held back by its unreleased frames (PAUSE, or a slow log server)
+            # may be ready now, and the loop may be asleep with nothing else to wake it
+            self.wake()
 
     async def _await_appends(self, step: _Stepped) -> set[int]:
         unlogged: set[int] = set()

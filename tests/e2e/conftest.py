@@ -39,7 +39,10 @@ def _dump_tasks() -> None:
     for task in list(tasks):
         if not task.done():
             print(f"--- {task.get_name()}", file=out)
-            task.print_stack(limit=12, file=out)
+            try:  # the task's frames may move under this thread: best effort
+                task.print_stack(limit=12, file=out)
+            except Exception as exc:
+                print(f"(stack unavailable: {exc!r})", file=out)
     print(f"=== asyncio tasks of a test about to time out ===\n{out.getvalue()}", file=sys.stderr)
 
 
