@@ -4,17 +4,19 @@ its own.
 Why: a model step is hundreds of small torch calls, and the interpreter lock is re-taken
 after each. In the worker's process the event loop (gRPC reads and writes, planning, acks)
 takes it in between, so the step waits for the loop's Python work: measured on this
-project's 2-core machine, a batch-8 step of the built-in model took 20% longer beside a
-thread doing 0.3 ms of Python every 1.3 ms, a batch-1 step 68% longer
-(docs/runtime.md, "Model hosts"). A host runs the same model code in a child process and
-answers over a pipe; the worker's step thread only waits on that pipe (no lock held).
+project's 2-core machine (``tools/bench_model_host.py``), a batch-8 step + encode of the
+built-in model took 1.40x as long beside a thread doing 0.3 ms of Python every 1.3 ms, a
+batch-1 step 1.56x (docs/runtime.md, "Model hosts"). A host runs the same model code in a
+child process and answers over a socket; the worker's event loop awaits a batch's reply
+without holding the lock, blocking calls wait on it from the step thread.
 
 The host is a ``WorldModel``: ``new_state``/``restore`` return handles (``HostedState``)
 whose real state lives in the child, ``step``/``snapshot`` run there, errors come back as
 the same typed errors. One batch's step, snapshots and encoding are one round trip
 (``stepping.step_and_encode``). A handle the worker drops frees its state in the child
-(sent with the next request). If the child dies, every call raises ``Unavailable`` and
-``exited`` completes: the worker stops, and its sessions recover elsewhere.
+(sent with the next request). If the child dies, every call raises ``Unavailable``,
+``lost`` turns true and ``wait_exit`` returns: the worker exits (``exit_worker``), and its
+sessions recover elsewhere.
 
 Protocol (a socket pair wrapped as a ``multiprocessing`` connection, pickled tuples):
 request ``(op, args, released)``, reply ``("ok", value)`` or ``("error", exc)``; the child

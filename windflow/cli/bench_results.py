@@ -33,17 +33,31 @@ def machine() -> dict[str, Any]:
     }
 
 
-def command(bench: str) -> str:
+def _command(bench: str) -> str:
     """The command line that ran ``bench`` (global options before it left out)."""
     argv = sys.argv[1:]
     rest = argv[argv.index(bench) + 1 :] if bench in argv else []
     return " ".join(["windflow", "bench", bench, *rest])
 
 
-def write(out_dir: str, bench: str, started: dt.datetime, result: dict[str, Any]) -> Path:
-    """Write ``result`` as ``<out_dir>/<bench>-<started, UTC>.json``; returns the path."""
+def write(
+    out_dir: str,
+    bench: str,
+    started: dt.datetime,
+    machine_desc: dict[str, Any],
+    fields: dict[str, Any],
+) -> Path:
+    """Write one run's record as ``<out_dir>/<bench>-<started, UTC>.json``: the bench, the
+    command that ran it, when, on what machine, then ``fields``; returns the path."""
+    record = {
+        "bench": bench,
+        "command": _command(bench),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine_desc,
+        **fields,
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{bench}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path

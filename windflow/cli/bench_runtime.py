@@ -99,9 +99,8 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
 
     from services.worker.models.base import Control
     from services.worker.models.registry import load_model
-    from windflow.common.frames import encode_frame
+    from services.worker.stepping import native_encoding, step_and_encode
     from windflow.common.malloc import keep_freed_memory
-    from windflow.v1 import windflow_pb2 as pb
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
@@ -117,14 +116,16 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
     )
     rng = random.Random(0)
 
+    encoding = native_encoding(model)
+
     def frame(states: list[Any]) -> tuple[float, float]:
+        """One batch as the worker runs it (``stepping.step_and_encode``): the model
+        step's ms and the step + encoding's."""
         controls = [Control(action=rng.randrange(out.actions)) for _ in states]
+        n = len(states)
         t0 = time.perf_counter()
-        rgb = model.step(states, controls, out.steps)
-        t1 = time.perf_counter()
-        for i in range(len(states)):
-            encode_frame(rgb[i], pb.FRAME_FORMAT_JPEG, info.width, info.height, 85)
-        return (t1 - t0) * 1000.0, (time.perf_counter() - t0) * 1000.0
+        done = step_and_encode(model, states, controls, out.steps, [encoding] * n, [False] * n)
+        return done.model_ms, (time.perf_counter() - t0) * 1000.0
 
     state = [model.new_state(0)]
     for _ in range(5):
@@ -518,10 +519,6 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(base, res)
     print(table(base, res, summary), flush=True)
     result = {
-        "bench": "runtime",
-        "command": results.command("runtime"),
-        "started": started.isoformat(timespec="seconds"),
-        "machine": desc,
         "model": args.model,
         "quick": args.quick,
         "worker_args": args.worker_arg,
@@ -538,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
         "stack": res,
     }
     if args.out_dir:
-        path = results.write(args.out_dir, "runtime", started, result)
+        path = results.write(args.out_dir, "runtime", started, desc, result)
         print(f"results written to {path}", flush=True)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items()}), flush=True)

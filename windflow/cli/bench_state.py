@@ -195,15 +195,8 @@ def _main(args: argparse.Namespace) -> int:
     result = asyncio.run(_run(args))
     print(_table(result), flush=True)
     if args.out_dir:
-        record = {
-            "bench": "state",
-            "command": results.command("state"),
-            "started": started.isoformat(timespec="seconds"),
-            "machine": machine,
-            "model": args.model,
-            "result": result,
-        }
-        path = results.write(args.out_dir, "state", started, record)
+        fields = {"model": args.model, "result": result}
+        path = results.write(args.out_dir, "state", started, machine, fields)
         print(f"results written to {path}", flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
