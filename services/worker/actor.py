@@ -1,7 +1,8 @@
 """One session actor per session: its model state, its controls and its outbound frames.
 
-The actor lives on the worker's event loop. Its model state is touched only by the step
-thread, and only while the step loop holds it in a batch (``stepping``). Queues:
+The actor lives on the worker's event loop. Its model state is touched only by the model
+(the step thread, or the model's host process), and only while the step loop has batches
+of it in flight (``stepping``; up to ``pipeline`` of them, one after the other). Queues:
 - pending controls: bounded (``max_pending_controls``); a control over the bound is
   refused with RESOURCE_EXHAUSTED, never dropped;
 - outbound frames: bounded (``out_queue``); on overflow DROP_OLDEST drops the oldest
@@ -88,6 +89,13 @@ class SessionActor:
         """Trace context of the attached stream's session span (parent of frame spans)."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.head = state.frame_index
+        """The next frame to launch: frames in flight are counted (``begin_step``)."""
+        self.inflight = 0
+        """Batches with a frame of this session launched and not yet finished."""
+        self.pipeline = 1
+        """How many may be in flight at once (2 where the model's host queues a batch
+        behind the one it runs: ``StepEngine``)."""
         self.closed = False
         self.unreleased = 0
         """Frames stepped whose release (log ack, send) is still under way."""
@@ -99,14 +107,19 @@ class SessionActor:
 
     @property
     def stepping(self) -> bool:
-        """In a batch being stepped (its state belongs to the step thread)."""
-        return not self._idle.is_set()
+        """In a batch in flight (its state belongs to the model until it finishes)."""
+        return self.inflight > 0
 
-    @stepping.setter
-    def stepping(self, value: bool) -> None:
-        if value:
-            self._idle.clear()
-        else:
+    def begin_step(self) -> None:
+        """A batch with this session's next frame is launched (after its control is
+        taken): the next frame to launch is the one after."""
+        self.inflight += 1
+        self.head += 1
+        self._idle.clear()
+
+    def end_step(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
             self._idle.set()
 
     async def wait_idle(self) -> None:
@@ -131,7 +144,8 @@ class SessionActor:
 
     @property
     def next_frame(self) -> int:
-        return self.state.frame_index
+        """The frame the next launched batch makes (frames in flight included)."""
+        return self.head
 
     def add_controls(self, msgs: list[pb.Control]) -> None:
         """Queue all of ``msgs`` or, if any is refused, none of them."""
@@ -196,13 +210,16 @@ class SessionActor:
     @property
     def ready(self) -> bool:
         """May the scheduler step this session now?"""
-        if not self.attached or self.closed or self.stepping or self.restoring:
+        if not self.attached or self.closed or self.restoring:
             return False
+        if self.inflight >= self.pipeline:
+            return False
+        owed = self.unreleased + self.inflight
         if self.spec.output_policy == pb.OUTPUT_POLICY_PAUSE:
-            return len(self.out) + self.unreleased < self._out_capacity
+            return len(self.out) + owed < self._out_capacity
         # frames still waiting for their control-log acks are bounded too: a slow log
         # server holds the session back rather than piling up stepped frames
-        return self.unreleased < self._out_capacity
+        return owed < self._out_capacity
 
     def remember(self, frame: int, blob: bytes, keep: int) -> None:
         self.recent[frame] = blob
@@ -212,6 +229,7 @@ class SessionActor:
     def reset_to(self, state: SessionState) -> None:
         """Continue from ``state`` (a rewind or resume): queued output and controls go."""
         self.state = state
+        self.head = state.frame_index
         self.generation += 1
         self.durable_head = state.frame_index
         for frame in [f for f in self.recent if f > state.frame_index]:

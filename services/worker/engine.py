@@ -10,6 +10,7 @@ plans batches and delivers frames.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from opentelemetry.trace import Span
 
 from services.worker import scheduler
 from services.worker.actor import AppliedControl, SessionActor
@@ -44,8 +46,39 @@ HOST_LEAD_S = 0.001
 the host starts it at its due time (``start_at_us``). Waking a model host that sat idle
 between frames takes ~0.3 ms on this project's machine (docs/runtime.md, "Model hosts"):
 sent at the due time, every frame would start that much late."""
+HOST_PIPELINE = 2
+"""Batches a model host may have at once: the one it runs and the next, which the loop
+plans and sends while the first runs (when it is due by the time the first ends), so the
+host starts it at once instead of waiting a round trip and the loop's turn. Its controls
+are taken then, one batch earlier: this happens only when batches run back to back."""
 tracer = telemetry.tracer(__name__)
 T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A batch sent to its model and not yet completed (``StepEngine._complete``)."""
+
+    model_id: str
+    steps: int
+    model: WorldModel
+    actors: list[SessionActor]
+    controls: list[AppliedControl]
+    indices: list[int]
+    dues: list[float]
+    appends: dict[int, asyncio.Task[None]]
+    ready_us: int
+    reply: asyncio.Future[StepResult]
+    end: float
+    """When it should be done (monotonic): its start plus its predicted cost."""
+    depth: int
+    """How many batches may be in flight with it (``HOST_PIPELINE``, or 1)."""
+    span: Span
+    finished: float = 0.0
+    """When its reply came (monotonic)."""
+
+    def finish(self, _: object) -> None:
+        self.finished = time.monotonic()
 
 
 @dataclass(slots=True)
@@ -97,6 +130,7 @@ class StepEngine:
             HOST_LEAD_S if any(isinstance(m, ModelHost) for m in self._models.values()) else 0.0
         )
         self._task: asyncio.Task[None] | None = None
+        self._flight: collections.deque[_Launched] = collections.deque()
         self._release_tail: asyncio.Task[None] | None = None
         self.frames_total = 0
         self.steps_total = 0
@@ -108,6 +142,8 @@ class StepEngine:
         return self._task
 
     def add(self, actor: SessionActor) -> None:
+        hosted = isinstance(self._models.get(actor.spec.model_id), ModelHost)
+        actor.pipeline = HOST_PIPELINE if hosted else 1
         self.sessions[actor.session_id] = actor
         self.quality.add(actor)
         self.wake()
@@ -169,28 +205,52 @@ class StepEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         max_batch = self.max_batch
+        flight = self._flight
         while True:
+            while flight and flight[0].reply.done():
+                self._complete(flight.popleft())
+            if flight and len(flight) >= flight[-1].depth:
+                self._wake.clear()  # (the reply's callback wakes us)
+                if not flight[0].reply.done():
+                    await self._wake.wait()
+                continue
             slots = self._slots()
             now = time.monotonic()
+            # With a batch in flight, plan as the loop would when it ends: a batch due by
+            # then is launched now and waits in the host, which starts it as soon as the
+            # one before is done (and not before its start time).
+            at = max(now, flight[-1].end) + self._lead if flight else now + self._lead
             batches = scheduler.plan(
-                slots, now + self._lead, horizon=self._batch_horizon(slots), max_batch=max_batch
+                slots, at, horizon=self._batch_horizon(slots), max_batch=max_batch
             )
-            if not batches:
-                wakeup = scheduler.next_wakeup(slots)
-                self._wake.clear()
-                timeout = None if wakeup is None else max(0.0, wakeup - self._lead - now)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                continue
+            launched = False
             for batch in batches:
+                if flight and len(flight) >= flight[-1].depth:
+                    break
                 actors = [self.sessions[s] for s in batch.session_ids if s in self.sessions]
                 actors = [a for a in actors if a.ready]
                 if actors:
-                    await self._step(loop, batch, actors)
+                    flight.append(self._launch(loop, batch, actors, at))
+                    launched = True
+            if launched:
+                continue
+            wakeup = scheduler.next_wakeup(slots)
+            self._wake.clear()
+            if flight and flight[0].reply.done():
+                continue
+            timeout = None if wakeup is None else max(0.0, wakeup - self._lead - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _step(
-        self, loop: asyncio.AbstractEventLoop, batch: scheduler.Batch, actors: list[SessionActor]
-    ) -> None:
+    def _launch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: scheduler.Batch,
+        actors: list[SessionActor],
+        planned_at: float,
+    ) -> _Launched:
+        """Take the batch's controls and send it to its model; ``_complete`` takes the
+        result. Its sessions' next frames may be planned meanwhile (``actor.pipeline``)."""
         model = self._models[batch.model_id]
         # the earliest start the batch may have (before its controls are taken: a waiting
         # control lets its frame start early)
@@ -210,79 +270,115 @@ class StepEngine:
                     )
                 snapshot_mask[i] = self.journal.wants_snapshot(indices[i] + 1)
         for a in actors:
-            a.stepping = True
+            a.begin_step()
+            a.due += a.interval  # the next frame's, until _complete settles it
+        encodings = [
+            Encoding(a.spec.format, a.spec.width, a.spec.height, a.spec.jpeg_quality)
+            for a in actors
+        ]
+        states = [a.state for a in actors]
+        applied = [c.control for c in controls]
+        span = tracer.start_span(names.SPAN_WORKER_STEP, attributes={"windflow.batch": len(actors)})
+        reply: asyncio.Future[StepResult]
+        if isinstance(model, ModelHost):  # in its own process: no thread needed
+            reply = asyncio.ensure_future(
+                model.step_and_encode_async(
+                    states,
+                    applied,
+                    batch.steps,
+                    encodings,
+                    snapshot_mask,
+                    start_at_us=telemetry.now_us() + int((start - time.monotonic()) * 1e6),
+                )
+            )
+            depth = HOST_PIPELINE
+        else:
+            reply = loop.run_in_executor(
+                self._executor,
+                step_and_encode,
+                model,
+                states,
+                applied,
+                batch.steps,
+                encodings,
+                snapshot_mask,
+            )
+            depth = 1
+        launched = _Launched(
+            batch.model_id,
+            batch.steps,
+            model,
+            actors,
+            controls,
+            indices,
+            dues,
+            appends,
+            ready_us,
+            reply,
+            max(start, planned_at - self._lead)
+            + (self.costs.batch_ms(batch.model_id, batch.steps, len(actors)) or 0.0) / 1000.0,
+            depth,
+            span,
+        )
+        reply.add_done_callback(launched.finish)
+        reply.add_done_callback(lambda _: self.wake())
+        return launched
+
+    def _complete(self, launched: _Launched) -> None:
+        actors, dues = launched.actors, launched.dues
+        model = launched.model
+        launched.span.end()
+        for a in actors:
+            a.end_step()
         try:
-            encodings = [
-                Encoding(a.spec.format, a.spec.width, a.spec.height, a.spec.jpeg_quality)
-                for a in actors
-            ]
-            states = [a.state for a in actors]
-            applied = [c.control for c in controls]
-            with tracer.start_as_current_span(
-                names.SPAN_WORKER_STEP, attributes={"windflow.batch": len(actors)}
-            ):
-                if isinstance(model, ModelHost):  # in its own process: no thread needed
-                    result = await model.step_and_encode_async(
-                        states,
-                        applied,
-                        batch.steps,
-                        encodings,
-                        snapshot_mask,
-                        start_at_us=telemetry.now_us() + int((start - time.monotonic()) * 1e6),
-                    )
-                else:
-                    result = await loop.run_in_executor(
-                        self._executor,
-                        step_and_encode,
-                        model,
-                        states,
-                        applied,
-                        batch.steps,
-                        encodings,
-                        snapshot_mask,
-                    )
+            result = launched.reply.result()
         except Exception as exc:
             if isinstance(model, ModelHost) and model.lost:
                 exit_worker(model)
             # A failed step ends the sessions in it (their state may be half-updated);
             # every other session on this worker goes on.
             log.exception("model step failed for %s", ",".join(a.session_id for a in actors))
-            for a in actors:
-                a.push(stream_error(Internal(f"model step failed: {exc}"), a.next_frame))
-                self.remove(a.session_id)
+            for a, index in zip(actors, launched.indices, strict=True):
+                if a.session_id in self.sessions:
+                    a.push(stream_error(Internal(f"model step failed: {exc}"), index))
+                    self.remove(a.session_id)
             return
-        finally:
-            for a in actors:
-                a.stepping = False
         # What the next plan needs happens here; frames whose control-log entries are
         # still being acknowledged go out from a release task, so the next batch does not
         # wait for the log server.
-        finished = time.monotonic()
+        finished = launched.finished
         self.steps_total += 1
         self.costs.observe(
-            batch.model_id, batch.steps, len(actors), result.model_ms + sum(result.encode_ms)
+            launched.model_id, launched.steps, len(actors), result.model_ms + sum(result.encode_ms)
         )
         next_dues = []
         for i, actor in enumerate(actors):
-            actor.due = scheduler.next_due(dues[i], actor.interval, finished)
-            next_dues.append(actor.due)
+            if actor.inflight == 0:
+                actor.due = scheduler.next_due(dues[i], actor.interval, finished)
+                next_dues.append(actor.due)
+            else:  # its next frame is in flight already, due where it was launched
+                next_dues.append(dues[i] + actor.interval)
             actor.unreleased += 1
         self.quality.after_step(actors, dues, finished)
         step = _Stepped(
-            batch.steps,
+            launched.steps,
             actors,
             [a.generation for a in actors],
-            indices,
+            launched.indices,
             dues,
             next_dues,
-            controls,
-            appends,
+            launched.controls,
+            launched.appends,
             result,
-            ready_us,
-            telemetry.now_us() - int(finished * 1e6),
+            launched.ready_us,
+            telemetry.now_us() - int(time.monotonic() * 1e6),
         )
         tail = self._release_tail
-        if not appends and (tail is None or tail.done()) and not isinstance(model, ModelHost):
+        if (
+            not launched.appends
+            and (tail is None or tail.done())
+            and not isinstance(model, ModelHost)
+        ):
             # nothing to wait for: send now. (Sending on the loop's next turn, beside the
             # next batch, measured worse with the model in this process: the loop's Python
             # work then contends for the GIL with the step thread: bench runtime, 2
@@ -377,6 +473,10 @@ class StepEngine:
             self.frames_total += 1
 
     async def aclose(self) -> None:
+        for launched in self._flight:
+            launched.reply.cancel()
+            launched.span.end()
+        self._flight.clear()
         for task in (self._task, self._release_tail):
             if task is not None:
                 task.cancel()

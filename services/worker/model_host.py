@@ -108,6 +108,13 @@ class ModelHost(RemoteBatches, WorldModel):
         theirs.close()
         self._conn = Connection(ours.detach())
         self._lock = threading.Lock()
+        """Held by a blocking call, or by the event loop while any of its calls are out."""
+        self._waiting = threading.Lock()
+        self._threads_waiting = 0
+        self._pending: collections.deque[asyncio.Future[tuple[str, Any]]] = collections.deque()
+        """The event loop's calls whose replies are still to come, oldest first."""
+        self._gate: asyncio.Lock | None = None
+        self._drained: asyncio.Future[None] | None = None
         self._released: collections.deque[int] = collections.deque()
         """Handles of states the worker dropped (appended by their finalizers, any thread)."""
         self._dead: str | None = None
@@ -195,14 +202,18 @@ class ModelHost(RemoteBatches, WorldModel):
         return self.process.wait()
 
     def close(self) -> None:
-        """Ask the child to exit; kill it if it does not within a few seconds."""
+        """Ask the child to exit; kill it if it does not within a few seconds. Blocking:
+        from a thread, never the event loop."""
         self._closing = True
         if self.process.poll() is None:
-            try:
-                with self._lock:
+            # (calls still out finish first; never wait for the lock on the event loop)
+            if self._lock.acquire(timeout=CLOSE_TIMEOUT_S):
+                try:
                     self._conn.send(("close", (), []))
-            except (OSError, ValueError):
-                pass
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    self._lock.release()
             try:
                 self.process.wait(CLOSE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -214,43 +225,84 @@ class ModelHost(RemoteBatches, WorldModel):
     # ---- internals ----
 
     def _call(self, op: str, *args: Any) -> Any:
-        with self._lock:
-            self._send(op, args)
-            reply = self._receive(op)
-        return _unwrap(reply)
-
-    async def _call_async(self, op: str, *args: Any) -> Any:
-        if not self._lock.acquire(blocking=False):
-            # another thread's call (a restore, a snapshot) is under way: wait in a thread
-            acquiring = asyncio.ensure_future(asyncio.to_thread(self._lock.acquire))
-            try:
-                await asyncio.shield(acquiring)
-            except asyncio.CancelledError:
-                acquiring.add_done_callback(lambda _: self._lock.release())
-                raise
-        loop = asyncio.get_running_loop()
-        readable: asyncio.Future[None] = loop.create_future()
-        fd = self._conn.fileno()
-
-        def ready() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
+        """A blocking call (from a thread, never the event loop)."""
+        with self._waiting:
+            self._threads_waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting:
+                self._threads_waiting -= 1
         try:
             self._send(op, args)
-            loop.add_reader(fd, ready)
-            try:
-                await readable
-            except asyncio.CancelledError:
-                # the reply would be read as the next call's: nothing may use this host now
-                self._dead = f"a {op} was abandoned (cancelled)"
-                raise
-            finally:
-                loop.remove_reader(fd)
-            reply = self._receive(op)  # all there, or arriving: the child writes it at once
+            reply = self._receive(op)
         finally:
             self._lock.release()
         return _unwrap(reply)
+
+    async def _call_async(self, op: str, *args: Any) -> Any:
+        """A call from the event loop. Calls queue: a request is written at once even
+        while earlier ones run in the host (which answers them one after the other, in
+        order), so the host finds its next batch waiting when it finishes one. The loop
+        holds the connection's lock while any of its calls are out; a blocking call (a
+        thread's) waiting for it makes new calls wait until the queue has drained."""
+        loop = asyncio.get_running_loop()
+        if self._gate is None:
+            self._gate = asyncio.Lock()
+        async with self._gate:  # requests go out in the order of the calls
+            if self._threads_waiting and self._pending:
+                self._drained = self._drained or loop.create_future()
+                await asyncio.shield(self._drained)
+            if not self._pending:
+                await self._acquire_async()
+                loop.add_reader(self._conn.fileno(), self._readable)
+            reply: asyncio.Future[tuple[str, Any]] = loop.create_future()
+            try:
+                self._send(op, args)
+            except BaseException:
+                if not self._pending:
+                    self._drain()
+                raise
+            self._pending.append(reply)
+        # A caller that gives up leaves its reply to be read and dropped: the replies
+        # stay matched to their calls.
+        return _unwrap(await reply)
+
+    async def _acquire_async(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        # a thread's call (a restore, a snapshot) is under way: wait in a thread
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self._lock.acquire))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(lambda _: self._lock.release())
+            raise
+
+    def _readable(self) -> None:
+        """The loop's reader: every reply that has arrived, to its call, in order."""
+        try:
+            while self._pending and self._conn.poll():
+                reply = self._receive("a queued call")  # written whole by the child
+                waiter = self._pending.popleft()
+                if not waiter.done():
+                    waiter.set_result(reply)
+        except Unavailable as exc:
+            while self._pending:
+                waiter = self._pending.popleft()
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        if not self._pending:
+            self._drain()
+
+    def _drain(self) -> None:
+        """No call of the loop's is out: stop reading and let a thread's call in."""
+        asyncio.get_running_loop().remove_reader(self._conn.fileno())
+        self._lock.release()
+        if self._drained is not None:
+            if not self._drained.done():
+                self._drained.set_result(None)
+            self._drained = None
 
     def _send(self, op: str, args: tuple[Any, ...]) -> None:
         if self._dead is not None:

@@ -130,3 +130,91 @@ def test_a_dead_host_raises_unavailable_and_its_exit_is_seen(host: ModelHost) ->
         host.step([state], [Control()], 2)
     with pytest.raises(Unavailable, match="gone"):
         host.snapshot(state)
+
+
+def test_queued_calls_from_the_loop_are_answered_in_order(host: ModelHost) -> None:
+    """Batches written while earlier ones run (the engine's pipeline): each caller gets
+    its own reply, the same as one call at a time; a caller that gives up does not shift
+    the replies of the others."""
+    queued = [host.new_state(seed) for seed in (5, 6)]
+    serial = [host.new_state(seed) for seed in (5, 6)]
+    spare = host.new_state(9)
+    encodings = [stepping.native_encoding(host)] * 2
+
+    async def queue_them() -> list[list[bytes]]:
+        calls = [
+            asyncio.ensure_future(
+                host.step_and_encode_async(queued, _controls(2, t), 2, encodings, [False] * 2)
+            )
+            for t in range(4)
+        ]
+        await asyncio.sleep(0)
+        assert len(host._pending) == 4  # all four written before the first reply
+        abandoned = asyncio.ensure_future(
+            host.step_and_encode_async([spare], _controls(1, 0), 1, encodings[:1], [False])
+        )
+        await asyncio.sleep(0)
+        abandoned.cancel()
+        results = [(await c).frames for c in calls]
+        late = await host.step_and_encode_async(queued, _controls(2, 4), 2, encodings, [False] * 2)
+        return [*results, late.frames]
+
+    got = asyncio.run(queue_them())
+    want = [
+        stepping.step_and_encode(host, serial, _controls(2, t), 2, encodings, [False] * 2).frames
+        for t in range(5)
+    ]
+    assert got == want
+    assert [s.frame_index for s in queued] == [5, 5]
+
+
+def test_a_blocking_call_gets_in_between_queued_batches(host: ModelHost) -> None:
+    """A restore or snapshot from the step thread while the loop keeps two batches out:
+    the queue drains for it instead of starving it."""
+    states = [host.new_state(seed) for seed in range(4)]
+    other = host.new_state(42)
+    encodings = [stepping.native_encoding(host)] * 4
+
+    async def busy() -> int:
+        snapshot = asyncio.ensure_future(asyncio.to_thread(host.snapshot, other))
+        out: list[asyncio.Future[stepping.StepResult]] = []
+        rounds = 0
+        while not snapshot.done():
+            assert rounds < 50, "the blocking call never got in"
+            while len(out) < 2:
+                out.append(
+                    asyncio.ensure_future(
+                        host.step_and_encode_async(
+                            states, _controls(4, rounds), 1, encodings, [False] * 4
+                        )
+                    )
+                )
+            await out.pop(0)
+            rounds += 1
+        for call in out:
+            await call
+        assert (await snapshot)[:8] == b"WFWSNAP1"
+        return rounds
+
+    assert asyncio.run(busy()) >= 1
+
+
+def test_queued_calls_to_a_host_that_dies_all_raise_unavailable(host: ModelHost) -> None:
+    states = [host.new_state(seed) for seed in range(8)]
+    encodings = [stepping.native_encoding(host)] * 8
+
+    async def queue_then_kill() -> list[BaseException | stepping.StepResult]:
+        calls = [
+            asyncio.ensure_future(
+                host.step_and_encode_async(states, _controls(8, t), 4, encodings, [False] * 8)
+            )
+            for t in range(3)
+        ]
+        await asyncio.sleep(0)
+        os.kill(host.process.pid, signal.SIGKILL)
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+
+    results = asyncio.run(queue_then_kill())
+    assert any(isinstance(r, Unavailable) for r in results)
+    assert all(isinstance(r, (Unavailable, stepping.StepResult)) for r in results)
+    assert host.lost

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.worker.actor import SessionActor
@@ -40,13 +42,51 @@ def test_controls_apply_at_their_frame_and_stick() -> None:
     for _ in range(4):
         c = a.take_control()
         applied.append((c.control.action, c.client_time_us))
-        a.state.frame_index += 1
+        a.begin_step()
+        a.end_step()
     assert applied == [(1, 0), (1, 0), (2, 7), (2, 0)]
+
+
+async def test_a_pipelined_session_takes_its_next_control_while_a_frame_is_in_flight() -> None:
+    a = actor()
+    a.attach(2)
+    a.pipeline = 2
+    a.add_control(pb.Control(frame_index=1, action=2, client_time_us=9))
+    assert a.take_control().control.action == 0 and a.next_frame == 0
+    a.begin_step()  # frame 0 in flight
+    assert a.next_frame == 1 and a.stepping and a.ready  # room for one more
+    assert a.control_waiting
+    assert a.take_control().control.action == 2
+    a.begin_step()  # frame 1 queued behind it
+    assert a.next_frame == 2 and not a.ready
+    with pytest.raises(InvalidArgument, match="in the past"):
+        a.add_control(pb.Control(frame_index=1, action=1))
+    a.end_step()
+    assert a.stepping and a.ready
+    idle = asyncio.ensure_future(a.wait_idle())
+    await asyncio.sleep(0)
+    assert not idle.done()  # a restore must wait for both
+    a.end_step()
+    await asyncio.wait_for(idle, 1.0)
+    assert not a.stepping
+
+
+def test_frames_in_flight_count_against_a_paused_sessions_queue() -> None:
+    a = actor(pb.OUTPUT_POLICY_PAUSE, out_queue=2)
+    a.attach(2)
+    a.pipeline = 2
+    a.push(frame(0))
+    assert a.ready
+    a.begin_step()
+    assert not a.ready  # one queued + one in flight fill the queue of 2
+    a.end_step()
+    assert a.ready
 
 
 def test_refused_controls() -> None:
     a = actor()
     a.state.frame_index = 5
+    a.reset_to(a.state)
     with pytest.raises(InvalidArgument, match="in the past"):
         a.add_control(pb.Control(frame_index=4, action=1))
     with pytest.raises(InvalidControl, match="outside the action space"):
