@@ -48,6 +48,10 @@ class WorkerConfig:
     """Run each model in a process of its own (``services.worker.model_host``), so that the
     model step never waits for the interpreter lock the event loop holds; False: in the
     worker's process, in its step thread (docs/runtime.md, "Model hosts")."""
+    pipeline_depth: int = 2
+    """Batches a model host may hold at once: 2 lets the loop send the next batch while
+    one runs, when batches run back to back (its controls are then taken a batch
+    earlier); 1: one at a time. A model in the worker's process always takes one."""
     otlp_endpoint: str | None = None
     fps_admission: bool = True
     """Admit a session only if the predicted step-thread utilization, every session at its
@@ -79,5 +83,7 @@ class WorkerConfig:
             raise InvalidArgument("target_utilization must be in (0, 1]")
         if self.memory_budget_mb < 0 or self.admission_retry_after_s < 0:
             raise InvalidArgument("memory_budget_mb and admission_retry_after_s must be >= 0")
+        if not 1 <= self.pipeline_depth <= 4:
+            raise InvalidArgument("pipeline_depth must be in 1..4")
         if self.out_queue < 1 or self.max_pending_controls < 1:
             raise InvalidArgument("out_queue and max_pending_controls must be >= 1")

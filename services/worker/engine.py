@@ -47,10 +47,11 @@ the host starts it at its due time (``start_at_us``). Waking a model host that s
 between frames takes ~0.3 ms on this project's machine (docs/runtime.md, "Model hosts"):
 sent at the due time, every frame would start that much late."""
 HOST_PIPELINE = 2
-"""Batches a model host may have at once: the one it runs and the next, which the loop
-plans and sends while the first runs (when it is due by the time the first ends), so the
-host starts it at once instead of waiting a round trip and the loop's turn. Its controls
-are taken then, one batch earlier: this happens only when batches run back to back."""
+"""Batches a model host may have at once (the default of ``pipeline_depth``): the one it
+runs and the next, which the loop plans and sends while the first runs (when it is due by
+the time the first ends), so the host starts it at once instead of after a round trip and
+the loop's turn. Its controls are taken then, one batch earlier: this happens only when
+batches run back to back."""
 tracer = telemetry.tracer(__name__)
 T = TypeVar("T")
 
@@ -72,13 +73,15 @@ class _Launched:
     end: float
     """When it should be done (monotonic): its start plus its predicted cost."""
     depth: int
-    """How many batches may be in flight with it (``HOST_PIPELINE``, or 1)."""
+    """How many batches may be in flight with it (a model host: ``pipeline_depth``; else 1)."""
     span: Span
+    wake: Callable[[], None]
     finished: float = 0.0
     """When its reply came (monotonic)."""
 
     def finish(self, _: object) -> None:
         self.finished = time.monotonic()
+        self.wake()
 
 
 @dataclass(slots=True)
@@ -105,6 +108,7 @@ class StepEngine:
         *,
         horizon_s: float,
         step_threads: int,
+        pipeline_depth: int = HOST_PIPELINE,
         memory_budget_bytes: int = 0,
         quality: scheduler.QualityParams | None = None,
         on_quality_change: Callable[[], None] = lambda: None,
@@ -123,6 +127,7 @@ class StepEngine:
         self.frames_dropped_closed = 0
         self._horizon = horizon_s
         self._step_threads = step_threads
+        self._pipeline_depth = pipeline_depth
         self.sessions: dict[str, SessionActor] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model-step")
         self._wake = asyncio.Event()
@@ -143,7 +148,7 @@ class StepEngine:
 
     def add(self, actor: SessionActor) -> None:
         hosted = isinstance(self._models.get(actor.spec.model_id), ModelHost)
-        actor.pipeline = HOST_PIPELINE if hosted else 1
+        actor.pipeline = self._pipeline_depth if hosted else 1
         self.sessions[actor.session_id] = actor
         self.quality.add(actor)
         self.wake()
@@ -238,9 +243,16 @@ class StepEngine:
             self._wake.clear()
             if flight and flight[0].reply.done():
                 continue
-            timeout = None if wakeup is None else max(0.0, wakeup - self._lead - now)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            # (a timer that sets the event, not wait_for: that wraps the wait in a task of
+            # its own, a turn of the loop more between a reply and its frames)
+            timer = None
+            if wakeup is not None:
+                timer = loop.call_later(max(0.0, wakeup - self._lead - now), self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def _launch(
         self,
@@ -281,17 +293,15 @@ class StepEngine:
         span = tracer.start_span(names.SPAN_WORKER_STEP, attributes={"windflow.batch": len(actors)})
         reply: asyncio.Future[StepResult]
         if isinstance(model, ModelHost):  # in its own process: no thread needed
-            reply = asyncio.ensure_future(
-                model.step_and_encode_async(
-                    states,
-                    applied,
-                    batch.steps,
-                    encodings,
-                    snapshot_mask,
-                    start_at_us=telemetry.now_us() + int((start - time.monotonic()) * 1e6),
-                )
+            reply = model.submit_step_and_encode(
+                states,
+                applied,
+                batch.steps,
+                encodings,
+                snapshot_mask,
+                start_at_us=telemetry.now_us() + int((start - time.monotonic()) * 1e6),
             )
-            depth = HOST_PIPELINE
+            depth = self._pipeline_depth
         else:
             reply = loop.run_in_executor(
                 self._executor,
@@ -319,9 +329,9 @@ class StepEngine:
             + (self.costs.batch_ms(batch.model_id, batch.steps, len(actors)) or 0.0) / 1000.0,
             depth,
             span,
+            self.wake,
         )
         reply.add_done_callback(launched.finish)
-        reply.add_done_callback(lambda _: self.wake())
         return launched
 
     def _complete(self, launched: _Launched) -> None:
@@ -374,16 +384,12 @@ class StepEngine:
             telemetry.now_us() - int(time.monotonic() * 1e6),
         )
         tail = self._release_tail
-        if (
-            not launched.appends
-            and (tail is None or tail.done())
-            and not isinstance(model, ModelHost)
-        ):
-            # nothing to wait for: send now. (Sending on the loop's next turn, beside the
-            # next batch, measured worse with the model in this process: the loop's Python
-            # work then contends for the GIL with the step thread: bench runtime, 2
-            # sessions 0.68 vs 0.87 of raw. A model host has its own: there the next batch
-            # starts first, and these frames go out while it runs.)
+        if not launched.appends and (tail is None or tail.done()):
+            # nothing to wait for: send now. (With a model host a batch due meanwhile is
+            # in the host already; a model in this process waits for the loop, but sending
+            # these on a later turn, beside the next batch, measured worse: the loop's
+            # Python work then contends for the GIL with the step thread, bench runtime,
+            # 2 sessions 0.68 vs 0.87 of raw.)
             self._send_now(step)
         else:
             self._release_tail = asyncio.create_task(

@@ -40,10 +40,11 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Sequence
+from asyncio import Future
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
@@ -59,6 +60,7 @@ START_TIMEOUT_S = 300.0
 CLOSE_TIMEOUT_S = 5.0
 EXIT_MODEL_HOST_DIED = 70
 """The worker's exit status when a model host dies under it (EX_SOFTWARE)."""
+T = TypeVar("T")
 
 
 class HostedState(SessionState):
@@ -111,9 +113,13 @@ class ModelHost(RemoteBatches, WorldModel):
         """Held by a blocking call, or by the event loop while any of its calls are out."""
         self._waiting = threading.Lock()
         self._threads_waiting = 0
-        self._pending: collections.deque[asyncio.Future[tuple[str, Any]]] = collections.deque()
+        self._pending: collections.deque[tuple[Future[Any], Callable[[Any], Any]]] = (
+            collections.deque()
+        )
         """The event loop's calls whose replies are still to come, oldest first."""
         self._gate: asyncio.Lock | None = None
+        self._backlog = 0
+        """The loop's calls waiting to be written (``_write_later``)."""
         self._drained: asyncio.Future[None] | None = None
         self._released: collections.deque[int] = collections.deque()
         """Handles of states the worker dropped (appended by their finalizers, any thread)."""
@@ -161,7 +167,7 @@ class ModelHost(RemoteBatches, WorldModel):
         request = _batch(self._handles(states), controls, steps, encodings, snapshot_mask, 0)
         return self._stepped(states, self._call(*request))
 
-    async def step_and_encode_async(
+    def submit_step_and_encode(
         self,
         states: Sequence[SessionState],
         controls: Sequence[Control],
@@ -170,15 +176,20 @@ class ModelHost(RemoteBatches, WorldModel):
         snapshot_mask: Sequence[bool],
         *,
         start_at_us: int = 0,
-    ) -> StepResult:
-        """``step_and_encode`` awaited on the event loop, with no thread in between: the
-        request is written from the loop and the reply wakes the loop itself. The host
-        starts the batch at ``start_at_us`` (wall clock) if that is still ahead: a batch
-        sent a little early starts on time, not when the idle host has woken up."""
+    ) -> asyncio.Future[StepResult]:
+        """Send a batch from the event loop; the future of its result. The request is
+        written at once (unless a thread's call is under way) and the reply is read by the
+        loop itself, no thread in between; calls queue (``_submit``). The host starts
+        the batch at ``start_at_us`` (wall clock) if that is still ahead: a batch sent a
+        little early starts on time, not when the idle host has woken up."""
         request = _batch(
             self._handles(states), controls, steps, encodings, snapshot_mask, start_at_us
         )
-        return self._stepped(states, await self._call_async(*request))
+
+        def stepped(value: Any) -> StepResult:
+            return self._stepped(states, value)
+
+        return self._submit(request[0], request[1:], stepped)
 
     def snapshot(self, state: SessionState) -> bytes:
         return self._call("snapshot", self._handles([state])[0])
@@ -241,32 +252,60 @@ class ModelHost(RemoteBatches, WorldModel):
         return _unwrap(reply)
 
     async def _call_async(self, op: str, *args: Any) -> Any:
-        """A call from the event loop. Calls queue: a request is written at once even
-        while earlier ones run in the host (which answers them one after the other, in
-        order), so the host finds its next batch waiting when it finishes one. The loop
-        holds the connection's lock while any of its calls are out; a blocking call (a
-        thread's) waiting for it makes new calls wait until the queue has drained."""
+        """A call from the event loop (``_submit``)."""
+        return await self._submit(op, args, _same)
+
+    def _submit(self, op: str, args: tuple[Any, ...], convert: Callable[[Any], T]) -> Future[T]:
+        """Send a call from the event loop; the future of ``convert(its reply's value)``.
+        Calls queue: a request is written at once even while earlier ones run in the host
+        (which answers them one after the other, in order), so the host finds its next
+        batch waiting when it finishes one. The loop holds the connection's lock while
+        any of its calls are out; a blocking call (a thread's) waiting for it makes new
+        calls wait until the queue has drained. A caller that gives up leaves its reply
+        to be read and dropped: the replies stay matched to their calls."""
+        loop = asyncio.get_running_loop()
+        queued = self._backlog or (self._threads_waiting and self._pending)
+        if not queued and (self._pending or self._lock.acquire(blocking=False)):
+            return self._write(loop, op, args, convert)
+        self._backlog += 1  # later calls wait behind this one
+        return asyncio.ensure_future(self._write_later(op, args, convert))
+
+    async def _write_later(self, op: str, args: tuple[Any, ...], convert: Callable[[Any], T]) -> T:
+        """``_submit``'s way when a thread's call stands in the way: wait for it, in turn."""
         loop = asyncio.get_running_loop()
         if self._gate is None:
             self._gate = asyncio.Lock()
-        async with self._gate:  # requests go out in the order of the calls
-            if self._threads_waiting and self._pending:
-                self._drained = self._drained or loop.create_future()
-                await asyncio.shield(self._drained)
-            if not self._pending:
-                await self._acquire_async()
-                loop.add_reader(self._conn.fileno(), self._readable)
-            reply: asyncio.Future[tuple[str, Any]] = loop.create_future()
-            try:
-                self._send(op, args)
-            except BaseException:
+        try:
+            async with self._gate:  # requests go out in the order of the calls
+                if self._threads_waiting and self._pending:
+                    self._drained = self._drained or loop.create_future()
+                    await asyncio.shield(self._drained)
                 if not self._pending:
-                    self._drain()
-                raise
-            self._pending.append(reply)
-        # A caller that gives up leaves its reply to be read and dropped: the replies
-        # stay matched to their calls.
-        return _unwrap(await reply)
+                    await self._acquire_async()
+                reply = self._write(loop, op, args, convert)
+        finally:
+            self._backlog -= 1
+        return await reply
+
+    def _write(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        op: str,
+        args: tuple[Any, ...],
+        convert: Callable[[Any], T],
+    ) -> Future[T]:
+        """Write a request (the lock is the loop's); its reply goes to the future."""
+        if not self._pending:
+            loop.add_reader(self._conn.fileno(), self._readable)
+        reply: Future[T] = loop.create_future()
+        try:
+            self._send(op, args)
+        except BaseException:
+            if not self._pending:
+                self._drain()
+            raise
+        self._pending.append((reply, convert))
+        return reply
 
     async def _acquire_async(self) -> None:
         if self._lock.acquire(blocking=False):
@@ -284,12 +323,16 @@ class ModelHost(RemoteBatches, WorldModel):
         try:
             while self._pending and self._conn.poll():
                 reply = self._receive("a queued call")  # written whole by the child
-                waiter = self._pending.popleft()
-                if not waiter.done():
-                    waiter.set_result(reply)
+                waiter, convert = self._pending.popleft()
+                if waiter.done():
+                    continue  # its caller gave up
+                try:
+                    waiter.set_result(convert(_unwrap(reply)))
+                except Exception as exc:  # the call's typed error
+                    waiter.set_exception(exc)
         except Unavailable as exc:
             while self._pending:
-                waiter = self._pending.popleft()
+                waiter, _ = self._pending.popleft()
                 if not waiter.done():
                     waiter.set_exception(exc)
         if not self._pending:
@@ -485,6 +528,10 @@ def _wait_until(start_at_us: int) -> None:
         time.sleep((ahead - SPIN_US) / 1e6)
     while telemetry.now_us() < start_at_us:
         pass
+
+
+def _same(value: T) -> T:
+    return value
 
 
 def _unwrap(reply: tuple[str, Any]) -> Any:

@@ -55,6 +55,7 @@ class WorkerRuntime:
             self.models,
             horizon_s=config.batch_horizon_ms / 1000.0,
             step_threads=config.step_threads,
+            pipeline_depth=config.pipeline_depth,
             memory_budget_bytes=int(config.memory_budget_mb * 2**20),
             on_quality_change=on_change,
             journal=journal,

@@ -79,7 +79,7 @@ def test_the_event_loop_path_matches_the_blocking_one(host: ModelHost) -> None:
     async def on_the_loop() -> list[bytes]:
         frames = []
         for t in range(4):
-            r = await host.step_and_encode_async(a, _controls(2, t), 2, encodings, [False] * 2)
+            r = await host.submit_step_and_encode(a, _controls(2, t), 2, encodings, [False] * 2)
             frames += r.frames
         return frames
 
@@ -143,20 +143,14 @@ def test_queued_calls_from_the_loop_are_answered_in_order(host: ModelHost) -> No
 
     async def queue_them() -> list[list[bytes]]:
         calls = [
-            asyncio.ensure_future(
-                host.step_and_encode_async(queued, _controls(2, t), 2, encodings, [False] * 2)
-            )
+            host.submit_step_and_encode(queued, _controls(2, t), 2, encodings, [False] * 2)
             for t in range(4)
         ]
-        await asyncio.sleep(0)
         assert len(host._pending) == 4  # all four written before the first reply
-        abandoned = asyncio.ensure_future(
-            host.step_and_encode_async([spare], _controls(1, 0), 1, encodings[:1], [False])
-        )
-        await asyncio.sleep(0)
+        abandoned = host.submit_step_and_encode([spare], _controls(1, 0), 1, encodings[:1], [False])
         abandoned.cancel()
         results = [(await c).frames for c in calls]
-        late = await host.step_and_encode_async(queued, _controls(2, 4), 2, encodings, [False] * 2)
+        late = await host.submit_step_and_encode(queued, _controls(2, 4), 2, encodings, [False] * 2)
         return [*results, late.frames]
 
     got = asyncio.run(queue_them())
@@ -183,10 +177,8 @@ def test_a_blocking_call_gets_in_between_queued_batches(host: ModelHost) -> None
             assert rounds < 50, "the blocking call never got in"
             while len(out) < 2:
                 out.append(
-                    asyncio.ensure_future(
-                        host.step_and_encode_async(
-                            states, _controls(4, rounds), 1, encodings, [False] * 4
-                        )
+                    host.submit_step_and_encode(
+                        states, _controls(4, rounds), 1, encodings, [False] * 4
                     )
                 )
             await out.pop(0)
@@ -205,9 +197,7 @@ def test_queued_calls_to_a_host_that_dies_all_raise_unavailable(host: ModelHost)
 
     async def queue_then_kill() -> list[BaseException | stepping.StepResult]:
         calls = [
-            asyncio.ensure_future(
-                host.step_and_encode_async(states, _controls(8, t), 4, encodings, [False] * 8)
-            )
+            host.submit_step_and_encode(states, _controls(8, t), 4, encodings, [False] * 8)
             for t in range(3)
         ]
         await asyncio.sleep(0)
@@ -218,3 +208,25 @@ def test_queued_calls_to_a_host_that_dies_all_raise_unavailable(host: ModelHost)
     assert any(isinstance(r, Unavailable) for r in results)
     assert all(isinstance(r, (Unavailable, stepping.StepResult)) for r in results)
     assert host.lost
+
+
+def test_a_call_that_waited_for_a_thread_is_not_overtaken(host: ModelHost) -> None:
+    """A batch that had to wait for a thread's call goes out before a later one that
+    would not have to wait: a session's frames are made in order."""
+    queued = host.new_state(3)
+    serial = host.new_state(3)
+    encodings = [stepping.native_encoding(host)]
+
+    async def around_a_thread_call() -> list[bytes]:
+        host._lock.acquire()  # as a thread's restore holds it
+        first = host.submit_step_and_encode([queued], _controls(1, 1), 2, encodings, [False])
+        host._lock.release()  # the thread is done before the next call
+        second = host.submit_step_and_encode([queued], _controls(1, 2), 2, encodings, [False])
+        return [*(await first).frames, *(await second).frames]
+
+    got = asyncio.run(around_a_thread_call())
+    want = [
+        stepping.step_and_encode(host, [serial], _controls(1, t), 2, encodings, [False]).frames[0]
+        for t in (1, 2)
+    ]
+    assert got == want and got[0] != got[1]

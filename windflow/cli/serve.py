@@ -55,6 +55,13 @@ def register(sub: Any) -> None:
         help="run each model in its own process (default) or in the worker's",
     )
     worker.add_argument(
+        "--pipeline-depth",
+        type=int,
+        default=2,
+        help="batches a model host holds at once (2: the next one waits behind the one it "
+        "runs; 1: one at a time)",
+    )
+    worker.add_argument(
         "--admission",
         choices=("fps", "slots"),
         default="fps",
@@ -129,6 +136,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         step_threads=args.step_threads,
         model_process=args.model_process,
+        pipeline_depth=args.pipeline_depth,
         otlp_endpoint=args.otlp_endpoint,
         fps_admission=args.admission == "fps",
         target_utilization=args.target_utilization,
