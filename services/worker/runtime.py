@@ -275,7 +275,12 @@ class WorkerRuntime:
             )
             while self._attach_owner.get(session_id) == generation:
                 while actor.can_send() and self._attach_owner.get(session_id) == generation:
+                    held = not actor.ready
                     message = actor.pop()
+                    if held and actor.ready:
+                        # a PAUSE session whose queue was full may go on; nothing else
+                        # wakes a step loop that found no session ready
+                        self.engine.wake()
                     if message.HasField("frame"):
                         sent = telemetry.now_us()
                         message.frame.timestamps.worker_sent_us = sent

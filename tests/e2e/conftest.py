@@ -40,7 +40,9 @@ def _dump_tasks() -> None:
         if not task.done():
             print(f"--- {task.get_name()}", file=out)
             try:  # the task's frames may move under this thread: best effort
-                task.print_stack(limit=12, file=out)
+                for frame in task.get_stack(limit=12):
+                    code = frame.f_code  # (a running frame's f_lineno may be None)
+                    print(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}", file=out)
             except Exception as exc:
                 print(f"(stack unavailable: {exc!r})", file=out)
     print(f"=== asyncio tasks of a test about to time out ===\n{out.getvalue()}", file=sys.stderr)

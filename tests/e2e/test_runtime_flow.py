@@ -92,6 +92,22 @@ async def test_slow_reader_drops_its_own_frames_and_pauses_only_itself(mesh: Mes
             assert head <= pindices[-1] + 1 + 2 + 4 + 1  # + window + out queue + in flight
 
 
+async def test_a_paused_session_alone_goes_on_when_its_reader_catches_up(mesh: Mesh) -> None:
+    """A PAUSE session whose queue is full is not stepped; when its reader drains the
+    queue, the worker's step loop must be woken (with no other session on the worker,
+    nothing else would wake it)."""
+    async with (
+        Client(mesh.gateway) as client,
+        client.session(
+            MODEL, seed=4, fps=FPS, steps=1, quality="fixed", window=2, output_policy="pause"
+        ) as paused,
+    ):
+        frames = await asyncio.wait_for(_read(paused, 3.0, delay_s=4 / FPS), 30)
+        indices = [f.index for f in frames]
+        assert indices == list(range(len(indices)))
+        assert len(frames) >= 9  # ~3 s at a quarter of its fps (12 frames): it never stalled
+
+
 async def test_admission_refuses_what_the_worker_cannot_serve_on_time(mesh: Mesh) -> None:
     async with Client(mesh.gateway) as client:
         # far past the worker's budget at any quality: refused with a retry-after hint
