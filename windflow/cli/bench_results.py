@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def revision() -> dict[str, Any] | None:
+    """The git commit of the code that ran, and whether its tracked files had changes
+    (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "local_changes": bool(changed)}
+
+
 def _command(bench: str) -> str:
     """The command line that ran ``bench`` (global options before it left out)."""
     argv = sys.argv[1:]
@@ -48,10 +69,12 @@ def write(
     fields: dict[str, Any],
 ) -> Path:
     """Write one run's record as ``<out_dir>/<bench>-<started, UTC>.json``: the bench, the
-    command that ran it, when, on what machine, then ``fields``; returns the path."""
+    command that ran it, the code's revision, when, on what machine, then ``fields``;
+    returns the path."""
     record = {
         "bench": bench,
         "command": _command(bench),
+        "revision": revision(),
         "started": started.isoformat(timespec="seconds"),
         "machine": machine_desc,
         **fields,
