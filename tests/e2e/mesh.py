@@ -13,7 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from windflow.infra import ChildSpec, EtcdServer, ManagedProcess, NatsServer, free_ports
+from windflow.infra import (
+    ChildSpec,
+    EtcdServer,
+    ManagedProcess,
+    NatsServer,
+    child_pids,
+    free_ports,
+)
 
 SERVE = (sys.executable, "-m", "windflow", "serve")
 
@@ -114,14 +121,13 @@ class Mesh:
     def kill_model_host(self, worker: str) -> int:
         """SIGKILL the model host process under a worker; returns its pid."""
         parent = self.procs[worker].pid
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        assert parent is not None
+        for pid in child_pids(parent):
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                cmdline = (stat.parent / "cmdline").read_bytes()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == parent and b"services.worker.model_host" in cmdline:
-                pid = int(stat.parent.name)
+            if b"services.worker.model_host" in cmdline:
                 os.kill(pid, signal.SIGKILL)
                 return pid
         raise AssertionError(f"{worker} (pid {parent}) has no model host")

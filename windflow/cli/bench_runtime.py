@@ -331,11 +331,14 @@ async def stack_phases(
             # the raw figure again, now (the stack idle): what this phase is compared with
             raw_now = base.raw(n) if base.raw is not None else base.raw_fps[n]
             sessions = await _open(client, model, n, quality="fixed", fps=MAX_FPS, steps=base.steps)
+            cpu_before, wall_before = _cpu_seconds(stack), time.monotonic()
             results = await asyncio.gather(
                 *(_consume(s, seconds + warm, interval_s=1 / MAX_FPS) for s in sessions)
             )
+            cpu_after, wall = _cpu_seconds(stack), time.monotonic() - wall_before
             await _close(client, sessions)
             per = [_fps(r, warm) for r in results]
+            made = sum(len(r) for r in results)
             raw = min(raw_now, n * MAX_FPS)
             res["throughput"][n] = {
                 "delivered_fps_total": sum(per),
@@ -347,6 +350,11 @@ async def stack_phases(
                 "ratio": sum(per) / raw,
                 "batch_mean": statistics.fmean(f.batch for r in results for f in r),
                 "model_ms_p50": _pct([f.model_ms for r in results for f in r], 50),
+                # CPU per frame delivered and cores busy, by process, over the whole run
+                "cpu_ms_per_frame": {
+                    k: (cpu_after[k] - cpu_before[k]) * 1000 / made for k in cpu_after
+                },
+                "cpu_cores": {k: (cpu_after[k] - cpu_before[k]) / wall for k in cpu_after},
             }
         # d) slow-client isolation: 4 sessions at native fps, one then reads at fps / 4
         fair: list[float] = []
@@ -379,6 +387,21 @@ async def stack_phases(
     async with Stack(config) as stack, Client(stack.gateway_address) as client:
         res["overload"] = await _overload(client, model, base, seconds, warm)
     return res
+
+
+def _cpu_seconds(stack: Any) -> dict[str, float]:
+    """CPU time used so far by the benchmark's client (this process), the gateway, the
+    worker and the worker's model hosts (its children)."""
+    from windflow.infra import child_pids, cpu_seconds
+
+    pids = stack.supervisor.pids()
+    out = {"client": time.process_time()}
+    for role, name in (("gateway", "gateway"), ("worker", "worker-1")):
+        if name in pids:
+            out[role] = cpu_seconds(pids[name]) or 0.0
+    if "worker-1" in pids:
+        out["model_host"] = sum(cpu_seconds(c) or 0.0 for c in child_pids(pids["worker-1"]))
+    return out
 
 
 def _dropped(frames: list[Received]) -> int:
@@ -458,6 +481,9 @@ def summarize(base: InProcess, res: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+ROLES = ("client", "gateway", "worker", "model_host")
+
+
 def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
     s = res["single"]
     lines = [
@@ -476,6 +502,10 @@ def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
             f"{t['delivered_fps_per_session_min']:>18.1f}  {t['expected_fps']:>14.1f}  "
             f"{t['ratio']:>5.3f}"
         )
+    lines.append("   CPU per frame delivered, ms: " + ", ".join(ROLES))
+    for n, t in res["throughput"].items():
+        cpu = t["cpu_ms_per_frame"]
+        lines.append(f"   {n:>8}  " + "  ".join(f"{cpu.get(k, 0.0):>6.2f}" for k in ROLES))
     lines += [
         f"c) control-to-frame        p50 {s['control_to_frame_ms_p50']:.2f} ms   p99 "
         f"{s['control_to_frame_ms_p99']:.2f} ms   ({s['controls_measured']} controls sent "

@@ -16,7 +16,14 @@ from windflow.infra.etcd import EtcdServer
 from windflow.infra.health import GrpcHealthProbe, ReadyProbe
 from windflow.infra.nats import NatsServer
 from windflow.infra.ports import free_port, free_ports
-from windflow.infra.procs import ChildSpec, ManagedProcess, RestartPolicy, pid_alive
+from windflow.infra.procs import (
+    ChildSpec,
+    ManagedProcess,
+    RestartPolicy,
+    child_pids,
+    cpu_seconds,
+    pid_alive,
+)
 from windflow.infra.stack import Stack, StackConfig
 from windflow.infra.supervisor import ChildExit, Supervisor
 
@@ -37,6 +44,8 @@ __all__ = [
     "StackConfig",
     "StackFailed",
     "Supervisor",
+    "child_pids",
+    "cpu_seconds",
     "free_port",
     "free_ports",
     "pid_alive",

@@ -388,6 +388,35 @@ def pid_alive(pid: int) -> bool:
     return state[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Pids of the running children of ``pid`` (from /proc; empty where there is none)."""
+    children = []
+    for child in _all_pids():
+        fields = _stat_fields(child)
+        if fields is not None and int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.append(child)
+    return children
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process ``pid`` has used so far, or None if it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # utime and stime are fields 14 and 15 of the line, 12 and 13 after the command
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the parenthesised command (state ppid pgrp
+    ...), or None if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
 def _all_pids() -> list[int]:
     try:
         return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
@@ -397,10 +426,7 @@ def _all_pids() -> list[int]:
 
 def _pgid_and_state(pid: int) -> tuple[int, bool] | None:
     """(process group, is-not-a-zombie) of ``pid`` from /proc, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return None
-    # Fields after the parenthesised command: state ppid pgrp ...
-    fields = stat[stat.rfind(")") + 2 :].split()
     return int(fields[2]), fields[0] not in ("Z", "X")

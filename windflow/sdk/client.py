@@ -66,8 +66,11 @@ class Session:
     """A live session stream. Use through ``Client.session(...)`` or ``Client.attach``.
 
     Lifecycle: ``await start()`` (sends Attach) -> ``send``/``frames`` -> ``aclose()``.
-    Frames are acknowledged as they are consumed from ``frames()``; server events go to
-    ``events`` and refused messages to ``errors`` (bounded histories).
+    Frames are acknowledged as they are consumed from ``frames()``, cumulatively: every
+    ``ack_every``-th frame (a quarter of the window, at least 1), which leaves the worker
+    at least three quarters of the window and spares the gateway and the worker most of
+    the acks; server events go to ``events`` and refused messages to ``errors`` (bounded
+    histories).
     """
 
     def __init__(
@@ -77,6 +80,8 @@ class Session:
         self.id = info.session_id
         self._stub = stub
         self._window = window
+        self.ack_every = max(1, window // 4)
+        self._acked = -1
         self._outbox: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue(maxsize=1024)
         self._call: grpc.aio.StreamStreamCall | None = None
         self.events: collections.deque[pb.SessionEvent] = collections.deque(maxlen=256)
@@ -182,7 +187,11 @@ class Session:
                     ts = message.frame.timestamps
                     self.next_due_us = ts.next_due_us or ts.due_us + int(1e6 / self.fps)
                     yield received
-                    await self._outbox.put(pb.ClientMessage(ack=pb.Ack(frame_index=received.index)))
+                    if received.index - self._acked >= self.ack_every:
+                        self._acked = received.index
+                        await self._outbox.put(
+                            pb.ClientMessage(ack=pb.Ack(frame_index=received.index))
+                        )
                     count += 1
                     if limit is not None and count >= limit:
                         return
@@ -194,6 +203,7 @@ class Session:
                         self.next_index = max(self.next_index, message.event.frame_index)
                     if message.event.kind == pb.SessionEvent.KIND_REWOUND:
                         self.next_index = message.event.frame_index
+                        self._acked = message.event.frame_index - 1  # a new future
                     if message.event.kind == pb.SessionEvent.KIND_CLOSED:
                         return
                 elif kind == "error":
