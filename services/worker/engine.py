@@ -136,6 +136,8 @@ class StepEngine:
         )
         self._task: asyncio.Task[None] | None = None
         self._flight: collections.deque[_Launched] = collections.deque()
+        self._quiet = False
+        """Set by ``quiesce``: no more batches are launched."""
         self._release_tail: asyncio.Task[None] | None = None
         self.frames_total = 0
         self.steps_total = 0
@@ -228,6 +230,8 @@ class StepEngine:
             batches = scheduler.plan(
                 slots, at, horizon=self._batch_horizon(slots), max_batch=max_batch
             )
+            if self._quiet:
+                batches, slots = [], []
             launched = False
             for batch in batches:
                 if flight and len(flight) >= flight[-1].depth:
@@ -477,6 +481,21 @@ class StepEngine:
             actor.push(pb.ServerMessage(frame=frame))
             span.end()
             self.frames_total += 1
+
+    async def quiesce(self) -> None:
+        """Launch no more batches; return once those in flight are done and their frames
+        released (pushed to their sessions' queues)."""
+        self._quiet = True
+        self.wake()
+        while self._flight or (self._release_tail is not None and not self._release_tail.done()):
+            if self._flight:
+                with contextlib.suppress(Exception):
+                    await self._flight[-1].reply
+                await asyncio.sleep(0)  # the loop completes it
+            else:
+                assert self._release_tail is not None
+                with contextlib.suppress(Exception):
+                    await self._release_tail
 
     async def aclose(self) -> None:
         for launched in self._flight:

@@ -90,7 +90,12 @@ async def run(config: WorkerConfig) -> int:
     try:
         return await lifecycle.wait_for_stop(engine_task, *watchers)
     finally:
+        # A drain: no new sessions (registration gone, health NOT_SERVING, which the router
+        # reads as gone when a client reports the worker), then the attached streams end
+        # with UNAVAILABLE and the gateway moves their sessions (WorkerRuntime.drain).
         await registration.aclose()
+        await server.set_not_serving()
+        await runtime.drain()
         await bus.publish(names.SUBJECT_WORKER_DOWN, worker_id=config.worker_id, detail="stopped")
         await server.aclose()
         await runtime.aclose()

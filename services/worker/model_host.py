@@ -419,7 +419,8 @@ def _batch(
 def exit_worker(host: ModelHost) -> NoReturn:
     """A worker whose model host died has lost its sessions' states: it exits at once, as
     a crash, so that the mesh recovers them on another worker from their logs, as for a
-    killed worker. (A graceful stop would end its clients' streams instead.)"""
+    killed worker. (A graceful stop would drain through the event loop and the dead host's
+    calls first; exiting needs neither, and the recovery is the same.)"""
     log.critical(
         "model host for %r (pid %d) died (exit code %s): the worker exits so that its "
         "sessions recover elsewhere",

@@ -31,6 +31,7 @@ from windflow.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unavailable,
     WindflowError,
 )
 from windflow.v1 import internal_pb2
@@ -64,6 +65,7 @@ class WorkerRuntime:
         self._on_change = on_change
         self._generation = 0
         self._attach_owner: dict[str, int] = {}
+        self._draining = False
         self.address = ""
         self.started_ms = int(time.time() * 1000)
 
@@ -290,6 +292,11 @@ class WorkerRuntime:
                     yield message
                 if actor.closed and not actor.out:
                     return
+                if self._draining:
+                    raise Unavailable(
+                        f"worker {self.config.worker_id} is shutting down; the session "
+                        "continues on another worker"
+                    )
                 if reader.done() and not reader.cancelled() and reader.exception() is not None:
                     return
                 actor.frame_available.clear()
@@ -429,6 +436,20 @@ class WorkerRuntime:
             else:
                 bad = InvalidArgument(f"unexpected {kind or 'empty'} message after Attach")
                 actor.push(stream_error(bad, actor.next_frame))
+
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Before a graceful stop: make no more frames, deliver those made (within
+        ``timeout_s``), then end every attached stream with UNAVAILABLE, so that the gateway
+        moves each session to another worker and resumes it where its client is, as after a
+        crash. (Ending the streams normally, or letting the server cancel them, would end
+        the clients' streams: a rolling restart would lose every session.)"""
+        self._draining = True
+        attached = [a for a in self.engine.sessions.values() if a.attached]
+        log.info("draining: %d attached session(s) move to other workers", len(attached))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.engine.quiesce(), timeout_s)
+        for actor in self.engine.sessions.values():
+            actor.frame_available.set()
 
     async def aclose(self) -> None:
         for session_id in list(self.engine.sessions):

@@ -118,6 +118,13 @@ class Mesh:
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def terminate(self, name: str) -> int:
+        """SIGTERM a service (a graceful stop, as an orchestrator's); returns its pid."""
+        pid = self.procs[name].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        return pid
+
     def kill_model_host(self, worker: str) -> int:
         """SIGKILL the model host process under a worker; returns its pid."""
         parent = self.procs[worker].pid

@@ -1,6 +1,7 @@
-"""Crash recovery: kill -9 the worker holding a session mid-stream, or the model host
-process under it; the client sees every frame index exactly once, each equal to an
-uninterrupted reference run."""
+"""Recovery: kill -9 the worker holding a session mid-stream, or the model host process
+under it, or stop the worker gracefully (SIGTERM, as an orchestrator does on a rolling
+restart); the client sees every frame index exactly once, each equal to an uninterrupted
+reference run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ FRAMES = 300
 KILL_AT = 100
 
 
-@pytest.mark.parametrize("victim_process", ["worker", "model host"])
+@pytest.mark.parametrize("victim_process", ["worker", "model host", "worker, gracefully"])
 async def test_worker_killed_mid_stream_no_gap_no_repeat(
     tmp_path: Path, victim_process: str
 ) -> None:
@@ -65,8 +66,11 @@ async def test_worker_killed_mid_stream_no_gap_no_repeat(
                     victim = (await client.get_session(info.session_id)).worker_id
                     if victim_process == "worker":
                         mesh.kill(victim)
-                    else:  # the worker exits at once and its sessions recover elsewhere
+                    elif victim_process == "model host":
+                        # the worker exits at once and its sessions recover elsewhere
                         mesh.kill_model_host(victim)
+                    else:  # it drains: its streams end UNAVAILABLE and move, as above
+                        mesh.terminate(victim)
             await live.aclose()
 
             assert [i for i, _ in got] == list(range(FRAMES))  # no gap, no repeat
@@ -75,6 +79,9 @@ async def test_worker_killed_mid_stream_no_gap_no_repeat(
             assert len(recovered) == 1
             after = await client.get_session(info.session_id)
             assert after.worker_id != victim and after.placement_epoch == 2
+            if victim_process == "worker, gracefully":
+                assert await mesh.procs[victim].wait() == 0  # a clean exit, not a crash
+                assert "draining: 1 attached session(s) move" in mesh.log(victim)
             if victim_process == "model host":
                 assert "died" in mesh.log(victim) and "sessions recover elsewhere" in mesh.log(
                     victim

@@ -185,6 +185,10 @@ class ServiceServer:
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
+    async def set_not_serving(self) -> None:
+        """Health checks answer NOT_SERVING from now on (a drain before ``aclose``)."""
+        await self.health.enter_graceful_shutdown()
+
     async def aclose(self, grace: float = 2.0) -> None:
         if self._closed:
             return
