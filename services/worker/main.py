@@ -90,12 +90,13 @@ async def run(config: WorkerConfig) -> int:
     try:
         return await lifecycle.wait_for_stop(engine_task, *watchers)
     finally:
-        # A drain: no new sessions (registration gone, health NOT_SERVING, which the router
-        # reads as gone when a client reports the worker), then the attached streams end
-        # with UNAVAILABLE and the gateway moves their sessions (WorkerRuntime.drain).
-        await registration.aclose()
+        # A drain: health NOT_SERVING (the router reads it as gone when a client reports
+        # the worker), no new sessions, the attached streams end with UNAVAILABLE and the
+        # gateway moves their sessions (WorkerRuntime.drain); then the registration goes,
+        # and the router moves the sessions with no stream attached.
         await server.set_not_serving()
         await runtime.drain()
+        await registration.aclose()
         await bus.publish(names.SUBJECT_WORKER_DOWN, worker_id=config.worker_id, detail="stopped")
         await server.aclose()
         await runtime.aclose()

@@ -83,7 +83,7 @@ class WorkerRuntime:
             address=self.address,
             region=self.config.region,
             models=[model_info_to_proto(m.info) for m in self.models.values()],
-            capacity=self.config.capacity,
+            capacity=n if self._draining else self.config.capacity,  # draining: no free slot
             sessions=n,
             load=n / self.config.capacity,
             started_unix_ms=self.started_ms,
@@ -116,6 +116,8 @@ class WorkerRuntime:
             raise NotFound(
                 f"model {request.spec.model_id!r} is not loaded on worker {self.config.worker_id}"
             )
+        if self._draining:
+            raise Unavailable(f"worker {self.config.worker_id} is shutting down")
         info = model_info_to_proto(model.info)
         existing = self.engine.sessions.get(request.session_id)
         if existing is not None:
@@ -442,8 +444,11 @@ class WorkerRuntime:
         ``timeout_s``), then end every attached stream with UNAVAILABLE, so that the gateway
         moves each session to another worker and resumes it where its client is, as after a
         crash. (Ending the streams normally, or letting the server cancel them, would end
-        the clients' streams: a rolling restart would lose every session.)"""
+        the clients' streams: a rolling restart would lose every session.) New sessions
+        are refused from the start. The worker's registration goes after this, which moves
+        its sessions with no stream attached."""
         self._draining = True
+        self._on_change()  # no free slot any more: the router places nothing new here
         attached = [a for a in self.engine.sessions.values() if a.attached]
         log.info("draining: %d attached session(s) move to other workers", len(attached))
         with contextlib.suppress(TimeoutError):

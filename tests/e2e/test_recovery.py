@@ -81,6 +81,7 @@ async def test_worker_killed_mid_stream_no_gap_no_repeat(
             assert after.worker_id != victim and after.placement_epoch == 2
             if victim_process == "worker, gracefully":
                 assert await mesh.procs[victim].wait() == 0  # a clean exit, not a crash
+                assert not live.errors  # nothing refused on the way (no fenced appends)
                 assert "draining: 1 attached session(s) move" in mesh.log(victim)
             if victim_process == "model host":
                 assert "died" in mesh.log(victim) and "sessions recover elsewhere" in mesh.log(
