@@ -20,9 +20,9 @@ from windflow.sdk import Client, ReceivedFrame
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MODEL = DEFAULT_MODEL
-SESSIONS = 3
+SESSIONS = 4
 FRAMES = 60
-STEPS = 2
+STEPS = 4  # a batch of 4 takes ~20 ms here: far over the 8.3 ms interval
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -50,7 +50,7 @@ async def test_back_to_back_batches_are_pipelined_and_bit_exact(mesh: Mesh) -> N
             client.session(
                 MODEL,
                 seed=seed,
-                fps=120,  # three sessions at 120 fps: more than one model host makes
+                fps=120,  # four sessions at 120 fps, K=4: more than one model host makes
                 steps=STEPS,
                 quality="fixed",
                 format="rgb",
