@@ -216,12 +216,12 @@ class StepEngine:
         while True:
             while flight and flight[0].reply.done():
                 self._complete(flight.popleft())
-            if flight and len(flight) >= flight[-1].depth:
+            if self._pipeline_full():
                 self._wake.clear()  # (the reply's callback wakes us)
                 if not flight[0].reply.done():
                     await self._wake.wait()
                 continue
-            slots = self._slots()
+            slots = [] if self._quiet else self._slots()
             now = time.monotonic()
             # With a batch in flight, plan as the loop would when it ends: a batch due by
             # then is launched now and waits in the host, which starts it as soon as the
@@ -230,11 +230,9 @@ class StepEngine:
             batches = scheduler.plan(
                 slots, at, horizon=self._batch_horizon(slots), max_batch=max_batch
             )
-            if self._quiet:
-                batches, slots = [], []
             launched = False
             for batch in batches:
-                if flight and len(flight) >= flight[-1].depth:
+                if self._pipeline_full():
                     break
                 actors = [self.sessions[s] for s in batch.session_ids if s in self.sessions]
                 actors = [a for a in actors if a.ready]
@@ -257,6 +255,10 @@ class StepEngine:
             finally:
                 if timer is not None:
                     timer.cancel()
+
+    def _pipeline_full(self) -> bool:
+        """As many batches in flight as the newest one allows (``_Launched.depth``)."""
+        return bool(self._flight) and len(self._flight) >= self._flight[-1].depth
 
     def _launch(
         self,

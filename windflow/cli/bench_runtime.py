@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from windflow.cli import bench_results as results
+from windflow.cli import bench_results
 
 SESSION_COUNTS = (1, 2, 4, 8, 16)
 MAX_FPS = 120.0
@@ -535,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
     from windflow.infra import StackFailed
 
     started = dt.datetime.now(dt.UTC)
-    desc = results.machine()
+    desc = bench_results.machine()
     base = in_process(args.model, 60 if args.quick else 300, 1.0 if args.quick else 3.0)
     state_dir = Path(tempfile.mkdtemp(prefix="windflow-bench-"))
     try:
@@ -565,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
         "stack": res,
     }
     if args.out_dir:
-        path = results.write(args.out_dir, "runtime", started, desc, result)
+        path = bench_results.write(args.out_dir, "runtime", started, desc, result)
         print(f"results written to {path}", flush=True)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items()}), flush=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.worker.models.registry import DEFAULT_MODEL
-from windflow.cli import bench_results as results
+from windflow.cli import bench_results
 from windflow.infra import Stack, StackConfig
 from windflow.sdk import Client
 from windflow.v1 import windflow_pb2 as pb
@@ -191,12 +191,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _main(args: argparse.Namespace) -> int:
     started = dt.datetime.now(dt.UTC)
-    machine = results.machine()
+    machine = bench_results.machine()
     result = asyncio.run(_run(args))
     print(_table(result), flush=True)
     if args.out_dir:
         fields = {"model": args.model, "result": result}
-        path = results.write(args.out_dir, "state", started, machine, fields)
+        path = bench_results.write(args.out_dir, "state", started, machine, fields)
         print(f"results written to {path}", flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
