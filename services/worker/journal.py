@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from services.worker.actor import SessionActor
 from services.worker.models.base import Control, SessionState, WorldModel
@@ -35,8 +36,11 @@ from windflow.v1 import windflow_pb2 as pb
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Runs a blocking function in the worker's model-step thread.
-StepThread = Callable[[Callable[[], T]], Awaitable[T]]
+
+class StepThread(Protocol):
+    """Runs blocking model work off the event loop (``StepEngine.in_step_thread``)."""
+
+    def __call__(self, fn: Callable[[], T]) -> Awaitable[T]: ...
 
 
 @dataclass(slots=True)
@@ -190,7 +194,7 @@ class Journal:
         model: WorldModel,
         seed: int,
         default_steps: int,
-        step_thread: StepThread[None],
+        step_thread: StepThread,
         *,
         to_frame: int | None,
         memory: Mapping[int, bytes] | None = None,
@@ -215,10 +219,15 @@ class Journal:
             where = source if isinstance(source, str) else f"memory@{frame}"
             try:
                 blob = await self.store.get(source) if isinstance(source, str) else source
-                state = model.restore(blob)
+                # in the step thread, never on the loop: a model host answers between
+                # batches, and the loop holds it while batches of its are out
+                restored = await step_thread(functools.partial(model.restore, blob))
                 base = frame
-                if state.frame_index != base:
-                    raise DataLoss(f"snapshot {where} holds frame {state.frame_index}, not {base}")
+                if restored.frame_index != base:
+                    raise DataLoss(
+                        f"snapshot {where} holds frame {restored.frame_index}, not {base}"
+                    )
+                state = restored
                 break
             except WindflowError as exc:
                 log.warning(
@@ -226,7 +235,7 @@ class Journal:
                 )
                 state = None
         if state is None:
-            state = model.new_state(seed)
+            state = await step_thread(lambda: model.new_state(seed))
         target = base if to_frame is None else to_frame
         if target > state.frame_index:
             restored_state = state

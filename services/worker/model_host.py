@@ -119,6 +119,8 @@ class ModelHost(RemoteBatches, WorldModel):
         """The event loop's calls whose replies are still to come, oldest first."""
         self._gate: asyncio.Lock | None = None
         self._backlog = 0
+        self._loop_thread: int | None = None
+        """The thread whose event loop holds the lock while calls are out."""
         """The loop's calls waiting to be written (``_write_later``)."""
         self._drained: asyncio.Future[None] | None = None
         self._released: collections.deque[int] = collections.deque()
@@ -237,6 +239,12 @@ class ModelHost(RemoteBatches, WorldModel):
 
     def _call(self, op: str, *args: Any) -> Any:
         """A blocking call (from a thread, never the event loop)."""
+        if self._pending and self._loop_thread == threading.get_ident():
+            # it would wait for the lock this thread's loop holds until it reads replies
+            raise Internal(
+                f"blocking {op} on model host {self.model_id!r} from the event loop while "
+                "its batches are out (a deadlock): run it in the step thread"
+            )
         with self._waiting:
             self._threads_waiting += 1
         try:
@@ -250,10 +258,6 @@ class ModelHost(RemoteBatches, WorldModel):
         finally:
             self._lock.release()
         return _unwrap(reply)
-
-    async def _call_async(self, op: str, *args: Any) -> Any:
-        """A call from the event loop (``_submit``)."""
-        return await self._submit(op, args, _same)
 
     def _submit(self, op: str, args: tuple[Any, ...], convert: Callable[[Any], T]) -> Future[T]:
         """Send a call from the event loop; the future of ``convert(its reply's value)``.
@@ -297,6 +301,7 @@ class ModelHost(RemoteBatches, WorldModel):
         """Write a request (the lock is the loop's); its reply goes to the future."""
         if not self._pending:
             loop.add_reader(self._conn.fileno(), self._readable)
+            self._loop_thread = threading.get_ident()
         reply: Future[T] = loop.create_future()
         try:
             self._send(op, args)
@@ -529,10 +534,6 @@ def _wait_until(start_at_us: int) -> None:
         time.sleep((ahead - SPIN_US) / 1e6)
     while telemetry.now_us() < start_at_us:
         pass
-
-
-def _same(value: T) -> T:
-    return value
 
 
 def _unwrap(reply: tuple[str, Any]) -> Any:

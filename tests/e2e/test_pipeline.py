@@ -5,6 +5,7 @@ runs, and every frame is still exactly what the model makes for its seed and con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,7 @@ import pytest_asyncio
 from services.worker.models.base import Control
 from services.worker.models.registry import DEFAULT_MODEL, load_model
 from tests.e2e.mesh import Mesh
-from windflow.sdk import Client, ReceivedFrame
+from windflow.sdk import Client, ReceivedFrame, Session
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -83,3 +84,34 @@ async def test_back_to_back_batches_are_pipelined_and_bit_exact(mesh: Mesh) -> N
             # launched before the frame before it was made: it waited in the host
             launched_early += launched_us < before.frame.timestamps.model_end_us - 100
     assert launched_early >= SESSIONS * FRAMES // 4, launched_early
+
+
+async def test_forks_restore_while_batches_are_in_flight(mesh: Mesh) -> None:
+    """A fork restores its state on the (one) worker while the sessions there keep
+    batches in its model host back to back: the restore goes through the step thread
+    and waits its turn between batches (on the event loop it would deadlock)."""
+
+    async def keep_reading(session: Session) -> None:
+        async for _ in session.frames():
+            pass
+
+    async with contextlib.AsyncExitStack() as stack:
+        client = await stack.enter_async_context(Client(mesh.gateway))
+        busy = [
+            await stack.enter_async_context(
+                client.session(MODEL, seed=50 + i, fps=120, steps=STEPS, quality="fixed")
+            )
+            for i in range(SESSIONS)
+        ]
+        readers = [asyncio.create_task(keep_reading(s)) for s in busy]
+        try:
+            await asyncio.sleep(1.0)  # past the first in-memory snapshots
+            for _ in range(5):
+                head = (await client.get_session(busy[0].id)).head_frame
+                child = await asyncio.wait_for(client.fork(busy[0].id, head - 1), 30)
+                assert child.head_frame == head - 1
+                await client.close_session(child.session_id)
+            assert not any(r.done() for r in readers)  # the load never stopped
+        finally:
+            for r in readers:
+                r.cancel()

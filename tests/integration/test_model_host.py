@@ -17,7 +17,14 @@ from services.worker import stepping
 from services.worker.model_host import ModelHost
 from services.worker.models.base import Control, WorldModel
 from services.worker.models.registry import load_model
-from windflow.errors import InvalidArgument, InvalidControl, NotFound, SnapshotError, Unavailable
+from windflow.errors import (
+    Internal,
+    InvalidArgument,
+    InvalidControl,
+    NotFound,
+    SnapshotError,
+    Unavailable,
+)
 
 MODEL = "windflow-world"
 
@@ -230,3 +237,21 @@ def test_a_call_that_waited_for_a_thread_is_not_overtaken(host: ModelHost) -> No
         for t in (1, 2)
     ]
     assert got == want and got[0] != got[1]
+
+
+def test_a_blocking_call_on_the_loop_with_batches_out_is_refused_not_a_deadlock(
+    host: ModelHost,
+) -> None:
+    """The loop holds the host while its batches are out and reads their replies itself:
+    a blocking call made on the loop then could only wait forever. It fails at once."""
+    state = host.new_state(1)
+    encodings = [stepping.native_encoding(host)]
+
+    async def on_the_loop() -> bytes:
+        out = host.submit_step_and_encode([state], _controls(1, 0), 2, encodings, [False])
+        with pytest.raises(Internal, match="deadlock"):
+            host.snapshot(state)
+        await out
+        return host.snapshot(state)  # nothing out now: allowed, and the host still serves
+
+    assert asyncio.run(on_the_loop())[:8] == b"WFWSNAP1"
