@@ -85,5 +85,7 @@ class WorkerConfig:
             raise InvalidArgument("memory_budget_mb and admission_retry_after_s must be >= 0")
         if not 1 <= self.pipeline_depth <= 4:
             raise InvalidArgument("pipeline_depth must be in 1..4")
+        if self.memory_snapshot_every < 0 or self.memory_snapshots < 1:
+            raise InvalidArgument("need memory_snapshot_every >= 0 and memory_snapshots >= 1")
         if self.out_queue < 1 or self.max_pending_controls < 1:
             raise InvalidArgument("out_queue and max_pending_controls must be >= 1")

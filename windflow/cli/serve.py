@@ -43,6 +43,19 @@ def register(sub: Any) -> None:
         "--checkpoint-every", type=int, default=48, help="frames between checkpoints (0: never)"
     )
     worker.add_argument(
+        "--memory-snapshot-every",
+        type=int,
+        default=8,
+        help="frames between the in-memory snapshots that forks and rewinds on this worker "
+        "restore from (0: never)",
+    )
+    worker.add_argument(
+        "--memory-snapshots",
+        type=int,
+        default=8,
+        help="in-memory snapshots kept per session (the newest)",
+    )
+    worker.add_argument(
         "--step-threads",
         type=int,
         default=int(env.STEP_THREADS.get("1") or 1),
@@ -134,6 +147,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl,
         heartbeat_s=args.heartbeat,
         checkpoint_every=args.checkpoint_every,
+        memory_snapshot_every=args.memory_snapshot_every,
+        memory_snapshots=args.memory_snapshots,
         step_threads=args.step_threads,
         model_process=args.model_process,
         pipeline_depth=args.pipeline_depth,
