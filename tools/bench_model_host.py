@@ -11,8 +11,12 @@ For batch 1 and 8, median ms per ``step_and_encode``:
   host            the model in a model host, called from here;
   host beside     the same, with the Python thread running here.
 And a host's round trip for an empty request after idle gaps of 1, 5 and 35 ms (35: a 24
-fps session's gap between frames). Ratios are taken within one run (the machine is
-shared). docs/runtime.md, "Model hosts", records a run.
+fps session's gap between frames), and what keeping a session's state costs in a host at
+batch 8 (each session's state captured after the step, as the worker does for its
+in-memory snapshots and checkpoints): a copy kept in the host (``Capture.COPY``) against
+snapshot bytes sent back (``Capture.SNAPSHOT``), ms per capture over the plain call.
+Ratios are taken within one run (the machine is shared). docs/runtime.md, "Model hosts",
+records a run.
 """
 
 from __future__ import annotations
@@ -70,12 +74,33 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def batch_call(model: WorldModel, batch: int, steps: int) -> Callable[[], object]:
+def batch_call(
+    model: WorldModel, batch: int, steps: int, capture: stepping.Capture = stepping.Capture.NONE
+) -> Callable[[], object]:
     states = [model.new_state(seed) for seed in range(batch)]
     encodings = [stepping.native_encoding(model)] * batch
     controls = [Control()] * batch
-    mask = [False] * batch
+    mask = [capture] * batch
     return lambda: stepping.step_and_encode(model, states, controls, steps, encodings, mask)
+
+
+def capture_costs(host: ModelHost, args: argparse.Namespace) -> dict[str, float]:
+    """Extra ms per captured session state: each kind's call against the plain one, the
+    three interleaved round by round so that the machine's drift hits all alike."""
+    kinds = {
+        "none": stepping.Capture.NONE,
+        "copy": stepping.Capture.COPY,
+        "snapshot": stepping.Capture.SNAPSHOT,
+    }
+    calls = {name: batch_call(host, 8, args.steps, kind) for name, kind in kinds.items()}
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - t0) * 1000.0)
+    plain = statistics.median(times["none"])
+    return {name: (statistics.median(times[name]) - plain) / 8 for name in ("copy", "snapshot")}
 
 
 def main() -> int:
@@ -123,6 +148,12 @@ def main() -> int:
         print(
             "host round trip after idle "
             + ", ".join(f"{k} ms: {v:.0f} us" for k, v in rtt.items()),
+            flush=True,
+        )
+        out["capture_ms_each_batch_8"] = captures = capture_costs(host, args)
+        print(
+            "host, batch 8, per session captured: "
+            + ", ".join(f"{k} {v:.3f} ms" for k, v in captures.items()),
             flush=True,
         )
     finally:

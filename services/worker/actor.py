@@ -73,8 +73,9 @@ class SessionActor:
         """Held by an append in flight: appends of one session go one at a time, in order."""
         self._no_upload = asyncio.Event()
         self._no_upload.set()
-        self.recent: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        """In-memory snapshots by frame, newest last (fast forks on this worker)."""
+        self.recent: collections.OrderedDict[int, SessionState] = collections.OrderedDict()
+        """In-memory snapshots by frame, newest last (fast forks and rewinds on this
+        worker): copies of the state (``WorldModel.copy``) where the model runs."""
         self.durable_head = state.frame_index
         """Frames made whose control-log entries the server acknowledged."""
         self.restoring = False
@@ -221,8 +222,8 @@ class SessionActor:
         # server holds the session back rather than piling up stepped frames
         return owed < self._out_capacity
 
-    def remember(self, frame: int, blob: bytes, keep: int) -> None:
-        self.recent[frame] = blob
+    def remember(self, frame: int, state: SessionState, keep: int) -> None:
+        self.recent[frame] = state
         while len(self.recent) > keep:
             self.recent.popitem(last=False)
 

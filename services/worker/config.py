@@ -38,10 +38,13 @@ class WorkerConfig:
     """Sessions due within this much of the earliest deadline join its batch."""
     checkpoint_every: int = 48
     """Frames between durable checkpoints of a session (0: never)."""
-    memory_snapshot_every: int = 8
-    """Frames between in-memory snapshots (fast forks and rewinds on this worker; 0: never)."""
-    memory_snapshots: int = 8
-    """In-memory snapshots kept per session (the newest)."""
+    memory_snapshot_every: int = 2
+    """Frames between in-memory snapshots (fast forks and rewinds on this worker; 0: never):
+    copies of the state kept where the model runs (``WorldModel.copy``), so a fork or
+    rewind replays at most this many frames less one."""
+    memory_snapshots: int = 32
+    """In-memory snapshots kept per session (the newest): with the default spacing they
+    reach 64 frames back."""
     step_threads: int = 1
     """torch intra-op threads used by the model step."""
     model_process: bool = True

@@ -30,7 +30,7 @@ from services.worker.messages import stream_error
 from services.worker.model_host import ModelHost, exit_worker
 from services.worker.models.base import WorldModel
 from services.worker.quality import QualityGovernor
-from services.worker.stepping import Encoding, StepResult, step_and_encode, time_step
+from services.worker.stepping import Capture, Encoding, StepResult, step_and_encode, time_step
 from windflow.common import names, telemetry
 from windflow.errors import Internal, WindflowError
 from windflow.v1 import windflow_pb2 as pb
@@ -278,7 +278,7 @@ class StepEngine:
         dues = [a.due for a in actors]
         ready_us = telemetry.now_us()
         appends: dict[int, asyncio.Task[None]] = {}
-        snapshot_mask = [False] * len(actors)
+        captures = [Capture.NONE] * len(actors)
         if self.journal is not None:
             for i, (a, c) in enumerate(zip(actors, controls, strict=True)):
                 entry = self.journal.entry_for(a, c.control, batch.steps)
@@ -286,7 +286,7 @@ class StepEngine:
                     appends[i] = asyncio.create_task(
                         self.journal.append(a, entry), name=f"log-append:{a.session_id}"
                     )
-                snapshot_mask[i] = self.journal.wants_snapshot(indices[i] + 1)
+                captures[i] = self.journal.captures(indices[i] + 1)
         for a in actors:
             a.begin_step()
             a.due += a.interval  # the next frame's, until _complete settles it
@@ -304,7 +304,7 @@ class StepEngine:
                 applied,
                 batch.steps,
                 encodings,
-                snapshot_mask,
+                captures,
                 start_at_us=telemetry.now_us() + int((start - time.monotonic()) * 1e6),
             )
             depth = self._pipeline_depth
@@ -317,7 +317,7 @@ class StepEngine:
                 applied,
                 batch.steps,
                 encodings,
-                snapshot_mask,
+                captures,
             )
             depth = 1
         launched = _Launched(
@@ -444,9 +444,8 @@ class StepEngine:
             if actor.closed or i in unlogged or actor.generation != step.generations[i]:
                 continue  # closed, not logged, or rewound meanwhile (another future now)
             actor.durable_head = indices[i] + 1
-            blob = result.snapshots[i]
-            if blob is not None and self.journal is not None:
-                self.journal.keep_snapshot(actor, indices[i] + 1, blob)
+            if self.journal is not None:
+                self.journal.keep(actor, indices[i] + 1, result.snapshots[i], result.copies[i])
             frame = pb.Frame(
                 frame_index=indices[i],
                 format=actor.spec.format,

@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 
 from services.worker.actor import SessionActor
 from services.worker.models.base import Control, SessionState, WorldModel
+from services.worker.stepping import Capture
 from windflow.common.durable import (
     CheckpointCatalog,
     CheckpointStore,
@@ -94,8 +95,8 @@ class Journal:
         catalog: CheckpointCatalog,
         *,
         checkpoint_every: int,
-        memory_every: int = 8,
-        memory_keep: int = 8,
+        memory_every: int = 2,
+        memory_keep: int = 32,
     ) -> None:
         self.worker_id = worker_id
         self.log = log_
@@ -135,17 +136,23 @@ class Journal:
         every = self.checkpoint_every
         return every > 0 and next_frame > 0 and next_frame % every == 0
 
-    def wants_snapshot(self, next_frame: int) -> bool:
-        """A snapshot after this step: durable checkpoint and/or in-memory ring."""
+    def captures(self, next_frame: int) -> Capture:
+        """What the step that makes frame ``next_frame - 1`` keeps of the state after it:
+        snapshot bytes for a durable checkpoint, a copy for the in-memory ring."""
+        capture = Capture.SNAPSHOT if self.wants_checkpoint(next_frame) else Capture.NONE
         every = self.memory_every
-        in_memory = every > 0 and next_frame > 0 and next_frame % every == 0
-        return in_memory or self.wants_checkpoint(next_frame)
+        if every > 0 and next_frame > 0 and next_frame % every == 0:
+            capture |= Capture.COPY
+        return capture
 
-    def keep_snapshot(self, actor: SessionActor, frame: int, blob: bytes) -> None:
-        """A snapshot taken before ``frame``: remember it, checkpoint it if due."""
-        if self.memory_every > 0 and frame % self.memory_every == 0:
-            actor.remember(frame, blob, self.memory_keep)
-        if self.wants_checkpoint(frame):
+    def keep(
+        self, actor: SessionActor, frame: int, blob: bytes | None, copy: SessionState | None
+    ) -> None:
+        """What a step captured of the state before ``frame``: the copy joins the ring,
+        the bytes become a checkpoint."""
+        if copy is not None:
+            actor.remember(frame, copy, self.memory_keep)
+        if blob is not None:
             self.checkpoint(actor, frame, blob)
 
     def checkpoint(self, actor: SessionActor, frame_index: int, blob: bytes) -> None:
@@ -197,37 +204,43 @@ class Journal:
         step_thread: StepThread,
         *,
         to_frame: int | None,
-        memory: Mapping[int, bytes] | None = None,
+        memory: Mapping[int, SessionState] | None = None,
     ) -> Restored:
         """Model state of ``session_id`` at ``to_frame`` (None: at its newest checkpoint).
 
-        ``memory``: in-memory snapshots by frame (of this session's state, or of a fork's
-        parent, whose log up to ``to_frame`` is this session's), tried before a durable
-        checkpoint of the same or an earlier frame.
+        ``memory``: in-memory snapshots by frame (copies of this session's state, or of a
+        fork's parent, whose log up to ``to_frame`` is this session's; ``WorldModel.copy``),
+        tried before a durable checkpoint of the same or an earlier frame. They are copied
+        again, never stepped.
         """
         entries = await self.log.read(session_id)
         controls = controls_by_frame(entries)
-        candidates: list[tuple[int, int, str | bytes]] = [
+        candidates: list[tuple[int, int, str | SessionState]] = [
             (c.frame_index, 0, c.object_name) for c in await self.catalog.list(session_id)
         ]
         if to_frame is not None:
-            candidates += [(f, 1, blob) for f, blob in (memory or {}).items()]
+            candidates += [(f, 1, kept) for f, kept in (memory or {}).items()]
             candidates = [c for c in candidates if c[0] <= to_frame]
         state: SessionState | None = None
         base = 0
+        origin = "the seed"
         for frame, _, source in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
             where = source if isinstance(source, str) else f"memory@{frame}"
             try:
-                blob = await self.store.get(source) if isinstance(source, str) else source
                 # in the step thread, never on the loop: a model host answers between
                 # batches, and the loop holds it while batches of its are out
-                restored = await step_thread(functools.partial(model.restore, blob))
+                if isinstance(source, str):
+                    blob = await self.store.get(source)
+                    restored = await step_thread(functools.partial(model.restore, blob))
+                else:
+                    restored = await step_thread(functools.partial(model.copy, source))
                 base = frame
                 if restored.frame_index != base:
                     raise DataLoss(
                         f"snapshot {where} holds frame {restored.frame_index}, not {base}"
                     )
                 state = restored
+                origin = where
                 break
             except WindflowError as exc:
                 log.warning(
@@ -244,6 +257,14 @@ class Journal:
             )
         if state.frame_index != target:
             raise FailedPrecondition(f"could not bring {session_id} to frame {target}")
+        log.info(
+            "restored %s at frame %d from %s (%d frames replayed)",
+            session_id,
+            target,
+            origin,
+            target - base,
+            extra={"session_id": session_id},
+        )
         return Restored(state, entries, base)
 
     async def claim(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:

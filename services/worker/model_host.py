@@ -10,11 +10,12 @@ batch-1 step 1.56x (docs/runtime.md, "Model hosts"). A host runs the same model 
 child process and answers over a socket; the worker's event loop awaits a batch's reply
 without holding the lock, blocking calls wait on it from the step thread.
 
-The host is a ``WorldModel``: ``new_state``/``restore`` return handles (``HostedState``)
-whose real state lives in the child, ``step``/``snapshot`` run there, errors come back as
-the same typed errors. One batch's step, snapshots and encoding are one round trip
-(``stepping.step_and_encode``). A handle the worker drops frees its state in the child
-(sent with the next request). If the child dies, every call raises ``Unavailable``,
+The host is a ``WorldModel``: ``new_state``/``restore``/``copy`` return handles
+(``HostedState``) whose real state lives in the child, ``step``/``snapshot`` run there,
+errors come back as the same typed errors. One batch's step, captures (snapshot bytes,
+copies kept in the child) and encoding are one round trip (``stepping.step_and_encode``).
+A handle the worker drops frees its state in the child (sent with the next request).
+If the child dies, every call raises ``Unavailable``,
 ``lost`` turns true and ``wait_exit`` returns: the worker exits (``exit_worker``), and its
 sessions recover elsewhere.
 
@@ -49,7 +50,13 @@ from typing import Any, NoReturn, TypeVar
 import numpy as np
 
 from services.worker.models.base import Control, SessionState, WorldModel
-from services.worker.stepping import Encoding, RemoteBatches, StepResult, step_and_encode
+from services.worker.stepping import (
+    Capture,
+    Encoding,
+    RemoteBatches,
+    StepResult,
+    step_and_encode,
+)
 from windflow.common import telemetry
 from windflow.errors import Internal, InvalidArgument, Unavailable, WindflowError
 
@@ -119,9 +126,9 @@ class ModelHost(RemoteBatches, WorldModel):
         """The event loop's calls whose replies are still to come, oldest first."""
         self._gate: asyncio.Lock | None = None
         self._backlog = 0
+        """The loop's calls waiting to be written (``_write_later``)."""
         self._loop_thread: int | None = None
         """The thread whose event loop holds the lock while calls are out."""
-        """The loop's calls waiting to be written (``_write_later``)."""
         self._drained: asyncio.Future[None] | None = None
         self._released: collections.deque[int] = collections.deque()
         """Handles of states the worker dropped (appended by their finalizers, any thread)."""
@@ -164,9 +171,9 @@ class ModelHost(RemoteBatches, WorldModel):
         controls: Sequence[Control],
         steps: int,
         encodings: Sequence[Encoding],
-        snapshot_mask: Sequence[bool],
+        captures: Sequence[Capture],
     ) -> StepResult:
-        request = _batch(self._handles(states), controls, steps, encodings, snapshot_mask, 0)
+        request = _batch(self._handles(states), controls, steps, encodings, captures, 0)
         return self._stepped(states, self._call(*request))
 
     def submit_step_and_encode(
@@ -175,7 +182,7 @@ class ModelHost(RemoteBatches, WorldModel):
         controls: Sequence[Control],
         steps: int,
         encodings: Sequence[Encoding],
-        snapshot_mask: Sequence[bool],
+        captures: Sequence[Capture],
         *,
         start_at_us: int = 0,
     ) -> asyncio.Future[StepResult]:
@@ -184,9 +191,7 @@ class ModelHost(RemoteBatches, WorldModel):
         loop itself, no thread in between; calls queue (``_submit``). The host starts
         the batch at ``start_at_us`` (wall clock) if that is still ahead: a batch sent a
         little early starts on time, not when the idle host has woken up."""
-        request = _batch(
-            self._handles(states), controls, steps, encodings, snapshot_mask, start_at_us
-        )
+        request = _batch(self._handles(states), controls, steps, encodings, captures, start_at_us)
 
         def stepped(value: Any) -> StepResult:
             return self._stepped(states, value)
@@ -198,6 +203,10 @@ class ModelHost(RemoteBatches, WorldModel):
 
     def restore(self, data: bytes) -> SessionState:
         return self._handle(self._call("restore", bytes(data)))
+
+    def copy(self, state: SessionState) -> SessionState:
+        """A copy made and kept in the host: nothing crosses the socket but handles."""
+        return self._handle(self._call("copy", self._handles([state])[0]))
 
     def live_states(self) -> int:
         """How many session states the host holds (dropped handles are freed first)."""
@@ -389,10 +398,13 @@ class ModelHost(RemoteBatches, WorldModel):
         return handles
 
     def _stepped(
-        self, states: Sequence[SessionState], reply: tuple[StepResult, list[int]]
+        self,
+        states: Sequence[SessionState],
+        reply: tuple[StepResult, list[int], list[tuple[int, int, int] | None]],
     ) -> StepResult:
-        result, indices = reply
+        result, indices, copies = reply
         self._advance(states, indices)
+        result.copies = [None if c is None else self._handle(c) for c in copies]
         return result
 
     @staticmethod
@@ -406,7 +418,7 @@ def _batch(
     controls: Sequence[Control],
     steps: int,
     encodings: Sequence[Encoding],
-    snapshot_mask: Sequence[bool],
+    captures: Sequence[Capture],
     start_at_us: int,
 ) -> tuple[Any, ...]:
     """A ``step_and_encode`` request (the child's arguments, in order)."""
@@ -416,7 +428,7 @@ def _batch(
         list(controls),
         steps,
         list(encodings),
-        list(snapshot_mask),
+        [int(c) for c in captures],
         start_at_us,
     )
 
@@ -502,6 +514,8 @@ def _serve(conn: Connection, model_id: str, options: dict[str, Any], threads: in
                 value = len(states)
             elif op == "snapshot":
                 value = model.snapshot(lookup([args[0]])[0])
+            elif op == "copy":
+                value = keep(model.copy(lookup([args[0]])[0]))
             elif op == "step":
                 batch = lookup(args[0])
                 rgb = np.ascontiguousarray(model.step(batch, args[1], args[2]))
@@ -510,7 +524,10 @@ def _serve(conn: Connection, model_id: str, options: dict[str, Any], threads: in
                 batch = lookup(args[0])
                 _wait_until(args[-1])
                 result = step_and_encode(model, batch, *args[1:-1])
-                value = (result, [s.frame_index for s in batch])
+                # copies stay here: the worker gets handles on them
+                copies = [None if c is None else keep(c) for c in result.copies]
+                result.copies = [None] * len(batch)
+                value = (result, [s.frame_index for s in batch], copies)
             else:
                 raise Internal(f"model host: unknown request {op!r}")
         except Exception as exc:  # errors go back to the caller, typed

@@ -187,20 +187,20 @@ class WorkerRuntime:
         self._on_change()
         return info
 
-    async def _memory_of(self, source_id: str, frame: int) -> dict[int, bytes]:
+    async def _memory_of(self, source_id: str, frame: int) -> dict[int, SessionState]:
         """In-memory snapshots of a session on this worker usable to restore ``frame``;
-        a live snapshot when the source sits exactly at ``frame``."""
+        a copy of its live state when the source sits exactly at ``frame``."""
         source = self.engine.sessions.get(source_id) if source_id else None
         if source is None:
             return {}
-        memory = {f: blob for f, blob in source.recent.items() if f <= frame}
+        memory = {f: kept for f, kept in source.recent.items() if f <= frame}
         if source.next_frame == frame and frame not in memory:
             await self._hold(source)
             try:
                 if source.next_frame == frame:
                     state = source.state
                     memory[frame] = await self.engine.in_step_thread(
-                        lambda: source.model.snapshot(state)
+                        lambda: source.model.copy(state)
                     )
             finally:
                 source.restoring = False

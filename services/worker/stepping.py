@@ -1,4 +1,5 @@
-"""One batch of a model: step, snapshots, encoding; the same code wherever the model runs.
+"""One batch of a model: step, state captures, encoding; the same code wherever the model
+runs.
 
 The worker's engine runs it in its step thread for a model in the worker's process, and a
 model host (``services.worker.model_host``) runs it in the model's own process.
@@ -7,6 +8,7 @@ model host (``services.worker.model_host``) runs it in the model's own process.
 from __future__ import annotations
 
 import abc
+import enum
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +31,22 @@ class Encoding:
     jpeg_quality: int
 
 
+class Capture(enum.IntFlag):
+    """What a batch keeps of a session's state right after its step."""
+
+    NONE = 0
+    SNAPSHOT = 1
+    """Snapshot bytes (a durable checkpoint, uploaded by the worker)."""
+    COPY = 2
+    """A copy of the state where the model runs (``WorldModel.copy``: the worker's
+    in-memory snapshots, which forks and rewinds on this worker restore from)."""
+
+
 @dataclass(slots=True)
 class StepResult:
     frames: list[bytes]
     snapshots: list[bytes | None]
+    copies: list[SessionState | None]
     model_start_us: int
     model_end_us: int
     encoded_us: list[int]
@@ -50,7 +64,7 @@ class RemoteBatches(abc.ABC):
         controls: Sequence[Control],
         steps: int,
         encodings: Sequence[Encoding],
-        snapshot_mask: Sequence[bool],
+        captures: Sequence[Capture],
     ) -> StepResult: ...
 
 
@@ -60,22 +74,23 @@ def step_and_encode(
     controls: Sequence[Control],
     steps: int,
     encodings: Sequence[Encoding],
-    snapshot_mask: Sequence[bool],
+    captures: Sequence[Capture],
 ) -> StepResult:
-    """Step ``states`` as one batch, snapshot those ``snapshot_mask`` asks for (after the
+    """Step ``states`` as one batch, capture what ``captures`` asks of each (after the
     step) and encode each frame as its session wants it; a model living elsewhere
     (``RemoteBatches``) does all of it where it lives."""
     if isinstance(model, RemoteBatches):
-        return model.step_and_encode(states, controls, steps, encodings, snapshot_mask)
+        return model.step_and_encode(states, controls, steps, encodings, captures)
     start_us = telemetry.now_us()
     t0 = time.perf_counter()
     rgb = model.step(states, controls, steps)
     t1 = time.perf_counter()
     end_us = telemetry.now_us()
-    snapshots = [
-        model.snapshot(s) if wanted else None
-        for s, wanted in zip(states, snapshot_mask, strict=True)
-    ]
+    snapshots: list[bytes | None] = []
+    copies: list[SessionState | None] = []
+    for s, capture in zip(states, captures, strict=True):
+        snapshots.append(model.snapshot(s) if capture & Capture.SNAPSHOT else None)
+        copies.append(model.copy(s) if capture & Capture.COPY else None)
     frames: list[bytes] = []
     encoded_us: list[int] = []
     encode_ms: list[float] = []
@@ -85,7 +100,7 @@ def step_and_encode(
         encode_ms.append((time.perf_counter() - e0) * 1000.0)
         encoded_us.append(telemetry.now_us())
     return StepResult(
-        frames, snapshots, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms
+        frames, snapshots, copies, start_us, end_us, encoded_us, (t1 - t0) * 1000.0, encode_ms
     )
 
 
@@ -101,6 +116,8 @@ def time_step(model: WorldModel, steps: int, batch: int, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         t0 = time.perf_counter()
-        step_and_encode(model, states, [Control()] * batch, steps, encodings, [False] * batch)
+        step_and_encode(
+            model, states, [Control()] * batch, steps, encodings, [Capture.NONE] * batch
+        )
         times.append((time.perf_counter() - t0) * 1000.0)
     return float(np.median(times[1:]))

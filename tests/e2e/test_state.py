@@ -73,6 +73,12 @@ async def test_fork_continues_bit_exactly(mesh: Mesh) -> None:
         assert child.session_id != original.session_id
         assert (child.parent_session_id, child.forked_at) == (original.session_id, k)
         assert child.head_frame == k
+        # from the parent's in-memory copy of frame k, on the parent's worker (affinity):
+        # nothing replayed
+        where = (await client.get_session(child.session_id)).worker_id
+        assert where == (await client.get_session(original.session_id)).worker_id
+        restored = f"restored {child.session_id} at frame {k} from memory@{k} (0 frames"
+        assert restored in mesh.log(where)
         later = [(f, a) for f, a in controls if f >= k]
         forked = await run(client, child, later, 120 - k)
         assert forked == frames[k:]

@@ -15,8 +15,9 @@ import pytest
 
 from services.worker import stepping
 from services.worker.model_host import ModelHost
-from services.worker.models.base import Control, WorldModel
+from services.worker.models.base import Control, SessionState, WorldModel
 from services.worker.models.registry import load_model
+from services.worker.stepping import Capture
 from windflow.errors import (
     Internal,
     InvalidArgument,
@@ -43,6 +44,9 @@ def host() -> Iterator[ModelHost]:
         h.close()
 
 
+NONE = Capture.NONE
+
+
 def _controls(n: int, t: int) -> list[Control]:
     return [Control(action=(i + t) % 5) for i in range(n)]
 
@@ -54,6 +58,7 @@ def test_frames_snapshots_and_encodings_match_the_model_in_process(
     hosted = [host.new_state(seed) for seed in range(5)]
     here = [local.new_state(seed) for seed in range(5)]
     encodings = [stepping.native_encoding(local)] * 5
+    copies: list[tuple[SessionState, SessionState]] = []
     for t in range(6):
         steps = 1 + t % 3
         if t % 2:
@@ -62,12 +67,18 @@ def test_frames_snapshots_and_encodings_match_the_model_in_process(
             assert a.shape == b.shape == (5, 64, 64, 3)
             assert np.array_equal(a, b)
         else:
-            mask = [i == t % 5 for i in range(5)]
+            # one session's snapshot bytes, another's copy (kept in the host)
+            mask = [
+                Capture.SNAPSHOT if i == t % 5 else Capture.COPY if i == (t + 1) % 5 else NONE
+                for i in range(5)
+            ]
             ra = stepping.step_and_encode(host, hosted, _controls(5, t), steps, encodings, mask)
             rb = stepping.step_and_encode(local, here, _controls(5, t), steps, encodings, mask)
             assert ra.frames == rb.frames
             assert ra.snapshots == rb.snapshots
             assert sum(s is not None for s in ra.snapshots) == 1
+            assert sum(c is not None for c in ra.copies) == 1
+            copies += [(h, c) for h, c in zip(ra.copies, rb.copies, strict=True) if h and c]
     assert [s.frame_index for s in hosted] == [s.frame_index for s in here] == [6] * 5
     blob = host.snapshot(hosted[2])
     assert blob == local.snapshot(here[2])
@@ -76,6 +87,14 @@ def test_frames_snapshots_and_encodings_match_the_model_in_process(
     assert np.array_equal(
         host.step([restored], _controls(1, 9), 2), local.step([here[2]], _controls(1, 9), 2)
     )
+    # a copy stays at the frame it was taken after while its session went on, and goes on
+    # from there alike on both sides
+    assert [h.frame_index for h, _ in copies] == [c.frame_index for _, c in copies] == [1, 3, 5]
+    same = [Control(action=2)] * 2
+    for kept_there, kept_here in copies:
+        frames = host.step([kept_there, host.copy(kept_there)], same, 2)
+        assert np.array_equal(frames[0], frames[1])
+        assert np.array_equal(frames, local.step([kept_here, local.copy(kept_here)], same, 2))
 
 
 def test_the_event_loop_path_matches_the_blocking_one(host: ModelHost) -> None:
@@ -86,7 +105,7 @@ def test_the_event_loop_path_matches_the_blocking_one(host: ModelHost) -> None:
     async def on_the_loop() -> list[bytes]:
         frames = []
         for t in range(4):
-            r = await host.submit_step_and_encode(a, _controls(2, t), 2, encodings, [False] * 2)
+            r = await host.submit_step_and_encode(a, _controls(2, t), 2, encodings, [NONE] * 2)
             frames += r.frames
         return frames
 
@@ -94,7 +113,7 @@ def test_the_event_loop_path_matches_the_blocking_one(host: ModelHost) -> None:
     blocking = []
     for t in range(4):
         blocking += stepping.step_and_encode(
-            host, b, _controls(2, t), 2, encodings, [False] * 2
+            host, b, _controls(2, t), 2, encodings, [NONE] * 2
         ).frames
     assert loop_frames == blocking
     assert [s.frame_index for s in a] == [4, 4]
@@ -150,19 +169,19 @@ def test_queued_calls_from_the_loop_are_answered_in_order(host: ModelHost) -> No
 
     async def queue_them() -> list[list[bytes]]:
         calls = [
-            host.submit_step_and_encode(queued, _controls(2, t), 2, encodings, [False] * 2)
+            host.submit_step_and_encode(queued, _controls(2, t), 2, encodings, [NONE] * 2)
             for t in range(4)
         ]
         assert len(host._pending) == 4  # all four written before the first reply
-        abandoned = host.submit_step_and_encode([spare], _controls(1, 0), 1, encodings[:1], [False])
+        abandoned = host.submit_step_and_encode([spare], _controls(1, 0), 1, encodings[:1], [NONE])
         abandoned.cancel()
         results = [(await c).frames for c in calls]
-        late = await host.submit_step_and_encode(queued, _controls(2, 4), 2, encodings, [False] * 2)
+        late = await host.submit_step_and_encode(queued, _controls(2, 4), 2, encodings, [NONE] * 2)
         return [*results, late.frames]
 
     got = asyncio.run(queue_them())
     want = [
-        stepping.step_and_encode(host, serial, _controls(2, t), 2, encodings, [False] * 2).frames
+        stepping.step_and_encode(host, serial, _controls(2, t), 2, encodings, [NONE] * 2).frames
         for t in range(5)
     ]
     assert got == want
@@ -185,7 +204,7 @@ def test_a_blocking_call_gets_in_between_queued_batches(host: ModelHost) -> None
             while len(out) < 2:
                 out.append(
                     host.submit_step_and_encode(
-                        states, _controls(4, rounds), 1, encodings, [False] * 4
+                        states, _controls(4, rounds), 1, encodings, [NONE] * 4
                     )
                 )
             await out.pop(0)
@@ -204,7 +223,7 @@ def test_queued_calls_to_a_host_that_dies_all_raise_unavailable(host: ModelHost)
 
     async def queue_then_kill() -> list[BaseException | stepping.StepResult]:
         calls = [
-            host.submit_step_and_encode(states, _controls(8, t), 4, encodings, [False] * 8)
+            host.submit_step_and_encode(states, _controls(8, t), 4, encodings, [NONE] * 8)
             for t in range(3)
         ]
         await asyncio.sleep(0)
@@ -226,14 +245,14 @@ def test_a_call_that_waited_for_a_thread_is_not_overtaken(host: ModelHost) -> No
 
     async def around_a_thread_call() -> list[bytes]:
         host._lock.acquire()  # as a thread's restore holds it
-        first = host.submit_step_and_encode([queued], _controls(1, 1), 2, encodings, [False])
+        first = host.submit_step_and_encode([queued], _controls(1, 1), 2, encodings, [NONE])
         host._lock.release()  # the thread is done before the next call
-        second = host.submit_step_and_encode([queued], _controls(1, 2), 2, encodings, [False])
+        second = host.submit_step_and_encode([queued], _controls(1, 2), 2, encodings, [NONE])
         return [*(await first).frames, *(await second).frames]
 
     got = asyncio.run(around_a_thread_call())
     want = [
-        stepping.step_and_encode(host, [serial], _controls(1, t), 2, encodings, [False]).frames[0]
+        stepping.step_and_encode(host, [serial], _controls(1, t), 2, encodings, [NONE]).frames[0]
         for t in (1, 2)
     ]
     assert got == want and got[0] != got[1]
@@ -248,7 +267,7 @@ def test_a_blocking_call_on_the_loop_with_batches_out_is_refused_not_a_deadlock(
     encodings = [stepping.native_encoding(host)]
 
     async def on_the_loop() -> bytes:
-        out = host.submit_step_and_encode([state], _controls(1, 0), 2, encodings, [False])
+        out = host.submit_step_and_encode([state], _controls(1, 0), 2, encodings, [NONE])
         with pytest.raises(Internal, match="deadlock"):
             host.snapshot(state)
         await out

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.worker.models.base import Control
+from services.worker.models.base import Control, SessionState
 from services.worker.models.world import load_default, sim
 from services.worker.models.world.model import SNAPSHOT_MAGIC, WEIGHTS, BuiltinWorldModel, load
 from tests.fakes import FakeWorld
@@ -74,15 +74,20 @@ def test_two_threads_give_the_same_frames_as_one(model: BuiltinWorldModel) -> No
     assert np.array_equal(run(load(num_threads=2), 11, controls), run(model, 11, controls))
 
 
+def advanced(model: BuiltinWorldModel, seed: int, controls: list[Control]) -> SessionState:
+    """A session of ``seed`` stepped (batch of one, 2 steps) through ``controls``."""
+    state = model.new_state(seed)
+    for c in controls:
+        model.step([state], [c], 2)
+    return state
+
+
 def test_snapshot_restore_in_a_fresh_instance_continues_bit_exactly(
     model: BuiltinWorldModel,
 ) -> None:
     controls = actions(14)
     reference = run(model, 9, controls)
-    state = model.new_state(9)
-    for c in controls[:6]:
-        model.step([state], [c], 2)
-    blob = model.snapshot(state)
+    blob = model.snapshot(advanced(model, 9, controls[:6]))
     fresh = load()
     restored = fresh.restore(blob)
     assert restored.frame_index == 6 and restored.seed == 9
@@ -91,12 +96,29 @@ def test_snapshot_restore_in_a_fresh_instance_continues_bit_exactly(
     assert fresh.snapshot(fresh.restore(blob)) == blob
 
 
+def test_a_copy_is_independent_and_continues_bit_exactly(model: BuiltinWorldModel) -> None:
+    controls = actions(14)
+    reference = run(model, 9, controls)
+    state = advanced(model, 9, controls[:6])
+    kept = model.copy(state)
+    before = model.snapshot(kept)
+    # the original goes on (other controls: another future); the copy does not move
+    for c in actions(5, salt=2):
+        model.step([state], [c], 2)
+    assert state.frame_index == 11 and kept.frame_index == 6
+    assert model.snapshot(kept) == before
+    # the copy goes on as the uninterrupted run did, and a copy of it as well
+    again = model.copy(kept)
+    rest = np.stack([model.step([kept, again], [c, c], 2) for c in controls[6:]])
+    assert np.array_equal(rest[:, 0], reference[6:]) and np.array_equal(rest[:, 1], rest[:, 0])
+    with pytest.raises(InvalidArgument):
+        model.copy(FakeWorld().new_state(1))
+
+
 def test_snapshot_restores_in_another_process(model: BuiltinWorldModel) -> None:
     controls = actions(10)
     reference = run(model, 13, controls)
-    state = model.new_state(13)
-    for c in controls[:4]:
-        model.step([state], [c], 2)
+    state = advanced(model, 13, controls[:4])
     script = (
         "import sys, numpy as np\n"
         "from services.worker.models.base import Control\n"

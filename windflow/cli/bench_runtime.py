@@ -99,7 +99,7 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
 
     from services.worker.models.base import Control
     from services.worker.models.registry import load_model
-    from services.worker.stepping import native_encoding, step_and_encode
+    from services.worker.stepping import Capture, native_encoding, step_and_encode
     from windflow.common.malloc import keep_freed_memory
 
     torch.set_num_threads(1)
@@ -124,7 +124,8 @@ def in_process(model_id: str, frames: int, seconds: float) -> InProcess:
         controls = [Control(action=rng.randrange(out.actions)) for _ in states]
         n = len(states)
         t0 = time.perf_counter()
-        done = step_and_encode(model, states, controls, out.steps, [encoding] * n, [False] * n)
+        none = [Capture.NONE] * n
+        done = step_and_encode(model, states, controls, out.steps, [encoding] * n, none)
         return done.model_ms, (time.perf_counter() - t0) * 1000.0
 
     state = [model.new_state(0)]

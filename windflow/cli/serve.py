@@ -45,14 +45,14 @@ def register(sub: Any) -> None:
     worker.add_argument(
         "--memory-snapshot-every",
         type=int,
-        default=8,
+        default=2,
         help="frames between the in-memory snapshots that forks and rewinds on this worker "
         "restore from (0: never)",
     )
     worker.add_argument(
         "--memory-snapshots",
         type=int,
-        default=8,
+        default=32,
         help="in-memory snapshots kept per session (the newest)",
     )
     worker.add_argument(

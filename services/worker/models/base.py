@@ -96,6 +96,13 @@ class WorldModel(abc.ABC):
     def restore(self, data: bytes) -> SessionState:
         """Inverse of ``snapshot``; raises ``SnapshotError``/``SnapshotVersionMismatch``."""
 
+    def copy(self, state: SessionState) -> SessionState:
+        """An independent copy of ``state``: stepping either leaves the other as it was,
+        and both go on to make the same frames. Kept where the model runs, never
+        serialized (a worker's in-memory snapshots). The default goes through
+        ``snapshot``/``restore``; a model overrides it with a cheaper copy."""
+        return self.restore(self.snapshot(state))
+
     def validate_control(self, control: Control) -> None:
         """Raise ``InvalidControl`` with a clear message if ``control`` is not valid here."""
         n = len(self.info.actions)

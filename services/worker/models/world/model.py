@@ -332,6 +332,23 @@ class BuiltinWorldModel(WorldModel):
         payload = _HEADER.pack(SNAPSHOT_MAGIC, len(head)) + head + body
         return payload + hashlib.sha256(payload).digest()
 
+    def copy(self, state: SessionState) -> WorldState:
+        """A clone of every part of the state (no hashing, no bytes: ~0.05 ms against
+        ~0.2 ms for ``snapshot``)."""
+        (s,) = self._states([state])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = s.rng.bit_generator.state
+        return WorldState(
+            s.seed,
+            s.frame_index,
+            s.kv.clone(),
+            s.valid.clone(),
+            s.prev.copy(),
+            rng,
+            s.before.copy(),
+            s.earlier.copy(),
+        )
+
     def restore(self, data: bytes) -> WorldState:
         header, body = _read_snapshot(data)
         if header.get("model_id") != MODEL_ID or header.get("model_version") != self.info.version:
