@@ -282,8 +282,12 @@ class WorkerRuntime:
                     held = not actor.ready
                     message = actor.pop()
                     if held and actor.ready:
-                        # a PAUSE session whose queue was full may go on; nothing else
-                        # wakes a step loop that found no session ready
+                        # A PAUSE session whose queue was full may go on. Its reader held
+                        # it back, not the worker: its deadlines start again from now
+                        # (the frames it could not make meanwhile are no deadline misses
+                        # for the quality governor). And nothing else wakes a step loop
+                        # that found no session ready.
+                        actor.due = max(actor.due, time.monotonic())
                         self.engine.wake()
                     if message.HasField("frame"):
                         sent = telemetry.now_us()

@@ -16,6 +16,7 @@ from services.worker.models.registry import DEFAULT_MODEL
 from tests.e2e.mesh import Mesh
 from windflow import errors
 from windflow.sdk import Client, ReceivedFrame, Session
+from windflow.v1 import windflow_pb2 as pb
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -106,6 +107,21 @@ async def test_a_paused_session_alone_goes_on_when_its_reader_catches_up(mesh: M
         indices = [f.index for f in frames]
         assert indices == list(range(len(indices)))
         assert len(frames) >= 9  # ~3 s at a quarter of its fps (12 frames): it never stalled
+
+
+async def test_a_paused_session_held_by_its_reader_keeps_its_quality(mesh: Mesh) -> None:
+    """Frames a PAUSE session could not make because its reader was behind are not the
+    worker's deadline misses: an adaptive session on an idle worker read at a quarter of
+    its fps keeps its steps and fps."""
+    async with (
+        Client(mesh.gateway) as client,
+        client.session(MODEL, seed=5, fps=FPS, window=2, output_policy="pause") as paused,
+    ):
+        frames = await asyncio.wait_for(_read(paused, 3.0, delay_s=4 / FPS), 30)
+        assert len(frames) >= 9
+        changes = [e for e in paused.events if e.kind == pb.SessionEvent.KIND_QUALITY_CHANGED]
+        assert changes == []
+        assert {f.frame.steps for f in frames} == {frames[0].frame.steps}
 
 
 async def test_admission_refuses_what_the_worker_cannot_serve_on_time(mesh: Mesh) -> None:
