@@ -9,6 +9,7 @@ published, else sessions / capacity); ties by id.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,12 +39,16 @@ class WorkerView:
             return self.utilization
         return self.sessions / self.capacity if self.capacity else 1.0
 
+    def room(self, demand: Demand) -> float:
+        """fps of ``demand``'s model at its floor steps it can still admit (inf: unknown)."""
+        steps = demand.floor_steps(self.headroom)
+        room = self.headroom.get((demand.model_id, steps))
+        return math.inf if room is None else room
+
     def fits(self, demand: Demand | None) -> bool:
         if demand is None or not self.headroom:
             return True
-        steps = demand.floor_steps(self.headroom)
-        room = self.headroom.get((demand.model_id, steps))
-        return room is None or room + 1e-6 >= demand.fps
+        return self.room(demand) + 1e-6 >= demand.fps
 
     def admit(self, demand: Demand | None) -> WorkerView:
         """This view with one more session of ``demand`` counted in (until the worker's own
@@ -117,9 +122,11 @@ def choose_worker(
     able = [w for w in free if w.fits(demand)]
     if not able:
         assert demand is not None
+        best = max(free, key=lambda w: w.room(demand))
         raise ResourceExhausted(
             f"no worker serving {model_id!r} can meet {demand.fps:g} fps now "
-            f"({len(free)} with free slots, all without enough headroom)",
+            f"({len(free)} with free slots, all without enough headroom; the most is "
+            f"{best.room(demand):.1f} fps on {best.worker_id})",
             retry_after_s=retry_after_s,
         )
     free = able

@@ -34,6 +34,11 @@ class WorkerConfig:
     """Frames a session may buffer beyond its window before its output policy applies."""
     max_pending_controls: int = 256
     """Future-stamped controls a session may hold; more are refused, never dropped."""
+    recheck_idle_s: float = 5.0
+    """While it has no session, the worker re-times each model's reference batch this
+    often and rescales its step costs when they moved (0: never). A calibration taken
+    while the machine was busy (a whole stack starting on a small machine) would otherwise
+    keep an idle worker refusing sessions by fps until one landed there."""
     batch_horizon_ms: float = 8.0
     """Sessions due within this much of the earliest deadline join its batch."""
     checkpoint_every: int = 48
@@ -88,6 +93,8 @@ class WorkerConfig:
             raise InvalidArgument("memory_budget_mb and admission_retry_after_s must be >= 0")
         if not 1 <= self.pipeline_depth <= 4:
             raise InvalidArgument("pipeline_depth must be in 1..4")
+        if self.recheck_idle_s < 0:
+            raise InvalidArgument("recheck_idle_s must be >= 0")
         if self.memory_snapshot_every < 0 or self.memory_snapshots < 1:
             raise InvalidArgument("need memory_snapshot_every >= 0 and memory_snapshots >= 1")
         if self.out_queue < 1 or self.max_pending_controls < 1:

@@ -2,7 +2,9 @@
 
 The step thread's time per batch (model step + encoding) is measured by model, step count
 and batch size (a moving average; the worker calibrates each model at start, then every
-live step refines it). From it:
+live step refines it, and while it has no session it re-times one reference batch now and
+then and rescales the model's figures by what it finds: a calibration taken while the
+machine was busy does not keep an idle worker refusing sessions). From it:
 
 - ``frame_ms``: the cost of one frame in a batch of ``n``;
 - ``utilization``: the predicted busy fraction of the step thread for a set of sessions,
@@ -36,6 +38,16 @@ class StepCosts:
         points = self._ms.setdefault((model_id, steps), {})
         old = points.get(batch)
         points[batch] = ms if old is None else old + self._alpha * (ms - old)
+
+    def rescale(self, model_id: str, factor: float) -> None:
+        """Scale every cost measured for ``model_id`` by ``factor`` (the model got that
+        much faster or slower here, as a re-timed reference batch says)."""
+        if factor <= 0:
+            raise ValueError(f"a cost factor must be > 0, got {factor}")
+        for (m, _), points in self._ms.items():
+            if m == model_id:
+                for batch in points:
+                    points[batch] *= factor
 
     def known(self, model_id: str) -> bool:
         return any(m == model_id for m, _ in self._ms)

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,10 @@ runs and the next, which the loop plans and sends while the first runs (when it 
 the time the first ends), so the host starts it at once instead of after a round trip and
 the loop's turn. Its controls are taken then, one batch earlier: this happens only when
 batches run back to back."""
+RECHECK_TOLERANCE = 1.25
+"""An idle worker's re-timed reference batch rescales its model's costs when it is off
+the prediction by more than this factor, either way (``recheck_while_idle``); within it,
+the difference is noise."""
 tracer = telemetry.tracer(__name__)
 T = TypeVar("T")
 
@@ -185,7 +190,7 @@ class StepEngine:
     def frames_dropped(self) -> int:
         return self.frames_dropped_closed + sum(a.dropped for a in self.sessions.values())
 
-    async def calibrate(self, repeats: int = 2) -> None:
+    async def calibrate(self, repeats: int = 3) -> None:
         """Measure each model's batch cost (step + encode at its native size) at batch 1
         and at its max batch, for every rung of its step ladder, in the step thread."""
         loop = asyncio.get_running_loop()
@@ -196,6 +201,41 @@ class StepEngine:
                         self._executor, time_step, model, steps, batch, repeats
                     )
                     self.costs.observe(model_id, steps, batch, ms)
+
+    async def recheck_while_idle(self, every_s: float, on_change: Callable[[], None]) -> None:
+        """While the worker has no session, re-time each model's reference batch (batch 1
+        at its default steps) every ``every_s``; where it is off the prediction by more
+        than RECHECK_TOLERANCE either way, rescale the model's costs (``StepCosts.rescale``)
+        and call ``on_change`` (the worker re-publishes its headroom). Runs until
+        cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            changed = False
+            for model_id, model in self._models.items():
+                if self.sessions or self._flight or self._quiet:
+                    break  # its own steps measure it now
+                steps = model.info.default_steps
+                predicted = self.costs.batch_ms(model_id, steps, 1)
+                if predicted is None or predicted <= 0:
+                    continue
+                ms = await loop.run_in_executor(self._executor, time_step, model, steps, 1, 3)
+                factor = ms / predicted
+                if self.sessions or abs(math.log(factor)) <= math.log(RECHECK_TOLERANCE):
+                    continue
+                self.costs.rescale(model_id, factor)
+                changed = True
+                log.info(
+                    "step costs of %s rescaled by %.2f (a batch of 1 at %d steps took "
+                    "%.2f ms, %.2f ms predicted)",
+                    model_id,
+                    factor,
+                    steps,
+                    ms,
+                    predicted,
+                )
+            if changed:
+                on_change()
 
     def _slots(self) -> list[scheduler.Slot]:
         return [

@@ -66,10 +66,16 @@ class WorkerRuntime:
         self._generation = 0
         self._attach_owner: dict[str, int] = {}
         self._draining = False
+        self._recheck: asyncio.Task[None] | None = None
         self.address = ""
         self.started_ms = int(time.time() * 1000)
 
     def start(self) -> asyncio.Task[None]:
+        if self.config.recheck_idle_s > 0:
+            self._recheck = asyncio.create_task(
+                self.engine.recheck_while_idle(self.config.recheck_idle_s, self._on_change),
+                name="worker-idle-recheck",
+            )
         return self.engine.start()
 
     @property
@@ -461,6 +467,10 @@ class WorkerRuntime:
             actor.frame_available.set()
 
     async def aclose(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck
         for session_id in list(self.engine.sessions):
             self.engine.remove(session_id)
         await self.engine.aclose()

@@ -41,3 +41,14 @@ def test_utilization_amortizes_batches_and_headroom_fills_to_target() -> None:
     # nothing left past the target
     full = [Demand("m", 2, 60.0)] * 8
     assert c.fps_headroom(full, "m", 2, 0.9, MB) == (0.0, pytest.approx(26.0 / 8))
+
+
+def test_rescale_moves_every_cost_of_one_model() -> None:
+    c = costs()
+    c.observe("n", 2, 1, 4.0)
+    c.rescale("m", 0.5)  # a calibration taken on a busy machine, re-timed when idle
+    assert c.batch_ms("m", 2, 1) == pytest.approx(2.5)
+    assert c.batch_ms("m", 2, 8) == pytest.approx(13.0)
+    assert c.batch_ms("n", 2, 1) == 4.0  # other models keep theirs
+    with pytest.raises(ValueError):
+        c.rescale("m", 0.0)

@@ -72,6 +72,7 @@ def test_fps_admission_places_only_where_the_fps_fits() -> None:
     with pytest.raises(ResourceExhausted) as err:
         choose_worker([roomy, tight], "m", demand=fixed, retry_after_s=3.0)
     assert err.value.retry_after_s == 3.0
+    assert "the most is 15.0 fps on w1" in err.value.message  # says what there is
     assert choose_worker([roomy, tight], "m", demand=Demand("m", 4.0, 2)).worker_id == "w2"
     # admitting shrinks the view's headroom until the worker's own update arrives
     after = roomy.admit(adaptive)

@@ -84,6 +84,12 @@ def register(sub: Any) -> None:
         "--target-utilization", type=float, default=0.9, help="admission ceiling (0, 1]"
     )
     worker.add_argument(
+        "--recheck-idle-s",
+        type=float,
+        default=5.0,
+        help="while idle, re-time each model this often and rescale its step costs (0: never)",
+    )
+    worker.add_argument(
         "--memory-budget-mb", type=float, default=0.0, help="per-model batch memory budget"
     )
     worker.set_defaults(func=_run_worker)
@@ -155,6 +161,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         otlp_endpoint=args.otlp_endpoint,
         fps_admission=args.admission == "fps",
         target_utilization=args.target_utilization,
+        recheck_idle_s=args.recheck_idle_s,
         memory_budget_mb=args.memory_budget_mb,
     )
     return asyncio.run(run(config))
