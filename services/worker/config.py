@@ -50,6 +50,11 @@ class WorkerConfig:
     memory_snapshots: int = 32
     """In-memory snapshots kept per session (the newest): with the default spacing they
     reach 64 frames back."""
+    memory_snapshot_mb: float = 16.0
+    """Memory per session for its in-memory snapshots, by the model's declared
+    ``state_bytes``: where fewer copies fit, fewer are kept, spaced wider to reach as far
+    back; where none fits (a large model's KV cache), none (forks and rewinds restore
+    from durable checkpoints). 0: no budget."""
     step_threads: int = 1
     """torch intra-op threads used by the model step."""
     model_process: bool = True
@@ -95,6 +100,8 @@ class WorkerConfig:
             raise InvalidArgument("pipeline_depth must be in 1..4")
         if self.recheck_idle_s < 0:
             raise InvalidArgument("recheck_idle_s must be >= 0")
+        if self.memory_snapshot_mb < 0:
+            raise InvalidArgument("memory_snapshot_mb must be >= 0")
         if self.memory_snapshot_every < 0 or self.memory_snapshots < 1:
             raise InvalidArgument("need memory_snapshot_every >= 0 and memory_snapshots >= 1")
         if self.out_queue < 1 or self.max_pending_controls < 1:

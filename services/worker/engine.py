@@ -326,7 +326,7 @@ class StepEngine:
                     appends[i] = asyncio.create_task(
                         self.journal.append(a, entry), name=f"log-append:{a.session_id}"
                     )
-                captures[i] = self.journal.captures(indices[i] + 1)
+                captures[i] = self.journal.captures(a, indices[i] + 1)
         for a in actors:
             a.begin_step()
             a.due += a.interval  # the next frame's, until _complete settles it

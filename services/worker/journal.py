@@ -86,6 +86,20 @@ def replay_steps(
             on_frame(index, rgb[0])
 
 
+def ring_for(every: int, keep: int, budget_bytes: int, state_bytes: int) -> tuple[int, int]:
+    """``Journal.ring``'s rule, pure: (spacing, count) of in-memory copies."""
+    if every <= 0 or keep <= 0:
+        return 0, 0
+    if budget_bytes > 0 and state_bytes > 0:
+        fit = budget_bytes // state_bytes
+        if fit == 0:
+            return 0, 0
+        if fit < keep:
+            reach = every * keep
+            return max(every, -(-reach // fit)), fit
+    return every, keep
+
+
 class Journal:
     def __init__(
         self,
@@ -97,6 +111,7 @@ class Journal:
         checkpoint_every: int,
         memory_every: int = 2,
         memory_keep: int = 32,
+        memory_budget_bytes: int = 0,
     ) -> None:
         self.worker_id = worker_id
         self.log = log_
@@ -105,6 +120,7 @@ class Journal:
         self.checkpoint_every = checkpoint_every
         self.memory_every = memory_every
         self.memory_keep = memory_keep
+        self.memory_budget_bytes = memory_budget_bytes
         self._uploads: set[asyncio.Task[None]] = set()
 
     # ---- the hot path ----
@@ -136,11 +152,23 @@ class Journal:
         every = self.checkpoint_every
         return every > 0 and next_frame > 0 and next_frame % every == 0
 
-    def captures(self, next_frame: int) -> Capture:
+    def ring(self, model: WorldModel) -> tuple[int, int]:
+        """(spacing in frames, copies kept) of a session's in-memory snapshots of ``model``.
+        Within the memory budget per session (``memory_budget_bytes``, by the model's
+        declared ``state_bytes``) fewer copies are kept, spaced wider so that they still
+        reach as far back (forks replay more frames instead); (0, 0) when not one fits."""
+        return ring_for(
+            self.memory_every,
+            self.memory_keep,
+            self.memory_budget_bytes,
+            int(model.info.extra.get("state_bytes", 0)),
+        )
+
+    def captures(self, actor: SessionActor, next_frame: int) -> Capture:
         """What the step that makes frame ``next_frame - 1`` keeps of the state after it:
         snapshot bytes for a durable checkpoint, a copy for the in-memory ring."""
         capture = Capture.SNAPSHOT if self.wants_checkpoint(next_frame) else Capture.NONE
-        every = self.memory_every
+        every, _ = self.ring(actor.model)
         if every > 0 and next_frame > 0 and next_frame % every == 0:
             capture |= Capture.COPY
         return capture
@@ -151,7 +179,7 @@ class Journal:
         """What a step captured of the state before ``frame``: the copy joins the ring,
         the bytes become a checkpoint."""
         if copy is not None:
-            actor.remember(frame, copy, self.memory_keep)
+            actor.remember(frame, copy, max(1, self.ring(actor.model)[1]))
         if blob is not None:
             self.checkpoint(actor, frame, blob)
 

@@ -71,6 +71,7 @@ async def run(config: WorkerConfig) -> int:
         checkpoint_every=config.checkpoint_every,
         memory_every=config.memory_snapshot_every,
         memory_keep=config.memory_snapshots,
+        memory_budget_bytes=int(config.memory_snapshot_mb * 2**20),
     )
     runtime = WorkerRuntime(config, models, on_change, journal)
     server = ServiceServer(config.listen)

@@ -68,6 +68,16 @@ def test_snapshot_restore_continues_bit_identically(model) -> None:
     assert np.array_equal(_stream(fresh, restored, 10), expected)
 
 
+def test_a_copy_is_independent_and_continues_bit_identically(model) -> None:
+    state = model.new_state(11)
+    _stream(model, state, 5)  # mid-chunk: buffered RGB, pending latents, warm caches
+    kept = model.copy(state)
+    expected = _stream(model, state, 10)  # crosses the next chunk boundary
+    # stepping the original left the copy where it was: it makes the same 10 frames
+    assert kept.frame_index == 5
+    assert np.array_equal(_stream(model, kept, 10), expected)
+
+
 def test_snapshot_errors(model) -> None:
     state = model.new_state(0)
     model.step([state], [NONE], 1)

@@ -26,13 +26,14 @@ def test_defaults_are_valid() -> None:
     [
         ("memory_snapshot_every", -1, "memory_snapshot_every"),
         ("memory_snapshots", 0, "memory_snapshots"),
+        ("memory_snapshot_mb", -1.0, "memory_snapshot_mb"),
         ("pipeline_depth", 0, "pipeline_depth"),
         ("pipeline_depth", 5, "pipeline_depth"),
         ("capacity", 0, "capacity"),
         ("window", 65, "window"),
     ],
 )
-def test_bad_values_are_refused(field: str, value: int, message: str) -> None:
+def test_bad_values_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         _config(**{field: value})
 

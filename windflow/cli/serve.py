@@ -56,6 +56,13 @@ def register(sub: Any) -> None:
         help="in-memory snapshots kept per session (the newest)",
     )
     worker.add_argument(
+        "--memory-snapshot-mb",
+        type=float,
+        default=16.0,
+        help="memory per session for its in-memory snapshots (fewer, spaced wider, where "
+        "the model's state is large; 0: no budget)",
+    )
+    worker.add_argument(
         "--step-threads",
         type=int,
         default=int(env.STEP_THREADS.get("1") or 1),
@@ -155,6 +162,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         memory_snapshot_every=args.memory_snapshot_every,
         memory_snapshots=args.memory_snapshots,
+        memory_snapshot_mb=args.memory_snapshot_mb,
         step_threads=args.step_threads,
         model_process=args.model_process,
         pipeline_depth=args.pipeline_depth,

@@ -99,6 +99,15 @@ class WanWorldModel(WorldModel):
                 "sink_frames": cfg.pipeline.sink_frames,
                 "kernels": pipeline.ops.backend,
                 "device": str(pipeline.device),
+                # a session's KV cache (keys and values of every block; the VAE's stream
+                # cache and the buffered frames add little): what a copy of it costs
+                "state_bytes": 2
+                * cfg.dit.num_layers
+                * cfg.cache_frames()
+                * pipeline.tokens_per_frame
+                * cfg.dit.num_heads
+                * cfg.dit.head_dim
+                * pipeline.dit.patch_embedding.weight.element_size(),
             },
         )
 
@@ -182,6 +191,31 @@ class WanWorldModel(WorldModel):
             ),
         }
         return st_save(tensors, metadata=meta)
+
+    def copy(self, state: SessionState) -> WanSession:
+        """A clone where the state lives (on the GPU for a GPU pipeline): KV cache, VAE
+        stream cache, pending latents, buffered frames and actions, with no trip through
+        host memory or bytes (``snapshot`` + ``restore`` would make two)."""
+        sess = self._session(state)
+        st = sess.stream
+        kv = KVCache(
+            keys=[k.clone() for k in st.kv.keys],
+            values=[v.clone() for v in st.kv.values],
+            sink=st.kv.sink,
+            ring=st.kv.ring,
+            n_written=st.kv.n_written,
+        )
+        stream = StreamState(
+            seed=st.seed,
+            kv=kv,
+            vae=StreamCache(slots=[None if s is None else s.clone() for s in st.vae.slots]),
+            latent_frames=st.latent_frames,
+            chunks=st.chunks,
+            pending=None if st.pending is None else st.pending.clone(),
+            rgb=[frame.copy() for frame in st.rgb],
+            actions=None if st.actions is None else st.actions.clone(),
+        )
+        return WanSession(sess.seed, stream, sess.frame_index)
 
     def restore(self, data: bytes) -> WanSession:
         try:
