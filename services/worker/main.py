@@ -97,6 +97,8 @@ async def run(config: WorkerConfig) -> int:
         # and the router moves the sessions with no stream attached.
         await server.set_not_serving()
         await runtime.drain()
+        # the drain's own update (no free slot) lands before the lease goes, not after it
+        await asyncio.gather(*pending_updates, return_exceptions=True)
         await registration.aclose()
         await bus.publish(names.SUBJECT_WORKER_DOWN, worker_id=config.worker_id, detail="stopped")
         await server.aclose()
