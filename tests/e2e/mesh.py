@@ -31,7 +31,8 @@ the CI output."""
 
 
 class Mesh:
-    """Lifecycle: ``Mesh(dir, ...)`` -> ``await start()`` -> use -> ``await aclose()``."""
+    """Lifecycle: ``Mesh(dir, ...)`` -> ``await start()`` -> use -> ``await aclose()``,
+    or ``async with Mesh(dir, ...) as mesh:`` (closed even when starting fails)."""
 
     def __init__(
         self,
@@ -102,6 +103,17 @@ class Mesh:
         proc.start()
         await proc.wait_ready()
         return proc
+
+    async def __aenter__(self) -> Mesh:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -30,12 +30,8 @@ MODEL = DEFAULT_MODEL
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("mesh"), workers=2)
-    try:
-        await m.start()
+    async with Mesh(tmp_path_factory.mktemp("mesh"), workers=2) as m:
         yield m
-    finally:
-        await m.aclose()
 
 
 async def _frames(session: Session, n: int, *, control_every: int = 0) -> list[ReceivedFrame]:

@@ -28,16 +28,12 @@ STEPS = 4  # a batch of 4 takes ~20 ms here: far over the 8.3 ms interval
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    m = Mesh(
+    async with Mesh(
         tmp_path_factory.mktemp("pipeline"),
         workers=1,
         worker_args=("--admission", "slots", "--capacity", "16"),
-    )
-    try:
-        await m.start()
+    ) as m:
         yield m
-    finally:
-        await m.aclose()
 
 
 def _controls(seed: int) -> list[tuple[int, int]]:

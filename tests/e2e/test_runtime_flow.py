@@ -27,16 +27,12 @@ FPS = 16.0
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
     # one worker; admission keeps its step thread under 30% busy (by its measured costs)
-    m = Mesh(
+    async with Mesh(
         tmp_path_factory.mktemp("flow"),
         workers=1,
         worker_args=("--target-utilization", "0.3", "--capacity", "64"),
-    )
-    try:
-        await m.start()
+    ) as m:
         yield m
-    finally:
-        await m.aclose()
 
 
 async def _read(session: Session, seconds: float, delay_s: float = 0.0) -> list[ReceivedFrame]:

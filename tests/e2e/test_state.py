@@ -22,16 +22,12 @@ CHECKPOINT_EVERY = 24
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    m = Mesh(
+    async with Mesh(
         tmp_path_factory.mktemp("state"),
         workers=2,
         worker_args=("--checkpoint-every", str(CHECKPOINT_EVERY)),
-    )
-    try:
-        await m.start()
+    ) as m:
         yield m
-    finally:
-        await m.aclose()
 
 
 def script(n_actions: int, frames: int, every: int = 7, salt: int = 0) -> list[tuple[int, int]]:
