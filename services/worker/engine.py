@@ -53,6 +53,9 @@ runs and the next, which the loop plans and sends while the first runs (when it 
 the time the first ends), so the host starts it at once instead of after a round trip and
 the loop's turn. Its controls are taken then, one batch earlier: this happens only when
 batches run back to back."""
+TIMING_REPEATS = 3
+"""Timed runs of a batch when the worker measures its cost (``stepping.time_step`` keeps
+the least): at start (``calibrate``) and while idle (``recheck_while_idle``)."""
 RECHECK_TOLERANCE = 1.25
 """An idle worker's re-timed reference batch rescales its model's costs when it is off
 the prediction by more than this factor, either way (``recheck_while_idle``); within it,
@@ -190,7 +193,7 @@ class StepEngine:
     def frames_dropped(self) -> int:
         return self.frames_dropped_closed + sum(a.dropped for a in self.sessions.values())
 
-    async def calibrate(self, repeats: int = 3) -> None:
+    async def calibrate(self, repeats: int = TIMING_REPEATS) -> None:
         """Measure each model's batch cost (step + encode at its native size) at batch 1
         and at its max batch, for every rung of its step ladder, in the step thread."""
         loop = asyncio.get_running_loop()
@@ -219,7 +222,9 @@ class StepEngine:
                 predicted = self.costs.batch_ms(model_id, steps, 1)
                 if predicted is None or predicted <= 0:
                     continue
-                ms = await loop.run_in_executor(self._executor, time_step, model, steps, 1, 3)
+                ms = await loop.run_in_executor(
+                    self._executor, time_step, model, steps, 1, TIMING_REPEATS
+                )
                 factor = ms / predicted
                 if self.sessions or abs(math.log(factor)) <= math.log(RECHECK_TOLERANCE):
                     continue

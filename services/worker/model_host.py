@@ -15,9 +15,9 @@ The host is a ``WorldModel``: ``new_state``/``restore``/``copy`` return handles
 errors come back as the same typed errors. One batch's step, captures (snapshot bytes,
 copies kept in the child) and encoding are one round trip (``stepping.step_and_encode``).
 A handle the worker drops frees its state in the child (sent with the next request).
-If the child dies, every call raises ``Unavailable``,
-``lost`` turns true and ``wait_exit`` returns: the worker exits (``exit_worker``), and its
-sessions recover elsewhere.
+If the child dies, every call raises ``Unavailable``, ``lost`` turns true and
+``wait_exit`` returns: the worker exits (``exit_worker``), and its sessions recover
+elsewhere.
 
 Protocol (a socket pair wrapped as a ``multiprocessing`` connection, pickled tuples):
 request ``(op, args, released)``, reply ``("ok", value)`` or ``("error", exc)``; the child

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,14 @@ class WorldState(SessionState):
         # the frame before that; a session that knows two frames repeats the older one
         self.earlier = self.before if earlier is None else earlier
         self.rng = rng
+
+
+def _generator_at(state: Mapping[str, Any]) -> np.random.Generator:
+    """A noise generator in ``state`` (a ``bit_generator.state``), as a session's copy or
+    restored snapshot goes on drawing exactly where the original was."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
 
 
 class BuiltinWorldModel(WorldModel):
@@ -336,15 +344,13 @@ class BuiltinWorldModel(WorldModel):
         """A clone of every part of the state (no hashing, no bytes: ~0.05 ms against
         ~0.2 ms for ``snapshot``)."""
         (s,) = self._states([state])
-        rng = np.random.default_rng()
-        rng.bit_generator.state = s.rng.bit_generator.state
         return WorldState(
             s.seed,
             s.frame_index,
             s.kv.clone(),
             s.valid.clone(),
             s.prev.copy(),
-            rng,
+            _generator_at(s.rng.bit_generator.state),
             s.before.copy(),
             s.earlier.copy(),
         )
@@ -371,8 +377,7 @@ class BuiltinWorldModel(WorldModel):
             if tuple(header["kv_shape"]) != kv_shape:
                 raise SnapshotError(f"snapshot KV cache shape {header['kv_shape']} != {kv_shape}")
             seed, frame_index = int(header["seed"]), int(header["frame_index"])
-            rng = np.random.default_rng()
-            rng.bit_generator.state = header["rng"]
+            rng = _generator_at(header["rng"])
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"windflow-world snapshot header is malformed: {exc!r}") from exc
         n_kv = int(np.prod(kv_shape)) * 4
