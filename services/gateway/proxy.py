@@ -128,22 +128,28 @@ class StreamProxy:
             frame = message.frame
             if frame.frame_index <= self.last_forwarded:
                 continue  # never a repeat
-            span = tracer.start_span(
-                names.SPAN_GATEWAY_FRAME,
-                context=self.trace_context,
-                start_time=frame.timestamps.worker_sent_us * 1000,
-                attributes={
-                    "windflow.session_id": self.session_id,
-                    "windflow.frame": frame.frame_index,
-                },
+            span = (
+                tracer.start_span(
+                    names.SPAN_GATEWAY_FRAME,
+                    context=self.trace_context,
+                    start_time=frame.timestamps.worker_sent_us * 1000,
+                    attributes={
+                        "windflow.session_id": self.session_id,
+                        "windflow.frame": frame.frame_index,
+                    },
+                )
+                if telemetry.recording()
+                else None
             )
             sent = telemetry.now_us()
             frame.timestamps.gateway_sent_us = sent
             frame.latency.transport_ms = (sent - frame.timestamps.worker_sent_us) / 1000.0
             self.last_forwarded = frame.frame_index
-            self._controls = [c for c in self._controls if c.frame_index > frame.frame_index]
+            if self._controls:
+                self._controls = [c for c in self._controls if c.frame_index > frame.frame_index]
             yield message
-            span.end()
+            if span is not None:
+                span.end()
 
     async def _recover(self) -> None:
         deadline = time.monotonic() + self._recover_timeout

@@ -60,7 +60,8 @@ async def test_session_streams_200_frames(mesh: Mesh) -> None:
         # a frame may start a little before its deadline to share a batch, never a whole
         # frame interval (48 fps: 20.8 ms) early
         assert ts.due_us - 20_800 <= ts.model_start_us <= ts.model_end_us <= ts.encoded_us
-        assert ts.encoded_us <= ts.worker_sent_us <= ts.gateway_sent_us <= frames[-1].received_us
+        assert ts.encoded_us <= ts.stepped_us <= ts.worker_sent_us <= ts.gateway_sent_us
+        assert ts.gateway_sent_us <= frames[-1].received_us
         # the controls reached the frames they were stamped for
         assert frames[0].frame.action == 1
         n = len(session.info.model.actions)

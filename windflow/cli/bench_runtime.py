@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from windflow.cli import bench_results
+from windflow.cli import bench_floor, bench_results
 
 SESSION_COUNTS = (1, 2, 4, 8, 16)
 MAX_FPS = 120.0
@@ -176,6 +176,11 @@ class Received:
     wake_ms: float = 0.0
     batch: int = 1
     model_ms: float = 0.0
+    hand_back_ms: float = 0.0
+    worker_loop_ms: float = 0.0
+    to_client_ms: float = 0.0
+    size: int = 0
+    """The frame message's serialized size (pixels, index, timestamps, breakdown)."""
 
 
 async def _consume(
@@ -224,6 +229,10 @@ async def _consume(
                     (ts.model_start_us - ts.due_us) / 1000.0,
                     br.batch_size,
                     br.model_ms,
+                    (ts.stepped_us - ts.encoded_us) / 1000.0,
+                    (ts.worker_sent_us - ts.stepped_us) / 1000.0,
+                    (f.received_us - ts.gateway_sent_us) / 1000.0,
+                    f.frame.ByteSize(),
                 )
             )
             if time.monotonic() >= stop:
@@ -293,6 +302,15 @@ async def stack_phases(
         frames = await _consume(s, seconds + warm, interval_s=interval)
         await _close(client, [s])
         steady = [f for f in frames if f.received_us >= frames[0].received_us + warm * 1e6]
+        # the same frames' two hops with nothing else in them, right after (bench_floor)
+        floor_bytes = int(statistics.median(f.size for f in steady))
+        floor = await bench_floor.measure(
+            floor_bytes,
+            base.fps,
+            seconds,
+            warm,
+            state_dir,
+        )
         # c) the same with controls: sent just before their frame's deadline (the way to
         # drive a session) and, for comparison, at random moments
         c2f: dict[str, list[float]] = {}
@@ -323,7 +341,21 @@ async def stack_phases(
             "breakdown_ms_p50": {
                 "due_to_model_start": _pct([f.wake_ms for f in steady], 50),
                 "send": _pct([f.send_ms for f in steady], 50),
+                "hand_back": _pct([f.hand_back_ms for f in steady], 50),
+                "worker_loop": _pct([f.worker_loop_ms for f in steady], 50),
                 "worker_to_gateway": _pct([f.transport_ms for f in steady], 50),
+                "gateway_to_client": _pct([f.to_client_ms for f in steady], 50),
+            },
+            "transport_floor": {
+                "payload_bytes": floor_bytes,
+                "frames": len(floor.total_ms),
+                "two_hops_ms_p50": _pct(floor.total_ms, 50),
+                "two_hops_ms_p99": _pct(floor.total_ms, 99),
+                "first_hop_ms_p50": _pct(floor.first_hop_ms, 50),
+                "second_hop_ms_p50": _pct(floor.second_hop_ms, 50),
+                "controls": len(floor.round_trip_ms),
+                "control_round_trip_ms_p50": _pct(floor.round_trip_ms, 50),
+                "control_round_trip_ms_p99": _pct(floor.round_trip_ms, 99),
             },
         }
         # b) throughput at 120 fps per session, fixed quality
@@ -479,6 +511,13 @@ def summarize(base: InProcess, res: dict[str, Any]) -> dict[str, Any]:
         "isolation_ge_0_95": summary["slow_client_isolation_ratio"] >= 0.95,
     }
     summary["inprocess_frame_ms_p50"] = frame_p50
+    # what two bare gRPC hops of the same frames cost on this machine, measured in the same
+    # run: the part of the overhead no gateway + worker design avoids here (bench_floor)
+    floor = single["transport_floor"]
+    summary["transport_floor_ms_p50"] = floor["two_hops_ms_p50"]
+    summary["overhead_beyond_floor_ms_p50"] = summary["overhead_ms_p50"] - floor["two_hops_ms_p50"]
+    # and a control's four hops, client -> worker and its frame back
+    summary["control_round_trip_floor_ms_p50"] = floor["control_round_trip_ms_p50"]
     return summary
 
 
@@ -495,6 +534,12 @@ def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
         f"a) overhead per frame      p50 {s['overhead_ms_p50']:.2f} ms   p99 "
         f"{s['overhead_ms_p99']:.2f} ms   (latency p50 {s['latency_ms_p50']:.2f} ms, "
         f"p99 {s['latency_ms_p99']:.2f} ms, {s['fps']:.1f} fps)",
+        "   p50 by leg, ms: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in s["breakdown_ms_p50"].items()),
+        f"   transport floor: two bare gRPC hops of these frames p50 "
+        f"{s['transport_floor']['two_hops_ms_p50']:.2f} ms, p99 "
+        f"{s['transport_floor']['two_hops_ms_p99']:.2f} ms; overhead beyond it p50 "
+        f"{summary['overhead_beyond_floor_ms_p50']:.2f} ms",
         "b) sessions  delivered fps total  per session (min)  raw in-process  ratio",
     ]
     for n, t in res["throughput"].items():
@@ -512,7 +557,9 @@ def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{s['control_to_frame_ms_p99']:.2f} ms   ({s['controls_measured']} controls sent "
         f"just in time; at random moments p50 {s['control_to_frame_random_ms_p50']:.2f} ms)",
         f"   beyond the frame's own step p50 {s['control_to_frame_beyond_step_ms_p50']:.2f} ms"
-        f"   p99 {s['control_to_frame_beyond_step_ms_p99']:.2f} ms",
+        f"   p99 {s['control_to_frame_beyond_step_ms_p99']:.2f} ms   (transport floor: a "
+        f"control's and its frame's four bare hops p50 "
+        f"{s['transport_floor']['control_round_trip_ms_p50']:.2f} ms)",
         f"d) isolation               others {res['isolation']['others_fps_without']:.1f} fps "
         f"alone, {res['isolation']['others_fps_with']:.1f} fps with a slow client "
         f"(ratio {res['slow_client_isolation_ratio']:.3f}); slow client "
