@@ -214,14 +214,17 @@ async def test_oversize_message_is_resource_exhausted_others_unharmed(mesh: Mesh
                 async for _ in call:
                     pass
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # through the SDK the message fails its own stream in the client, before it takes
-        # the flow-control window the client's other streams share on its connection
+        # through the SDK the message is refused in the client, before it takes the
+        # flow-control window the client's other streams share on its connection, and its
+        # own stream goes on
         victim = await client.attach(victim_info)
-        await victim.send_raw(oversize)
-        with pytest.raises(errors.ResourceExhausted):
-            async for _ in victim.frames(limit=1000):
-                pass
+        with pytest.raises(errors.ResourceExhausted, match="over the gateway's limit"):
+            await victim.send_raw(oversize)
+        streamed = [f.index async for f in victim.frames(limit=3)]
+        assert len(streamed) == 3 and streamed == sorted(streamed)
         await victim.aclose()
+        with pytest.raises(errors.FailedPrecondition, match="has ended"):
+            await victim.send(1)  # nothing is queued on a closed stream, silently
         after = [f.index async for f in bystander.frames(limit=24)]
         assert after == list(range(before[-1] + 1, before[-1] + 25))
         # the refused streams lost nothing: the session re-attaches and streams on

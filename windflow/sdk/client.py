@@ -13,7 +13,7 @@ import numpy as np
 
 from windflow.common import grpc_util, telemetry
 from windflow.common.frames import decode_frame
-from windflow.errors import WindflowError
+from windflow.errors import FailedPrecondition, ResourceExhausted, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 from windflow.v1 import windflow_pb2_grpc
 
@@ -82,8 +82,10 @@ class Session:
         self._window = window
         self.ack_every = max(1, window // 4)
         self._acked = -1
-        self._outbox: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue(maxsize=1024)
         self._call: grpc.aio.StreamStreamCall | None = None
+        self._writing = asyncio.Lock()
+        """Held by the write under way: gRPC takes one write at a time on a call, and the
+        lock's waiters go next in the order they came."""
         self.events: collections.deque[pb.SessionEvent] = collections.deque(maxlen=256)
         self.errors: collections.deque[pb.StreamError] = collections.deque(maxlen=256)
         self.last_index = -1
@@ -102,30 +104,53 @@ class Session:
             pb.Control(frame_index=index, action=action, client_time_us=now)
             for index, action in controls
         ]
-        await self._outbox.put(
+        self._call = self._stub.Stream()
+        await self._write(
             pb.ClientMessage(
                 attach=pb.Attach(session_id=self.id, window=self._window, controls=initial)
             )
         )
-        self._call = self._stub.Stream(self._requests())
 
-    async def _requests(self) -> AsyncIterator[pb.ClientMessage]:
-        while True:
-            message = await self._outbox.get()
-            if message is None:
-                return
-            yield message
+    async def _write(self, message: pb.ClientMessage, *, quiet: bool = False) -> None:
+        """Write ``message`` on the stream now, or after the writes already waiting (in
+        order), by the caller's task: the caller learns what became of its message. A
+        message over the gateway's size limit raises ResourceExhausted and is not sent
+        (the stream goes on); a stream that has failed raises its typed error; one that
+        has ended (closed, or ended by the server) raises FailedPrecondition. ``quiet``:
+        drop the message instead of raising (acks: the stream's end reaches the reader)."""
+        if self._call is None:
+            raise RuntimeError("Session.send() before start()")
+        size = message.ByteSize()
+        if size > grpc_util.PUBLIC_MAX_MESSAGE_BYTES:  # refused here; the stream goes on
+            raise ResourceExhausted(
+                f"a {size}-byte message is over the gateway's limit of "
+                f"{grpc_util.PUBLIC_MAX_MESSAGE_BYTES} bytes; it was not sent"
+            )
+        async with self._writing:
+            try:
+                if not self._closed:
+                    await self._call.write(message)
+                    return
+            except grpc.aio.AioRpcError as exc:
+                if quiet:
+                    return
+                raise grpc_util.error_from_rpc(exc) from exc
+            except asyncio.InvalidStateError:  # the call has ended
+                pass
+        if not quiet:
+            raise FailedPrecondition(f"the stream of session {self.id} has ended")
 
     async def send(
         self, action: int = 0, axes: Sequence[float] = (), frame_index: int | None = None
     ) -> int:
-        """Queue a control for ``frame_index`` (default: the next frame not yet received).
+        """Send a control for ``frame_index`` (default: the next frame not yet received).
 
-        Waits when 1024 client messages are already queued: controls are never dropped.
-        Returns the frame index the control was stamped with.
+        Returns once it is written (after the messages written before it: controls are
+        never dropped, and a sender faster than the stream waits); returns the frame index
+        the control was stamped with.
         """
         index = self.next_index if frame_index is None else frame_index
-        await self._outbox.put(
+        await self._write(
             pb.ClientMessage(
                 control=pb.Control(
                     frame_index=index,
@@ -170,7 +195,7 @@ class Session:
         return await self.send(action, axes, frame_index=index)
 
     async def send_raw(self, message: pb.ClientMessage) -> None:
-        await self._outbox.put(message)
+        await self._write(message)
 
     async def frames(self, limit: int | None = None) -> AsyncIterator[ReceivedFrame]:
         """Frames as they arrive, acknowledged once the consumer asks for the next one."""
@@ -189,8 +214,9 @@ class Session:
                     yield received
                     if received.index - self._acked >= self.ack_every:
                         self._acked = received.index
-                        await self._outbox.put(
-                            pb.ClientMessage(ack=pb.Ack(frame_index=received.index))
+                        await self._write(
+                            pb.ClientMessage(ack=pb.Ack(frame_index=received.index)),
+                            quiet=True,
                         )
                     count += 1
                     if limit is not None and count >= limit:
@@ -217,8 +243,6 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self._outbox.put_nowait(None)
         if self._call is not None:
             self._call.cancel()
 
