@@ -247,6 +247,16 @@ async def _consume(
     return out
 
 
+def _legs(frames: list[Received]) -> dict[str, float]:
+    """p50 of each leg of the frames' way out, from their timestamps."""
+    return {
+        "hand_back": _pct([f.hand_back_ms for f in frames], 50),
+        "worker_loop": _pct([f.worker_loop_ms for f in frames], 50),
+        "worker_to_gateway": _pct([f.transport_ms for f in frames], 50),
+        "gateway_to_client": _pct([f.to_client_ms for f in frames], 50),
+    }
+
+
 def _fps(frames: list[Received], warmup_s: float) -> float:
     if len(frames) < 2:
         return 0.0
@@ -315,15 +325,18 @@ async def stack_phases(
         # drive a session) and, for comparison, at random moments
         c2f: dict[str, list[float]] = {}
         beyond_step: list[float] = []  # each just-in-time frame's c2f minus its own step
+        c2f_frames: list[Received] = []
+        c2f_legs: dict[str, float] = {}
         for mode in ("jit", "random"):
             [s] = await _open(client, model, 1, quality="fixed", steps=base.steps)
             got = await _consume(s, seconds + warm, interval_s=interval, controls=mode)
             await _close(client, [s])
             t0 = got[0].received_us + warm * 1e6
-            measured = [(f.c2f_ms, f.model_ms) for f in got if f.received_us >= t0 and f.c2f_ms]
-            c2f[mode] = [c for c, _ in measured]
+            with_control = [f for f in got if f.received_us >= t0 and f.c2f_ms]
+            c2f[mode] = [f.c2f_ms for f in with_control if f.c2f_ms is not None]
             if mode == "jit":
-                beyond_step = [c - step for c, step in measured]
+                beyond_step = [f.c2f_ms - f.model_ms for f in with_control if f.c2f_ms is not None]
+                c2f_legs, c2f_frames = _legs(with_control), with_control
         res["single"] = {
             "frames": len(steady),
             "fps": _fps(frames, warm),
@@ -341,10 +354,13 @@ async def stack_phases(
             "breakdown_ms_p50": {
                 "due_to_model_start": _pct([f.wake_ms for f in steady], 50),
                 "send": _pct([f.send_ms for f in steady], 50),
-                "hand_back": _pct([f.hand_back_ms for f in steady], 50),
-                "worker_loop": _pct([f.worker_loop_ms for f in steady], 50),
-                "worker_to_gateway": _pct([f.transport_ms for f in steady], 50),
-                "gateway_to_client": _pct([f.to_client_ms for f in steady], 50),
+                **_legs(steady),
+            },
+            # the frames of (c)'s just-in-time controls: "queue" is the batch's launch ->
+            # its model start (a host woken by the control's batch)
+            "control_to_frame_legs_ms_p50": {
+                "queue": _pct([f.queue_ms for f in c2f_frames], 50),
+                **c2f_legs,
             },
             "transport_floor": {
                 "payload_bytes": floor_bytes,
@@ -560,6 +576,10 @@ def table(base: InProcess, res: dict[str, Any], summary: dict[str, Any]) -> str:
         f"   p99 {s['control_to_frame_beyond_step_ms_p99']:.2f} ms   (transport floor: a "
         f"control's and its frame's four bare hops p50 "
         f"{s['transport_floor']['control_round_trip_ms_p50']:.2f} ms)",
+        "   its frames' legs p50, ms: "
+        + ", ".join(
+            f"{k.replace('_', ' ')} {v:.2f}" for k, v in s["control_to_frame_legs_ms_p50"].items()
+        ),
         f"d) isolation               others {res['isolation']['others_fps_without']:.1f} fps "
         f"alone, {res['isolation']['others_fps_with']:.1f} fps with a slow client "
         f"(ratio {res['slow_client_isolation_ratio']:.3f}); slow client "
