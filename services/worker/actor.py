@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from opentelemetry import context as otel_context
 
 from services.worker.models.base import Control, SessionState, WorldModel
+from windflow.common import telemetry
 from windflow.errors import InvalidArgument, ResourceExhausted
 from windflow.v1 import windflow_pb2 as pb
 
@@ -32,6 +33,8 @@ class AppliedControl:
     control: Control
     client_time_us: int
     """client_time_us of the control newly applied at this frame, else 0."""
+    received_us: int = 0
+    """When this worker read that control (wall clock, us), else 0."""
 
 
 class SessionActor:
@@ -62,7 +65,8 @@ class SessionActor:
         self._max_pending = max_pending_controls
         # controls stamped for future frames, sorted by frame index
         self._pending_idx: list[int] = []
-        self._pending: list[tuple[Control, int]] = []
+        self._pending: list[tuple[Control, int, int]] = []
+        """Waiting controls in frame order: (control, client time, received time)."""
         self.current = Control()
         """The control in effect (sticky until a later one applies)."""
         self.logged: tuple[int, tuple[float, ...], int] | None = None
@@ -167,7 +171,7 @@ class SessionActor:
             )
         pos = bisect.bisect_right(self._pending_idx, msg.frame_index)
         self._pending_idx.insert(pos, msg.frame_index)
-        self._pending.insert(pos, (control, msg.client_time_us))
+        self._pending.insert(pos, (control, msg.client_time_us, telemetry.now_us()))
 
     def _check(self, msg: pb.Control) -> Control:
         if msg.frame_index < self.next_frame:
@@ -186,11 +190,11 @@ class SessionActor:
 
     def take_control(self) -> AppliedControl:
         """The control for the next frame: the latest one stamped at or before it."""
-        applied_time = 0
+        applied_time = received = 0
         while self.control_waiting:
             self._pending_idx.pop(0)
-            self.current, applied_time = self._pending.pop(0)
-        return AppliedControl(self.current, applied_time)
+            self.current, applied_time, received = self._pending.pop(0)
+        return AppliedControl(self.current, applied_time, received)
 
     # ---- flow control and output ----
 

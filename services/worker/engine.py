@@ -513,6 +513,7 @@ class StepEngine:
             ts.model_end_us = result.model_end_us
             ts.encoded_us = result.encoded_us[i]
             ts.stepped_us = step.stepped_us
+            ts.control_received_us = controls[i].received_us
             latency = frame.latency
             latency.queue_ms = max(0.0, (result.model_start_us - step.ready_us) / 1000.0)
             latency.model_ms = result.model_ms

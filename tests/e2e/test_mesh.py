@@ -67,6 +67,13 @@ async def test_session_streams_200_frames(mesh: Mesh) -> None:
         n = len(session.info.model.actions)
         expected = [0, 1 % n, 1 % n, 2 % n, 3 % n, 4 % n]
         assert [frames[i].frame.action for i in (11, 12, 21, 22, 41, 42)] == expected
+        # a frame with a new control says when it was sent and when the worker read it,
+        # which is before its step began; a frame without one says neither
+        controlled = frames[12].frame
+        sent, read = controlled.control_client_time_us, controlled.timestamps.control_received_us
+        assert 0 < sent <= read <= controlled.timestamps.model_start_us
+        assert frames[13].frame.control_client_time_us == 0
+        assert frames[13].frame.timestamps.control_received_us == 0
         assert not session.errors
         # a changing world: not 200 copies of one picture
         assert len({f.frame.data for f in frames}) > 100

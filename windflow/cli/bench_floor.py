@@ -6,14 +6,16 @@ process streams payloads of a frame's size at the session's fps (each stamped wi
 wall clock as it leaves), a *relay* process forwards them (stamping again) and the
 calling process reads them (``Frames``). A control goes the other way first: on
 ``Echo``, the caller sends a small message through the relay and the source answers
-each with a frame-sized payload at once: four hops, a control-to-frame with no model.
+each with a frame-sized payload after a model step's time (idle, as a worker waits for
+its step): four hops, a control-to-frame with no model; the wait is not counted.
 Servers and channels are the runtime's own (``grpc_util.ServiceServer``,
 ``grpc_util.channel``); payloads are bytes, with no protobuf message, no model and no
 session. What the hops cost here is what any gateway + worker design pays on the same
 machine before doing any work of its own: ``bench runtime`` measures it in the same run
 as its overhead and control-to-frame, and reports both.
 
-    python -m windflow.cli.bench_floor source --listen 127.0.0.1:0 --bytes 12288 --fps 24
+    python -m windflow.cli.bench_floor source --listen 127.0.0.1:0 --bytes 12288 --fps 24 \
+        [--answer-after-ms 6]
     python -m windflow.cli.bench_floor relay --listen 127.0.0.1:0 --upstream HOST:PORT
 """
 
@@ -67,9 +69,10 @@ async def _serve(listen: str, frames: Any, echo: Any) -> None:
     await server.wait()
 
 
-async def _source(listen: str, size: int, fps: float) -> None:
+async def _source(listen: str, size: int, fps: float, answer_after_s: float) -> None:
     """Stream ``size``-byte payloads at ``fps``, on an absolute schedule, stamped as
-    they leave (the first 8 bytes)."""
+    they leave (the first 8 bytes); answer each control ``answer_after_s`` after it came,
+    stamped with when it came and when the answer left (the first 16 bytes)."""
     body = bytes(max(0, size - STAMP.size))
 
     async def frames(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -85,7 +88,9 @@ async def _source(listen: str, size: int, fps: float) -> None:
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         async for _ in requests:
-            yield STAMP.pack(telemetry.now_us()) + body
+            came = telemetry.now_us()
+            await asyncio.sleep(answer_after_s)
+            yield STAMP.pack(came) + STAMP.pack(telemetry.now_us()) + body[STAMP.size :]
 
     await _serve(listen, frames, echo)
 
@@ -137,14 +142,22 @@ class Floor:
     second_hop_ms: list[float]
     """relay stamp -> read here (the gateway -> client leg)."""
     round_trip_ms: list[float]
-    """A control sent here -> the source's answer read here (``Echo``: four hops)."""
+    """A control sent here -> the source's answer read here, less the source's wait
+    between the two (``Echo``: four hops)."""
 
     @property
     def total_ms(self) -> list[float]:
         return [a + b for a, b in zip(self.first_hop_ms, self.second_hop_ms, strict=True)]
 
 
-async def measure(size: int, fps: float, seconds: float, warmup_s: float, log_dir: Path) -> Floor:
+async def measure(
+    size: int,
+    fps: float,
+    seconds: float,
+    warmup_s: float,
+    log_dir: Path,
+    answer_after_ms: float = 0.0,
+) -> Floor:
     """Start a source and a relay (separate processes, free loopback ports); read
     ``warmup_s + seconds`` of payloads through them, then send as many controls, 2-5
     frame intervals apart (as ``bench runtime`` sends its own); the legs after the
@@ -158,7 +171,18 @@ async def measure(size: int, fps: float, seconds: float, warmup_s: float, log_di
     specs = [
         ChildSpec(
             "floor-source",
-            (*me, "source", "--listen", source_addr, "--bytes", str(size), "--fps", str(fps)),
+            (
+                *me,
+                "source",
+                "--listen",
+                source_addr,
+                "--bytes",
+                str(size),
+                "--fps",
+                str(fps),
+                "--answer-after-ms",
+                str(answer_after_ms),
+            ),
             health_address=source_addr,
         ),
         ChildSpec(
@@ -210,8 +234,12 @@ async def _round_trips(channel: grpc.aio.Channel, fps: float, seconds: float) ->
             await asyncio.sleep(rng.uniform(2.0, 5.0) / fps)
             sent = telemetry.now_us()
             await call.write(STAMP.pack(sent))
-            await call.read()
-            out.append((telemetry.now_us() - sent) / 1000.0)
+            answer = await call.read()
+            got = telemetry.now_us()
+            if not isinstance(answer, bytes):
+                raise RuntimeError("the echo stream ended early")
+            came, left = STAMP.unpack_from(answer, 0)[0], STAMP.unpack_from(answer, STAMP.size)[0]
+            out.append((got - sent - (left - came)) / 1000.0)
     finally:
         call.cancel()
     return out
@@ -224,14 +252,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     source.add_argument("--listen", required=True)
     source.add_argument("--bytes", type=int, required=True)
     source.add_argument("--fps", type=float, required=True)
+    source.add_argument(
+        "--answer-after-ms", type=float, default=0.0, help="a control's answer waits this long"
+    )
     relay = sub.add_parser("relay", help="forward a source's stream")
     relay.add_argument("--listen", required=True)
     relay.add_argument("--upstream", required=True)
     args = parser.parse_args(argv)
     if args.role == "source":
-        if args.bytes < STAMP.size or not 0 < args.fps <= 10_000:
-            parser.error("--bytes must be >= 8 and --fps in (0, 10000]")
-        asyncio.run(_source(args.listen, args.bytes, args.fps))
+        if args.bytes < 2 * STAMP.size or not 0 < args.fps <= 10_000:
+            parser.error("--bytes must be >= 16 and --fps in (0, 10000]")
+        if not 0 <= args.answer_after_ms <= 10_000:
+            parser.error("--answer-after-ms must be in [0, 10000]")
+        asyncio.run(_source(args.listen, args.bytes, args.fps, args.answer_after_ms / 1000.0))
     else:
         asyncio.run(_relay(args.listen, args.upstream))
 

@@ -181,6 +181,10 @@ class Received:
     to_client_ms: float = 0.0
     size: int = 0
     """The frame message's serialized size (pixels, index, timestamps, breakdown)."""
+    control_in_ms: float = 0.0
+    """Its new control: sent by the client -> read by the worker (0: none)."""
+    control_wait_ms: float = 0.0
+    """Its new control: read by the worker -> its batch launched (0: none)."""
 
 
 async def _consume(
@@ -233,6 +237,7 @@ async def _consume(
                     (ts.worker_sent_us - ts.stepped_us) / 1000.0,
                     (f.received_us - ts.gateway_sent_us) / 1000.0,
                     f.frame.ByteSize(),
+                    *_control_legs(f.frame),
                 )
             )
             if time.monotonic() >= stop:
@@ -245,6 +250,18 @@ async def _consume(
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
     return out
+
+
+def _control_legs(frame: Any) -> tuple[float, float]:
+    """(client -> worker, worker read -> batch launched) ms of the frame's new control."""
+    ts = frame.timestamps
+    if not (frame.control_client_time_us and ts.control_received_us):
+        return 0.0, 0.0
+    launched_us = ts.model_start_us - frame.latency.queue_ms * 1000.0
+    return (
+        (ts.control_received_us - frame.control_client_time_us) / 1000.0,
+        (launched_us - ts.control_received_us) / 1000.0,
+    )
 
 
 def _legs(frames: list[Received]) -> dict[str, float]:
@@ -320,6 +337,8 @@ async def stack_phases(
             seconds,
             warm,
             state_dir,
+            # a control's frame comes back a step later, the hops idle meanwhile
+            answer_after_ms=_pct(base.paced_step_ms, 50),
         )
         # c) the same with controls: sent just before their frame's deadline (the way to
         # drive a session) and, for comparison, at random moments
@@ -359,6 +378,8 @@ async def stack_phases(
             # the frames of (c)'s just-in-time controls: "queue" is the batch's launch ->
             # its model start (a host woken by the control's batch)
             "control_to_frame_legs_ms_p50": {
+                "client_to_worker": _pct([f.control_in_ms for f in c2f_frames], 50),
+                "worker_to_launch": _pct([f.control_wait_ms for f in c2f_frames], 50),
                 "queue": _pct([f.queue_ms for f in c2f_frames], 50),
                 **c2f_legs,
             },

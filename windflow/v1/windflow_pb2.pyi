@@ -675,6 +675,7 @@ class FrameTimestamps(_message.Message):
     GATEWAY_SENT_US_FIELD_NUMBER: _builtins.int
     NEXT_DUE_US_FIELD_NUMBER: _builtins.int
     STEPPED_US_FIELD_NUMBER: _builtins.int
+    CONTROL_RECEIVED_US_FIELD_NUMBER: _builtins.int
     due_us: _builtins.int
     """the frame's deadline by the session's fps"""
     model_start_us: _builtins.int
@@ -691,6 +692,11 @@ class FrameTimestamps(_message.Message):
     """the worker's step loop took the batch's result (from its model host, or its step
     thread): encoded -> stepped is the hand-back, stepped -> worker_sent the worker's loop
     """
+    control_received_us: _builtins.int
+    """the worker read the control this frame applies (0: no new control); with the frame's
+    control_client_time_us and the latency breakdown's queue_ms this splits a
+    control-to-frame into its legs
+    """
     def __init__(
         self,
         *,
@@ -702,10 +708,11 @@ class FrameTimestamps(_message.Message):
         gateway_sent_us: _builtins.int = ...,
         next_due_us: _builtins.int = ...,
         stepped_us: _builtins.int = ...,
+        control_received_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_us", b"due_us", "encoded_us", b"encoded_us", "gateway_sent_us", b"gateway_sent_us", "model_end_us", b"model_end_us", "model_start_us", b"model_start_us", "next_due_us", b"next_due_us", "stepped_us", b"stepped_us", "worker_sent_us", b"worker_sent_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_received_us", b"control_received_us", "due_us", b"due_us", "encoded_us", b"encoded_us", "gateway_sent_us", b"gateway_sent_us", "model_end_us", b"model_end_us", "model_start_us", b"model_start_us", "next_due_us", b"next_due_us", "stepped_us", b"stepped_us", "worker_sent_us", b"worker_sent_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
