@@ -42,6 +42,8 @@ FRAMES = f"/{SERVICE}/Frames"
 ECHO = f"/{SERVICE}/Echo"
 STAMP = struct.Struct("<q")
 MAX_FRAMES = 1 << 20
+CONTROL_GAP = (2.0, 5.0)
+"""Controls go 2-5 frame intervals apart (uniformly drawn): here and in ``bench runtime``."""
 
 
 def _identity(data: bytes) -> bytes:
@@ -159,9 +161,9 @@ async def measure(
     answer_after_ms: float = 0.0,
 ) -> Floor:
     """Start a source and a relay (separate processes, free loopback ports); read
-    ``warmup_s + seconds`` of payloads through them, then send as many controls, 2-5
-    frame intervals apart (as ``bench runtime`` sends its own); the legs after the
-    warm-up."""
+    ``warmup_s + seconds`` of payloads through them, then send controls for as long,
+    ``CONTROL_GAP`` frame intervals apart (as ``bench runtime`` sends its own); the legs
+    after the warm-up."""
     from windflow.infra import ChildSpec, ManagedProcess, free_ports
     from windflow.infra.ports import LOOPBACK, address
 
@@ -211,7 +213,7 @@ async def measure(
                 relayed = STAMP.unpack_from(payload, len(payload) - STAMP.size)[0]
                 first.append((relayed - sent) / 1000.0)
                 second.append((got - relayed) / 1000.0)
-            rounds = await _round_trips(channel, fps, seconds + warmup_s)
+            rounds = await _round_trips(channel, fps, seconds, warmup_s)
         finally:
             await channel.close()
     finally:
@@ -219,19 +221,25 @@ async def measure(
             with contextlib.suppress(Exception):
                 await p.stop()
     skip = int(warmup_s * fps)
-    return Floor(first[skip:], second[skip:], rounds[int(warmup_s * fps / 3.5) :])
+    return Floor(first[skip:], second[skip:], rounds)
 
 
-async def _round_trips(channel: grpc.aio.Channel, fps: float, seconds: float) -> list[float]:
+async def _round_trips(
+    channel: grpc.aio.Channel, fps: float, seconds: float, warmup_s: float
+) -> list[float]:
+    """Round trips of controls sent for ``warmup_s + seconds``; those of the warm-up
+    are not kept."""
     call = channel.stream_stream(
         ECHO, request_serializer=_identity, response_deserializer=_identity
     )()
     rng = random.Random(0)
     out = []
-    stop = time.monotonic() + seconds
+    warm = time.monotonic() + warmup_s
+    stop = warm + seconds
     try:
         while time.monotonic() < stop:
-            await asyncio.sleep(rng.uniform(2.0, 5.0) / fps)
+            await asyncio.sleep(rng.uniform(*CONTROL_GAP) / fps)
+            kept = time.monotonic() >= warm
             sent = telemetry.now_us()
             await call.write(STAMP.pack(sent))
             answer = await call.read()
@@ -239,7 +247,8 @@ async def _round_trips(channel: grpc.aio.Channel, fps: float, seconds: float) ->
             if not isinstance(answer, bytes):
                 raise RuntimeError("the echo stream ended early")
             came, left = STAMP.unpack_from(answer, 0)[0], STAMP.unpack_from(answer, STAMP.size)[0]
-            out.append((got - sent - (left - came)) / 1000.0)
+            if kept:
+                out.append((got - sent - (left - came)) / 1000.0)
     finally:
         call.cancel()
     return out

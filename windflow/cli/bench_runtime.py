@@ -180,7 +180,8 @@ class Received:
     worker_loop_ms: float = 0.0
     to_client_ms: float = 0.0
     size: int = 0
-    """The frame message's serialized size (pixels, index, timestamps, breakdown)."""
+    """The frame message's serialized size (pixels, index, timestamps, breakdown); 0
+    unless ``_consume`` was asked for sizes."""
     control_in_ms: float = 0.0
     """Its new control: sent by the client -> read by the worker (0: none)."""
     control_wait_ms: float = 0.0
@@ -194,10 +195,13 @@ async def _consume(
     interval_s: float,
     read_delay_s: float = 0.0,
     controls: str = "",
+    sizes: bool = False,
 ) -> list[Received]:
     """Read frames for ``seconds``; with ``controls``, a side task sends a control 2-5
-    frame intervals apart, stamped for the next frame: at a random moment (``"random"``)
-    or just before that frame's deadline (``"jit"``, ``Session.send_just_in_time``)."""
+    frame intervals apart (``bench_floor.CONTROL_GAP``), stamped for the next frame: at a
+    random moment (``"random"``) or just before that frame's deadline (``"jit"``,
+    ``Session.send_just_in_time``). ``sizes``: record each frame message's serialized
+    size too (work the client does per frame only where it is wanted)."""
     out: list[Received] = []
     stop = time.monotonic() + seconds
     rng = random.Random(hash(session.id) & 0xFFFF)
@@ -205,7 +209,7 @@ async def _consume(
 
     async def send_controls() -> None:
         while True:
-            await asyncio.sleep(rng.uniform(2.0, 5.0) * interval_s)
+            await asyncio.sleep(rng.uniform(*bench_floor.CONTROL_GAP) * interval_s)
             if controls == "jit":
                 await session.send_just_in_time(rng.randrange(actions))
             else:
@@ -236,7 +240,7 @@ async def _consume(
                     (ts.stepped_us - ts.encoded_us) / 1000.0,
                     (ts.worker_sent_us - ts.stepped_us) / 1000.0,
                     (f.received_us - ts.gateway_sent_us) / 1000.0,
-                    f.frame.ByteSize(),
+                    f.frame.ByteSize() if sizes else 0,
                     *_control_legs(f.frame),
                 )
             )
@@ -326,7 +330,7 @@ async def stack_phases(
         # a) one session, native fps, fixed quality, no controls (a frame with a control
         # waiting may start early, which would flatter the latency from its deadline)
         [s] = await _open(client, model, 1, quality="fixed", steps=base.steps)
-        frames = await _consume(s, seconds + warm, interval_s=interval)
+        frames = await _consume(s, seconds + warm, interval_s=interval, sizes=True)
         await _close(client, [s])
         steady = [f for f in frames if f.received_us >= frames[0].received_us + warm * 1e6]
         # the same frames' two hops with nothing else in them, right after (bench_floor)
@@ -345,7 +349,6 @@ async def stack_phases(
         c2f: dict[str, list[float]] = {}
         beyond_step: list[float] = []  # each just-in-time frame's c2f minus its own step
         c2f_frames: list[Received] = []
-        c2f_legs: dict[str, float] = {}
         for mode in ("jit", "random"):
             [s] = await _open(client, model, 1, quality="fixed", steps=base.steps)
             got = await _consume(s, seconds + warm, interval_s=interval, controls=mode)
@@ -355,7 +358,7 @@ async def stack_phases(
             c2f[mode] = [f.c2f_ms for f in with_control if f.c2f_ms is not None]
             if mode == "jit":
                 beyond_step = [f.c2f_ms - f.model_ms for f in with_control if f.c2f_ms is not None]
-                c2f_legs, c2f_frames = _legs(with_control), with_control
+                c2f_frames = with_control
         res["single"] = {
             "frames": len(steady),
             "fps": _fps(frames, warm),
@@ -381,7 +384,7 @@ async def stack_phases(
                 "client_to_worker": _pct([f.control_in_ms for f in c2f_frames], 50),
                 "worker_to_launch": _pct([f.control_wait_ms for f in c2f_frames], 50),
                 "queue": _pct([f.queue_ms for f in c2f_frames], 50),
-                **c2f_legs,
+                **_legs(c2f_frames),
             },
             "transport_floor": {
                 "payload_bytes": floor_bytes,
