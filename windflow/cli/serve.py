@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from windflow.common import env
+
+if TYPE_CHECKING:
+    from services.worker.config import WorkerConfig
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -144,11 +147,18 @@ def _run_session(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from services.worker.config import WorkerConfig
     from services.worker.main import run
 
     _need(args)
-    config = WorkerConfig(
+    return asyncio.run(run(worker_config(args)))
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The worker's config from ``serve worker``'s arguments (its defaults are the
+    flags' defaults; a unit test holds them to WorkerConfig's own)."""
+    from services.worker.config import WorkerConfig
+
+    return WorkerConfig(
         etcd=args.etcd,
         nats=args.nats,
         worker_id=args.worker_id,
@@ -172,7 +182,6 @@ def _run_worker(args: argparse.Namespace) -> int:
         recheck_idle_s=args.recheck_idle_s,
         memory_budget_mb=args.memory_budget_mb,
     )
-    return asyncio.run(run(config))
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
