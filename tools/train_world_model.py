@@ -69,6 +69,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="dilation of a third, residual convolution in the pixel decoder (0: none)",
     )
+    p.add_argument(
+        "--warp",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: a pixel may also copy the last frame's colour from where an object moving "
+        "by one of the arena's motions would bring it (net.WARP_OFFSETS)",
+    )
+    p.add_argument(
+        "--motion",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="1: the pixel decoder also sees how well each warp offset explains the last "
+        "frame's motion around each pixel (block matching); 2: also as a bias on the "
+        "offsets' logits (needs --warp 1)",
+    )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
         "--self-forcing-start", type=float, default=0.3, help="fraction of steps before it"
@@ -237,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         window=args.window,
         local_frames=args.local_frames,
         local_dilation=args.local_dilation,
+        warp=args.warp,
+        motion=args.motion,
     )
     net = WorldNet(cfg)
     if args.init is not None:

@@ -17,7 +17,21 @@ from safetensors.torch import load_file
 
 from services.worker.models.base import Control, SessionState
 from services.worker.models.world import load_default, sim
-from services.worker.models.world.model import SNAPSHOT_MAGIC, WEIGHTS, BuiltinWorldModel, load
+from services.worker.models.world.model import (
+    SNAPSHOT_MAGIC,
+    WEIGHTS,
+    BuiltinWorldModel,
+    WorldState,
+    load,
+)
+from services.worker.models.world.net import (
+    WARP_OFFSETS,
+    NetConfig,
+    Prior,
+    WorldNet,
+    arg_max_color,
+    moved,
+)
 from tests.fakes import FakeWorld
 from windflow.errors import (
     CheckpointError,
@@ -322,6 +336,14 @@ def test_a_three_frame_pixel_decoder_sees_the_frame_before_and_keeps_the_contrac
         same = net.local_features([*idx, idx[1]])
         moved = net.local_features([*idx, torch.roll(idx[1], 3, dims=2)])
     assert not torch.equal(same, moved)  # the third frame is an input
+    restored = _batched_and_restored(small)
+    assert np.array_equal(restored.earlier, run(small, 3, actions(8)[:2], 2)[-1])
+
+
+def _batched_and_restored(small: BuiltinWorldModel) -> WorldState:
+    """Asserts that world 3 stepped in the middle of a batch of 3 makes the frames it makes
+    alone, and that its snapshot at frame 4, restored, goes on bit-identically; returns
+    the restored state (as restored)."""
     controls = actions(8)
     alone = run(small, 3, controls, 2)
     states = [small.new_state(s) for s in (7, 3, 9)]
@@ -332,9 +354,70 @@ def test_a_three_frame_pixel_decoder_sees_the_frame_before_and_keeps_the_contrac
         if t == 3:
             snap = small.snapshot(states[1])
     restored = small.restore(snap)
-    assert np.array_equal(restored.earlier, run(small, 3, controls[:2], 2)[-1])
+    kept = small.copy(restored)
     rest = np.stack([small.step([restored], [c], 2)[0] for c in controls[4:]])
     assert np.array_equal(rest, alone[4:])
+    return kept
+
+
+def test_a_warp_head_copies_by_offset_and_keeps_the_contracts(tmp_path: Path) -> None:
+    """``--warp 1``: a pixel's colour logit also gathers the offsets that would copy that
+    colour from the last frame. An object moved by an offset's logit alone is drawn whole
+    at its new place; batching and snapshots stay bit-exact."""
+    small = load(_train_tiny(tmp_path, "warp", "--warp", "1", "--motion", "2"))
+    assert (small.cfg.warp, small.cfg.motion) == (1, 2)
+    _batched_and_restored(small)
+    net, cfg = small.net, small.cfg
+    prev_idx = small._color_index(sim.start_frames(5)[1][None])
+    prior = Prior(moved(prev_idx), None)
+    assert prior.base.shape == (1, len(WARP_OFFSETS), 64 * 64)
+    # every pixel takes offset (0, 2) (content moves 2 px right): the frame shifts right
+    right = WARP_OFFSETS.index((0, 2))
+    with torch.no_grad():
+        net.logits.weight.zero_()
+        net.logits.bias.zero_()
+        net.logits.bias[cfg.colors + right] = 50.0
+        x = torch.zeros(1, cfg.tokens, cfg.dim)
+        local = torch.zeros(1, cfg.local, 64 * 64)
+        shifted = arg_max_color(net.output(x, local, prior))[0]
+    expected = torch.zeros_like(prev_idx[0])
+    expected[:, 2:] = prev_idx[0, :, :-2]
+    assert torch.equal(shifted, expected)
+    with pytest.raises(ValueError, match="motion_match"):
+        net.prior(prev_idx)  # motion 2 needs the last two frames' match
+
+
+def test_motion_match_scores_the_offset_that_explains_the_last_move() -> None:
+    """``NetConfig.motion``: for each warp offset, the share of a pixel's 5x5 window that
+    the frame before, moved by the offset, explains in the last frame."""
+    net = WorldNet(NetConfig(dim=32, depth=1, warp=1, motion=1))
+    frame = sim.start_frames(11)[0].astype(np.int64)
+    palette = sim.PALETTE.astype(np.int64)
+    before = torch.from_numpy(((frame[..., None, :] - palette) ** 2).sum(-1).argmin(-1))[None]
+    diagonal = WARP_OFFSETS.index((1, 1))
+    last = moved(before)[:, diagonal].view(1, 64, 64)
+    match = net.motion_match(last, before).view(1, len(WARP_OFFSETS), 64, 64)
+    inner = match[0, :, 3:-3, 3:-3]
+    assert bool((inner[diagonal] == 1.0).all())  # the true move explains every window
+    others = [o for o in range(len(WARP_OFFSETS)) if o != diagonal]
+    assert all(float(inner[o].min()) < 1.0 for o in others)  # no other offset does
+
+
+def test_the_first_pass_masks_as_a_clean_pass_then_a_denoising_pass_would() -> None:
+    """A step's first transformer pass runs the last frame's clean block and the first
+    denoising block together; their key ages are those of the two passes it replaces
+    (the noisy block sees the cache as rolled: its oldest frame gone, the clean block at
+    age 1)."""
+    model = load_default()
+    t = model.cfg.tokens
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    age = model._first_pass_ages(valid)
+    assert age.shape == (2, 2 * t, 6 * t)
+    blocks = age[:, ::t, ::t].tolist()  # per (query block, key block)
+    # keys: slots 0..3 (oldest first), clean, noisy
+    assert blocks[0] == [[-1, -1, 2, 1, 0, -1], [-1, -1, 3, 2, 1, 0]]
+    assert blocks[1] == [[4, 3, 2, 1, 0, -1], [-1, 4, 3, 2, 1, 0]]
+    assert bool((age == age[:, ::t, ::t].repeat_interleave(t, 1).repeat_interleave(t, 2)).all())
 
 
 def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:

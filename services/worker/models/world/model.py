@@ -233,33 +233,6 @@ class BuiltinWorldModel(WorldModel):
         before = torch.from_numpy(before_u8).float() / 127.5 - 1.0
         actions = torch.tensor([c.action for c in controls], dtype=torch.long)
 
-        # ages of [cache slots..., own block] for the T queries of a block, per session
-        slot_age = torch.where(valid, self._slot_age, torch.full_like(self._slot_age, -1))
-        key_age = torch.cat(
-            [slot_age.repeat_interleave(t, 1), torch.zeros(b, t, dtype=torch.long)], 1
-        )
-        age = key_age.unsqueeze(1).expand(b, t, (w + 1) * t)
-
-        # (1) the last frame's clean pass: its keys and values enter the cache
-        z = net.clean_tokens(prev)
-        new_kv = []
-        for i, block in enumerate(net.layers):
-            q, k, v = block.project(z)
-            keys = torch.cat([kv[:, i, 0].reshape(b, w * t, -1), k], 1)
-            values = torch.cat([kv[:, i, 1].reshape(b, w * t, -1), v], 1)
-            z = block.attend(z, q, keys, values, age)
-            new_kv.append(torch.stack([k, v], 1))  # (B, 2, T, D)
-        kv = torch.cat([kv[:, :, :, 1:], torch.stack(new_kv, 1).unsqueeze(3)], 3)
-        valid = torch.cat([valid[:, 1:], torch.ones(b, 1, dtype=torch.bool)], 1)
-        slot_age = torch.where(valid, self._slot_age, torch.full_like(self._slot_age, -1))
-        key_age = torch.cat(
-            [slot_age.repeat_interleave(t, 1), torch.zeros(b, t, dtype=torch.long)], 1
-        )
-        age = key_age.unsqueeze(1).expand(b, t, (w + 1) * t)
-        cache_k = [kv[:, i, 0].reshape(b, w * t, -1) for i in range(cfg.depth)]
-        cache_v = [kv[:, i, 1].reshape(b, w * t, -1) for i in range(cfg.depth)]
-
-        # (2) K denoising passes
         shape = (cfg.height, cfg.width, 3)
         x = self._noise(ws, shape)
         times = schedule(steps)
@@ -267,35 +240,87 @@ class BuiltinWorldModel(WorldModel):
         history = [prev_idx, self._color_index(before_u8)]
         if cfg.local_frames > 2:
             history.append(self._color_index(np.stack([s.earlier for s in ws])))
-        local = net.local_features(history)
-        keep = net.keep_bias(prev_idx)
+        match = net.motion_match(history[0], history[1]) if cfg.motion else None
+        local = net.local_features(history, match)
+        prior = net.prior(prev_idx, match)
         context = net.noisy_context(prev, before, actions)
-        logits = torch.empty(0)
-        for n, time in enumerate(times):
-            z = net.noisy_tokens(x, torch.full((b,), time), context)
+
+        # (1) one transformer pass over the last frame's clean block and the first
+        # denoising pass's block: the clean block sees the cache and itself (its keys and
+        # values then enter the cache), the noisy block the cache less its oldest frame,
+        # the clean block and itself, as after the cache has rolled. One pass of 2T
+        # tokens instead of two of T: fewer, larger kernel calls.
+        age = self._first_pass_ages(valid)
+        z = torch.cat(
+            [net.clean_tokens(prev), net.noisy_tokens(x, torch.full((b,), times[0]), context)], 1
+        )
+        new_kv = []
+        for i, block in enumerate(net.layers):
+            q, k, v = block.project(z)
+            keys = torch.cat([kv[:, i, 0].reshape(b, w * t, -1), k], 1)
+            values = torch.cat([kv[:, i, 1].reshape(b, w * t, -1), v], 1)
+            z = block.attend(z, q, keys, values, block.age_bias_of(age))
+            new_kv.append(torch.stack([k[:, :t], v[:, :t]], 1))  # (B, 2, T, D)
+        logits = net.output(z[:, t:], local, prior)
+        kv = torch.cat([kv[:, :, :, 1:], torch.stack(new_kv, 1).unsqueeze(3)], 3)
+        valid = torch.cat([valid[:, 1:], torch.ones(b, 1, dtype=torch.bool)], 1)
+
+        # (2) the other K - 1 denoising passes, over the rolled cache; per layer, the
+        # passes' keys and values: the cache, then each pass's own block written in place;
+        # and the attention's bias by age (the same for every pass)
+        if len(times) > 1:
+            slot_age = torch.where(valid, self._slot_age, torch.full_like(self._slot_age, -1))
+            key_age = torch.cat(
+                [slot_age.repeat_interleave(t, 1), torch.zeros(b, t, dtype=torch.long)], 1
+            )
+            age = key_age.unsqueeze(1).expand(b, t, (w + 1) * t)
+            pass_keys: list[torch.Tensor] = []
+            pass_values: list[torch.Tensor] = []
+            for i in range(cfg.depth):
+                for buf, j in ((pass_keys, 0), (pass_values, 1)):
+                    buf.append(torch.empty(b, (w + 1) * t, cfg.dim))
+                    buf[-1][:, : w * t] = kv[:, i, j].reshape(b, w * t, -1)
+            bias = [block.age_bias_of(age) for block in net.layers]
+        for n in range(1, len(times)):
+            x0 = net.colors_of(logits)  # a palette image, like the frames it learned
+            # deterministic (DDIM) update: keep the noise the prediction implies
+            time, nxt = times[n - 1], times[n]
+            x = (1.0 - nxt) * x0 + nxt * ((x - (1.0 - time) * x0) / time)
+            z = net.noisy_tokens(x, torch.full((b,), nxt), context)
             for i, block in enumerate(net.layers):
                 q, k, v = block.project(z)
-                keys = torch.cat([cache_k[i], k], 1)
-                values = torch.cat([cache_v[i], v], 1)
-                z = block.attend(z, q, keys, values, age)
-            logits = net.output(z, local, keep)
-            if n + 1 < len(times):
-                x0 = net.colors_of(logits)  # a palette image, like the frames it learned
-                # deterministic (DDIM) update: keep the noise the prediction implies
-                noise = (x - (1.0 - time) * x0) / time
-                nxt = times[n + 1]
-                x = (1.0 - nxt) * x0 + nxt * noise
+                pass_keys[i][:, w * t :] = k
+                pass_values[i][:, w * t :] = v
+                z = block.attend(z, q, pass_keys[i], pass_values[i], bias[i])
+            logits = net.output(z, local, prior)
 
         # (3) the frame (the arg-max colours of the last pass), and the new session states
         frames = self._palette[arg_max_color(logits).numpy()]
         for j, s in enumerate(ws):
-            s.kv = kv[j].clone()
+            s.kv = kv[j]  # a view of the batch's new cache (the next step stacks it anew)
             s.valid = valid[j].clone()
             s.earlier = s.before
             s.before = s.prev
             s.prev = frames[j].copy()
             s.frame_index += 1
         return frames
+
+    def _first_pass_ages(self, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 2T, (W + 2)T) key ages of the first pass's queries ([clean block | noisy
+        block]) over [cache slots (oldest first) | clean block | noisy block], -1 masked,
+        from the cache's slot validity (B, W) before it rolls."""
+        b = valid.shape[0]
+        t = self.cfg.tokens
+        slot = torch.where(valid, self._slot_age, torch.full_like(self._slot_age, -1))
+        never = torch.full((b, 1), -1, dtype=torch.long)
+        # clean: slots at ages W..1, itself 0, not the noisy block
+        clean = torch.cat([slot, torch.zeros(b, 1, dtype=torch.long), never], 1)
+        # noisy: the oldest slot has left the window, the others one frame older, the
+        # clean block 1, itself 0
+        rolled = torch.where(slot[:, 1:] >= 0, slot[:, 1:] + 1, slot[:, 1:])
+        noisy = torch.cat([never, rolled, torch.ones_like(never), torch.zeros_like(never)], 1)
+        blocks = torch.stack([clean, noisy], 1)  # (B, 2, W + 2): per query block, per key block
+        return blocks.repeat_interleave(t, 1).repeat_interleave(t, 2)
 
     def _color_index(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames (B, H, W, 3) -> their nearest palette colours' indices (B, H, W):

@@ -24,12 +24,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
 
 from services.worker.models.world import sim
+
+# (dy, dx): the next frame's pixel (y, x) may take the last frame's colour at (y - dy,
+# x - dx), i.e. content that moved by (dy, dx): still first, then a ball's moves (1 px on
+# either axis or both) and the agent's (2 px on one axis).
+WARP_OFFSETS: tuple[tuple[int, int], ...] = (
+    (0, 0),
+    (-1, 0), (1, 0), (0, -1), (0, 1),
+    (-1, -1), (-1, 1), (1, -1), (1, 1),
+    (-2, 0), (2, 0), (0, -2), (0, 2),
+)  # fmt: skip
+_REACH = 2  # the farthest a warp offset reaches
+_LOG2E = 1.4426950408889634
+
+
+class Prior(NamedTuple):
+    """What the pixel decoder's output builds on in a step (``WorldNet.prior``)."""
+
+    base: torch.Tensor  # the keep bias (B, colors, P), or with warp the moved colours (B, O, P)
+    offsets: torch.Tensor | None  # with motion 2: the warp offsets' logit bias (B, O, P)
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,15 @@ class NetConfig:
     # dilation of a third, residual 3x3 convolution of the local decoder (0: none; 2: a
     # 9x9 view, a ball's whole width, so a shape can be restored and a bounce seen locally)
     local_dilation: int = 0
+    # 1: each pixel may also copy the last frame's colour from one of ``WARP_OFFSETS`` (the
+    # ways the arena's objects move), its logits beside the palette's; 0: palette only
+    warp: int = 0
+    # 1: the pixel decoder also sees, for every warp offset, how well moving the frame
+    # before the last by it explains the last frame around the pixel (block matching over
+    # a 5x5 window: the motion each pixel took last, which an object keeps between bounces);
+    # 2: also as a bias on each offset's logit, -gain x the pixels of its window it fails
+    # to explain (an untrained decoder continues every pixel's last motion)
+    motion: int = 0
 
     @property
     def tokens(self) -> int:
@@ -104,19 +132,24 @@ class Block(nn.Module):
         q, k, v = linear(self.norm1(x), self.qkv).chunk(3, dim=-1)
         return q, k, v
 
+    def age_bias_of(self, age: torch.Tensor) -> torch.Tensor:
+        """The attention's additive bias for ``age`` (B, Nq, Nk) long, the key's frame age
+        for each query or -1 (masked) -> (B, H, Nq, Nk). A batch dimension of 1 is shared by
+        all (training: one gather, one small gradient). The same for every denoising pass
+        of a step: computed once."""
+        bias = self.age_bias[:, age.clamp(min=0)]  # (H, B or 1, Nq, Nk)
+        return bias.permute(1, 0, 2, 3).masked_fill((age < 0).unsqueeze(1), float("-inf"))
+
     def attend(
         self,
         x: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        age: torch.Tensor,
+        bias: torch.Tensor,
     ) -> torch.Tensor:
-        """Attention of q (B, Nq, D) over k, v (B, Nk, D), then the MLP.
-
-        ``age`` (B, Nq, Nk) long: the key's frame age for each query, or -1 (masked); a
-        batch dimension of 1 is shared by all (training: one gather, one small gradient).
-        """
+        """Attention of q (B, Nq, D) over k, v (B, Nk, D) with ``age_bias_of``'s ``bias``,
+        then the MLP."""
         b, nq, d = q.shape
         nk = k.shape[1]
         h = self.heads
@@ -124,11 +157,8 @@ class Block(nn.Module):
         qh = q.view(b, nq, h, dh).transpose(1, 2).reshape(b * h, nq, dh)
         kh = k.view(b, nk, h, dh).transpose(1, 2).reshape(b * h, nk, dh)
         vh = v.view(b, nk, h, dh).transpose(1, 2).reshape(b * h, nk, dh)
-        scores = torch.bmm(qh, kh.transpose(1, 2)) * (dh**-0.5)
-        bias = self.age_bias[:, age.clamp(min=0)]  # (H, B or 1, Nq, Nk)
-        bias = bias.permute(1, 0, 2, 3).masked_fill((age < 0).unsqueeze(1), float("-inf"))
-        scores = scores + bias.expand(b, h, nq, nk).reshape(b * h, nq, nk)
-        attn = torch.softmax(scores, dim=-1)
+        scores = torch.bmm(qh, kh.transpose(1, 2)).view(b, h, nq, nk) * (dh**-0.5) + bias
+        attn = torch.softmax(scores.view(b * h, nq, nk), dim=-1)
         o = torch.bmm(attn, vh).view(b, h, nq, dh).transpose(1, 2).reshape(b, nq, d)
         x = x + linear(o, self.out)
         y = linear(torch.nn.functional.gelu(linear(self.norm2(x), self.fc1)), self.fc2)
@@ -156,6 +186,12 @@ class WorldNet(nn.Module):
             raise ValueError(f"local_frames must be 2 or 3, got {cfg.local_frames}")
         if cfg.local_dilation < 0:
             raise ValueError(f"local_dilation must be >= 0, got {cfg.local_dilation}")
+        if cfg.warp not in (0, 1):
+            raise ValueError(f"warp must be 0 or 1, got {cfg.warp}")
+        if cfg.motion not in (0, 1, 2):
+            raise ValueError(f"motion must be 0, 1 or 2, got {cfg.motion}")
+        if cfg.motion == 2 and not cfg.warp:
+            raise ValueError("motion 2 biases the warp offsets' logits: it needs warp 1")
         c, loc = cfg.colors, cfg.local
         self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
         # the local pixel decoder: two 3x3 convolutions over the last frames' colours
@@ -165,10 +201,17 @@ class WorldNet(nn.Module):
         dil = cfg.local_dilation
         self.local3 = nn.Conv2d(loc, loc, 3, padding=dil, dilation=dil) if dil > 0 else None
         self.mix = nn.Linear(cfg.pixel, loc, bias=False)
-        self.logits = nn.Linear(loc, c)
-        # logit bias for "the pixel keeps its colour": with a zero output layer the model
-        # starts as the copy-last-frame baseline
+        self.motion_in = nn.Linear(len(WARP_OFFSETS), loc, bias=False) if cfg.motion else None
+        self.motion_gain = (
+            nn.Parameter(torch.ones(len(WARP_OFFSETS), 1)) if cfg.motion == 2 else None
+        )
+        self.logits = nn.Linear(loc, c + (len(WARP_OFFSETS) if cfg.warp else 0))
+        # logit bias for "the pixel keeps its colour" (with ``warp``: for the still offset):
+        # with a zero output layer the model starts as the copy-last-frame baseline
         self.keep = nn.Parameter(torch.tensor(4.0))
+        still = torch.zeros(c + (len(WARP_OFFSETS) if cfg.warp else 0))
+        still[c:] = torch.tensor([1.0] + [0.0] * (len(WARP_OFFSETS) - 1)) if cfg.warp else 0.0
+        self.register_buffer("still", still, persistent=False)
         self.register_buffer(
             "palette", torch.from_numpy(sim.PALETTE).float() / 127.5 - 1.0, persistent=False
         )
@@ -229,11 +272,14 @@ class WorldNet(nn.Module):
         )
         return linear(self.patchify(x_t), self.embed) + context + time
 
-    def local_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
+    def local_features(
+        self, history: Sequence[torch.Tensor], match: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """What the pixel decoder sees of the last ``local_frames`` frames (their colour
         indices, (B, H, W) long, the latest first; ``history`` may hold more) around each
         pixel (a 5x5 neighbourhood: everything moves at most 2 px a frame) ->
-        (B, local, H * W). The same for every denoising pass of a step."""
+        (B, local, H * W). The same for every denoising pass of a step. ``match``: the
+        last two frames' ``motion_match`` where the caller has it."""
         c, n = self.cfg.colors, self.cfg.local_frames
         if len(history) < n:
             raise ValueError(f"the local decoder sees {n} frames, got {len(history)}")
@@ -242,10 +288,27 @@ class WorldNet(nn.Module):
         for j, idx in enumerate(history[:n]):
             hot.scatter_(1, idx.unsqueeze(1) + j * c, 1.0)
         if _training(self.local1):
-            return self._local(hot).flatten(2)
-        # one convolution call per session: the same call on the same shape whether a
-        # session is stepped alone or in a batch (batch-invariant, like ``linear``)
-        return torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
+            out = self._local(hot).flatten(2)
+        else:
+            # one convolution call per session: the same call on the same shape whether a
+            # session is stepped alone or in a batch (batch-invariant, like ``linear``;
+            # one call on 8 sessions was also slower here, by 2-3 ms per batch-8 step)
+            out = torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
+        if self.motion_in is None:
+            return out
+        if match is None:
+            match = self.motion_match(history[0], history[1])
+        return torch.baddbmm(out, _per_session(self.motion_in.weight, b), match)
+
+    def motion_match(self, last: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """Colour indices of the last frame and the one before, (B, H, W) -> (B, offsets,
+        H * W): for each warp offset, the share of the 5x5 pixels around each pixel whose
+        colour in the last frame is the one before's moved by that offset."""
+        b, h, w = last.shape
+        small = torch.uint8  # a colour index fits; moving 13 copies of a frame is 8x cheaper
+        same = (moved(before.to(small)) == last.to(small).view(b, 1, h * w)).to(small)
+        count = _box_sum(same.view(b, len(WARP_OFFSETS), h, w), 5)
+        return (count.float() / 25.0).view(b, len(WARP_OFFSETS), h * w)
 
     def _local(self, hot: torch.Tensor) -> torch.Tensor:
         h = self.local2(torch.relu(self.local1(hot)))
@@ -253,27 +316,68 @@ class WorldNet(nn.Module):
             h = h + self.local3(torch.relu(h))
         return h
 
-    def keep_bias(self, prev_idx: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) colour indices of the previous frame -> (B, colors, H * W): the logit
-        bias towards keeping each pixel's colour (what does not move needs no work, and an
-        untrained decoder starts as the copy-last-frame baseline)."""
+    def prior(self, prev_idx: torch.Tensor, match: torch.Tensor | None = None) -> Prior:
+        """(B, H, W) colour indices of the previous frame (and with ``motion`` 2 the last two
+        frames' ``motion_match``) -> what ``output`` builds on, once per step: the logit
+        bias towards keeping each pixel's colour, (B, colors, H * W) float (what does not
+        move needs no work, and an untrained decoder starts as the copy-last-frame
+        baseline); with ``warp``, the colour each warp offset would copy to each pixel,
+        (B, offsets, H * W) long (the background beyond the arena), and with ``motion`` 2
+        the offsets' logit bias."""
         b = prev_idx.shape[0]
+        if self.cfg.warp:
+            bias = None
+            if self.motion_gain is not None:
+                if match is None:
+                    raise ValueError("motion 2 needs the last two frames' motion_match")
+                # -gain x the window's pixels the offset does not explain (25 x (1 - share))
+                bias = (match - 1.0) * (25.0 * self.motion_gain)
+            return Prior(moved(prev_idx), bias)
         keep = torch.zeros(b, self.cfg.colors, prev_idx[0].numel(), device=prev_idx.device)
-        return keep.scatter_(1, prev_idx.view(b, 1, -1), 1.0) * self.keep
+        return Prior(keep.scatter_(1, prev_idx.view(b, 1, -1), 1.0) * self.keep, None)
 
-    def output(self, x: torch.Tensor, local: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Final tokens (B, T, D), ``local_features`` and ``keep_bias`` -> per-pixel palette
-        logits (B, colors, H, W). Channels first: every GEMM here is short and wide."""
+    def output(self, x: torch.Tensor, local: torch.Tensor, prior: Prior) -> torch.Tensor:
+        """Final tokens (B, T, D), ``local_features`` and ``prior`` -> per-pixel palette
+        logits (B, colors, H, W). Channels first: every GEMM here is short and wide.
+        (With ``warp``, serving gets per-pixel colour probabilities up to a factor instead
+        of logits: the same arg-max, without a log.)
+
+        With ``warp`` a colour's logit is the log of its own exponentiated logit plus those
+        of the offsets that would copy it (a mixture of "paint c" and "move what is there
+        by o"): one choice of offset moves an object whole, so exact motion is the easy
+        thing to learn, and a colour no offset brings can still be painted."""
         cfg = self.cfg
         b = x.shape[0]
         p, gh, gw = cfg.patch, cfg.height // cfg.patch, cfg.width // cfg.patch
         pixel = linear(self.norm(x), self.head).view(b, gh, gw, p, p, cfg.pixel)
         pixel = pixel.permute(0, 5, 1, 3, 2, 4).reshape(b, cfg.pixel, cfg.height * cfg.width)
-        h = torch.relu(torch.baddbmm(local, _per_session(self.mix.weight, b), pixel))
-        logits = torch.baddbmm(
-            keep + self.logits.bias.view(1, -1, 1), _per_session(self.logits.weight, b), h
-        )
-        return logits.view(b, cfg.colors, cfg.height, cfg.width)
+        h = torch.baddbmm(local, _per_session(self.mix.weight, b), pixel).relu_()
+        if not cfg.warp:
+            logits = torch.baddbmm(
+                prior.base + self.logits.bias.view(1, -1, 1), _per_session(self.logits.weight, b), h
+            )
+            return logits.view(b, cfg.colors, cfg.height, cfg.width)
+        # the keep bias sits on the still offset: folded into the output layer's bias
+        c = cfg.colors
+        bias = self.logits.bias + self.keep * cast(torch.Tensor, self.still)
+        raw = torch.bmm(_per_session(self.logits.weight, b), h).add_(bias.view(1, -1, 1))
+        if prior.offsets is not None:
+            if _training(self.logits):
+                raw = torch.cat([raw[:, :c], raw[:, c:] + prior.offsets], 1)
+            else:
+                raw[:, c:] += prior.offsets
+        top = raw.amax(1, keepdim=True).detach()
+        # exp as exp2 (several times faster on CPU), each pixel's largest logit at 0
+        if _training(self.logits):
+            e = torch.exp2((raw - top) * _LOG2E)
+        else:
+            e = raw.sub_(top).mul_(_LOG2E).exp2_()
+        mass = e[:, :c].scatter_add(1, prior.base, e[:, c:])
+        if not _training(self.logits):
+            # serving needs the arg-max only: the same as the log's, no log taken
+            return mass.view(b, c, cfg.height, cfg.width)
+        logits = torch.log(mass.clamp_min(1e-30)) + top
+        return logits.view(b, c, cfg.height, cfg.width)
 
     def colors_of(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., colors, H, W) logits -> (..., H, W, 3) in [-1, 1]: the arg-max's colour."""
@@ -284,6 +388,31 @@ def arg_max_color(logits: torch.Tensor) -> torch.Tensor:
     """(..., colors, H, W) -> (..., H, W) long: the arg-max over the colour axis (taken
     channels-last: a reduction over a strided axis is many times slower)."""
     return logits.movedim(-3, -1).contiguous().argmax(-1)
+
+
+def _box_sum(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The sum over the k x k window around each pixel of x (..., H, W), zeros beyond the
+    edge: k shifted adds along each axis (several times faster than a pooling kernel on
+    small integer counts)."""
+    h, w = x.shape[-2:]
+    pad = torch.nn.functional.pad(x, (k // 2,) * 4)
+    rows = pad[..., :w].clone()
+    for d in range(1, k):
+        rows += pad[..., d : d + w]
+    out = rows[..., :h, :].clone()
+    for d in range(1, k):
+        out += rows[..., d : d + h, :]
+    return out
+
+
+def moved(idx: torch.Tensor) -> torch.Tensor:
+    """Colour indices (B, H, W) -> (B, offsets, H * W): the frame moved by each warp offset
+    (what is at (y - dy, x - dx) comes to (y, x); the background beyond the arena)."""
+    b, h, w = idx.shape
+    r = _REACH
+    pad = torch.nn.functional.pad(idx, (r, r, r, r), value=0)
+    shifted = [pad[:, r - dy : r - dy + h, r - dx : r - dx + w] for dy, dx in WARP_OFFSETS]
+    return torch.stack(shifted, 1).view(b, len(WARP_OFFSETS), h * w)
 
 
 def _per_session(weight: torch.Tensor, b: int) -> torch.Tensor:
@@ -348,7 +477,7 @@ def train_forward(
     age = ages.unsqueeze(0)  # the same for every sequence
     for block in net.layers:
         q, k, v = block.project(z)
-        z = block.attend(z, q, k, v, age)
+        z = block.attend(z, q, k, v, block.age_bias_of(age))
     base_idx = net.color_index(base.reshape(b * f, cfg.height, cfg.width, 3))
     history = [net.color_index(flat), net.color_index(before)]
     if cfg.local_frames > 2:
@@ -357,9 +486,10 @@ def train_forward(
             [first.unsqueeze(1), first_before.unsqueeze(1), context[:, :-2]], dim=1
         )[:, :f]
         history.append(net.color_index(earlier.reshape(flat.shape)))
+    match = net.motion_match(history[0], history[1]) if cfg.motion else None
     out = net.output(
         z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim),
-        net.local_features(history),
-        net.keep_bias(base_idx),
+        net.local_features(history, match),
+        net.prior(base_idx, match),
     )
     return out.view(b, f, cfg.colors, cfg.height, cfg.width)
