@@ -387,6 +387,44 @@ def test_a_warp_head_copies_by_offset_and_keeps_the_contracts(tmp_path: Path) ->
         net.prior(prev_idx)  # motion 2 needs the last two frames' match
 
 
+def test_serving_decodes_the_pixels_in_play_as_the_dense_decoder_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A warp model's serving path (``plan`` + ``decode``) decodes only the pixels some
+    offset could bring another colour to; there it picks what the dense ``output`` picks,
+    everywhere else the last frame's colour stays."""
+    small = load(_train_tiny(tmp_path, "sparse", "--warp", "1", "--motion", "2"))
+    net, b = small.net, 6
+    pairs = [sim.start_frames(s) for s in range(b)]
+    prev_idx = small._color_index(np.stack([p[1] for p in pairs]))
+    before_idx = small._color_index(np.stack([p[0] for p in pairs]))
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        match = net.motion_match(prev_idx, before_idx)
+        local = net.local_features([prev_idx, before_idx], match)
+        prior = net.prior(prev_idx, match)
+        x = torch.randn(b, net.cfg.tokens, net.cfg.dim)
+        dense = arg_max_color(net.output(x, local, prior)).view(b, -1)
+        conv = net.conv_features([prev_idx, before_idx])
+        counts = net.motion_counts(prev_idx, before_idx)
+        plan = net.plan(prev_idx, conv, counts)
+        sparse = net.decode(x, plan).view(b, -1)
+        alone = [
+            net.decode(
+                x[i : i + 1], net.plan(prev_idx[i : i + 1], conv[i : i + 1], counts[i : i + 1])
+            )
+            for i in range(b)
+        ]
+    in_play = torch.zeros(b * 64 * 64, dtype=torch.bool)
+    in_play[plan.sel] = True
+    in_play = in_play.view(b, -1)
+    assert 0.05 < float(in_play.float().mean()) < 0.5  # object edges, not the whole frame
+    assert torch.equal(sparse[in_play], dense[in_play])
+    assert torch.equal(sparse[~in_play], prev_idx.view(b, -1)[~in_play])
+    for i in range(b):  # a session's pixels do not depend on the others decoded with it
+        assert torch.equal(alone[i].view(-1), sparse[i])
+
+
 def test_motion_match_scores_the_offset_that_explains_the_last_move() -> None:
     """``NetConfig.motion``: for each warp offset, the share of a pixel's 5x5 window that
     the frame before, moved by the offset, explains in the last frame."""
@@ -411,13 +449,16 @@ def test_the_first_pass_masks_as_a_clean_pass_then_a_denoising_pass_would() -> N
     model = load_default()
     t = model.cfg.tokens
     valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
-    age = model._first_pass_ages(valid)
-    assert age.shape == (2, 2 * t, 6 * t)
-    blocks = age[:, ::t, ::t].tolist()  # per (query block, key block)
+    age = model._first_pass_ages(valid)  # per (query block, key block)
     # keys: slots 0..3 (oldest first), clean, noisy
-    assert blocks[0] == [[-1, -1, 2, 1, 0, -1], [-1, -1, 3, 2, 1, 0]]
-    assert blocks[1] == [[4, 3, 2, 1, 0, -1], [-1, 4, 3, 2, 1, 0]]
-    assert bool((age == age[:, ::t, ::t].repeat_interleave(t, 1).repeat_interleave(t, 2)).all())
+    assert age[0].tolist() == [[-1, -1, 2, 1, 0, -1], [-1, -1, 3, 2, 1, 0]]
+    assert age[1].tolist() == [[4, 3, 2, 1, 0, -1], [-1, 4, 3, 2, 1, 0]]
+    # the bias by block, expanded to tokens, is the bias of the ages by token
+    block = model.net.layers[0]
+    by_token = age.repeat_interleave(t, 1).repeat_interleave(t, 2)
+    with torch.no_grad():
+        block.age_bias.copy_(torch.randn(block.age_bias.shape))
+        assert torch.equal(block.age_bias_of(age, t), block.age_bias_of(by_token))
 
 
 def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:

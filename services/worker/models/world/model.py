@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -240,9 +240,24 @@ class BuiltinWorldModel(WorldModel):
         history = [prev_idx, self._color_index(before_u8)]
         if cfg.local_frames > 2:
             history.append(self._color_index(np.stack([s.earlier for s in ws])))
-        match = net.motion_match(history[0], history[1]) if cfg.motion else None
-        local = net.local_features(history, match)
-        prior = net.prior(prev_idx, match)
+        # a warp decoder decodes only the pixels in play (``WorldNet.plan``); the palette
+        # decoder every pixel (its frames would change: it was trained to paint anywhere)
+        plan = prior = None
+        if cfg.warp:
+            counts = net.motion_counts(history[0], history[1]) if cfg.motion else None
+            plan = net.plan(prev_idx, net.conv_features(history), counts)
+        else:
+            match = net.motion_match(history[0], history[1]) if cfg.motion else None
+            local = net.local_features(history, match)
+            prior = net.prior(prev_idx, match)
+        palette = cast(torch.Tensor, net.palette)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            if plan is not None:
+                return net.decode(z, plan)
+            assert prior is not None
+            return arg_max_color(net.output(z, local, prior))
+
         context = net.noisy_context(prev, before, actions)
 
         # (1) one transformer pass over the last frame's clean block and the first
@@ -259,9 +274,9 @@ class BuiltinWorldModel(WorldModel):
             q, k, v = block.project(z)
             keys = torch.cat([kv[:, i, 0].reshape(b, w * t, -1), k], 1)
             values = torch.cat([kv[:, i, 1].reshape(b, w * t, -1), v], 1)
-            z = block.attend(z, q, keys, values, block.age_bias_of(age))
+            z = block.attend(z, q, keys, values, block.age_bias_of(age, t))
             new_kv.append(torch.stack([k[:, :t], v[:, :t]], 1))  # (B, 2, T, D)
-        logits = net.output(z[:, t:], local, prior)
+        colors = decode(z[:, t:])
         kv = torch.cat([kv[:, :, :, 1:], torch.stack(new_kv, 1).unsqueeze(3)], 3)
         valid = torch.cat([valid[:, 1:], torch.ones(b, 1, dtype=torch.bool)], 1)
 
@@ -270,19 +285,17 @@ class BuiltinWorldModel(WorldModel):
         # and the attention's bias by age (the same for every pass)
         if len(times) > 1:
             slot_age = torch.where(valid, self._slot_age, torch.full_like(self._slot_age, -1))
-            key_age = torch.cat(
-                [slot_age.repeat_interleave(t, 1), torch.zeros(b, t, dtype=torch.long)], 1
-            )
-            age = key_age.unsqueeze(1).expand(b, t, (w + 1) * t)
+            # per block: the cache's slots, then the pass's own block (age 0)
+            age = torch.cat([slot_age, torch.zeros(b, 1, dtype=torch.long)], 1).unsqueeze(1)
             pass_keys: list[torch.Tensor] = []
             pass_values: list[torch.Tensor] = []
             for i in range(cfg.depth):
                 for buf, j in ((pass_keys, 0), (pass_values, 1)):
                     buf.append(torch.empty(b, (w + 1) * t, cfg.dim))
                     buf[-1][:, : w * t] = kv[:, i, j].reshape(b, w * t, -1)
-            bias = [block.age_bias_of(age) for block in net.layers]
+            bias = [block.age_bias_of(age, t) for block in net.layers]
         for n in range(1, len(times)):
-            x0 = net.colors_of(logits)  # a palette image, like the frames it learned
+            x0 = palette[colors]  # a palette image, like the frames it learned
             # deterministic (DDIM) update: keep the noise the prediction implies
             time, nxt = times[n - 1], times[n]
             x = (1.0 - nxt) * x0 + nxt * ((x - (1.0 - time) * x0) / time)
@@ -292,10 +305,10 @@ class BuiltinWorldModel(WorldModel):
                 pass_keys[i][:, w * t :] = k
                 pass_values[i][:, w * t :] = v
                 z = block.attend(z, q, pass_keys[i], pass_values[i], bias[i])
-            logits = net.output(z, local, prior)
+            colors = decode(z)
 
         # (3) the frame (the arg-max colours of the last pass), and the new session states
-        frames = self._palette[arg_max_color(logits).numpy()]
+        frames = self._palette[colors.numpy()]
         for j, s in enumerate(ws):
             s.kv = kv[j]  # a view of the batch's new cache (the next step stacks it anew)
             s.valid = valid[j].clone()
@@ -306,11 +319,10 @@ class BuiltinWorldModel(WorldModel):
         return frames
 
     def _first_pass_ages(self, valid: torch.Tensor) -> torch.Tensor:
-        """(B, 2T, (W + 2)T) key ages of the first pass's queries ([clean block | noisy
-        block]) over [cache slots (oldest first) | clean block | noisy block], -1 masked,
-        from the cache's slot validity (B, W) before it rolls."""
+        """(B, 2, W + 2) key ages, block by block, of the first pass's queries ([clean block |
+        noisy block]) over [cache slots (oldest first) | clean block | noisy block], -1
+        masked, from the cache's slot validity (B, W) before it rolls."""
         b = valid.shape[0]
-        t = self.cfg.tokens
         slot = torch.where(valid, self._slot_age, torch.full_like(self._slot_age, -1))
         never = torch.full((b, 1), -1, dtype=torch.long)
         # clean: slots at ages W..1, itself 0, not the noisy block
@@ -319,8 +331,7 @@ class BuiltinWorldModel(WorldModel):
         # clean block 1, itself 0
         rolled = torch.where(slot[:, 1:] >= 0, slot[:, 1:] + 1, slot[:, 1:])
         noisy = torch.cat([never, rolled, torch.ones_like(never), torch.zeros_like(never)], 1)
-        blocks = torch.stack([clean, noisy], 1)  # (B, 2, W + 2): per query block, per key block
-        return blocks.repeat_interleave(t, 1).repeat_interleave(t, 2)
+        return torch.stack([clean, noisy], 1)
 
     def _color_index(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 frames (B, H, W, 3) -> their nearest palette colours' indices (B, H, W):

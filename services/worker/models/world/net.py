@@ -51,6 +51,17 @@ class Prior(NamedTuple):
     offsets: torch.Tensor | None  # with motion 2: the warp offsets' logit bias (B, O, P)
 
 
+class DecodePlan(NamedTuple):
+    """The pixels in play of a step's sessions and their decoder inputs (``WorldNet.plan``)."""
+
+    sel: torch.Tensor  # (N,) their indices in the batch's pixels (session-major raster)
+    rows: torch.Tensor  # (N,) their rows in the head's token-major per-pixel features
+    local: torch.Tensor  # (local, N) their local features
+    base: torch.Tensor  # (outputs, N) their logits' constant part (bias, keep, motion)
+    moved: torch.Tensor  # (offsets, N) the colour each offset brings
+    keep: torch.Tensor  # (B * H * W,) the last frame's colours: the pixels not in play
+
+
 @dataclass(frozen=True)
 class NetConfig:
     height: int = 64
@@ -132,13 +143,19 @@ class Block(nn.Module):
         q, k, v = linear(self.norm1(x), self.qkv).chunk(3, dim=-1)
         return q, k, v
 
-    def age_bias_of(self, age: torch.Tensor) -> torch.Tensor:
+    def age_bias_of(self, age: torch.Tensor, tokens: int = 1) -> torch.Tensor:
         """The attention's additive bias for ``age`` (B, Nq, Nk) long, the key's frame age
-        for each query or -1 (masked) -> (B, H, Nq, Nk). A batch dimension of 1 is shared by
-        all (training: one gather, one small gradient). The same for every denoising pass
-        of a step: computed once."""
+        for each query or -1 (masked) -> (B, H, Nq * tokens, Nk * tokens): with ``tokens``
+        > 1 the ages are per block of that many tokens (one gather per block pair, not per
+        token pair). A batch dimension of 1 is shared by all (training: one gather, one
+        small gradient). The same for every denoising pass of a step: computed once."""
         bias = self.age_bias[:, age.clamp(min=0)]  # (H, B or 1, Nq, Nk)
-        return bias.permute(1, 0, 2, 3).masked_fill((age < 0).unsqueeze(1), float("-inf"))
+        bias = bias.permute(1, 0, 2, 3).masked_fill((age < 0).unsqueeze(1), float("-inf"))
+        if tokens == 1:
+            return bias
+        b, h, nq, nk = bias.shape
+        grid = bias.view(b, h, nq, 1, nk, 1).expand(b, h, nq, tokens, nk, tokens)
+        return grid.reshape(b, h, nq * tokens, nk * tokens)
 
     def attend(
         self,
@@ -212,6 +229,12 @@ class WorldNet(nn.Module):
         still = torch.zeros(c + (len(WARP_OFFSETS) if cfg.warp else 0))
         still[c:] = torch.tensor([1.0] + [0.0] * (len(WARP_OFFSETS) - 1)) if cfg.warp else 0.0
         self.register_buffer("still", still, persistent=False)
+        # each raster pixel's row among a frame's token-major head features
+        gh, gw, p = cfg.height // cfg.patch, cfg.width // cfg.patch, cfg.patch
+        order = torch.arange(cfg.height * cfg.width).view(gh, p, gw, p).permute(0, 2, 1, 3)
+        rows = torch.empty(cfg.height * cfg.width, dtype=torch.long)
+        rows[order.reshape(-1)] = torch.arange(cfg.height * cfg.width)
+        self.register_buffer("row_of_pixel", rows, persistent=False)
         self.register_buffer(
             "palette", torch.from_numpy(sim.PALETTE).float() / 127.5 - 1.0, persistent=False
         )
@@ -278,8 +301,18 @@ class WorldNet(nn.Module):
         """What the pixel decoder sees of the last ``local_frames`` frames (their colour
         indices, (B, H, W) long, the latest first; ``history`` may hold more) around each
         pixel (a 5x5 neighbourhood: everything moves at most 2 px a frame) ->
-        (B, local, H * W). The same for every denoising pass of a step. ``match``: the
-        last two frames' ``motion_match`` where the caller has it."""
+        (B, local, H * W), with ``motion`` the last two frames' ``motion_match`` mixed in
+        (``match`` where the caller has it). The same for every denoising pass of a step."""
+        out = self.conv_features(history)
+        if self.motion_in is None:
+            return out
+        if match is None:
+            match = self.motion_match(history[0], history[1])
+        return torch.baddbmm(out, _per_session(self.motion_in.weight, out.shape[0]), match)
+
+    def conv_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``local_features`` without the motion match: the convolutions over the last
+        frames' colours (B, local, H * W)."""
         c, n = self.cfg.colors, self.cfg.local_frames
         if len(history) < n:
             raise ValueError(f"the local decoder sees {n} frames, got {len(history)}")
@@ -288,27 +321,25 @@ class WorldNet(nn.Module):
         for j, idx in enumerate(history[:n]):
             hot.scatter_(1, idx.unsqueeze(1) + j * c, 1.0)
         if _training(self.local1):
-            out = self._local(hot).flatten(2)
-        else:
-            # one convolution call per session: the same call on the same shape whether a
-            # session is stepped alone or in a batch (batch-invariant, like ``linear``;
-            # one call on 8 sessions was also slower here, by 2-3 ms per batch-8 step)
-            out = torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
-        if self.motion_in is None:
-            return out
-        if match is None:
-            match = self.motion_match(history[0], history[1])
-        return torch.baddbmm(out, _per_session(self.motion_in.weight, b), match)
+            return self._local(hot).flatten(2)
+        # one convolution call per session: the same call on the same shape whether a
+        # session is stepped alone or in a batch (batch-invariant, like ``linear``; one
+        # call on 8 sessions, in either memory layout, was no faster in a step here)
+        return torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
 
     def motion_match(self, last: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """Colour indices of the last frame and the one before, (B, H, W) -> (B, offsets,
         H * W): for each warp offset, the share of the 5x5 pixels around each pixel whose
         colour in the last frame is the one before's moved by that offset."""
         b, h, w = last.shape
+        return (self.motion_counts(last, before).float() / 25.0).view(b, len(WARP_OFFSETS), h * w)
+
+    def motion_counts(self, last: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """``motion_match`` as counts of pixels (0..25), uint8 (B, offsets, H, W)."""
+        b, h, w = last.shape
         small = torch.uint8  # a colour index fits; moving 13 copies of a frame is 8x cheaper
         same = (moved(before.to(small)) == last.to(small).view(b, 1, h * w)).to(small)
-        count = _box_sum(same.view(b, len(WARP_OFFSETS), h, w), 5)
-        return (count.float() / 25.0).view(b, len(WARP_OFFSETS), h * w)
+        return _box_sum(same.view(b, len(WARP_OFFSETS), h, w), 5)
 
     def _local(self, hot: torch.Tensor) -> torch.Tensor:
         h = self.local2(torch.relu(self.local1(hot)))
@@ -378,6 +409,83 @@ class WorldNet(nn.Module):
             return mass.view(b, c, cfg.height, cfg.width)
         logits = torch.log(mass.clamp_min(1e-30)) + top
         return logits.view(b, c, cfg.height, cfg.width)
+
+    # ---- serving: the pixels in play only ----
+
+    def plan(
+        self, prev_idx: torch.Tensor, conv: torch.Tensor, counts: torch.Tensor | None
+    ) -> DecodePlan:
+        """A warp decoder's serving plan for every pass of a step: the pixels in play and
+        their share of the step's decoder inputs (``conv_features``; with ``motion`` the
+        last two frames' ``motion_counts``, mixed in as ``local_features`` does, for the
+        pixels in play only). A pixel is in play unless the 13
+        pixels a warp offset would bring to it all have its own colour in the last frame:
+        nothing in the arena moves more than 2 px a frame, so such a pixel keeps its
+        colour (~80% of a frame: the background and the objects' insides)."""
+        cfg = self.cfg
+        if not cfg.warp:
+            raise ValueError("only a warp decoder decodes the pixels in play alone")
+        b, n = prev_idx.shape[0], cfg.height * cfg.width
+        flat = prev_idx.reshape(b * n)
+        small = prev_idx.to(torch.uint8)  # moving 13 copies of a frame: 8x cheaper
+        sources = moved(small)
+        sel = (sources != small.view(b, 1, n)).any(1).view(b * n).nonzero().squeeze(1)
+        session, pixel = sel // n, sel % n
+        rows = session * n + cast(torch.Tensor, self.row_of_pixel)[pixel]
+
+        def columns(t: torch.Tensor) -> torch.Tensor:  # (B, C, P) -> (C, N)
+            return t[session, :, pixel].t()
+
+        bias = self.logits.bias + self.keep * cast(torch.Tensor, self.still)
+        base = bias.view(-1, 1).expand(-1, sel.shape[0])
+        local = columns(conv).contiguous()
+        if self.motion_in is not None:
+            if counts is None:
+                raise ValueError("a motion decoder needs the last two frames' motion_counts")
+            match = columns(counts.view(b, len(WARP_OFFSETS), n)).float() / 25.0
+            weight = self.motion_in.weight
+            for k in range(len(WARP_OFFSETS)):
+                local.addcmul_(weight[:, k : k + 1], match[k : k + 1])
+            if self.motion_gain is not None:
+                offsets = (match - 1.0) * (25.0 * self.motion_gain)
+                base = torch.cat([base[: cfg.colors], base[cfg.colors :] + offsets])
+        return DecodePlan(
+            sel=sel,
+            rows=rows,
+            local=local,
+            base=base.contiguous(),
+            moved=columns(sources).long().contiguous(),
+            keep=flat,
+        )
+
+    def decode(self, x: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+        """Serving, a warp decoder: final tokens (B, T, D) -> each pixel's arg-max colour
+        (B, H, W) long, the pixels in play decoded as ``output`` would (to rounding), the
+        others kept.
+
+        Column by column: every product is accumulated channel by channel over the pixels
+        in play of all sessions at once, so a pixel's numbers do not depend on which
+        others are decoded with it (batch-invariant without one call per session)."""
+        cfg = self.cfg
+        b = x.shape[0]
+        out = plan.keep.clone()
+        if plan.sel.numel() == 0:
+            return out.view(b, cfg.height, cfg.width)
+        feats = linear(self.norm(x), self.head).reshape(-1, cfg.pixel)[plan.rows].t()
+        h = plan.local.clone()
+        mix = self.mix.weight
+        for k in range(cfg.pixel):
+            h.addcmul_(mix[:, k : k + 1], feats[k : k + 1])
+        h.relu_()
+        raw = plan.base.clone()
+        weight = self.logits.weight
+        for k in range(cfg.local):
+            raw.addcmul_(weight[:, k : k + 1], h[k : k + 1])
+        c = cfg.colors
+        raw.sub_(raw.amax(0, keepdim=True)).mul_(_LOG2E).exp2_()
+        raw = raw[:c].scatter_add(0, plan.moved, raw[c:])
+        out[plan.sel] = raw.t().contiguous().argmax(1)
+        return out.view(b, cfg.height, cfg.width)
 
     def colors_of(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., colors, H, W) logits -> (..., H, W, 3) in [-1, 1]: the arg-max's colour."""
