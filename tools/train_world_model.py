@@ -73,18 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warp",
         type=int,
         choices=(0, 1),
-        default=0,
-        help="1: a pixel may also copy the last frame's colour from where an object moving "
-        "by one of the arena's motions would bring it (net.WARP_OFFSETS)",
+        default=1,
+        help="1 (the committed weights): a pixel may also copy the last frame's colour from "
+        "where an object moving by one of the arena's motions would bring it "
+        "(net.WARP_OFFSETS); 0: palette colours only",
     )
     p.add_argument(
         "--motion",
         type=int,
         choices=(0, 1, 2),
-        default=0,
-        help="1: the pixel decoder also sees how well each warp offset explains the last "
-        "frame's motion around each pixel (block matching); 2: also as a bias on the "
-        "offsets' logits (needs --warp 1)",
+        default=2,
+        help="2 (the committed weights): the pixel decoder sees how well each warp offset "
+        "explains the last frame's motion around each pixel (block matching), and it biases "
+        "the offsets' logits (needs --warp 1); 1: the features only; 0: neither",
     )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
