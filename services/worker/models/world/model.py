@@ -6,11 +6,12 @@ start of the next step), the one before it (the motion input of the denoiser) an
 before that (a 3-frame pixel decoder's), the session's own noise generator, its frame
 index and seed.
 
-A step, batched over sessions: (1) the last frame's clean pass fills the cache; (2) K
-denoising passes from pure noise: each predicts the frame's palette colours, whose arg-max
-image is re-noised to the next time of the schedule with the noise that prediction
-implies (DDIM; the only random draw is the starting noise, from the session's generator);
-(3) the last pass's arg-max colours are the frame. K is the quality ladder: 1..4.
+A step, batched over sessions: K denoising passes from pure noise, the first one sharing
+its transformer pass with the last frame's clean block (whose keys and values then enter
+the cache): each predicts the frame's palette colours, whose arg-max image is re-noised to
+the next time of the schedule with the noise that prediction implies (DDIM; the only
+random draw is the starting noise, from the session's generator); the last pass's
+arg-max colours are the frame. K is the quality ladder: 1..4.
 """
 
 from __future__ import annotations

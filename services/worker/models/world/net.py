@@ -12,12 +12,17 @@ colours), plus a learned bias towards the previous frame's colour at that pixel 
 untrained head is the copy-last-frame baseline). A frame is the palette's colour of the
 arg-max, which is also the clean-frame estimate the few-step sampler re-noises between
 passes. Frames made this way are exact palette images, so what
-the model feeds back to itself in a long rollout is never off-palette junk.
+the model feeds back to itself in a long rollout is never off-palette junk. With ``warp``
+a pixel may also take the last frame's colour from one of ``WARP_OFFSETS`` (the ways the
+arena's objects move), and with ``motion`` it sees which offset explained the last move
+around it (block matching); serving then decodes only the pixels some offset could change
+(``plan``, ``decode``).
 
 Every matrix product is batched per session (``bmm``/``baddbmm`` with the batch as the
-batch dimension): a session's numbers are computed by the same kernel calls on the same
-shapes whether it is stepped alone or with others, so its frames are bit-identical either
-way (the runtime's fork, replay and recovery rely on it).
+batch dimension), and the sparse serving decoder works column by column: a session's
+numbers are computed by the same kernel calls on the same shapes whether it is stepped
+alone or with others, so its frames are bit-identical either way (the runtime's fork,
+replay and recovery rely on it).
 """
 
 from __future__ import annotations
