@@ -409,20 +409,24 @@ def test_serving_decodes_the_pixels_in_play_as_the_dense_decoder_and_keeps_the_r
         counts = net.motion_counts(prev_idx, before_idx)
         plan = net.plan(prev_idx, conv, counts)
         sparse = net.decode(x, plan).view(b, -1)
-        alone = [
-            net.decode(
-                x[i : i + 1], net.plan(prev_idx[i : i + 1], conv[i : i + 1], counts[i : i + 1])
-            )
-            for i in range(b)
+        scores = net.scores(x, plan)
+        plans = [
+            net.plan(prev_idx[i : i + 1], conv[i : i + 1], counts[i : i + 1]) for i in range(b)
         ]
+        alone = [net.decode(x[i : i + 1], plans[i]) for i in range(b)]
+        alone_scores = [net.scores(x[i : i + 1], plans[i]) for i in range(b)]
     in_play = torch.zeros(b * 64 * 64, dtype=torch.bool)
     in_play[plan.sel] = True
     in_play = in_play.view(b, -1)
     assert 0.05 < float(in_play.float().mean()) < 0.5  # object edges, not the whole frame
     assert torch.equal(sparse[in_play], dense[in_play])
     assert torch.equal(sparse[~in_play], prev_idx.view(b, -1)[~in_play])
+    n = 64 * 64
     for i in range(b):  # a session's pixels do not depend on the others decoded with it
         assert torch.equal(alone[i].view(-1), sparse[i])
+        mine = ((plan.sel >= i * n) & (plan.sel < (i + 1) * n)).nonzero().squeeze(1)
+        # to the bit: every column through the same kernels whatever its position
+        assert torch.equal(scores[:, mine], alone_scores[i][:, : mine.shape[0]])
 
 
 def test_motion_match_scores_the_offset_that_explains_the_last_move() -> None:

@@ -47,6 +47,7 @@ WARP_OFFSETS: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 _REACH = 2  # the farthest a warp offset reaches
 _LOG2E = 1.4426950408889634
+_COLUMNS = 64  # the serving decoder's pixels in play are padded to a multiple of this
 
 
 class Prior(NamedTuple):
@@ -60,10 +61,11 @@ class DecodePlan(NamedTuple):
     """The pixels in play of a step's sessions and their decoder inputs (``WorldNet.plan``)."""
 
     sel: torch.Tensor  # (N,) their indices in the batch's pixels (session-major raster)
-    rows: torch.Tensor  # (N,) their rows in the head's token-major per-pixel features
-    local: torch.Tensor  # (local, N) their local features
-    base: torch.Tensor  # (outputs, N) their logits' constant part (bias, keep, motion)
-    moved: torch.Tensor  # (offsets, N) the colour each offset brings
+    # the rest per column, N padded to a multiple of _COLUMNS (pads repeat the first pixel)
+    rows: torch.Tensor  # their rows in the head's token-major per-pixel features
+    local: torch.Tensor  # (local, .) their local features
+    base: torch.Tensor  # (outputs, .) their logits' constant part (bias, keep, motion)
+    moved: torch.Tensor  # (offsets, .) the colour each offset brings
     keep: torch.Tensor  # (B * H * W,) the last frame's colours: the pixels not in play
 
 
@@ -435,14 +437,22 @@ class WorldNet(nn.Module):
         small = prev_idx.to(torch.uint8)  # moving 13 copies of a frame: 8x cheaper
         sources = moved(small)
         sel = (sources != small.view(b, 1, n)).any(1).view(b * n).nonzero().squeeze(1)
-        session, pixel = sel // n, sel % n
+        # padded to a multiple of _COLUMNS with copies of the first pixel in play: every
+        # elementwise kernel then runs its vector body over all columns, never a scalar
+        # tail (exp2's vector and scalar forms round differently), so a column's bits do
+        # not depend on how many others there are
+        padded = sel.new_zeros(-(-sel.shape[0] // _COLUMNS) * _COLUMNS)
+        padded[: sel.shape[0]] = sel
+        if sel.shape[0]:
+            padded[sel.shape[0] :] = sel[0]
+        session, pixel = padded // n, padded % n
         rows = session * n + cast(torch.Tensor, self.row_of_pixel)[pixel]
 
-        def columns(t: torch.Tensor) -> torch.Tensor:  # (B, C, P) -> (C, N)
+        def columns(t: torch.Tensor) -> torch.Tensor:  # (B, C, P) -> (C, padded N)
             return t[session, :, pixel].t()
 
         bias = self.logits.bias + self.keep * cast(torch.Tensor, self.still)
-        base = bias.view(-1, 1).expand(-1, sel.shape[0])
+        base = bias.view(-1, 1).expand(-1, padded.shape[0])
         local = columns(conv).contiguous()
         if self.motion_in is not None:
             if counts is None:
@@ -474,8 +484,15 @@ class WorldNet(nn.Module):
         cfg = self.cfg
         b = x.shape[0]
         out = plan.keep.clone()
-        if plan.sel.numel() == 0:
-            return out.view(b, cfg.height, cfg.width)
+        if plan.sel.numel():
+            scores = self.scores(x, plan)
+            out[plan.sel] = scores.t().contiguous().argmax(1)[: plan.sel.shape[0]]
+        return out.view(b, cfg.height, cfg.width)
+
+    def scores(self, x: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+        """``decode``'s colour scores of the pixels in play (colors, padded N): their
+        probabilities up to a factor per pixel."""
+        cfg = self.cfg
         feats = linear(self.norm(x), self.head).reshape(-1, cfg.pixel)[plan.rows].t()
         h = plan.local.clone()
         mix = self.mix.weight
@@ -488,9 +505,7 @@ class WorldNet(nn.Module):
             raw.addcmul_(weight[:, k : k + 1], h[k : k + 1])
         c = cfg.colors
         raw.sub_(raw.amax(0, keepdim=True)).mul_(_LOG2E).exp2_()
-        raw = raw[:c].scatter_add(0, plan.moved, raw[c:])
-        out[plan.sel] = raw.t().contiguous().argmax(1)
-        return out.view(b, cfg.height, cfg.width)
+        return raw[:c].scatter_add(0, plan.moved, raw[c:])
 
     def colors_of(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., colors, H, W) logits -> (..., H, W, 3) in [-1, 1]: the arg-max's colour."""
