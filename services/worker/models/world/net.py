@@ -46,6 +46,7 @@ WARP_OFFSETS: tuple[tuple[int, int], ...] = (
     (-2, 0), (2, 0), (0, -2), (0, 2),
 )  # fmt: skip
 _REACH = 2  # the farthest a warp offset reaches
+_WINDOW = 5  # the motion match's window: 5 x 5 pixels around each pixel
 _LOG2E = 1.4426950408889634
 _COLUMNS = 64  # the serving decoder's pixels in play are padded to a multiple of this
 
@@ -339,14 +340,14 @@ class WorldNet(nn.Module):
         H * W): for each warp offset, the share of the 5x5 pixels around each pixel whose
         colour in the last frame is the one before's moved by that offset."""
         b, h, w = last.shape
-        return (self.motion_counts(last, before).float() / 25.0).view(b, len(WARP_OFFSETS), h * w)
+        return _share(self.motion_counts(last, before)).view(b, len(WARP_OFFSETS), h * w)
 
     def motion_counts(self, last: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-        """``motion_match`` as counts of pixels (0..25), uint8 (B, offsets, H, W)."""
+        """``motion_match`` as counts of pixels (0.._WINDOW ** 2), uint8 (B, offsets, H, W)."""
         b, h, w = last.shape
         small = torch.uint8  # a colour index fits; moving 13 copies of a frame is 8x cheaper
         same = (moved(before.to(small)) == last.to(small).view(b, 1, h * w)).to(small)
-        return _box_sum(same.view(b, len(WARP_OFFSETS), h, w), 5)
+        return _box_sum(same.view(b, len(WARP_OFFSETS), h, w), _WINDOW)
 
     def _local(self, hot: torch.Tensor) -> torch.Tensor:
         h = self.local2(torch.relu(self.local1(hot)))
@@ -368,8 +369,7 @@ class WorldNet(nn.Module):
             if self.motion_gain is not None:
                 if match is None:
                     raise ValueError("motion 2 needs the last two frames' motion_match")
-                # -gain x the window's pixels the offset does not explain (25 x (1 - share))
-                bias = (match - 1.0) * (25.0 * self.motion_gain)
+                bias = self._offset_bias(match)
             return Prior(moved(prev_idx), bias)
         keep = torch.zeros(b, self.cfg.colors, prev_idx[0].numel(), device=prev_idx.device)
         return Prior(keep.scatter_(1, prev_idx.view(b, 1, -1), 1.0) * self.keep, None)
@@ -377,8 +377,9 @@ class WorldNet(nn.Module):
     def output(self, x: torch.Tensor, local: torch.Tensor, prior: Prior) -> torch.Tensor:
         """Final tokens (B, T, D), ``local_features`` and ``prior`` -> per-pixel palette
         logits (B, colors, H, W). Channels first: every GEMM here is short and wide.
-        (With ``warp``, serving gets per-pixel colour probabilities up to a factor instead
-        of logits: the same arg-max, without a log.)
+        (With ``warp`` and no gradients, per-pixel colour probabilities up to a factor
+        instead of logits: the same arg-max, without a log. Serving a warp decoder takes
+        ``plan`` and ``decode`` instead.)
 
         With ``warp`` a colour's logit is the log of its own exponentiated logit plus those
         of the offsets that would copy it (a mixture of "paint c" and "move what is there
@@ -397,7 +398,7 @@ class WorldNet(nn.Module):
             return logits.view(b, cfg.colors, cfg.height, cfg.width)
         # the keep bias sits on the still offset: folded into the output layer's bias
         c = cfg.colors
-        bias = self.logits.bias + self.keep * cast(torch.Tensor, self.still)
+        bias = self._warp_bias()
         raw = torch.bmm(_per_session(self.logits.weight, b), h).add_(bias.view(1, -1, 1))
         if prior.offsets is not None:
             if _training(self.logits):
@@ -416,6 +417,17 @@ class WorldNet(nn.Module):
             return mass.view(b, c, cfg.height, cfg.width)
         logits = torch.log(mass.clamp_min(1e-30)) + top
         return logits.view(b, c, cfg.height, cfg.width)
+
+    def _warp_bias(self) -> torch.Tensor:
+        """A warp decoder's output bias: the layer's own, the keep bias on the still
+        offset (colors + offsets,)."""
+        return self.logits.bias + self.keep * cast(torch.Tensor, self.still)
+
+    def _offset_bias(self, match: torch.Tensor) -> torch.Tensor:
+        """``motion`` 2's bias on each offset's logit from its ``motion_match`` share (offsets
+        on the second-last axis): -gain x the window's pixels it does not explain."""
+        assert self.motion_gain is not None
+        return (match - 1.0) * (float(_WINDOW**2) * self.motion_gain)
 
     # ---- serving: the pixels in play only ----
 
@@ -451,18 +463,17 @@ class WorldNet(nn.Module):
         def columns(t: torch.Tensor) -> torch.Tensor:  # (B, C, P) -> (C, padded N)
             return t[session, :, pixel].t()
 
-        bias = self.logits.bias + self.keep * cast(torch.Tensor, self.still)
-        base = bias.view(-1, 1).expand(-1, padded.shape[0])
+        base = self._warp_bias().view(-1, 1).expand(-1, padded.shape[0])
         local = columns(conv).contiguous()
         if self.motion_in is not None:
             if counts is None:
                 raise ValueError("a motion decoder needs the last two frames' motion_counts")
-            match = columns(counts.view(b, len(WARP_OFFSETS), n)).float() / 25.0
+            match = _share(columns(counts.view(b, len(WARP_OFFSETS), n)))
             weight = self.motion_in.weight
             for k in range(len(WARP_OFFSETS)):
                 local.addcmul_(weight[:, k : k + 1], match[k : k + 1])
             if self.motion_gain is not None:
-                offsets = (match - 1.0) * (25.0 * self.motion_gain)
+                offsets = self._offset_bias(match)
                 base = torch.cat([base[: cfg.colors], base[cfg.colors :] + offsets])
         return DecodePlan(
             sel=sel,
@@ -516,6 +527,11 @@ def arg_max_color(logits: torch.Tensor) -> torch.Tensor:
     """(..., colors, H, W) -> (..., H, W) long: the arg-max over the colour axis (taken
     channels-last: a reduction over a strided axis is many times slower)."""
     return logits.movedim(-3, -1).contiguous().argmax(-1)
+
+
+def _share(counts: torch.Tensor) -> torch.Tensor:
+    """Motion-match counts (uint8) -> the share of the window they are, float."""
+    return counts.float() / float(_WINDOW**2)
 
 
 def _box_sum(x: torch.Tensor, k: int) -> torch.Tensor:
