@@ -190,8 +190,8 @@ class StreamProxy:
                 continue
             try:
                 await call.write(message)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError):
-                pass  # a dead leg: the control is re-sent on recovery
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                pass  # a dead leg (failed, or ended under the write): re-sent on recovery
             except Exception:  # the reader must outlive a bad write, or acks stop
                 log.exception("session %s: forwarding a client message failed", self.session_id)
         if self._call is not None:

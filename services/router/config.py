@@ -20,4 +20,6 @@ class RouterConfig:
     """Deadline for a worker's OpenSession (a restore replays up to a checkpoint interval)."""
     probe_timeout_s: float = 0.3
     """How long a suspect worker gets to answer a health check before it counts as dead."""
+    recover_retry_s: float = 0.5
+    """When a recovery finds no live worker for the model: how soon the gateway asks again."""
     otlp_endpoint: str | None = None

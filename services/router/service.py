@@ -103,7 +103,7 @@ class RouterService:
                             names.SUBJECT_WORKER_DOWN, worker_id=worker_id, detail="lease expired"
                         )
                     task = asyncio.create_task(
-                        self._recover_worker(worker_id), name=f"recover-worker:{worker_id}"
+                        self._recover_worker(worker_id, gone), name=f"recover-worker:{worker_id}"
                     )
                     self._recoveries.add(task)
                     task.add_done_callback(self._recoveries.discard)
@@ -135,7 +135,16 @@ class RouterService:
                     retry_after_s=0.2,
                 )
             self.workers.pop(record.worker_id, None)  # back when it registers again
-            return await self._recover(request.session_id, record)
+            try:
+                return await self._recover(request.session_id, record)
+            except NotFound as err:
+                # The session outlives its worker: none serves its model this moment (the
+                # only worker restarting, a lease between expiry and renewal), so the
+                # client waits for one, up to its recovery deadline, rather than losing it.
+                raise Unavailable(
+                    f"{err.message} now; session {request.session_id} waits for one",
+                    retry_after_s=self.config.recover_retry_s,
+                ) from err
 
     async def _placement(self, session_id: str) -> internal_pb2.PlacementRecord:
         current = await etcd.kv(self._etcd).get(names.placement_key(session_id))
@@ -171,8 +180,17 @@ class RouterService:
         )
         return placement
 
-    async def _recover_worker(self, worker_id: str) -> None:
-        """Re-place every session the dead ``worker_id`` held (its lease expired)."""
+    async def _recover_worker(self, worker_id: str, last_seen: WorkerView | None) -> None:
+        """Re-place every session the dead ``worker_id`` held (its lease expired).
+
+        A worker whose lease lapsed while it still serves (a stall longer than the lease,
+        on a loaded host) keeps its sessions: it registers again at its next heartbeat, and
+        moving them would fork each attached stream between two workers."""
+        if last_seen is not None and await self._answers(last_seen):
+            log.warning(
+                "worker %s lost its lease but still answers; its sessions stay on it", worker_id
+            )
+            return
         prefix = names.SESSIONS_PREFIX.encode()
         response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
         for item in response.kvs:

@@ -97,12 +97,23 @@ class Mesh:
             stop_timeout_s=5.0,
         )
 
-    async def start_service(self, name: str) -> ManagedProcess:
+    def _launch(self, name: str) -> ManagedProcess:
         proc = ManagedProcess(self._spec(name), self.log_dir / f"{name}.log")
         self.procs[name] = proc
         proc.start()
+        return proc
+
+    async def start_service(self, name: str) -> ManagedProcess:
+        proc = self._launch(name)
         await proc.wait_ready()
         return proc
+
+    def add_worker(self) -> ManagedProcess:
+        """Start one more worker (``worker-N``, the next free number); returns it at once,
+        before it is ready: ``await proc.wait_ready()`` to wait for it."""
+        name = f"worker-{sum(n.startswith('worker-') for n in self.addresses) + 1}"
+        self.addresses[name] = f"127.0.0.1:{free_ports(1)[0]}"
+        return self._launch(name)
 
     async def __aenter__(self) -> Mesh:
         try:
@@ -154,12 +165,17 @@ class Mesh:
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
-    def log_tails(self, lines: int = 30) -> str:
-        """The last ``lines`` lines of every service's log."""
+    def log_tails(self, lines: int = 30, width: int = 300) -> str:
+        """The last ``lines`` lines of every service's log, each cut to ``width``
+        characters; Windflow's own services first, etcd and NATS last (a CI report may
+        keep only the start of a long failure)."""
         parts = []
-        for path in sorted(self.log_dir.glob("*.log")):
+        paths = sorted(
+            self.log_dir.glob("*.log"), key=lambda p: (p.stem in ("etcd", "nats"), p.stem)
+        )
+        for path in paths:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+            parts.append(f"--- {path.name}\n" + "\n".join(line[:width] for line in tail))
         return "\n".join(parts)
 
     async def aclose(self) -> None:

@@ -13,6 +13,7 @@ from services.worker.models.registry import DEFAULT_MODEL
 from tests.e2e.mesh import Mesh
 from windflow.common import names
 from windflow.sdk import Client
+from windflow.v1 import windflow_pb2 as pb
 
 LEASE_TTL_S = 2
 
@@ -71,5 +72,48 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
                 assert "full" in exc.message
             else:
                 raise AssertionError("a fifth session was admitted to a full mesh")
+    finally:
+        await mesh.aclose()
+
+
+async def test_a_lapsed_lease_on_a_live_worker_moves_nothing(tmp_path: Path) -> None:
+    """A worker that stalls past its lease on a loaded host (here: its lease revoked under
+    it) still serves: the router finds it answering and leaves its sessions where they are
+    (moving an attached one would fork its stream between two workers), and the worker
+    registers again at its next heartbeat."""
+    mesh = Mesh(
+        tmp_path,
+        workers=2,
+        worker_args=("--lease-ttl", str(LEASE_TTL_S), "--heartbeat", "0.5"),
+    )
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client, Etcd3Client([mesh.etcd.endpoint]) as etcd:
+            assert etcd.kv is not None and etcd.lease is not None
+            info = await client.create_session(DEFAULT_MODEL, seed=3, output_policy="pause")
+            key = names.worker_key(info.worker_id)
+            live = await client.attach(info)
+            indices = []
+            async for frame in live.frames(limit=120):
+                indices.append(frame.index)
+                if frame.index == 40:
+                    await etcd.lease.revoke((await etcd.kv.get(key)).kvs[0].lease)
+                    lapsed_at = time.monotonic()
+                    while not (await etcd.kv.get(key)).kvs:  # re-registered, new lease
+                        assert time.monotonic() - lapsed_at < 5.0, "never registered again"
+                        await asyncio.sleep(0.05)
+            await live.aclose()
+
+            assert indices == list(range(120))
+            assert not live.errors
+            assert not [e for e in live.events if e.kind == pb.SessionEvent.KIND_RECOVERED]
+            after = await client.get_session(info.session_id)
+            assert (after.worker_id, after.placement_epoch) == (info.worker_id, 1)
+            assert "lost its lease but still answers" in mesh.log("router")
+            # back in the router's table: a new session can land on it again
+            placed = {
+                (await client.create_session(DEFAULT_MODEL, seed=i)).worker_id for i in range(4)
+            }
+            assert info.worker_id in placed
     finally:
         await mesh.aclose()

@@ -9,6 +9,7 @@ from pathlib import Path
 import nats
 from etcd3aio import Etcd3Client
 
+from windflow.common.etcd import LeasedKey
 from windflow.infra import EtcdServer, NatsServer, pid_alive
 
 
@@ -26,6 +27,28 @@ async def test_etcd_lease_expiry_removes_the_key(etcd_server: EtcdServer) -> Non
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"{key} still present 10 s after its 1 s lease")
+
+
+async def test_leased_key_registers_again_after_its_lease_lapses(etcd_server: EtcdServer) -> None:
+    """A registration whose lease ends under it (a stall past the TTL; here, revoked) is
+    back, same value, new lease, within a heartbeat or two; closing it removes it at once."""
+    key = f"/windflow/test/{uuid.uuid4().hex}"
+    async with Etcd3Client([etcd_server.endpoint]) as client:
+        assert client.kv is not None and client.lease is not None
+        registration = LeasedKey(client, key, ttl=2, heartbeat_s=0.2)
+        await registration.start(b"worker-info")
+        first = registration.lease_id
+        await client.lease.revoke(first)
+        assert not (await client.kv.get(key)).kvs
+        for _ in range(50):
+            kvs = (await client.kv.get(key)).kvs
+            if kvs:
+                break
+            await asyncio.sleep(0.05)
+        assert [(kv.value, kv.lease) for kv in kvs] == [(b"worker-info", registration.lease_id)]
+        assert registration.lease_id != first
+        await registration.aclose()
+        assert not (await client.kv.get(key)).kvs
 
 
 async def test_nats_jetstream_publish_is_acked(nats_server: NatsServer) -> None:

@@ -59,19 +59,30 @@ class LeasedKey:
         while True:
             await asyncio.sleep(self._heartbeat_s)
             try:
-                stream = self._client.lease.keep_alive(self.lease_id)
-                async for response in stream:
-                    if response.TTL <= 0:
-                        log.error("lease for %s expired; re-registering", self._key)
-                        grant = await self._client.lease.grant(self._ttl)
-                        self.lease_id = grant.ID
-                        await self.update(self._value)
-                    break
-                stream.cancel()
+                # A round unanswered for a whole TTL is given up (the lease is lost by then
+                # anyway): a stream that hangs must not stop the renewal for good.
+                async with asyncio.timeout(self._ttl):
+                    await self._renew()
             except asyncio.CancelledError:
                 raise
+            except TimeoutError:
+                log.warning("lease keepalive for %s unanswered for %ds", self._key, self._ttl)
             except Exception:
                 log.warning("lease keepalive for %s failed", self._key, exc_info=True)
+
+    async def _renew(self) -> None:
+        assert self._client.lease is not None
+        stream = self._client.lease.keep_alive(self.lease_id)
+        try:
+            async for response in stream:
+                if response.TTL <= 0:
+                    log.error("lease for %s expired; re-registering", self._key)
+                    grant = await self._client.lease.grant(self._ttl)
+                    self.lease_id = grant.ID
+                    await self.update(self._value)
+                break
+        finally:
+            stream.cancel()
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
