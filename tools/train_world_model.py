@@ -87,6 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "explains the last frame's motion around each pixel (block matching), and it biases "
         "the offsets' logits (needs --warp 1); 1: the features only; 0: neither",
     )
+    p.add_argument(
+        "--collide",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: the pixel decoder sees, for each warp offset, whether the object it would "
+        "bring (and the one at the pixel) would run into something moving by it, frame-wide, "
+        "and it biases the offsets' logits by it (needs --warp 1); 0: not",
+    )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
         "--self-forcing-start", type=float, default=0.3, help="fraction of steps before it"
@@ -257,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         local_dilation=args.local_dilation,
         warp=args.warp,
         motion=args.motion,
+        collide=args.collide,
     )
     net = WorldNet(cfg)
     if args.init is not None:

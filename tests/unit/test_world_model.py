@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -387,13 +388,20 @@ def test_a_warp_head_copies_by_offset_and_keeps_the_contracts(tmp_path: Path) ->
         net.prior(prev_idx)  # motion 2 needs the last two frames' match
 
 
+@pytest.mark.parametrize("collide", ["0", "1"])
 def test_serving_decodes_the_pixels_in_play_as_the_dense_decoder_and_keeps_the_rest(
-    tmp_path: Path,
+    tmp_path: Path, collide: str
 ) -> None:
     """A warp model's serving path (``plan`` + ``decode``) decodes only the pixels some
     offset could bring another colour to; there it picks what the dense ``output`` picks,
-    everywhere else the last frame's colour stays."""
-    small = load(_train_tiny(tmp_path, "sparse", "--warp", "1", "--motion", "2"))
+    everywhere else the last frame's colour stays (with and without ``collide``)."""
+    small = load(
+        _train_tiny(tmp_path, "sparse", "--warp", "1", "--motion", "2", "--collide", collide)
+    )
+    if collide == "1":
+        _batched_and_restored(small)
+        with torch.no_grad():  # a trained gain is tiny after 2 steps: make it count here
+            cast(torch.nn.Parameter, small.net.collide_gain).fill_(3.0)
     net, b = small.net, 6
     pairs = [sim.start_frames(s) for s in range(b)]
     prev_idx = small._color_index(np.stack([p[1] for p in pairs]))
@@ -401,8 +409,9 @@ def test_serving_decodes_the_pixels_in_play_as_the_dense_decoder_and_keeps_the_r
     torch.manual_seed(0)
     with torch.inference_mode():
         match = net.motion_match(prev_idx, before_idx)
-        local = net.local_features([prev_idx, before_idx], match)
-        prior = net.prior(prev_idx, match)
+        hits = net.collisions(prev_idx) if net.cfg.collide else None
+        local = net.local_features([prev_idx, before_idx], match, hits)
+        prior = net.prior(prev_idx, match, hits)
         x = torch.randn(b, net.cfg.tokens, net.cfg.dim)
         dense = arg_max_color(net.output(x, local, prior)).view(b, -1)
         conv = net.conv_features([prev_idx, before_idx])
@@ -443,6 +452,38 @@ def test_motion_match_scores_the_offset_that_explains_the_last_move() -> None:
     assert bool((inner[diagonal] == 1.0).all())  # the true move explains every window
     others = [o for o in range(len(WARP_OFFSETS)) if o != diagonal]
     assert all(float(inner[o].min()) < 1.0 for o in others)  # no other offset does
+
+
+def test_collisions_see_whether_an_object_can_move_along_its_whole_side() -> None:
+    """``NetConfig.collide``: for each warp offset, whether all of a colour moved by it runs
+    into another colour or the arena's edge, seen at the colour's own pixels and at the
+    pixels the offset would bring it to, however far they are from where it runs in."""
+    net = WorldNet(NetConfig(dim=32, depth=1, warp=1, collide=1))
+    ball, wall = 3, 1
+    last = torch.zeros(1, 64, 64, dtype=torch.long)
+    last[0, 20:28, 0:8] = ball  # touching the left edge
+    last[0, 27:40, 9:12] = wall  # one free column to its right, overlapping its last row
+    o = len(WARP_OFFSETS)
+    hits = net.collisions(last).view(1, 2, o, 64, 64)
+    own, incoming = hits[0, 1], hits[0, 0]
+
+    def at(offset: tuple[int, int]) -> int:
+        return WARP_OFFSETS.index(offset)
+
+    inside = own[:, 20:28, 0:8]
+    assert bool((inside[at((0, -1))] == 1).all())  # the edge, even 7 px away from it
+    assert bool((inside[at((0, 1))] == 0).all())  # one free column
+    assert bool((inside[at((0, 2))] == 1).all())  # two: the wall, at its last row only
+    assert bool((inside[at((1, 0))] == 0).all()) and bool((inside[at((0, 0))] == 0).all())
+    assert bool((inside[at((1, 1))] == 0).all())  # diagonal: the column, then free rows
+    assert int(own[:, 40:, 20:].sum()) == 0  # the background runs into nothing
+    # what offset (0, 2) would bring to x = 9..10 is the ball, which cannot go there
+    assert int(incoming[at((0, 2)), 22, 9]) == 1
+    assert int(incoming[at((0, 1)), 22, 8]) == 0
+    with pytest.raises(ValueError, match="collisions"):
+        net.prior(last)
+    with pytest.raises(ValueError, match="needs warp 1"):
+        WorldNet(NetConfig(dim=32, depth=1, warp=0, collide=1))
 
 
 def test_the_first_pass_masks_as_a_clean_pass_then_a_denoising_pass_would() -> None:

@@ -100,6 +100,12 @@ class NetConfig:
     # 2: also as a bias on each offset's logit, -gain x the pixels of its window it fails
     # to explain (an untrained decoder continues every pixel's last motion)
     motion: int = 0
+    # 1: the pixel decoder also sees, for every warp offset, whether the object that offset
+    # would bring to a pixel, and the object at the pixel, would run into something if it
+    # moved by it (another colour or the arena's edge anywhere along its whole side: the
+    # frame-wide view a bounce needs, which a 5x5 window cannot give), and it biases the
+    # offsets' logits by it, a learned gain (needs warp 1)
+    collide: int = 0
 
     @property
     def tokens(self) -> int:
@@ -217,6 +223,10 @@ class WorldNet(nn.Module):
             raise ValueError(f"motion must be 0, 1 or 2, got {cfg.motion}")
         if cfg.motion == 2 and not cfg.warp:
             raise ValueError("motion 2 biases the warp offsets' logits: it needs warp 1")
+        if cfg.collide not in (0, 1):
+            raise ValueError(f"collide must be 0 or 1, got {cfg.collide}")
+        if cfg.collide and not cfg.warp:
+            raise ValueError("collide biases the warp offsets' logits: it needs warp 1")
         c, loc = cfg.colors, cfg.local
         self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
         # the local pixel decoder: two 3x3 convolutions over the last frames' colours
@@ -230,6 +240,9 @@ class WorldNet(nn.Module):
         self.motion_gain = (
             nn.Parameter(torch.ones(len(WARP_OFFSETS), 1)) if cfg.motion == 2 else None
         )
+        o = len(WARP_OFFSETS)
+        self.collide_in = nn.Linear(2 * o, loc, bias=False) if cfg.collide else None
+        self.collide_gain = nn.Parameter(torch.zeros(o, 1)) if cfg.collide else None
         self.logits = nn.Linear(loc, c + (len(WARP_OFFSETS) if cfg.warp else 0))
         # logit bias for "the pixel keeps its colour" (with ``warp``: for the still offset):
         # with a zero output layer the model starts as the copy-last-frame baseline
@@ -237,6 +250,11 @@ class WorldNet(nn.Module):
         still = torch.zeros(c + (len(WARP_OFFSETS) if cfg.warp else 0))
         still[c:] = torch.tensor([1.0] + [0.0] * (len(WARP_OFFSETS) - 1)) if cfg.warp else 0.0
         self.register_buffer("still", still, persistent=False)
+        offsets = torch.tensor(WARP_OFFSETS)
+        self.register_buffer("offset_dy", offsets[:, :1].clone(), persistent=False)
+        self.register_buffer("offset_dx", offsets[:, 1:].clone(), persistent=False)
+        opposite = [WARP_OFFSETS.index((-dy, -dx)) for dy, dx in WARP_OFFSETS]
+        self.register_buffer("opposite", torch.tensor(opposite), persistent=False)
         # each raster pixel's row among a frame's token-major head features
         gh, gw, p = cfg.height // cfg.patch, cfg.width // cfg.patch, cfg.patch
         order = torch.arange(cfg.height * cfg.width).view(gh, p, gw, p).permute(0, 2, 1, 3)
@@ -304,19 +322,28 @@ class WorldNet(nn.Module):
         return linear(self.patchify(x_t), self.embed) + context + time
 
     def local_features(
-        self, history: Sequence[torch.Tensor], match: torch.Tensor | None = None
+        self,
+        history: Sequence[torch.Tensor],
+        match: torch.Tensor | None = None,
+        hits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What the pixel decoder sees of the last ``local_frames`` frames (their colour
         indices, (B, H, W) long, the latest first; ``history`` may hold more) around each
         pixel (a 5x5 neighbourhood: everything moves at most 2 px a frame) ->
         (B, local, H * W), with ``motion`` the last two frames' ``motion_match`` mixed in
-        (``match`` where the caller has it). The same for every denoising pass of a step."""
+        (``match`` where the caller has it), with ``collide`` the last frame's
+        ``collisions`` (``hits``, likewise). The same for every denoising pass of a step."""
         out = self.conv_features(history)
-        if self.motion_in is None:
-            return out
-        if match is None:
-            match = self.motion_match(history[0], history[1])
-        return torch.baddbmm(out, _per_session(self.motion_in.weight, out.shape[0]), match)
+        b = out.shape[0]
+        if self.motion_in is not None:
+            if match is None:
+                match = self.motion_match(history[0], history[1])
+            out = torch.baddbmm(out, _per_session(self.motion_in.weight, b), match)
+        if self.collide_in is not None:
+            if hits is None:
+                hits = self.collisions(history[0])
+            out = torch.baddbmm(out, _per_session(self.collide_in.weight, b), hits.float())
+        return out
 
     def conv_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
         """``local_features`` without the motion match: the convolutions over the last
@@ -349,28 +376,79 @@ class WorldNet(nn.Module):
         same = (moved(before.to(small)) == last.to(small).view(b, 1, h * w)).to(small)
         return _box_sum(same.view(b, len(WARP_OFFSETS), h, w), _WINDOW)
 
+    def collisions(self, last: torch.Tensor) -> torch.Tensor:
+        """Colour indices of the last frame (B, H, W) -> uint8 (B, 2 x offsets, H * W): for
+        each warp offset, whether the colour it would bring to each pixel (first half) and
+        the pixel's own colour (second half) runs into something when all of that colour
+        moves by the offset: another colour than the background, or the arena's edge,
+        anywhere along its side. (The background itself never runs into anything.) A
+        colour is an object here: every object of the arena has its own."""
+        b, h, w = last.shape
+        n = h * w
+        small = last.to(torch.uint8)
+        session = torch.arange(b, device=last.device).repeat_interleave(n)
+        pixel = torch.arange(n, device=last.device).repeat(b)
+        sources = moved(small).permute(1, 0, 2).reshape(len(WARP_OFFSETS), b * n)
+        hits = self._collide(b, session, pixel, sources, last.reshape(b * n))
+        return hits.view(2 * len(WARP_OFFSETS), b, n).permute(1, 0, 2)
+
+    def _collide(
+        self,
+        b: int,
+        session: torch.Tensor,
+        pixel: torch.Tensor,
+        sources: torch.Tensor,
+        own: torch.Tensor,
+    ) -> torch.Tensor:
+        """``collisions`` of some pixels of a batch of b frames, as columns: each pixel's
+        session and raster index (N,), the colours the warp offsets bring to it (offsets,
+        N) and its own colour (N,) -> uint8 (2 x offsets, N). It needs every pixel where
+        a colour runs into another, and those are all in play (``plan``): such a pixel
+        has a neighbour of another colour within 2 px, which an offset would bring to it.
+        Integer and boolean work only: exact, whatever the batch."""
+        cfg = self.cfg
+        o, c = len(WARP_OFFSETS), cfg.colors
+        dy, dx = cast(torch.Tensor, self.offset_dy), cast(torch.Tensor, self.offset_dx)
+        # what a pixel would move onto: what the opposite offset brings to it
+        ahead = sources[cast(torch.Tensor, self.opposite)]
+        y, x = pixel // cfg.width, pixel % cfg.width
+        outside = (y + dy < 0) | (y + dy >= cfg.height) | (x + dx < 0) | (x + dx >= cfg.width)
+        clash = (own != 0) & (outside | ((ahead != 0) & (ahead != own)))
+        # one flag per session, colour and offset: does any of its pixels clash
+        table = torch.zeros(b * c * o, dtype=torch.uint8, device=own.device)
+        k, i = clash.nonzero(as_tuple=True)
+        table[(session[i] * c + own[i]) * o + k] = 1
+        offset = torch.arange(o, device=own.device).view(o, 1)
+        incoming = table[(session * c + sources.long()) * o + offset]
+        mine = table[(session * c + own) * o + offset]
+        return torch.cat([incoming, mine])
+
     def _local(self, hot: torch.Tensor) -> torch.Tensor:
         h = self.local2(torch.relu(self.local1(hot)))
         if self.local3 is not None:
             h = h + self.local3(torch.relu(h))
         return h
 
-    def prior(self, prev_idx: torch.Tensor, match: torch.Tensor | None = None) -> Prior:
+    def prior(
+        self,
+        prev_idx: torch.Tensor,
+        match: torch.Tensor | None = None,
+        hits: torch.Tensor | None = None,
+    ) -> Prior:
         """(B, H, W) colour indices of the previous frame (and with ``motion`` 2 the last two
         frames' ``motion_match``) -> what ``output`` builds on, once per step: the logit
         bias towards keeping each pixel's colour, (B, colors, H * W) float (what does not
         move needs no work, and an untrained decoder starts as the copy-last-frame
         baseline); with ``warp``, the colour each warp offset would copy to each pixel,
         (B, offsets, H * W) long (the background beyond the arena), and with ``motion`` 2
-        the offsets' logit bias."""
+        the offsets' logit bias (with ``collide`` too, from the last frame's ``collisions``)."""
         b = prev_idx.shape[0]
         if self.cfg.warp:
-            bias = None
-            if self.motion_gain is not None:
-                if match is None:
-                    raise ValueError("motion 2 needs the last two frames' motion_match")
-                bias = self._offset_bias(match)
-            return Prior(moved(prev_idx), bias)
+            if self.motion_gain is not None and match is None:
+                raise ValueError("motion 2 needs the last two frames' motion_match")
+            if self.collide_gain is not None and hits is None:
+                raise ValueError("collide needs the last frame's collisions")
+            return Prior(moved(prev_idx), self._offset_bias(match, hits))
         keep = torch.zeros(b, self.cfg.colors, prev_idx[0].numel(), device=prev_idx.device)
         return Prior(keep.scatter_(1, prev_idx.view(b, 1, -1), 1.0) * self.keep, None)
 
@@ -423,11 +501,22 @@ class WorldNet(nn.Module):
         offset (colors + offsets,)."""
         return self.logits.bias + self.keep * cast(torch.Tensor, self.still)
 
-    def _offset_bias(self, match: torch.Tensor) -> torch.Tensor:
-        """``motion`` 2's bias on each offset's logit from its ``motion_match`` share (offsets
-        on the second-last axis): -gain x the window's pixels it does not explain."""
-        assert self.motion_gain is not None
-        return (match - 1.0) * (float(_WINDOW**2) * self.motion_gain)
+    def _offset_bias(
+        self, match: torch.Tensor | None, hits: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The bias on each offset's logit (offsets on the second-last axis), or None:
+        ``motion`` 2's from its ``motion_match`` share, -gain x the window's pixels it does
+        not explain; ``collide``'s, -gain x whether what it brings would run into something
+        (the first half of ``collisions``)."""
+        bias = None
+        if self.motion_gain is not None:
+            assert match is not None
+            bias = (match - 1.0) * (float(_WINDOW**2) * self.motion_gain)
+        if self.collide_gain is not None:
+            assert hits is not None
+            blocked = hits[..., : len(WARP_OFFSETS), :].float() * -self.collide_gain
+            bias = blocked if bias is None else bias + blocked
+        return bias
 
     # ---- serving: the pixels in play only ----
 
@@ -436,8 +525,10 @@ class WorldNet(nn.Module):
     ) -> DecodePlan:
         """A warp decoder's serving plan for every pass of a step: the pixels in play and
         their share of the step's decoder inputs (``conv_features``; with ``motion`` the
-        last two frames' ``motion_counts``, mixed in as ``local_features`` does, for the
-        pixels in play only). A pixel is in play unless the 13
+        last two frames' ``motion_counts``; with ``collide`` the last frame's
+        ``collisions``, computed here), mixed in as ``local_features`` does, for the pixels
+        in play only.
+        A pixel is in play unless the 13
         pixels a warp offset would bring to it all have its own colour in the last frame:
         nothing in the arena moves more than 2 px a frame, so such a pixel keeps its
         colour (~80% of a frame: the background and the objects' insides)."""
@@ -465,22 +556,25 @@ class WorldNet(nn.Module):
 
         base = self._warp_bias().view(-1, 1).expand(-1, padded.shape[0])
         local = columns(conv).contiguous()
+        brought = columns(sources)
+        match = hit = None
         if self.motion_in is not None:
             if counts is None:
                 raise ValueError("a motion decoder needs the last two frames' motion_counts")
             match = _share(columns(counts.view(b, len(WARP_OFFSETS), n)))
-            weight = self.motion_in.weight
-            for k in range(len(WARP_OFFSETS)):
-                local.addcmul_(weight[:, k : k + 1], match[k : k + 1])
-            if self.motion_gain is not None:
-                offsets = self._offset_bias(match)
-                base = torch.cat([base[: cfg.colors], base[cfg.colors :] + offsets])
+            _mix_in(local, self.motion_in.weight, match)
+        if self.collide_in is not None:
+            hit = self._collide(b, session, pixel, brought, flat[padded]).float()
+            _mix_in(local, self.collide_in.weight, hit)
+        offsets = self._offset_bias(match, hit)
+        if offsets is not None:
+            base = torch.cat([base[: cfg.colors], base[cfg.colors :] + offsets])
         return DecodePlan(
             sel=sel,
             rows=rows,
             local=local,
             base=base.contiguous(),
-            moved=columns(sources).long().contiguous(),
+            moved=brought.long().contiguous(),
             keep=flat,
         )
 
@@ -505,15 +599,8 @@ class WorldNet(nn.Module):
         probabilities up to a factor per pixel."""
         cfg = self.cfg
         feats = linear(self.norm(x), self.head).reshape(-1, cfg.pixel)[plan.rows].t()
-        h = plan.local.clone()
-        mix = self.mix.weight
-        for k in range(cfg.pixel):
-            h.addcmul_(mix[:, k : k + 1], feats[k : k + 1])
-        h.relu_()
-        raw = plan.base.clone()
-        weight = self.logits.weight
-        for k in range(cfg.local):
-            raw.addcmul_(weight[:, k : k + 1], h[k : k + 1])
+        h = _mix_in(plan.local.clone(), self.mix.weight, feats).relu_()
+        raw = _mix_in(plan.base.clone(), self.logits.weight, h)
         c = cfg.colors
         raw.sub_(raw.amax(0, keepdim=True)).mul_(_LOG2E).exp2_()
         return raw[:c].scatter_add(0, plan.moved, raw[c:])
@@ -527,6 +614,14 @@ def arg_max_color(logits: torch.Tensor) -> torch.Tensor:
     """(..., colors, H, W) -> (..., H, W) long: the arg-max over the colour axis (taken
     channels-last: a reduction over a strided axis is many times slower)."""
     return logits.movedim(-3, -1).contiguous().argmax(-1)
+
+
+def _mix_in(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out += weight @ x`` for columns x (K, N), one input channel at a time: each
+    column's sum is taken in the same order, whatever N is (batch-invariant)."""
+    for k in range(x.shape[0]):
+        out.addcmul_(weight[:, k : k + 1], x[k : k + 1])
+    return out
 
 
 def _share(counts: torch.Tensor) -> torch.Tensor:
@@ -631,9 +726,10 @@ def train_forward(
         )[:, :f]
         history.append(net.color_index(earlier.reshape(flat.shape)))
     match = net.motion_match(history[0], history[1]) if cfg.motion else None
+    hits = net.collisions(history[0]) if cfg.collide else None
     out = net.output(
         z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim),
-        net.local_features(history, match),
-        net.prior(base_idx, match),
+        net.local_features(history, match, hits),
+        net.prior(base_idx, match, hits),
     )
     return out.view(b, f, cfg.colors, cfg.height, cfg.width)
