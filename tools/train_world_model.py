@@ -96,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bring (and the one at the pixel) would run into something moving by it, frame-wide, "
         "and it biases the offsets' logits by it (needs --warp 1); 0: not",
     )
+    p.add_argument(
+        "--action-local",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: the pixel decoder also sees the action directly (a learned vector per "
+        "action), not only through the transformer's tokens; 0: not",
+    )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
         "--self-forcing-start", type=float, default=0.3, help="fraction of steps before it"
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         warp=args.warp,
         motion=args.motion,
         collide=args.collide,
+        action_local=args.action_local,
     )
     net = WorldNet(cfg)
     if args.init is not None:

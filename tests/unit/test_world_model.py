@@ -454,6 +454,26 @@ def test_motion_match_scores_the_offset_that_explains_the_last_move() -> None:
     assert all(float(inner[o].min()) < 1.0 for o in others)  # no other offset does
 
 
+def test_only_pixels_near_things_that_move_are_in_play() -> None:
+    """The serving decoder decodes a pixel only if a warp offset brings it another colour
+    and a thing that moves (``sim.MOVING``) is at it or among what the offsets bring: an
+    obstacle's edge with nothing moving within 2 px keeps its colour undecoded."""
+    net = WorldNet(NetConfig(dim=32, depth=1, warp=1))
+    last = torch.zeros(1, 64, 64, dtype=torch.long)
+    last[0, 10:20, 10:20] = 1  # an obstacle
+    last[0, 40:48, 40:48] = 3  # a ball, far from it
+    last[0, 20:28, 20:28] = 4  # another, diagonally touching the obstacle's corner
+    conv = torch.zeros(1, net.cfg.local, 64 * 64)
+    in_play = torch.zeros(64 * 64, dtype=torch.bool)
+    in_play[net.plan(last, conv, None).sel] = True
+    in_play = in_play.view(64, 64)
+    assert not bool(in_play[8:22, 8:12].any())  # the obstacle's left side: nothing near
+    # the ball: its edge and the 2 px around it, not its inside
+    assert bool(in_play[38:42, 40:48].all()) and bool(in_play[46:50, 40:48].all())
+    assert not bool(in_play[42:46, 42:46].any())
+    assert bool(in_play[19, 19]) and bool(in_play[19, 20])  # its corner, near the ball
+
+
 def test_collisions_see_whether_an_object_can_move_along_its_whole_side() -> None:
     """``NetConfig.collide``: for each warp offset, whether all of a colour moved by it runs
     into another colour or the arena's edge, seen at the colour's own pixels and at the

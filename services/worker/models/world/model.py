@@ -246,10 +246,10 @@ class BuiltinWorldModel(WorldModel):
         plan = prior = None
         if cfg.warp:
             counts = net.motion_counts(history[0], history[1]) if cfg.motion else None
-            plan = net.plan(prev_idx, net.conv_features(history), counts)
+            plan = net.plan(prev_idx, net.conv_features(history), counts, actions)
         else:
             match = net.motion_match(history[0], history[1]) if cfg.motion else None
-            local = net.local_features(history, match)
+            local = net.local_features(history, match, actions=actions)
             prior = net.prior(prev_idx, match)
         palette = cast(torch.Tensor, net.palette)
 

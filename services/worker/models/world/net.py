@@ -106,6 +106,9 @@ class NetConfig:
     # frame-wide view a bounce needs, which a 5x5 window cannot give), and it biases the
     # offsets' logits by it, a learned gain (needs warp 1)
     collide: int = 0
+    # 1: the pixel decoder also sees the action directly (a learned vector per action
+    # added to every pixel's local features), not only through the transformer's tokens
+    action_local: int = 0
 
     @property
     def tokens(self) -> int:
@@ -227,6 +230,8 @@ class WorldNet(nn.Module):
             raise ValueError(f"collide must be 0 or 1, got {cfg.collide}")
         if cfg.collide and not cfg.warp:
             raise ValueError("collide biases the warp offsets' logits: it needs warp 1")
+        if cfg.action_local not in (0, 1):
+            raise ValueError(f"action_local must be 0 or 1, got {cfg.action_local}")
         c, loc = cfg.colors, cfg.local
         self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
         # the local pixel decoder: two 3x3 convolutions over the last frames' colours
@@ -243,6 +248,7 @@ class WorldNet(nn.Module):
         o = len(WARP_OFFSETS)
         self.collide_in = nn.Linear(2 * o, loc, bias=False) if cfg.collide else None
         self.collide_gain = nn.Parameter(torch.zeros(o, 1)) if cfg.collide else None
+        self.action_local = nn.Embedding(cfg.n_actions, loc) if cfg.action_local else None
         self.logits = nn.Linear(loc, c + (len(WARP_OFFSETS) if cfg.warp else 0))
         # logit bias for "the pixel keeps its colour" (with ``warp``: for the still offset):
         # with a zero output layer the model starts as the copy-last-frame baseline
@@ -250,11 +256,17 @@ class WorldNet(nn.Module):
         still = torch.zeros(c + (len(WARP_OFFSETS) if cfg.warp else 0))
         still[c:] = torch.tensor([1.0] + [0.0] * (len(WARP_OFFSETS) - 1)) if cfg.warp else 0.0
         self.register_buffer("still", still, persistent=False)
-        offsets = torch.tensor(WARP_OFFSETS)
-        self.register_buffer("offset_dy", offsets[:, :1].clone(), persistent=False)
-        self.register_buffer("offset_dx", offsets[:, 1:].clone(), persistent=False)
+        self.register_buffer("moving", torch.from_numpy(sim.MOVING), persistent=False)
         opposite = [WARP_OFFSETS.index((-dy, -dx)) for dy, dx in WARP_OFFSETS]
         self.register_buffer("opposite", torch.tensor(opposite), persistent=False)
+        # (H * W,) int16, bit o: whether moving a pixel by offset o leaves the arena
+        ys = torch.arange(cfg.height).repeat_interleave(cfg.width)
+        xs = torch.arange(cfg.width).repeat(cfg.height)
+        beyond = torch.zeros(cfg.height * cfg.width, dtype=torch.int16)
+        for k, (dy, dx) in enumerate(WARP_OFFSETS):
+            out = (ys + dy < 0) | (ys + dy >= cfg.height) | (xs + dx < 0) | (xs + dx >= cfg.width)
+            beyond |= out.to(torch.int16) << k
+        self.register_buffer("beyond", beyond, persistent=False)
         # each raster pixel's row among a frame's token-major head features
         gh, gw, p = cfg.height // cfg.patch, cfg.width // cfg.patch, cfg.patch
         order = torch.arange(cfg.height * cfg.width).view(gh, p, gw, p).permute(0, 2, 1, 3)
@@ -267,6 +279,8 @@ class WorldNet(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
         nn.init.normal_(self.kind, std=0.02)
         nn.init.zeros_(self.logits.weight)
+        if self.action_local is not None:
+            nn.init.zeros_(self.action_local.weight)
         nn.init.zeros_(self.logits.bias)
 
     @property
@@ -326,13 +340,15 @@ class WorldNet(nn.Module):
         history: Sequence[torch.Tensor],
         match: torch.Tensor | None = None,
         hits: torch.Tensor | None = None,
+        actions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What the pixel decoder sees of the last ``local_frames`` frames (their colour
         indices, (B, H, W) long, the latest first; ``history`` may hold more) around each
         pixel (a 5x5 neighbourhood: everything moves at most 2 px a frame) ->
         (B, local, H * W), with ``motion`` the last two frames' ``motion_match`` mixed in
         (``match`` where the caller has it), with ``collide`` the last frame's
-        ``collisions`` (``hits``, likewise). The same for every denoising pass of a step."""
+        ``collisions`` (``hits``, likewise), with ``action_local`` the ``actions`` (B,)
+        given. The same for every denoising pass of a step."""
         out = self.conv_features(history)
         b = out.shape[0]
         if self.motion_in is not None:
@@ -343,6 +359,10 @@ class WorldNet(nn.Module):
             if hits is None:
                 hits = self.collisions(history[0])
             out = torch.baddbmm(out, _per_session(self.collide_in.weight, b), hits.float())
+        if self.action_local is not None:
+            if actions is None:
+                raise ValueError("an action_local decoder needs the step's actions")
+            out = out + self.action_local(actions).unsqueeze(2)
         return out
 
     def conv_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -406,21 +426,21 @@ class WorldNet(nn.Module):
         a colour runs into another, and those are all in play (``plan``): such a pixel
         has a neighbour of another colour within 2 px, which an offset would bring to it.
         Integer and boolean work only: exact, whatever the batch."""
-        cfg = self.cfg
-        o, c = len(WARP_OFFSETS), cfg.colors
-        dy, dx = cast(torch.Tensor, self.offset_dy), cast(torch.Tensor, self.offset_dx)
+        o, c = len(WARP_OFFSETS), self.cfg.colors
         # what a pixel would move onto: what the opposite offset brings to it
         ahead = sources[cast(torch.Tensor, self.opposite)]
-        y, x = pixel // cfg.width, pixel % cfg.width
-        outside = (y + dy < 0) | (y + dy >= cfg.height) | (x + dx < 0) | (x + dx >= cfg.width)
-        clash = (own != 0) & (outside | ((ahead != 0) & (ahead != own)))
-        # one flag per session, colour and offset: does any of its pixels clash
-        table = torch.zeros(b * c * o, dtype=torch.uint8, device=own.device)
-        k, i = clash.nonzero(as_tuple=True)
-        table[(session[i] * c + own[i]) * o + k] = 1
+        own8 = own.to(torch.uint8)
+        clash = (ahead != 0) & (ahead != own8)
         offset = torch.arange(o, device=own.device).view(o, 1)
-        incoming = table[(session * c + sources.long()) * o + offset]
-        mine = table[(session * c + own) * o + offset]
+        clash |= (cast(torch.Tensor, self.beyond)[pixel] >> offset) & 1 == 1
+        clash &= own8 != 0
+        # one flag per session, colour and offset: does any of its pixels clash
+        table = torch.zeros(b * c, o, dtype=torch.uint8, device=own.device)
+        k, i = clash.nonzero(as_tuple=True)
+        table[session[i] * c + own[i], k] = 1
+        row = session * c
+        mine = table.index_select(0, row + own).t()
+        incoming = table.view(-1)[(sources.long() + row) * o + offset]
         return torch.cat([incoming, mine])
 
     def _local(self, hot: torch.Tensor) -> torch.Tensor:
@@ -521,25 +541,34 @@ class WorldNet(nn.Module):
     # ---- serving: the pixels in play only ----
 
     def plan(
-        self, prev_idx: torch.Tensor, conv: torch.Tensor, counts: torch.Tensor | None
+        self,
+        prev_idx: torch.Tensor,
+        conv: torch.Tensor,
+        counts: torch.Tensor | None,
+        actions: torch.Tensor | None = None,
     ) -> DecodePlan:
         """A warp decoder's serving plan for every pass of a step: the pixels in play and
         their share of the step's decoder inputs (``conv_features``; with ``motion`` the
         last two frames' ``motion_counts``; with ``collide`` the last frame's
-        ``collisions``, computed here), mixed in as ``local_features`` does, for the pixels
-        in play only.
-        A pixel is in play unless the 13
-        pixels a warp offset would bring to it all have its own colour in the last frame:
-        nothing in the arena moves more than 2 px a frame, so such a pixel keeps its
-        colour (~80% of a frame: the background and the objects' insides)."""
+        ``collisions``, computed here; with ``action_local`` the ``actions``), mixed in as
+        ``local_features`` does, for the pixels in play only.
+        A pixel is in play if one of the 13 pixels a warp offset would bring to it has
+        another colour in the last frame, and it or one of them is a thing that moves
+        (``sim.MOVING``). Nothing in the arena moves more than 2 px a frame, so any other
+        pixel keeps its colour (~90% of a frame: the background, the objects' insides,
+        the obstacles' edges away from anything that moves)."""
         cfg = self.cfg
         if not cfg.warp:
             raise ValueError("only a warp decoder decodes the pixels in play alone")
-        b, n = prev_idx.shape[0], cfg.height * cfg.width
+        b, h, w = prev_idx.shape
+        n = h * w
         flat = prev_idx.reshape(b * n)
         small = prev_idx.to(torch.uint8)  # moving 13 copies of a frame: 8x cheaper
         sources = moved(small)
-        sel = (sources != small.view(b, 1, n)).any(1).view(b * n).nonzero().squeeze(1)
+        moving = cast(torch.Tensor, self.moving)[prev_idx].view(b, 1, n).to(torch.uint8)
+        near = (moved(moving.view(b, h, w)).amax(1, keepdim=True) | moving).bool()
+        sel = ((sources != small.view(b, 1, n)).any(1, keepdim=True) & near).view(b * n)
+        sel = sel.nonzero().squeeze(1)
         # padded to a multiple of _COLUMNS with copies of the first pixel in play: every
         # elementwise kernel then runs its vector body over all columns, never a scalar
         # tail (exp2's vector and scalar forms round differently), so a column's bits do
@@ -564,8 +593,18 @@ class WorldNet(nn.Module):
             match = _share(columns(counts.view(b, len(WARP_OFFSETS), n)))
             _mix_in(local, self.motion_in.weight, match)
         if self.collide_in is not None:
-            hit = self._collide(b, session, pixel, brought, flat[padded]).float()
-            _mix_in(local, self.collide_in.weight, hit)
+            flags = self._collide(b, session, pixel, brought, flat[padded])
+            # mostly zeros: the sum of the weights of the flags that are set, each pixel's
+            # in the order of its flags (index_add_ goes through its indices in order)
+            k, i = flags.nonzero(as_tuple=True)
+            weights = self.collide_in.weight.t().contiguous()
+            extra = local.new_zeros(local.shape[1], local.shape[0]).index_add_(0, i, weights[k])
+            local += extra.t()
+            hit = flags.float()
+        if self.action_local is not None:
+            if actions is None:
+                raise ValueError("an action_local decoder needs the step's actions")
+            local += self.action_local(actions)[session].t()
         offsets = self._offset_bias(match, hit)
         if offsets is not None:
             base = torch.cat([base[: cfg.colors], base[cfg.colors :] + offsets])
@@ -729,7 +768,7 @@ def train_forward(
     hits = net.collisions(history[0]) if cfg.collide else None
     out = net.output(
         z[:, f * cfg.tokens :].reshape(b * f, cfg.tokens, cfg.dim),
-        net.local_features(history, match, hits),
+        net.local_features(history, match, hits, actions.reshape(-1)),
         net.prior(base_idx, match, hits),
     )
     return out.view(b, f, cfg.colors, cfg.height, cfg.width)

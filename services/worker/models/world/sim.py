@@ -42,6 +42,9 @@ AGENT_COLOR = np.array([232, 64, 56], dtype=np.uint8)
 BALL_COLORS = np.array([[250, 210, 60], [70, 200, 230]], dtype=np.uint8)
 # Every colour a frame can hold (index 0 = background): the model's output classes.
 PALETTE = np.stack([BACKGROUND, OBSTACLE_COLOR, AGENT_COLOR, *BALL_COLORS]).astype(np.uint8)
+# Which palette colours belong to things that move (the agent, the balls); the background
+# and the obstacles never do.
+MOVING = np.array([False, False, True, True, True])
 
 
 def _boxes_overlap(
