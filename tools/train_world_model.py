@@ -1,6 +1,6 @@
 """Train the built-in world model on the repo's own arena; write weights and a model card.
 
-    .venv/bin/python tools/train_world_model.py                # the committed recipe (CPU: ~13 min)
+    .venv/bin/python tools/train_world_model.py                # the committed recipe (CPU: ~19 min)
     .venv/bin/python tools/train_world_model.py --steps 200    # a quick smoke run
 
 Everything follows from --seed: the worlds, the action policy, the batches, the noise and
@@ -36,6 +36,44 @@ CONTEXT_NOISE = 0.05
 PIXEL_WEIGHT = 8.0
 
 
+# The pixel decoder's switches (NetConfig fields of the same names): flag, choices,
+# default, help.
+DECODER_SWITCHES: tuple[tuple[str, tuple[int, ...], int, str], ...] = (
+    (
+        "--warp",
+        (0, 1),
+        1,
+        "1 (the committed weights): a pixel may also copy the last frame's colour from where "
+        "an object moving by one of the arena's motions would bring it (net.WARP_OFFSETS); "
+        "0: palette colours only",
+    ),
+    (
+        "--motion",
+        (0, 1, 2),
+        2,
+        "2 (the committed weights): the pixel decoder sees how well each warp offset explains "
+        "the last frame's motion around each pixel (block matching), and it biases the "
+        "offsets' logits (needs --warp 1); 1: the features only; 0: neither",
+    ),
+    (
+        "--collide",
+        (0, 1),
+        1,
+        "1 (the committed weights): the pixel decoder sees, for each warp offset, whether "
+        "the object it would bring (and the one at the pixel) would run into something "
+        "moving by it, frame-wide, and it biases the offsets' logits by it (needs --warp 1); "
+        "0: not",
+    ),
+    (
+        "--action-local",
+        (0, 1),
+        0,
+        "1: the pixel decoder also sees the action directly (a learned vector per action), "
+        "not only through the transformer's tokens; 0: not",
+    ),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
@@ -69,40 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="dilation of a third, residual convolution in the pixel decoder (0: none)",
     )
+    for flag, choices, default, text in DECODER_SWITCHES:
+        p.add_argument(flag, type=int, choices=choices, default=default, help=text)
     p.add_argument(
-        "--warp",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="1 (the committed weights): a pixel may also copy the last frame's colour from "
-        "where an object moving by one of the arena's motions would bring it "
-        "(net.WARP_OFFSETS); 0: palette colours only",
-    )
-    p.add_argument(
-        "--motion",
-        type=int,
-        choices=(0, 1, 2),
-        default=2,
-        help="2 (the committed weights): the pixel decoder sees how well each warp offset "
-        "explains the last frame's motion around each pixel (block matching), and it biases "
-        "the offsets' logits (needs --warp 1); 1: the features only; 0: neither",
-    )
-    p.add_argument(
-        "--collide",
-        type=int,
-        choices=(0, 1),
-        default=0,
-        help="1: the pixel decoder sees, for each warp offset, whether the object it would "
-        "bring (and the one at the pixel) would run into something moving by it, frame-wide, "
-        "and it biases the offsets' logits by it (needs --warp 1); 0: not",
-    )
-    p.add_argument(
-        "--action-local",
-        type=int,
-        choices=(0, 1),
-        default=0,
-        help="1: the pixel decoder also sees the action directly (a learned vector per "
-        "action), not only through the transformer's tokens; 0: not",
+        "--collide-gain",
+        type=float,
+        default=0.0,
+        help="with --collide 1: the initial gain of its bias on the offsets' logits (an offset "
+        "that would run an object into something starts that much less likely)",
     )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument(
@@ -272,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         window=args.window,
         local_frames=args.local_frames,
         local_dilation=args.local_dilation,
-        warp=args.warp,
-        motion=args.motion,
-        collide=args.collide,
-        action_local=args.action_local,
-    )
+        **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+           for flag, *_ in DECODER_SWITCHES},
+    )  # fmt: skip
     net = WorldNet(cfg)
+    if net.collide_gain is not None:
+        with torch.no_grad():
+            net.collide_gain.fill_(args.collide_gain)
     if args.init is not None:
         start_from = load(args.init).net
         cfg = start_from.cfg
@@ -434,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "init": None if args.init is None else args.init.name,
             "weighted_pixels": args.weighted,
             "ema": args.ema,
+            "collide_gain": args.collide_gain,
             "pixel_weight": PIXEL_WEIGHT,
             "device": str(device),
             "threads": args.threads,
