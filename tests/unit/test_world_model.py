@@ -500,6 +500,18 @@ def test_collisions_see_whether_an_object_can_move_along_its_whole_side() -> Non
     # what offset (0, 2) would bring to x = 9..10 is the ball, which cannot go there
     assert int(incoming[at((0, 2)), 22, 9]) == 1
     assert int(incoming[at((0, 1)), 22, 8]) == 0
+    # serving reads them at the pixels in play only, and gets the same flags there: an
+    # obstacle touching the arena's top edge far from anything that moves still counts
+    # as blocked upwards where a ball near its other side puts it in play
+    last[0, 0:10, 30:40] = 1
+    last[0, 11:19, 31:39] = 4
+    sel = net.plan(last, torch.zeros(1, net.cfg.local, 64 * 64), None).sel
+    assert not bool((sel < 2 * 64).any())  # the edge rows are not in play
+    small = last.to(torch.uint8)
+    served = net._collide(small, sel // 4096, moved(small)[0][:, sel], last.view(-1)[sel])
+    assert torch.equal(served, net.collisions(last)[0][:, sel])
+    obstacle_bottom = (sel == 9 * 64 + 35).nonzero().squeeze(1)
+    assert int(served[o + at((-1, 0)), obstacle_bottom]) == 1  # its top is the edge
     with pytest.raises(ValueError, match="collisions"):
         net.prior(last)
     with pytest.raises(ValueError, match="needs warp 1"):

@@ -259,14 +259,19 @@ class WorldNet(nn.Module):
         self.register_buffer("moving", torch.from_numpy(sim.MOVING), persistent=False)
         opposite = [WARP_OFFSETS.index((-dy, -dx)) for dy, dx in WARP_OFFSETS]
         self.register_buffer("opposite", torch.tensor(opposite), persistent=False)
-        # (H * W,) int16, bit o: whether moving a pixel by offset o leaves the arena
+        # the pixels within reach of the arena's edge, and for each offset which of them it
+        # would move out of the arena (offsets, border pixels) 0/1
         ys = torch.arange(cfg.height).repeat_interleave(cfg.width)
         xs = torch.arange(cfg.width).repeat(cfg.height)
-        beyond = torch.zeros(cfg.height * cfg.width, dtype=torch.int16)
-        for k, (dy, dx) in enumerate(WARP_OFFSETS):
-            out = (ys + dy < 0) | (ys + dy >= cfg.height) | (xs + dx < 0) | (xs + dx >= cfg.width)
-            beyond |= out.to(torch.int16) << k
-        self.register_buffer("beyond", beyond, persistent=False)
+        leaves = torch.stack(
+            [
+                (ys + dy < 0) | (ys + dy >= cfg.height) | (xs + dx < 0) | (xs + dx >= cfg.width)
+                for dy, dx in WARP_OFFSETS
+            ]
+        )
+        border = leaves.any(0).nonzero().squeeze(1)
+        self.register_buffer("border", border, persistent=False)
+        self.register_buffer("leaves", leaves[:, border].float(), persistent=False)
         # each raster pixel's row among a frame's token-major head features
         gh, gw, p = cfg.height // cfg.patch, cfg.width // cfg.patch, cfg.patch
         order = torch.arange(cfg.height * cfg.width).view(gh, p, gw, p).permute(0, 2, 1, 3)
@@ -407,39 +412,47 @@ class WorldNet(nn.Module):
         n = h * w
         small = last.to(torch.uint8)
         session = torch.arange(b, device=last.device).repeat_interleave(n)
-        pixel = torch.arange(n, device=last.device).repeat(b)
         sources = moved(small).permute(1, 0, 2).reshape(len(WARP_OFFSETS), b * n)
-        hits = self._collide(b, session, pixel, sources, last.reshape(b * n))
+        hits = self._collide(small, session, sources, last.reshape(b * n))
         return hits.view(2 * len(WARP_OFFSETS), b, n).permute(1, 0, 2)
 
     def _collide(
         self,
-        b: int,
+        frames: torch.Tensor,
         session: torch.Tensor,
-        pixel: torch.Tensor,
         sources: torch.Tensor,
         own: torch.Tensor,
     ) -> torch.Tensor:
-        """``collisions`` of some pixels of a batch of b frames, as columns: each pixel's
-        session and raster index (N,), the colours the warp offsets bring to it (offsets,
-        N) and its own colour (N,) -> uint8 (2 x offsets, N). It needs every pixel where
-        a colour runs into another, and those are all in play (``plan``): such a pixel
-        has a neighbour of another colour within 2 px, which an offset would bring to it.
-        Integer and boolean work only: exact, whatever the batch."""
+        """``collisions`` of some pixels of a batch of frames (colour indices (B, H, W)
+        uint8), as columns: each pixel's session (N,), the colours the warp offsets bring
+        to it (offsets, N) and its own colour (N,) -> uint8 (2 x offsets, N).
+
+        Where two colours meet is read from the columns, so they must hold every such
+        pixel: they do when they are the pixels in play (``plan``), as a pixel with a
+        neighbour of another colour within 2 px is in play if either colour moves (in this
+        arena two still colours, the background and the obstacles, never run into each
+        other). Where a colour meets the arena's edge is read from the frames' border,
+        whatever the columns. Integer work and sums of 0s and 1s only: exact, whatever
+        the batch."""
+        b = frames.shape[0]
         o, c = len(WARP_OFFSETS), self.cfg.colors
         # what a pixel would move onto: what the opposite offset brings to it
         ahead = sources[cast(torch.Tensor, self.opposite)]
         own8 = own.to(torch.uint8)
-        clash = (ahead != 0) & (ahead != own8)
-        offset = torch.arange(o, device=own.device).view(o, 1)
-        clash |= (cast(torch.Tensor, self.beyond)[pixel] >> offset) & 1 == 1
-        clash &= own8 != 0
+        clash = (ahead != 0) & (ahead != own8) & (own8 != 0)
         # one flag per session, colour and offset: does any of its pixels clash
-        table = torch.zeros(b * c, o, dtype=torch.uint8, device=own.device)
+        border = cast(torch.Tensor, self.border)
+        edge = torch.zeros(b, border.shape[0], c, device=own.device)
+        edge.scatter_(2, frames.view(b, -1)[:, border].long().unsqueeze(2), 1.0)
+        leaves = cast(torch.Tensor, self.leaves)  # (offsets, border pixels) 0/1
+        table = (torch.bmm(_per_session(leaves, b), edge) > 0).transpose(1, 2)
+        table = table.to(torch.uint8).contiguous().view(b * c, o)
+        table.view(b, c, o)[:, 0] = 0  # the background runs into nothing
         k, i = clash.nonzero(as_tuple=True)
         table[session[i] * c + own[i], k] = 1
         row = session * c
         mine = table.index_select(0, row + own).t()
+        offset = torch.arange(o, device=own.device).view(o, 1)
         incoming = table.view(-1)[(sources.long() + row) * o + offset]
         return torch.cat([incoming, mine])
 
@@ -593,7 +606,7 @@ class WorldNet(nn.Module):
             match = _share(columns(counts.view(b, len(WARP_OFFSETS), n)))
             _mix_in(local, self.motion_in.weight, match)
         if self.collide_in is not None:
-            flags = self._collide(b, session, pixel, brought, flat[padded])
+            flags = self._collide(small, session, brought, flat[padded])
             # mostly zeros: the sum of the weights of the flags that are set, each pixel's
             # in the order of its flags (index_add_ goes through its indices in order)
             k, i = flags.nonzero(as_tuple=True)
