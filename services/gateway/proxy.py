@@ -20,7 +20,7 @@ import grpc
 from opentelemetry import context as otel_context
 
 from windflow.common import grpc_util, names, telemetry
-from windflow.errors import ResourceExhausted, Unavailable
+from windflow.errors import Internal, ResourceExhausted, Unavailable
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 MAX_REMEMBERED_CONTROLS = 1024
+# What grpc-python reports, in place of a call's real status, when a write on it raced with
+# its end (a worker leg ending UNAVAILABLE while a control or ack is being forwarded, as in
+# a drain): a broken leg like any other, which the router's Recover judges.
+BROKEN_LEG_DETAILS = "Internal error from Core"
 
 
 class StreamProxy:
@@ -69,7 +73,9 @@ class StreamProxy:
                     async for message in self._leg(resume):
                         yield message
                     return
-                except Unavailable as err:
+                except (Unavailable, Internal) as err:
+                    if isinstance(err, Internal) and err.message != BROKEN_LEG_DETAILS:
+                        raise
                     if reader.done() and reader.exception() is not None:
                         raise
                     log.warning(
