@@ -74,6 +74,11 @@ DECODER_SWITCHES: tuple[tuple[str, tuple[int, ...], int, str], ...] = (
 )
 
 
+def _switch_names() -> list[str]:
+    """The NetConfig fields the decoder switches set (argparse's names for the flags)."""
+    return [flag[2:].replace("-", "_") for flag, *_ in DECODER_SWITCHES]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
@@ -284,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         window=args.window,
         local_frames=args.local_frames,
         local_dilation=args.local_dilation,
-        **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-           for flag, *_ in DECODER_SWITCHES},
-    )  # fmt: skip
+        **{name: getattr(args, name) for name in _switch_names()},
+    )
     net = WorldNet(cfg)
     if net.collide_gain is not None:
         with torch.no_grad():

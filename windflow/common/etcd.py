@@ -55,7 +55,6 @@ class LeasedKey:
         await kv(self._client).put(self._key, value, lease=self.lease_id)
 
     async def _keepalive(self) -> None:
-        assert self._client.lease is not None
         while True:
             await asyncio.sleep(self._heartbeat_s)
             try:

@@ -55,7 +55,7 @@ class Prior(NamedTuple):
     """What the pixel decoder's output builds on in a step (``WorldNet.prior``)."""
 
     base: torch.Tensor  # the keep bias (B, colors, P), or with warp the moved colours (B, O, P)
-    offsets: torch.Tensor | None  # with motion 2: the warp offsets' logit bias (B, O, P)
+    offsets: torch.Tensor | None  # motion 2's and collide's bias on the offsets (B, O, P)
 
 
 class DecodePlan(NamedTuple):
@@ -65,7 +65,7 @@ class DecodePlan(NamedTuple):
     # the rest per column, N padded to a multiple of _COLUMNS (pads repeat the first pixel)
     rows: torch.Tensor  # their rows in the head's token-major per-pixel features
     local: torch.Tensor  # (local, .) their local features
-    base: torch.Tensor  # (outputs, .) their logits' constant part (bias, keep, motion)
+    base: torch.Tensor  # (outputs, .) their logits' constant part (bias, keep, offsets')
     moved: torch.Tensor  # (offsets, .) the colour each offset brings
     keep: torch.Tensor  # (B * H * W,) the last frame's colours: the pixels not in play
 
@@ -371,8 +371,8 @@ class WorldNet(nn.Module):
         return out
 
     def conv_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``local_features`` without the motion match: the convolutions over the last
-        frames' colours (B, local, H * W)."""
+        """``local_features`` without the motion match, the collisions and the action: the
+        convolutions over the last frames' colours (B, local, H * W)."""
         c, n = self.cfg.colors, self.cfg.local_frames
         if len(history) < n:
             raise ValueError(f"the local decoder sees {n} frames, got {len(history)}")
@@ -469,12 +469,13 @@ class WorldNet(nn.Module):
         hits: torch.Tensor | None = None,
     ) -> Prior:
         """(B, H, W) colour indices of the previous frame (and with ``motion`` 2 the last two
-        frames' ``motion_match``) -> what ``output`` builds on, once per step: the logit
-        bias towards keeping each pixel's colour, (B, colors, H * W) float (what does not
-        move needs no work, and an untrained decoder starts as the copy-last-frame
-        baseline); with ``warp``, the colour each warp offset would copy to each pixel,
-        (B, offsets, H * W) long (the background beyond the arena), and with ``motion`` 2
-        the offsets' logit bias (with ``collide`` too, from the last frame's ``collisions``)."""
+        frames' ``motion_match``, with ``collide`` the last frame's ``collisions``) -> what
+        ``output`` builds on, once per step: the logit bias towards keeping each pixel's
+        colour, (B, colors, H * W) float (what does not move needs no work, and an
+        untrained decoder starts as the copy-last-frame baseline); with ``warp``, the
+        colour each warp offset would copy to each pixel, (B, offsets, H * W) long (the
+        background beyond the arena), and with ``motion`` 2 or ``collide`` the offsets'
+        logit bias."""
         b = prev_idx.shape[0]
         if self.cfg.warp:
             if self.motion_gain is not None and match is None:

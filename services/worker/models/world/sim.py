@@ -44,7 +44,7 @@ BALL_COLORS = np.array([[250, 210, 60], [70, 200, 230]], dtype=np.uint8)
 PALETTE = np.stack([BACKGROUND, OBSTACLE_COLOR, AGENT_COLOR, *BALL_COLORS]).astype(np.uint8)
 # Which palette colours belong to things that move (the agent, the balls); the background
 # and the obstacles never do.
-MOVING = np.array([False, False, True, True, True])
+MOVING = np.array([False, False, True] + [True] * len(BALL_COLORS))
 
 
 def _boxes_overlap(
