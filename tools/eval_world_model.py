@@ -8,8 +8,11 @@ Reports the teacher-forced one-step PSNR; per-step PSNR of 32-step rollouts from
 world's first frame with the true actions, with shuffled actions (each world gets another
 world's action sequence) and for the copy-last-frame baseline (PSNR = 10 log10(1 / MSE)
 over the set, pixels in [0, 1]); the rollout mean for each step count K; the speed per
-frame at batch 1 and per step at batch 8 for each K. Writes a PNG strip (truth above
-prediction, every second frame of one world). With --json the last stdout line is one JSON
+frame at batch 1 and per step at batch 8 for each K; object permanence: in 128-step
+rollouts with the true actions, the share of the things that move (the agent, the balls)
+still drawn with at least half their pixels after 32, 64 and 128 steps, and how far the
+drawn ones are from their true places. Writes a PNG strip (truth above prediction, every
+second frame of one world). With --json the last stdout line is one JSON
 object; --update-card stores it as the "eval" of the model card next to the weights;
 --check exits 1 when an acceptance bar of the issue is missed. The 64 evaluation worlds
 give the reported figures; ``--split validation`` evaluates on 64 other held-out worlds,
@@ -31,6 +34,7 @@ import torch
 from services.worker.models.world.evaluation import (
     EVAL_SEEDS,
     FIRST16_SEEDS,
+    LONG_HORIZON,
     VALIDATION_SEEDS,
     check,
     evaluate,
@@ -92,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['rollout_mean_simulator_shuffled']:.2f} dB"
     )
     print("rollout mean by K:", result["rollout_mean_by_k"])
+    print(
+        f"{LONG_HORIZON}-step rollouts, by step: things that move still drawn",
+        result["objects_kept"],
+        "; their distance from the truth (px)",
+        result["object_error_px"],
+    )
     print("ms per frame, batch 1:", result["ms_per_frame_b1"])
     print("ms per step, batch 8: ", result["ms_per_step_b8"])
     print("bars missed:", misses or "none")

@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -70,6 +71,14 @@ DECODER_SWITCHES: tuple[tuple[str, tuple[int, ...], int, str], ...] = (
         0,
         "1: the pixel decoder also sees the action directly (a learned vector per action), "
         "not only through the transformer's tokens; 0: not",
+    ),
+    (
+        "--rigid",
+        (0, 1),
+        1,
+        "1 (the committed weights): frames are decoded object by object, each thing that "
+        "moves moved whole by the one warp offset the decoder finds likeliest, in serving "
+        "and in the self-forcing contexts (needs --warp 1); 0: each pixel's arg-max colour",
     ),
 )
 
@@ -249,7 +258,9 @@ def one_step_own(
             first_before.to(device),
             first_earlier.to(device),
         )
-    return net.colors_of(logits).cpu()
+    prev_idx = net.color_index(context.to(device).flatten(0, 1))
+    idx = net.frame_of(logits.flatten(0, 1), prev_idx).view(b, f, *prev_idx.shape[1:])
+    return cast(torch.Tensor, net.palette)[idx].cpu()
 
 
 def self_rollout(

@@ -388,16 +388,18 @@ def test_a_warp_head_copies_by_offset_and_keeps_the_contracts(tmp_path: Path) ->
         net.prior(prev_idx)  # motion 2 needs the last two frames' match
 
 
-@pytest.mark.parametrize("collide", ["0", "1"])
+@pytest.mark.parametrize(("collide", "rigid"), [("0", "0"), ("1", "0"), ("1", "1")])
 def test_serving_decodes_the_pixels_in_play_as_the_dense_decoder_and_keeps_the_rest(
-    tmp_path: Path, collide: str
+    tmp_path: Path, collide: str, rigid: str
 ) -> None:
     """A warp model's serving path (``plan`` + ``decode``) decodes only the pixels some
-    offset could bring another colour to; there it picks what the dense ``output`` picks,
-    everywhere else the last frame's colour stays (with and without ``collide``)."""
+    offset could bring another colour to; there it picks what the dense ``output`` picks
+    (``frame_of``), everywhere else the last frame's colour stays (with and without
+    ``collide``, per pixel or object by object)."""
     small = load(
-        _train_tiny(tmp_path, "sparse", "--warp", "1", "--motion", "2", "--collide", collide)
+        _train_tiny(tmp_path, "sparse", "--motion", "2", "--collide", collide, "--rigid", rigid)
     )
+    assert small.cfg.rigid == int(rigid)
     if collide == "1":
         _batched_and_restored(small)
         with torch.no_grad():  # a trained gain is tiny after 2 steps: make it count here
@@ -413,15 +415,13 @@ def test_serving_decodes_the_pixels_in_play_as_the_dense_decoder_and_keeps_the_r
         local = net.local_features([prev_idx, before_idx], match, hits)
         prior = net.prior(prev_idx, match, hits)
         x = torch.randn(b, net.cfg.tokens, net.cfg.dim)
-        dense = arg_max_color(net.output(x, local, prior)).view(b, -1)
-        conv = net.conv_features([prev_idx, before_idx])
+        dense = net.frame_of(net.output(x, local, prior), prev_idx).view(b, -1)
+        history = [prev_idx, before_idx]
         counts = net.motion_counts(prev_idx, before_idx)
-        plan = net.plan(prev_idx, conv, counts)
+        plan = net.plan(history, counts)
         sparse = net.decode(x, plan).view(b, -1)
         scores = net.scores(x, plan)
-        plans = [
-            net.plan(prev_idx[i : i + 1], conv[i : i + 1], counts[i : i + 1]) for i in range(b)
-        ]
+        plans = [net.plan([h[i : i + 1] for h in history], counts[i : i + 1]) for i in range(b)]
         alone = [net.decode(x[i : i + 1], plans[i]) for i in range(b)]
         alone_scores = [net.scores(x[i : i + 1], plans[i]) for i in range(b)]
     in_play = torch.zeros(b * 64 * 64, dtype=torch.bool)
@@ -463,9 +463,8 @@ def test_only_pixels_near_things_that_move_are_in_play() -> None:
     last[0, 10:20, 10:20] = 1  # an obstacle
     last[0, 40:48, 40:48] = 3  # a ball, far from it
     last[0, 20:28, 20:28] = 4  # another, diagonally touching the obstacle's corner
-    conv = torch.zeros(1, net.cfg.local, 64 * 64)
     in_play = torch.zeros(64 * 64, dtype=torch.bool)
-    in_play[net.plan(last, conv, None).sel] = True
+    in_play[net.plan([last, last], None).sel] = True
     in_play = in_play.view(64, 64)
     assert not bool(in_play[8:22, 8:12].any())  # the obstacle's left side: nothing near
     # the ball: its edge and the 2 px around it, not its inside
@@ -505,10 +504,12 @@ def test_collisions_see_whether_an_object_can_move_along_its_whole_side() -> Non
     # as blocked upwards where a ball near its other side puts it in play
     last[0, 0:10, 30:40] = 1
     last[0, 11:19, 31:39] = 4
-    sel = net.plan(last, torch.zeros(1, net.cfg.local, 64 * 64), None).sel
+    sel = net.plan([last, last], None).sel
     assert not bool((sel < 2 * 64).any())  # the edge rows are not in play
     small = last.to(torch.uint8)
-    served = net._collide(small, sel // 4096, moved(small)[0][:, sel], last.view(-1)[sel])
+    served = net._collide(
+        net.leaving(small), sel // 4096, moved(small)[0][:, sel], last.view(-1)[sel]
+    )
     assert torch.equal(served, net.collisions(last)[0][:, sel])
     obstacle_bottom = (sel == 9 * 64 + 35).nonzero().squeeze(1)
     assert int(served[o + at((-1, 0)), obstacle_bottom]) == 1  # its top is the edge
@@ -516,6 +517,82 @@ def test_collisions_see_whether_an_object_can_move_along_its_whole_side() -> Non
         net.prior(last)
     with pytest.raises(ValueError, match="needs warp 1"):
         WorldNet(NetConfig(dim=32, depth=1, warp=0, collide=1))
+
+
+def _box(frame: torch.Tensor, color: int, y: int, x: int, size: int) -> None:
+    frame[y : y + size, x : x + size] = color
+
+
+def _preferring(frame: torch.Tensor) -> torch.Tensor:
+    """Decoder scores (1, colors, H, W) that put 0.8 on each pixel's colour in ``frame``."""
+    scores = torch.full((1, len(sim.PALETTE), 64, 64), 0.05)
+    return scores.scatter_(1, frame.view(1, 1, 64, 64), 0.8)
+
+
+def test_rigid_decoding_moves_each_object_whole() -> None:
+    """``NetConfig.rigid``: each thing that moves takes the one offset under which the
+    decoder's scores make the likeliest frame, and moves whole, where each pixel's own
+    arg-max would tear it (a few pixels of the agent left behind) or fade it (a ball whose
+    pixels all lean towards the background a little)."""
+    net = WorldNet(NetConfig(dim=32, depth=1, warp=1, rigid=1))
+    agent, ball, other = 2, 3, 4
+    last = torch.zeros(64, 64, dtype=torch.long)
+    _box(last, 1, 50, 5, 10)  # an obstacle
+    _box(last, agent, 10, 10, 12)
+    _box(last, ball, 40, 40, 8)
+    _box(last, other, 20, 40, 8)
+    want = torch.zeros(64, 64, dtype=torch.long)
+    _box(want, 1, 50, 5, 10)
+    _box(want, agent, 10, 12, 12)  # right by 2
+    _box(want, ball, 41, 41, 8)  # down and right by 1
+    _box(want, other, 20, 40, 8)  # still
+    scores = _preferring(want)
+    scores[0, :, 10:14, 22:24] = _preferring(torch.zeros(64, 64, dtype=torch.long))[0, :, :4, :2]
+    scores[0, 0, 20:28, 40:48], scores[0, other, 20:28, 40:48] = 0.6, 0.3
+    own = arg_max_color(scores)[0]
+    assert not bool((own == other).any())  # per pixel: the ball is gone...
+    assert int((own[10:22, 12:24] == agent).sum()) == 144 - 8  # ...and the agent torn
+    assert torch.equal(net.frame_of(scores, last[None])[0], want)  # whole, all of them
+    with pytest.raises(ValueError, match="needs warp 1"):
+        WorldNet(NetConfig(dim=32, depth=1, warp=0, rigid=1))
+
+
+def test_rigid_decoding_never_runs_an_object_into_anything() -> None:
+    """``NetConfig.rigid``: an object moves only by an offset that keeps it in the arena and
+    off everything there, in the order the arena moves them (the agent, then each ball):
+    a ball may follow another into the place it has just left, not into one it is still in;
+    nothing leaves the arena; a pair of batched sessions choose independently. So every
+    object keeps every one of its pixels."""
+    net = WorldNet(NetConfig(dim=32, depth=1, warp=1, rigid=1))
+    agent, ball, other = 2, 3, 4
+    last = torch.zeros(2, 64, 64, dtype=torch.long)
+    _box(last[0], agent, 30, 0, 12)  # against the left edge
+    _box(last[0], ball, 10, 20, 8)
+    _box(last[0], other, 10, 28, 8)  # touching the ball's right side
+    _box(last[1], agent, 40, 40, 12)
+    _box(last[1], ball, 10, 20, 8)
+    _box(last[1], other, 10, 28, 8)
+    # preferred: the agent 2 px left (out of the arena), both balls 1 px right (the first
+    # into the second's place, which it has not left yet); in session 1, both balls left
+    left = torch.zeros(2, 64, 64, dtype=torch.long)
+    _box(left[0], agent, 30, -2 % 64, 12)
+    left[0, 30:42, 62:] = 0  # the agent's columns past the edge are simply gone
+    left[0, 30:42, 0:10] = agent
+    _box(left[0], ball, 10, 21, 8)
+    _box(left[0], other, 10, 29, 8)
+    _box(left[1], agent, 40, 40, 12)
+    _box(left[1], ball, 10, 19, 8)
+    _box(left[1], other, 10, 27, 8)
+    scores = torch.cat([_preferring(left[0]), _preferring(left[1])])
+    got = net.frame_of(scores, last)
+    want = last.clone()
+    want[0, 10:18, 28:36], want[0, 10:18, 29:37] = 0, other  # the ball stays, the other goes
+    want[1, 10:18, 19:27], want[1, 10:18, 27:35] = ball, other  # the other follows the ball
+    want[1, 10:18, 35] = 0
+    assert torch.equal(got, want)  # and the agent stays: moving left, it would leave
+    for color, size in ((agent, 144), (ball, 64), (other, 64)):
+        assert ((got == color).sum((1, 2)) == size).all()
+    assert torch.equal(net.frame_of(scores[1:], last[1:]), got[1:])  # alone, the same
 
 
 def test_the_first_pass_masks_as_a_clean_pass_then_a_denoising_pass_would() -> None:
@@ -557,6 +634,43 @@ def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path: Path) -> None:
     save_file(load_file(str(WEIGHTS)), str(odd), metadata={**meta, "config": json.dumps(config)})
     with pytest.raises(CheckpointError, match="local_frames"):
         load(odd)
+
+
+def test_the_decoding_is_part_of_the_model_version(
+    model: BuiltinWorldModel, tmp_path: Path
+) -> None:
+    """The same tensors decoded per pixel instead of object by object make other frames:
+    another model version, whose snapshots the committed model refuses."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(WEIGHTS), "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    assert config["rigid"] == 1  # the committed weights decode object by object
+    per_pixel = tmp_path / "per_pixel.safetensors"
+    meta = {**meta, "config": json.dumps({**config, "rigid": 0})}
+    save_file(load_file(str(WEIGHTS)), str(per_pixel), metadata=meta)
+    other = load(per_pixel)
+    assert other.info.version != model.info.version
+    with pytest.raises(SnapshotVersionMismatch):
+        model.restore(other.snapshot(other.new_state(3)))
+
+
+def test_what_moves_is_never_lost(model: BuiltinWorldModel) -> None:
+    """Object permanence: in long rollouts of held-out worlds under random actions, every
+    frame draws the agent and both balls whole (each with every pixel it has), whatever
+    the model makes of where they went. (Decoded per pixel, these weights lost every ball
+    of 32 such worlds within 100 steps.)"""
+    seeds = [7_100_000 + i for i in range(8)]
+    _, acts = sim.generate_episodes(seeds, 80, policy_seed=5, warm_start=True)
+    states = [model.new_state(s) for s in seeds]
+    sizes = {2: sim.AGENT_SIZE**2, 3: sim.BALL_SIZE**2, 4: sim.BALL_SIZE**2}
+    for t in range(acts.shape[1]):
+        frames = model.step(states, [Control(int(a)) for a in acts[:, t]], 1 + t % 4)
+        for color, size in sizes.items():
+            drawn = (frames == sim.PALETTE[color]).all(-1).sum((1, 2))
+            assert (drawn == size).all(), (t, color, drawn)
 
 
 def test_sessions_start_from_two_frames_and_make_palette_images(model: BuiltinWorldModel) -> None:

@@ -31,6 +31,9 @@ VALIDATION_SEEDS = tuple(8_500_000 + i for i in range(64))
 FIRST16_SEEDS = tuple(9_000_000 + i for i in range(16))
 POLICY_SEED = 424242
 HORIZON = 32
+# Object permanence: how many of the things that move a long rollout still draws, and where
+LONG_HORIZON = 128
+LONG_STEPS = (32, 64, 128)
 
 
 def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -73,6 +76,44 @@ def one_step(
         for i, state in enumerate(states):
             model.observe(state, frames[i, t + 1])  # the truth becomes the context
     return np.stack(preds, axis=1)
+
+
+def objects(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each frame (N, T, H, W, 3) and thing that moves (``sim.MOVING``: the agent, each
+    ball): whether the prediction draws at least half of its pixels in the truth (N, T,
+    things) bool, and the distance in px between the centroids of its pixels in the two
+    (NaN where not drawn)."""
+    kept, error = [], []
+    ys, xs = np.mgrid[: pred.shape[2], : pred.shape[3]]
+    for color in sim.PALETTE[sim.MOVING]:
+        mine, real = (pred == color).all(-1), (truth == color).all(-1)
+        n_mine, n_real = mine.sum((2, 3)), real.sum((2, 3))
+        drawn = n_mine * 2 >= np.maximum(n_real, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dy = (mine * ys).sum((2, 3)) / n_mine - (real * ys).sum((2, 3)) / n_real
+            dx = (mine * xs).sum((2, 3)) / n_mine - (real * xs).sum((2, 3)) / n_real
+        kept.append(drawn)
+        error.append(np.where(drawn, np.hypot(dy, dx), np.nan))
+    return np.stack(kept, -1), np.stack(error, -1)
+
+
+def permanence(model: BuiltinWorldModel, seeds: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Rollouts of ``LONG_HORIZON`` steps with the true actions: at each of ``LONG_STEPS``,
+    the share of the things that move that are still drawn (at least half their pixels)
+    and the mean distance of the drawn ones from their true places (px)."""
+    frames, actions = sim.generate_episodes(
+        list(seeds), LONG_HORIZON, POLICY_SEED + 1, warm_start=True
+    )
+    pred = rollout(model, seeds, actions, model.info.default_steps)
+    kept, error = objects(pred, frames[:, 1:])
+    return {
+        "objects_kept": {str(t): round(float(kept[:, t - 1].mean()), 3) for t in LONG_STEPS},
+        "object_error_px": {
+            str(t): round(float(np.nanmean(error[:, t - 1])), 2)
+            for t in LONG_STEPS
+            if kept[:, t - 1].any()  # none drawn: no distance
+        },
+    }
 
 
 def speed_ms(model: BuiltinWorldModel, steps: int, batch: int, repeats: int) -> float:
@@ -143,6 +184,7 @@ def evaluate(
         "rollout_mean_copy_last": round(float(np.mean(copy)), 3),
         "rollout_mean_simulator_shuffled": round(float(np.mean(sim_shuf)), 3),
         "rollout_mean_by_k": by_k,
+        **permanence(model, seeds),
         "ms_per_frame_b1": {
             str(k): round(speed_ms(model, k, 1, speed_repeats * 2), 3) for k in model.info.steps
         },

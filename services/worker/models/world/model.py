@@ -8,10 +8,12 @@ index and seed.
 
 A step, batched over sessions: K denoising passes from pure noise, the first one sharing
 its transformer pass with the last frame's clean block (whose keys and values then enter
-the cache): each predicts the frame's palette colours, whose arg-max image is re-noised to
-the next time of the schedule with the noise that prediction implies (DDIM; the only
-random draw is the starting noise, from the session's generator); the last pass's
-arg-max colours are the frame. K is the quality ladder: 1..4.
+the cache): each predicts the frame's palette colours, whose arg-max image is re-noised
+to the next time of the schedule with the noise that prediction implies (DDIM; the only
+random draw is the starting noise, from the session's generator); the last pass's arg-max
+colours are the frame (with ``NetConfig.rigid``, the committed weights: the frame in which
+each thing that moves is moved whole by its likeliest offset, ``net.rigid_colors``). K is
+the quality ladder: 1..4.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ class BuiltinWorldModel(WorldModel):
             description=(
                 "Built-in action-conditioned world model: a block-causal transformer with "
                 f"a {w}-frame KV cache, a pixel decoder and a 1-4 step sampler, trained "
-                "on the repo's own 2-D arena"
+                "on the repo's own 2-D arena" + (", its objects decoded whole" if cfg.rigid else "")
             ),
             width=cfg.width,
             height=cfg.height,
@@ -246,16 +248,20 @@ class BuiltinWorldModel(WorldModel):
         plan = prior = None
         if cfg.warp:
             counts = net.motion_counts(history[0], history[1]) if cfg.motion else None
-            plan = net.plan(prev_idx, net.conv_features(history), counts, actions)
+            plan = net.plan(history, counts, actions)
         else:
             match = net.motion_match(history[0], history[1]) if cfg.motion else None
             local = net.local_features(history, match, actions=actions)
             prior = net.prior(prev_idx, match)
         palette = cast(torch.Tensor, net.palette)
 
-        def decode(z: torch.Tensor) -> torch.Tensor:
+        def decode(z: torch.Tensor, last: bool) -> torch.Tensor:
+            # with rigid: the last pass decodes the frame object by object; the others
+            # each pixel's arg-max (only a clean-frame estimate to re-noise, and one that
+            # shows the next pass where the first was unsure: better rollouts at every
+            # K > 1 than re-noising whole objects, item 28 of docs/world_model.md)
             if plan is not None:
-                return net.decode(z, plan)
+                return net.decode(z, plan, whole=last)
             assert prior is not None
             return arg_max_color(net.output(z, local, prior))
 
@@ -277,7 +283,7 @@ class BuiltinWorldModel(WorldModel):
             values = torch.cat([kv[:, i, 1].reshape(b, w * t, -1), v], 1)
             z = block.attend(z, q, keys, values, block.age_bias_of(age, t))
             new_kv.append(torch.stack([k[:, :t], v[:, :t]], 1))  # (B, 2, T, D)
-        colors = decode(z[:, t:])
+        colors = decode(z[:, t:], len(times) == 1)
         kv = torch.cat([kv[:, :, :, 1:], torch.stack(new_kv, 1).unsqueeze(3)], 3)
         valid = torch.cat([valid[:, 1:], torch.ones(b, 1, dtype=torch.bool)], 1)
 
@@ -306,7 +312,7 @@ class BuiltinWorldModel(WorldModel):
                 pass_keys[i][:, w * t :] = k
                 pass_values[i][:, w * t :] = v
                 z = block.attend(z, q, pass_keys[i], pass_values[i], bias[i])
-            colors = decode(z)
+            colors = decode(z, n == len(times) - 1)
 
         # (3) the frame (the arg-max colours of the last pass), and the new session states
         frames = self._palette[colors.numpy()]
@@ -473,10 +479,12 @@ def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_ID}.safetensors"
 
 
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """12 hex digits of a SHA-256 over the tensors (names, dtypes, shapes, bytes): the same
-    weights give the same model version whatever the file's header order."""
-    h = hashlib.sha256()
+def weights_digest(tensors: dict[str, torch.Tensor], cfg: NetConfig) -> str:
+    """12 hex digits of a SHA-256 over the network's config and the tensors (names, dtypes,
+    shapes, bytes): the same weights in the same network give the same model version
+    whatever the file's header order, and a switch without weights of its own that changes
+    the frames (``NetConfig.rigid``) gives another."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -520,5 +528,5 @@ def load(
             f"{unexpected[:5]}, shape mismatches {shapes[:5]}"
         )
     net.load_state_dict(tensors)
-    version = f"1.0+{weights_digest(tensors)}"
+    version = f"1.0+{weights_digest(tensors, cfg)}"
     return BuiltinWorldModel(net, version, window=window, num_threads=num_threads)

@@ -16,7 +16,9 @@ the model feeds back to itself in a long rollout is never off-palette junk. With
 a pixel may also take the last frame's colour from one of ``WARP_OFFSETS`` (the ways the
 arena's objects move), and with ``motion`` it sees which offset explained the last move
 around it (block matching); serving then decodes only the pixels some offset could change
-(``plan``, ``decode``).
+(``plan``, ``decode``). With ``rigid`` a frame is decoded object by object
+(``rigid_colors``): each thing that moves takes the one offset that makes the likeliest
+frame and moves whole, never into anything, so objects never smear, split or fade.
 
 Every matrix product is batched per session (``bmm``/``baddbmm`` with the batch as the
 batch dimension), and the sparse serving decoder works column by column: a session's
@@ -49,6 +51,11 @@ _REACH = 2  # the farthest a warp offset reaches
 _WINDOW = 5  # the motion match's window: 5 x 5 pixels around each pixel
 _LOG2E = 1.4426950408889634
 _COLUMNS = 64  # the serving decoder's pixels in play are padded to a multiple of this
+# the things that move (``sim.MOVING``: the agent, the balls): their colours, in the order
+# the arena moves them, and a bit for each
+_MOVING_COLORS = tuple(int(k) for k in sim.MOVING.nonzero()[0])
+_MOVING = torch.tensor(_MOVING_COLORS)
+_THING_BITS = torch.tensor([1 << i for i in range(len(_MOVING_COLORS))], dtype=torch.uint8)
 
 
 class Prior(NamedTuple):
@@ -56,6 +63,26 @@ class Prior(NamedTuple):
 
     base: torch.Tensor  # the keep bias (B, colors, P), or with warp the moved colours (B, O, P)
     offsets: torch.Tensor | None  # motion 2's and collide's bias on the offsets (B, O, P)
+
+
+class RigidPlan(NamedTuple):
+    """What decoding a step's frames object by object needs of its last frames, once per
+    step (``rigid_plan``), for ``rigid_colors``: over columns of pixels (N of them, of
+    ``sessions``), and per thing that moves (``sim.MOVING``, in order) its columns."""
+
+    own: torch.Tensor  # (N,) the last frame's colours
+    sessions: int
+    # all things' columns (K): the flat indices into the scores (colors, M) of its colour
+    # and of the colour the column has if it moves away, and where each offset brings it
+    moving_at: torch.Tensor  # (K,)
+    staying_at: torch.Tensor  # (K,)
+    brought: torch.Tensor  # (K, offsets) bool
+    rows: torch.Tensor  # (K,) where each adds up: session x things + thing
+    cols: tuple[torch.Tensor, ...]  # (k,) per thing: its columns (it or an offset brings it)
+    brings: tuple[torch.Tensor, ...]  # (k, offsets) bool: where each offset brings it
+    session: tuple[torch.Tensor, ...]  # (k,) their sessions
+    was: tuple[torch.Tensor, ...]  # the columns it is at in the last frame
+    leaving: tuple[torch.Tensor, ...]  # (sessions, offsets) bool: ``WorldNet.leaving``'s
 
 
 class DecodePlan(NamedTuple):
@@ -68,6 +95,7 @@ class DecodePlan(NamedTuple):
     base: torch.Tensor  # (outputs, .) their logits' constant part (bias, keep, offsets')
     moved: torch.Tensor  # (offsets, .) the colour each offset brings
     keep: torch.Tensor  # (B * H * W,) the last frame's colours: the pixels not in play
+    rigid: RigidPlan | None  # with rigid: what object-by-object decoding needs
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,12 @@ class NetConfig:
     # 1: the pixel decoder also sees the action directly (a learned vector per action
     # added to every pixel's local features), not only through the transformer's tokens
     action_local: int = 0
+    # 1: a frame is decoded object by object (``rigid_colors``): each thing that moves takes
+    # the one warp offset under which the decoder finds the frame it makes likeliest, and
+    # moves whole; everything else keeps its colour. 0: every pixel takes its own arg-max
+    # colour (an object's pixels may disagree: smeared, split or faded). Needs warp 1. No
+    # weights of its own, but it changes the frames, so it is part of the model version.
+    rigid: int = 0
 
     @property
     def tokens(self) -> int:
@@ -232,6 +266,10 @@ class WorldNet(nn.Module):
             raise ValueError("collide biases the warp offsets' logits: it needs warp 1")
         if cfg.action_local not in (0, 1):
             raise ValueError(f"action_local must be 0 or 1, got {cfg.action_local}")
+        if cfg.rigid not in (0, 1):
+            raise ValueError(f"rigid must be 0 or 1, got {cfg.rigid}")
+        if cfg.rigid and not cfg.warp:
+            raise ValueError("rigid moves objects by the warp offsets: it needs warp 1")
         c, loc = cfg.colors, cfg.local
         self.head = nn.Linear(d, cfg.patch * cfg.patch * cfg.pixel)
         # the local pixel decoder: two 3x3 convolutions over the last frames' colours
@@ -256,7 +294,10 @@ class WorldNet(nn.Module):
         still = torch.zeros(c + (len(WARP_OFFSETS) if cfg.warp else 0))
         still[c:] = torch.tensor([1.0] + [0.0] * (len(WARP_OFFSETS) - 1)) if cfg.warp else 0.0
         self.register_buffer("still", still, persistent=False)
-        self.register_buffer("moving", torch.from_numpy(sim.MOVING), persistent=False)
+        # per colour: the bit of the thing that moves it is (``things_near``), else 0
+        thing_bit = torch.zeros(cfg.colors, dtype=torch.uint8)
+        thing_bit[list(_MOVING_COLORS)] = _THING_BITS
+        self.register_buffer("thing_bit", thing_bit, persistent=False)
         opposite = [WARP_OFFSETS.index((-dy, -dx)) for dy, dx in WARP_OFFSETS]
         self.register_buffer("opposite", torch.tensor(opposite), persistent=False)
         # the pixels within reach of the arena's edge, and for each offset which of them it
@@ -373,6 +414,44 @@ class WorldNet(nn.Module):
     def conv_features(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
         """``local_features`` without the motion match, the collisions and the action: the
         convolutions over the last frames' colours (B, local, H * W)."""
+        hot = self._one_hot(history)
+        if _training(self.local1):
+            return self._local(hot).flatten(2)
+        # one convolution call per session: the same call on the same shape whether a
+        # session is stepped alone or in a batch (batch-invariant, like ``linear``; one
+        # call on 8 sessions, in either memory layout, was no faster in a step here)
+        return torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
+
+    def conv_columns(
+        self, history: Sequence[torch.Tensor], session: torch.Tensor, pixel: torch.Tensor
+    ) -> torch.Tensor:
+        """``conv_features`` at some pixels only, as columns (each one's session and raster
+        index, N a multiple of ``_COLUMNS``) -> (local, N): the first convolution over
+        whole frames (one call per session), the second at those pixels alone, where a
+        dense call per session makes ten times the pixels (the same numbers, to
+        rounding). The second is one product per block of ``_COLUMNS`` columns, every
+        block the same shape (``bmm``): a column's numbers do not depend on the others.
+        With ``local_dilation``, ``conv_features``' columns."""
+        if self.local3 is not None:
+            return self.conv_features(history)[session, :, pixel].t().contiguous()
+        hot = self._one_hot(history)
+        first = torch.cat([torch.relu(self.local1(m.unsqueeze(0))) for m in hot])
+        c, h, w = first.shape[1:]
+        pad = torch.nn.functional.pad(first, (1, 1, 1, 1)).transpose(0, 1).reshape(c, -1)
+        # the 3x3 window of each pixel in the padded frames (its top-left corner at (y, x)):
+        # (channels x 9 taps, N), in the order of the weight's (in, dy, dx)
+        corner = session * ((h + 2) * (w + 2)) + (pixel // w) * (w + 2) + pixel % w
+        taps = torch.tensor([dy * (w + 2) + dx for dy in range(3) for dx in range(3)])
+        at = (corner.unsqueeze(0) + taps.to(corner.device).unsqueeze(1)).view(-1)
+        window = pad.index_select(1, at).view(c * 9, -1, _COLUMNS).transpose(0, 1)
+        weight = self.local2.weight.reshape(self.local2.weight.shape[0], -1)
+        bias = cast(torch.Tensor, self.local2.bias).view(1, -1, 1)
+        blocks = torch.baddbmm(bias, _per_session(weight, window.shape[0]), window)
+        return blocks.transpose(0, 1).reshape(weight.shape[0], -1)
+
+    def _one_hot(self, history: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The last ``local_frames`` frames' colour indices -> one-hot (B, frames x colors,
+        H, W), the latest first: the local decoder's input."""
         c, n = self.cfg.colors, self.cfg.local_frames
         if len(history) < n:
             raise ValueError(f"the local decoder sees {n} frames, got {len(history)}")
@@ -380,12 +459,7 @@ class WorldNet(nn.Module):
         hot = torch.zeros(b, n * c, h, w, device=history[0].device)
         for j, idx in enumerate(history[:n]):
             hot.scatter_(1, idx.unsqueeze(1) + j * c, 1.0)
-        if _training(self.local1):
-            return self._local(hot).flatten(2)
-        # one convolution call per session: the same call on the same shape whether a
-        # session is stepped alone or in a batch (batch-invariant, like ``linear``; one
-        # call on 8 sessions, in either memory layout, was no faster in a step here)
-        return torch.cat([self._local(m.unsqueeze(0)) for m in hot]).flatten(2)
+        return hot
 
     def motion_match(self, last: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """Colour indices of the last frame and the one before, (B, H, W) -> (B, offsets,
@@ -413,19 +487,19 @@ class WorldNet(nn.Module):
         small = last.to(torch.uint8)
         session = torch.arange(b, device=last.device).repeat_interleave(n)
         sources = moved(small).permute(1, 0, 2).reshape(len(WARP_OFFSETS), b * n)
-        hits = self._collide(small, session, sources, last.reshape(b * n))
+        hits = self._collide(self.leaving(small), session, sources, last.reshape(b * n))
         return hits.view(2 * len(WARP_OFFSETS), b, n).permute(1, 0, 2)
 
     def _collide(
         self,
-        frames: torch.Tensor,
+        leaving: torch.Tensor,
         session: torch.Tensor,
         sources: torch.Tensor,
         own: torch.Tensor,
     ) -> torch.Tensor:
-        """``collisions`` of some pixels of a batch of frames (colour indices (B, H, W)
-        uint8), as columns: each pixel's session (N,), the colours the warp offsets bring
-        to it (offsets, N) and its own colour (N,) -> uint8 (2 x offsets, N).
+        """``collisions`` of some pixels of a batch of frames, as columns: the frames'
+        ``leaving`` (B, colors, offsets), each pixel's session (N,), the colours the warp
+        offsets bring to it (offsets, N) and its own colour (N,) -> uint8 (2 x offsets, N).
 
         Where two colours meet is read from the columns, so they must hold every such
         pixel: they do when they are the pixels in play (``plan``), as a pixel with a
@@ -434,19 +508,14 @@ class WorldNet(nn.Module):
         other). Where a colour meets the arena's edge is read from the frames' border,
         whatever the columns. Integer work and sums of 0s and 1s only: exact, whatever
         the batch."""
-        b = frames.shape[0]
+        b = leaving.shape[0]
         o, c = len(WARP_OFFSETS), self.cfg.colors
         # what a pixel would move onto: what the opposite offset brings to it
         ahead = sources[cast(torch.Tensor, self.opposite)]
         own8 = own.to(torch.uint8)
         clash = (ahead != 0) & (ahead != own8) & (own8 != 0)
         # one flag per session, colour and offset: does any of its pixels clash
-        border = cast(torch.Tensor, self.border)
-        edge = torch.zeros(b, border.shape[0], c, device=own.device)
-        edge.scatter_(2, frames.view(b, -1)[:, border].long().unsqueeze(2), 1.0)
-        leaves = cast(torch.Tensor, self.leaves)  # (offsets, border pixels) 0/1
-        table = (torch.bmm(_per_session(leaves, b), edge) > 0).transpose(1, 2)
-        table = table.to(torch.uint8).contiguous().view(b * c, o)
+        table = leaving.to(torch.uint8).contiguous().view(b * c, o)
         table.view(b, c, o)[:, 0] = 0  # the background runs into nothing
         k, i = clash.nonzero(as_tuple=True)
         table[session[i] * c + own[i], k] = 1
@@ -455,6 +524,28 @@ class WorldNet(nn.Module):
         offset = torch.arange(o, device=own.device).view(o, 1)
         incoming = table.view(-1)[(sources.long() + row) * o + offset]
         return torch.cat([incoming, mine])
+
+    def things_near(self, frames: torch.Tensor) -> torch.Tensor:
+        """Colour indices (B, H, W) -> uint8 (B, H * W): for each pixel, bit i set if the
+        i-th thing that moves (``sim.MOVING``, in order) is at it or a warp offset would
+        bring it there."""
+        bits = cast(torch.Tensor, self.thing_bit)[frames.long()]
+        shifted = moved(bits)
+        out = shifted[:, 0].clone()
+        for o in range(1, len(WARP_OFFSETS)):
+            out |= shifted[:, o]
+        return out
+
+    def leaving(self, frames: torch.Tensor) -> torch.Tensor:
+        """Colour indices (B, H, W) -> bool (B, colors, offsets): whether any pixel of a
+        colour would leave the arena if all of it moved by an offset (read from the
+        frames' border; sums of 0s and 1s: exact, whatever the batch)."""
+        b = frames.shape[0]
+        border = cast(torch.Tensor, self.border)
+        edge = torch.zeros(b, border.shape[0], self.cfg.colors, device=frames.device)
+        edge.scatter_(2, frames.reshape(b, -1)[:, border].long().unsqueeze(2), 1.0)
+        leaves = cast(torch.Tensor, self.leaves)  # (offsets, border pixels) 0/1
+        return (torch.bmm(_per_session(leaves, b), edge) > 0).transpose(1, 2)
 
     def _local(self, hot: torch.Tensor) -> torch.Tensor:
         h = self.local2(torch.relu(self.local1(hot)))
@@ -556,16 +647,16 @@ class WorldNet(nn.Module):
 
     def plan(
         self,
-        prev_idx: torch.Tensor,
-        conv: torch.Tensor,
+        history: Sequence[torch.Tensor],
         counts: torch.Tensor | None,
         actions: torch.Tensor | None = None,
     ) -> DecodePlan:
         """A warp decoder's serving plan for every pass of a step: the pixels in play and
-        their share of the step's decoder inputs (``conv_features``; with ``motion`` the
-        last two frames' ``motion_counts``; with ``collide`` the last frame's
-        ``collisions``, computed here; with ``action_local`` the ``actions``), mixed in as
-        ``local_features`` does, for the pixels in play only.
+        their share of the step's decoder inputs (``conv_features`` of the last frames'
+        colour indices ``history``, the latest first, at those pixels: ``conv_columns``;
+        with ``motion`` the last two frames' ``motion_counts``; with ``collide`` the last
+        frame's ``collisions``, computed here; with ``action_local`` the ``actions``),
+        mixed in as ``local_features`` does, for the pixels in play only.
         A pixel is in play if one of the 13 pixels a warp offset would bring to it has
         another colour in the last frame, and it or one of them is a thing that moves
         (``sim.MOVING``). Nothing in the arena moves more than 2 px a frame, so any other
@@ -574,14 +665,14 @@ class WorldNet(nn.Module):
         cfg = self.cfg
         if not cfg.warp:
             raise ValueError("only a warp decoder decodes the pixels in play alone")
+        prev_idx = history[0]
         b, h, w = prev_idx.shape
         n = h * w
         flat = prev_idx.reshape(b * n)
         small = prev_idx.to(torch.uint8)  # moving 13 copies of a frame: 8x cheaper
         sources = moved(small)
-        moving = cast(torch.Tensor, self.moving)[prev_idx].view(b, 1, n).to(torch.uint8)
-        near = (moved(moving.view(b, h, w)).amax(1, keepdim=True) | moving).bool()
-        sel = ((sources != small.view(b, 1, n)).any(1, keepdim=True) & near).view(b * n)
+        reach = self.things_near(prev_idx)  # a thing that moves is at or near: (B, n)
+        sel = (_any(sources != small.view(b, 1, n), 1) & (reach != 0)).view(b * n)
         sel = sel.nonzero().squeeze(1)
         # padded to a multiple of _COLUMNS with copies of the first pixel in play: every
         # elementwise kernel then runs its vector body over all columns, never a scalar
@@ -598,7 +689,7 @@ class WorldNet(nn.Module):
             return t[session, :, pixel].t()
 
         base = self._warp_bias().view(-1, 1).expand(-1, padded.shape[0])
-        local = columns(conv).contiguous()
+        local = self.conv_columns(history, session, pixel)
         brought = columns(sources)
         match = hit = None
         if self.motion_in is not None:
@@ -606,8 +697,10 @@ class WorldNet(nn.Module):
                 raise ValueError("a motion decoder needs the last two frames' motion_counts")
             match = _share(columns(counts.view(b, len(WARP_OFFSETS), n)))
             _mix_in(local, self.motion_in.weight, match)
+        leaving = self.leaving(small) if self.collide_in is not None or cfg.rigid else None
         if self.collide_in is not None:
-            flags = self._collide(small, session, brought, flat[padded])
+            assert leaving is not None
+            flags = self._collide(leaving, session, brought, flat[padded])
             # mostly zeros: the sum of the weights of the flags that are set, each pixel's
             # in the order of its flags (index_add_ goes through its indices in order)
             k, i = flags.nonzero(as_tuple=True)
@@ -622,6 +715,13 @@ class WorldNet(nn.Module):
         offsets = self._offset_bias(match, hit)
         if offsets is not None:
             base = torch.cat([base[: cfg.colors], base[cfg.colors :] + offsets])
+        rigid = None
+        if cfg.rigid:
+            assert leaving is not None
+            m = sel.shape[0]
+            mine = brought.t()[:m]  # (N, offsets), contiguous
+            near = reach.view(b * n)[sel]
+            rigid = rigid_plan(flat[sel], mine, session[:m], near, leaving, padded.shape[0])
         return DecodePlan(
             sel=sel,
             rows=rows,
@@ -629,12 +729,14 @@ class WorldNet(nn.Module):
             base=base.contiguous(),
             moved=brought.long().contiguous(),
             keep=flat,
+            rigid=rigid,
         )
 
-    def decode(self, x: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, plan: DecodePlan, whole: bool = True) -> torch.Tensor:
         """Serving, a warp decoder: final tokens (B, T, D) -> each pixel's arg-max colour
         (B, H, W) long, the pixels in play decoded as ``output`` would (to rounding), the
-        others kept.
+        others kept; with ``rigid`` and ``whole`` (a step's last pass: its frame) the
+        objects moved whole instead (``rigid_colors``, as ``frame_of`` would).
 
         Column by column: every product is accumulated channel by channel over the pixels
         in play of all sessions at once, so a pixel's numbers do not depend on which
@@ -644,7 +746,11 @@ class WorldNet(nn.Module):
         out = plan.keep.clone()
         if plan.sel.numel():
             scores = self.scores(x, plan)
-            out[plan.sel] = scores.t().contiguous().argmax(1)[: plan.sel.shape[0]]
+            m = plan.sel.shape[0]
+            if whole and plan.rigid is not None:
+                out[plan.sel] = rigid_colors(scores, plan.rigid)
+            else:
+                out[plan.sel] = scores.t().contiguous().argmax(1)[:m]
         return out.view(b, cfg.height, cfg.width)
 
     def scores(self, x: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
@@ -662,11 +768,113 @@ class WorldNet(nn.Module):
         """(..., colors, H, W) logits -> (..., H, W, 3) in [-1, 1]: the arg-max's colour."""
         return cast(torch.Tensor, self.palette)[arg_max_color(logits)]
 
+    def frame_of(self, scores: torch.Tensor, prev_idx: torch.Tensor) -> torch.Tensor:
+        """The dense decoder's frames: ``output``'s scores without gradients (B, colors, H,
+        W) and the colour indices of the frames before them (B, H, W) -> colour indices
+        (B, H, W): with ``rigid`` the objects moved whole (``rigid_colors``, over every
+        pixel a thing that moves is at or within reach of: serving's frames, to
+        rounding), else each pixel's arg-max."""
+        if not self.cfg.rigid:
+            return arg_max_color(scores)
+        b, c, h, w = scores.shape
+        n = h * w
+        reach = self.things_near(prev_idx).view(b * n)
+        sel = reach.nonzero().squeeze(1)
+        columns = scores.reshape(b, c, n).transpose(0, 1).reshape(c, b * n)[:, sel]
+        sources = moved(prev_idx).transpose(1, 2).reshape(b * n, len(WARP_OFFSETS))[sel]
+        out = prev_idx.reshape(b * n).clone()
+        leaving = self.leaving(prev_idx)
+        rigid = rigid_plan(out[sel], sources, sel // n, reach[sel], leaving, sel.shape[0])
+        out[sel] = rigid_colors(columns, rigid)
+        return out.view(b, h, w)
+
 
 def arg_max_color(logits: torch.Tensor) -> torch.Tensor:
     """(..., colors, H, W) -> (..., H, W) long: the arg-max over the colour axis (taken
     channels-last: a reduction over a strided axis is many times slower)."""
     return logits.movedim(-3, -1).contiguous().argmax(-1)
+
+
+def rigid_plan(
+    own: torch.Tensor,
+    sources: torch.Tensor,
+    session: torch.Tensor,
+    reach: torch.Tensor,
+    leaving: torch.Tensor,
+    width: int,
+) -> RigidPlan:
+    """``RigidPlan`` of N columns of pixels: the last frame's colour of each (N,), the colour
+    each warp offset brings to it (N, offsets), its session (N,), which things that move
+    it is within reach of (N,) (``WorldNet.things_near``), ``WorldNet.leaving`` of the
+    sessions' last frames, and the width M >= N of the scores to be decoded (a plan's
+    padded columns). The columns must hold every pixel within 2 px of a moving colour's
+    edge (a plan's pixels in play do). All things at once: (thing, column) pairs in the
+    order of the things, then of the columns."""
+    things = _MOVING.to(own.device)
+    bits = (reach.unsqueeze(0) & _THING_BITS.to(reach.device).view(-1, 1)) != 0
+    thing, col = bits.nonzero().unbind(1)
+    color, mine = things[thing], own[col]
+    brought = sources[col] == color.to(sources.dtype).unsqueeze(1)  # (K, offsets)
+    # if it moves away, the column has the background where it was, else its own colour
+    rest = torch.where(mine == color, 0, mine)
+    counts = torch.bincount(thing, minlength=len(_MOVING_COLORS)).tolist()
+    sessions = session[col]
+    return RigidPlan(
+        own=own,
+        sessions=leaving.shape[0],
+        moving_at=color * width + col,
+        staying_at=rest * width + col,
+        brought=brought,
+        rows=sessions * len(_MOVING_COLORS) + thing,
+        cols=col.split(counts),
+        brings=brought.split(counts),
+        session=sessions.split(counts),
+        was=tuple((own == c).nonzero().squeeze(1) for c in _MOVING_COLORS),
+        leaving=tuple(leaving[:, c].contiguous() for c in _MOVING_COLORS),
+    )
+
+
+def rigid_colors(scores: torch.Tensor, plan: RigidPlan) -> torch.Tensor:
+    """A frame decoded object by object (``NetConfig.rigid``): each column's colour
+    probabilities up to a factor (colors, M) and the step's ``RigidPlan`` -> the colours of
+    its N columns (N,).
+
+    Every object of the arena is rigid, has its own colour and moves by one warp offset a
+    frame, never into anything, in the palette's order (the agent, then each ball, as
+    ``sim.WorldSim.step`` moves them). So a frame is one offset per thing that moves
+    (``sim.MOVING``). For each such colour and offset: the log-probability, summed over
+    the columns that offset could change, of the frame in which that colour alone moves by
+    it. Taken in order, each colour moves by its most likely offset (the first on a tie)
+    among those that keep it inside the arena and off everything there: the obstacles,
+    the objects already moved, at their new places, and the ones not yet moved, at their
+    old ones. Staying is always possible, so an object never smears, splits, fades or runs
+    into another: it keeps every pixel it has, and its pixels agree on where it went.
+    Per-column work, sums in column order per session (``index_add_`` goes through its
+    indices in order) and integer counts: a session's choice does not depend on the
+    others."""
+    c = scores.shape[0]
+    total = scores[0].clone()
+    for k in range(1, c):  # a fixed order of additions, whatever the columns
+        total += scores[k]
+    logp = (scores.clamp_min(1e-30).log() - total.log()).view(-1)
+    things, offsets = len(_MOVING_COLORS), plan.brought.shape[1]
+    # each column's log-probability in the frame where its thing alone moves by each offset
+    moving, staying = logp.take(plan.moving_at), logp.take(plan.staying_at)
+    alone = torch.where(plan.brought, moving.unsqueeze(1), staying.unsqueeze(1))
+    score = logp.new_zeros(plan.sessions * things, offsets)
+    score = score.index_add_(0, plan.rows, alone).view(plan.sessions, things, -1)
+    frame = plan.own.clone()  # the frame as the objects move, one after the other
+    for i, color in enumerate(_MOVING_COLORS):
+        cols, brings, session = plan.cols[i], plan.brings[i], plan.session[i]
+        frame[plan.was[i]] = 0  # the background where it was...
+        # ...and the offsets that would run it into whatever is there now
+        clash = (brings & (frame[cols] != 0).unsqueeze(1)).to(torch.int32)
+        hits = torch.zeros(plan.sessions, offsets, dtype=torch.int32, device=frame.device)
+        barred = (hits.index_add_(0, session, clash) > 0) | plan.leaving[i]
+        choice = score[:, i].masked_fill(barred, float("-inf")).argmax(1)
+        went = brings.gather(1, choice[session].unsqueeze(1)).squeeze(1)
+        frame[cols[went]] = color  # ...and it where it went
+    return frame
 
 
 def _mix_in(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -675,6 +883,12 @@ def _mix_in(out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.T
     for k in range(x.shape[0]):
         out.addcmul_(weight[:, k : k + 1], x[k : k + 1])
     return out
+
+
+def _any(flags: torch.Tensor, dim: int) -> torch.Tensor:
+    """``flags.any(dim)`` of a bool tensor, as the largest of its bytes: torch's ``any``
+    over an inner axis runs a scalar loop (~30x slower here)."""
+    return flags.view(torch.uint8).amax(dim).bool()
 
 
 def _share(counts: torch.Tensor) -> torch.Tensor:
