@@ -8,13 +8,14 @@ Reports the teacher-forced one-step PSNR; per-step PSNR of 32-step rollouts from
 world's first frame with the true actions, with shuffled actions (each world gets another
 world's action sequence) and for the copy-last-frame baseline (PSNR = 10 log10(1 / MSE)
 over the set, pixels in [0, 1]); the rollout mean for each step count K; the speed per
-frame at batch 1 and per step at batch 8 for each K; object permanence: in 128-step
-rollouts with the true actions, the share of the things that move (the agent, the balls)
-still drawn with at least half their pixels after 32, 64 and 128 steps, and how far the
-drawn ones are from their true places. Writes a PNG strip (truth above prediction, every
-second frame of one world). With --json the last stdout line is one JSON
-object; --update-card stores it as the "eval" of the model card next to the weights;
---check exits 1 when an acceptance bar of the issue is missed. The 64 evaluation worlds
+frame at batch 1 and per step at batch 8 for each K (the lowest median of three blocks of
+steps, the Ks in turn: a busy stretch of a shared machine only adds time); object
+permanence: in 128-step rollouts with the true actions, the share of the things that move
+(the agent, the balls) still drawn with at least half their pixels after 32, 64 and 128
+steps, and how far the drawn ones are from their true places. Writes a PNG strip (truth
+above prediction, every second frame of one world). With --json the last stdout line is
+one JSON object; --update-card stores it as the "eval" of the model card next to the
+weights; --check exits 1 when an acceptance bar of the issue is missed. The 64 evaluation worlds
 give the reported figures; ``--split validation`` evaluates on 64 other held-out worlds,
 the ones to choose between training runs by (so the reported figures are not those a run
 was picked by); ``--split first16`` on the 16 worlds of the earlier record.
