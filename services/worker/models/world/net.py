@@ -746,11 +746,10 @@ class WorldNet(nn.Module):
         out = plan.keep.clone()
         if plan.sel.numel():
             scores = self.scores(x, plan)
-            m = plan.sel.shape[0]
             if whole and plan.rigid is not None:
                 out[plan.sel] = rigid_colors(scores, plan.rigid)
             else:
-                out[plan.sel] = scores.t().contiguous().argmax(1)[:m]
+                out[plan.sel] = scores.t().contiguous().argmax(1)[: plan.sel.shape[0]]
         return out.view(b, cfg.height, cfg.width)
 
     def scores(self, x: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
