@@ -20,7 +20,7 @@ import grpc
 from opentelemetry import context as otel_context
 
 from windflow.common import grpc_util, names, telemetry
-from windflow.errors import Internal, ResourceExhausted, Unavailable
+from windflow.errors import Internal, NotFound, ResourceExhausted, Unavailable
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
@@ -56,6 +56,10 @@ class StreamProxy:
         a time, and nothing may overtake the Attach."""
         self._controls: list[pb.Control] = list(first.attach.controls)
         self.last_forwarded = -1
+        self._attached = False
+        """The first leg's KIND_ATTACHED came (and set ``last_forwarded`` to its head - 1):
+        a recovery resumes the stream; before it, one attaches afresh."""
+        self._same_worker_retries = 0
         self.recoveries = 0
         self.trace_context: otel_context.Context | None = None
         """The stream span's context: parent of the worker legs and the frame spans."""
@@ -73,7 +77,10 @@ class StreamProxy:
                     async for message in self._leg(resume):
                         yield message
                     return
-                except (Unavailable, Internal) as err:
+                except (Unavailable, Internal, NotFound) as err:
+                    # NOT_FOUND: the placed worker does not hold the session (it dropped
+                    # it, or a recovery placed it where no OpenSession landed): the
+                    # router re-places it
                     if isinstance(err, Internal) and err.message != BROKEN_LEG_DETAILS:
                         raise
                     if reader.done() and reader.exception() is not None:
@@ -85,9 +92,9 @@ class StreamProxy:
                         err.message,
                     )
                     started = time.monotonic()
-                    await self._recover()
+                    await self._recover(resume=self._attached)
                     self.recoveries += 1
-                    resume = True
+                    resume = self._attached
                     yield pb.ServerMessage(
                         event=pb.SessionEvent(
                             kind=pb.SessionEvent.KIND_RECOVERED,
@@ -129,6 +136,13 @@ class StreamProxy:
                     # the session's future restarts at frame_index
                     self.last_forwarded = message.event.frame_index - 1
                     self._controls.clear()
+                elif message.event.kind == pb.SessionEvent.KIND_ATTACHED and not self._attached:
+                    # the stream starts at the session's head: a recovery before its first
+                    # frame resumes there (not at frame 0)
+                    self._attached = True
+                    self.last_forwarded = message.event.frame_index - 1
+                elif message.HasField("error") and message.error.HasField("control"):
+                    self._forget(message.error.control)  # refused: never re-sent
                 yield message
                 continue
             frame = message.frame
@@ -157,7 +171,18 @@ class StreamProxy:
             if span is not None:
                 span.end()
 
-    async def _recover(self) -> None:
+    def _forget(self, refused: pb.Control) -> None:
+        """Drop a control the worker refused from those re-sent at a recovery (the newest
+        equal one: the client was told it was refused, so it must never apply)."""
+        for i in range(len(self._controls) - 1, -1, -1):
+            if self._controls[i] == refused:
+                del self._controls[i]
+                return
+
+    async def _recover(self, *, resume: bool) -> None:
+        """Ask the router where the session is now (the same worker, when it still holds
+        it; else where it re-placed it, restored at ``last_forwarded + 1`` when
+        ``resume``). Retried until the recovery deadline while no worker can take it."""
         deadline = time.monotonic() + self._recover_timeout
         while True:
             try:
@@ -167,6 +192,8 @@ class StreamProxy:
                             session_id=self.session_id,
                             worker_id=self.placement.worker_id,
                             epoch=self.placement.epoch,
+                            resume=resume,
+                            resume_from=self.last_forwarded + 1 if resume else 0,
                         ),
                         timeout=self._recover_timeout,
                         metadata=telemetry.inject_metadata(self.trace_context),
@@ -177,11 +204,22 @@ class StreamProxy:
                     raise
                 await asyncio.sleep(err.retry_after_s or 0.2)
                 continue
+            same = (placement.worker_id, placement.epoch) == (
+                self.placement.worker_id,
+                self.placement.epoch,
+            )
             self.placement = internal_pb2.PlacementRecord(
                 worker_id=placement.worker_id,
                 worker_address=placement.worker_address,
                 epoch=placement.epoch,
             )
+            if same:
+                # the worker still holds it: attach there again, after a pause that grows
+                # while its legs keep breaking
+                self._same_worker_retries += 1
+                await asyncio.sleep(min(1.0, 0.05 * self._same_worker_retries))
+            else:
+                self._same_worker_retries = 0
             return
 
     async def _read_client(self, requests: AsyncIterator[pb.ClientMessage]) -> None:

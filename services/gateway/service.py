@@ -149,7 +149,7 @@ class GatewayService:
         session = await self._record(session_id)
         if session.state == pb.SESSION_STATE_CLOSED:
             return session
-        with contextlib.suppress(WindflowError):
+        try:
             placement = await self._placement(session_id)
             status = await grpc_util.call(
                 self._worker(placement.worker_address).CloseSession(
@@ -158,6 +158,11 @@ class GatewayService:
                 )
             )
             session.head_frame = status.head_frame
+        except (NotFound, Unavailable):
+            # not placed, not on its worker, or its worker is gone: nothing holds it. (Any
+            # other failure is the caller's to retry: the placement stays, so that the
+            # worker's actor is not left behind holding a slot.)
+            pass
         await etcd.kv(self._etcd).delete(names.placement_key(session_id))
         session.state = pb.SESSION_STATE_CLOSED
         await self._update(session)

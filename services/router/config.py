@@ -22,4 +22,7 @@ class RouterConfig:
     """How long a suspect worker gets to answer a health check before it counts as dead."""
     recover_retry_s: float = 0.5
     """When a recovery finds no live worker for the model: how soon the gateway asks again."""
+    recover_concurrency: int = 8
+    """Sessions of a dead worker re-placed at once (each restore replays on its new
+    worker); new placements never wait behind them."""
     otlp_endpoint: str | None = None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from etcd3aio import Etcd3Client, prefix_range_end
@@ -31,6 +33,16 @@ from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
+
+
+class Holding(enum.Enum):
+    """What a session's placed worker says of it (``RouterService._holding``)."""
+
+    HOLDS = "holds"
+    LOST = "lost"
+    """Alive and serving, without the session (it dropped it)."""
+    GONE = "gone"
+    """Dead, stalled past the probe, or draining."""
 
 
 def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
@@ -66,7 +78,8 @@ class RouterService:
         self.workers: dict[str, WorkerView] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.watch_task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # placements are serialized: the table is their input
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        """Per session being moved: its lock and how many hold or wait for it."""
         self._recoveries: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -119,24 +132,60 @@ class RouterService:
         with tracer.start_as_current_span(
             names.SPAN_ROUTER_PLACE, attributes={"windflow.session_id": request.session_id}
         ):
-            async with self._lock:
+            async with self._session_lock(request.session_id):
                 return await self._place(request)
 
+    @contextlib.asynccontextmanager
+    async def _session_lock(self, session_id: str) -> AsyncIterator[None]:
+        """Moves of one session go one at a time (a client's Recover and a lease expiry
+        may race); sessions never wait for each other."""
+        lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
     async def recover(self, request: internal_pb2.RecoverRequest) -> internal_pb2.Placement:
-        """Re-place a session whose worker a client saw fail, if that worker is really gone."""
-        async with self._lock:
+        """A client's stream to the session's worker broke: say where to attach now.
+
+        The worker still holding the session at its epoch: attach there again. Alive but
+        without it (it dropped the session: a fence, a failed step), or gone, or draining:
+        re-place it (a gone or draining worker is excluded), restored at the client's
+        ``resume_from``. Already moved on: the new placement."""
+        async with self._session_lock(request.session_id):
             record = await self._placement(request.session_id)
             if record.epoch != request.epoch or record.worker_id != request.worker_id:
                 return _as_placement(request.session_id, record)  # already moved on
             worker = self.workers.get(record.worker_id)
-            if worker is not None and await self._answers(worker):
-                raise Unavailable(
-                    f"worker {record.worker_id} still answers; re-attach to it",
-                    retry_after_s=0.2,
+            holding = (
+                Holding.GONE
+                if worker is None
+                else await self._holding(worker, request.session_id, record.epoch)
+            )
+            if holding is Holding.HOLDS:
+                log.info(
+                    "session %s: worker %s still holds it; the client re-attaches there",
+                    request.session_id,
+                    record.worker_id,
                 )
-            self.workers.pop(record.worker_id, None)  # back when it registers again
+                return _as_placement(request.session_id, record)
+            exclude: tuple[str, ...] = ()
+            if holding is Holding.GONE:
+                self.workers.pop(record.worker_id, None)  # back when it registers again
+                exclude = (record.worker_id,)
             try:
-                return await self._recover(request.session_id, record)
+                return await self._recover(
+                    request.session_id,
+                    record,
+                    exclude=exclude,
+                    resume_from=request.resume_from if request.resume else None,
+                )
             except NotFound as err:
                 # The session outlives its worker: none serves its model this moment (the
                 # only worker restarting, a lease between expiry and renewal), so the
@@ -162,14 +211,45 @@ class RouterService:
                 return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
+    async def _holding(self, worker: WorkerView, session_id: str, epoch: int) -> Holding:
+        """Does ``worker`` (the session's placement) still serve the session at its epoch?"""
+        if not await self._answers(worker):
+            return Holding.GONE  # dead, stalled past the probe, or draining
+        try:
+            status = await self._stub(worker).GetSessionStatus(
+                internal_pb2.GetSessionStatusRequest(session_id=session_id),
+                timeout=self.config.probe_timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return Holding.LOST
+            return Holding.GONE
+        return Holding.HOLDS if status.epoch == epoch else Holding.LOST
+
     async def _recover(
-        self, session_id: str, record: internal_pb2.PlacementRecord
+        self,
+        session_id: str,
+        record: internal_pb2.PlacementRecord,
+        *,
+        exclude: tuple[str, ...],
+        resume_from: int | None,
     ) -> internal_pb2.Placement:
-        log.warning("recovering session %s from dead worker %s", session_id, record.worker_id)
+        log.warning(
+            "recovering session %s from worker %s (%s)",
+            session_id,
+            record.worker_id,
+            "gone" if exclude else "alive, without it",
+        )
         placement = await self._place(
-            internal_pb2.PlaceRequest(session_id=session_id, spec=record.spec),
-            restore_latest=True,
-            exclude=(record.worker_id,),
+            internal_pb2.PlaceRequest(
+                session_id=session_id,
+                spec=record.spec,
+                restore=resume_from is not None,
+                restore_to=resume_from or 0,
+            ),
+            restore_latest=resume_from is None,
+            recovery=True,
+            exclude=exclude,
         )
         await self._bus.publish(
             names.SUBJECT_SESSION_RECOVERED,
@@ -181,7 +261,8 @@ class RouterService:
         return placement
 
     async def _recover_worker(self, worker_id: str, last_seen: WorkerView | None) -> None:
-        """Re-place every session the dead ``worker_id`` held (its lease expired).
+        """Re-place every session the dead ``worker_id`` held (its lease expired), at
+        most ``recover_concurrency`` at once.
 
         A worker whose lease lapsed while it still serves (a stall longer than the lease,
         on a loaded host) keeps its sessions: it registers again at its next heartbeat, and
@@ -193,41 +274,54 @@ class RouterService:
             return
         prefix = names.SESSIONS_PREFIX.encode()
         response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        orphans = []
         for item in response.kvs:
             if not item.key.endswith(b"/placement"):
                 continue
             record = internal_pb2.PlacementRecord.FromString(item.value)
-            if record.worker_id != worker_id:
-                continue
-            session_id = item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0]
-            async with self._lock:
+            if record.worker_id == worker_id:
+                orphans.append(item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0])
+        limit = asyncio.Semaphore(max(1, self.config.recover_concurrency))
+
+        async def recover_one(session_id: str) -> None:
+            async with limit, self._session_lock(session_id):
                 try:
                     current = await self._placement(session_id)
-                    if current.epoch != record.epoch:
-                        continue  # a client-driven recovery got there first
-                    await self._recover(session_id, current)
+                    if current.worker_id != worker_id:
+                        return  # a client-driven recovery got there first
+                    await self._recover(session_id, current, exclude=(worker_id,), resume_from=None)
                 except WindflowError as err:
                     log.error("could not recover session %s: %s", session_id, err.message)
+
+        await asyncio.gather(*(recover_one(s) for s in orphans))
 
     async def _place(
         self,
         request: internal_pb2.PlaceRequest,
         *,
         restore_latest: bool = False,
+        recovery: bool = False,
         exclude: tuple[str, ...] = (),
     ) -> internal_pb2.Placement:
+        """Choose a worker, move the placement to it (compare-and-swap, epoch + 1), then
+        open the session there under that epoch. The placement moves first: the epoch
+        fences the previous owner (its checkpoints, and its log once the new owner claims
+        it) before anything else happens, and a placement whose CAS lost never opened or
+        claimed anything. A worker that refuses passes the session on to the next, each
+        with a new epoch; if none takes a new session, its placement goes again."""
         key = names.placement_key(request.session_id)
         kvs = etcd.kv(self._etcd)
         current = await kvs.get(key)
         version = current.kvs[0].version if current.kvs else 0
-        epoch = 1
+        epoch = 0
         if current.kvs:
-            epoch = internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch + 1
+            epoch = internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch
         tried: list[str] = list(exclude)
         prefer = ""
         if request.affinity_session_id:
             with contextlib.suppress(NotFound):
                 prefer = (await self._placement(request.affinity_session_id)).worker_id
+        demand = _demand(request.spec)
         last_error: WindflowError | None = None
         for _ in range(self.config.place_attempts):
             try:
@@ -238,42 +332,20 @@ class RouterService:
                     tried,
                     prefer,
                     # a recovery is not a new admission: slots alone (see the worker)
-                    demand=None if restore_latest else _demand(request.spec),
+                    demand=None if recovery else demand,
                 )
-            except (NotFound, ResourceExhausted) as err:
+            except (NotFound, ResourceExhausted):
                 if last_error is None:
+                    await self._unplace(key, version, new=not current.kvs)
                     raise
-                raise last_error from err
+                break
             tried.append(worker.worker_id)
-            try:
-                opened = await self._stub(worker).OpenSession(
-                    internal_pb2.OpenSessionRequest(
-                        session_id=request.session_id,
-                        spec=request.spec,
-                        epoch=epoch,
-                        restore=request.restore,
-                        restore_to=request.restore_to,
-                        restore_latest=restore_latest,
-                        source_session_id=request.affinity_session_id,
-                    ),
-                    timeout=self.config.open_timeout_s,
-                    metadata=telemetry.inject_metadata(),
-                )
-            except grpc.aio.AioRpcError as exc:
-                last_error = grpc_util.error_from_rpc(exc)
-                log.warning(
-                    "worker %s refused session %s: %s",
-                    worker.worker_id,
-                    request.session_id,
-                    last_error.message,
-                )
-                if isinstance(last_error, (ResourceExhausted, Unavailable)):
-                    continue
-                raise last_error from exc
-            admitted = worker.admit(_demand(request.spec))
+            # the slot is taken in the table before the first await: concurrent
+            # placements (recoveries run in parallel) see it
             self.workers[worker.worker_id] = dataclasses.replace(
-                admitted, sessions=max(worker.sessions + 1, opened.sessions)
+                worker.admit(demand), sessions=worker.sessions + 1
             )
+            epoch += 1
             record = internal_pb2.PlacementRecord(
                 worker_id=worker.worker_id,
                 worker_address=worker.address,
@@ -285,13 +357,42 @@ class RouterService:
                 success=[kvs.txn_op_put(key, record.SerializeToString())],
             )
             if not swapped.succeeded:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    await self._stub(worker).CloseSession(
-                        internal_pb2.CloseWorkerSessionRequest(session_id=request.session_id)
-                    )
+                self._release_slot(worker)
                 raise FailedPrecondition(
                     f"placement of session {request.session_id} changed concurrently; retry"
                 )
+            version += 1  # each write of a key adds one to its version
+            try:
+                opened = await self._stub(worker).OpenSession(
+                    internal_pb2.OpenSessionRequest(
+                        session_id=request.session_id,
+                        spec=request.spec,
+                        epoch=epoch,
+                        restore=request.restore,
+                        restore_to=request.restore_to,
+                        restore_latest=restore_latest,
+                        source_session_id=request.affinity_session_id,
+                        recovery=recovery,
+                    ),
+                    timeout=self.config.open_timeout_s,
+                    metadata=telemetry.inject_metadata(),
+                )
+            except grpc.aio.AioRpcError as exc:
+                self._release_slot(worker)
+                last_error = grpc_util.error_from_rpc(exc)
+                log.warning(
+                    "worker %s refused session %s: %s",
+                    worker.worker_id,
+                    request.session_id,
+                    last_error.message,
+                )
+                if isinstance(last_error, (ResourceExhausted, Unavailable)):
+                    continue
+                await self._unplace(key, version, new=not current.kvs)
+                raise last_error from exc
+            view = self.workers.get(worker.worker_id)
+            if view is not None and opened.sessions > view.sessions:
+                self.workers[worker.worker_id] = dataclasses.replace(view, sessions=opened.sessions)
             await self._bus.publish(
                 names.SUBJECT_SESSION_PLACED,
                 session_id=request.session_id,
@@ -304,7 +405,25 @@ class RouterService:
             )
             return _as_placement(request.session_id, record, opened.model)
         assert last_error is not None
+        await self._unplace(key, version, new=not current.kvs)
         raise last_error
+
+    def _release_slot(self, worker: WorkerView) -> None:
+        """Undo a slot taken in the table for a placement that did not happen (unless the
+        worker's own update replaced the entry meanwhile)."""
+        view = self.workers.get(worker.worker_id)
+        if view is not None and view.sessions == worker.sessions + 1:
+            self.workers[worker.worker_id] = worker
+
+    async def _unplace(self, key: str, version: int, *, new: bool) -> None:
+        """A new session no worker took has no placement (a recovered one keeps its
+        record, pointing at a worker without it: its next Recover re-places it)."""
+        if not new or version == 0:
+            return
+        kvs = etcd.kv(self._etcd)
+        await kvs.txn(
+            compare=[kvs.txn_compare_version(key, version)], success=[kvs.txn_op_delete(key)]
+        )
 
     async def aclose(self) -> None:
         for recovery in list(self._recoveries):

@@ -22,7 +22,7 @@ from opentelemetry import context as otel_context
 
 from services.worker.models.base import Control, SessionState, WorldModel
 from windflow.common import telemetry
-from windflow.errors import InvalidArgument, ResourceExhausted
+from windflow.errors import InvalidArgument, ResourceExhausted, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,11 @@ class SessionActor:
         """How many may be in flight at once (2 where the model's host queues a batch
         behind the one it runs: ``StepEngine``)."""
         self.closed = False
+        self.lost: WindflowError | None = None
+        """Why this worker dropped the session without a client closing it (fenced by a new
+        owner, a failed step): its stream ends with this error (UNAVAILABLE), so that the
+        gateway recovers the session where it lives now, instead of ending the client's
+        stream as if the session were closed."""
         self.unreleased = 0
         """Frames stepped whose release (log ack, send) is still under way."""
         self.generation = 0
@@ -161,6 +166,23 @@ class SessionActor:
         for msg in msgs:
             self.add_control(msg)
 
+    def resume_controls(self, msgs: list[pb.Control]) -> list[tuple[pb.Control, WindflowError]]:
+        """Queue the controls a resumed stream re-sends (accepted before, by this worker
+        or the session's previous one, for frames its client has not seen yet), each on
+        its own: one refused now does not take the others with it. They were within the
+        pending bound once and the gateway bounds how many it keeps, so the bound is not
+        applied again (frames made meanwhile turned pending controls into re-sent ones).
+        Returns the refused ones with why."""
+        refused = []
+        for msg in msgs:
+            try:
+                control = self._check(msg)
+            except WindflowError as err:
+                refused.append((msg, err))
+                continue
+            self._queue(msg, control)
+        return refused
+
     def add_control(self, msg: pb.Control) -> None:
         """Queue a control for its frame; InvalidArgument/ResourceExhausted if refused."""
         control = self._check(msg)
@@ -169,6 +191,9 @@ class SessionActor:
                 f"{self._max_pending} controls are already waiting for future frames",
                 retry_after_s=self.interval,
             )
+        self._queue(msg, control)
+
+    def _queue(self, msg: pb.Control, control: Control) -> None:
         pos = bisect.bisect_right(self._pending_idx, msg.frame_index)
         self._pending_idx.insert(pos, msg.frame_index)
         self._pending.insert(pos, (control, msg.client_time_us, telemetry.now_us()))

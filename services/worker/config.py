@@ -39,6 +39,10 @@ class WorkerConfig:
     often and rescales its step costs when they moved (0: never). A calibration taken
     while the machine was busy (a whole stack starting on a small machine) would otherwise
     keep an idle worker refusing sessions by fps until one landed there."""
+    placement_check_s: float = 2.0
+    """How often the worker checks that each session it holds is still placed on it at its
+    epoch, and drops those moved away or closed while it could not hear of it (a stall
+    past its lease, a close while it was unreachable): their slots and state go (0: never)."""
     batch_horizon_ms: float = 8.0
     """Sessions due within this much of the earliest deadline join its batch."""
     checkpoint_every: int = 48
@@ -100,6 +104,8 @@ class WorkerConfig:
             raise InvalidArgument("pipeline_depth must be in 1..4")
         if self.recheck_idle_s < 0:
             raise InvalidArgument("recheck_idle_s must be >= 0")
+        if self.placement_check_s < 0:
+            raise InvalidArgument("placement_check_s must be >= 0")
         if self.memory_snapshot_mb < 0:
             raise InvalidArgument("memory_snapshot_mb must be >= 0")
         if self.memory_snapshot_every < 0 or self.memory_snapshots < 1:

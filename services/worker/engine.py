@@ -27,13 +27,13 @@ from services.worker import scheduler
 from services.worker.actor import AppliedControl, SessionActor
 from services.worker.costs import StepCosts
 from services.worker.journal import Journal
-from services.worker.messages import stream_error
 from services.worker.model_host import ModelHost, exit_worker
 from services.worker.models.base import WorldModel
 from services.worker.quality import QualityGovernor
 from services.worker.stepping import Capture, Encoding, StepResult, step_and_encode, time_step
 from windflow.common import names, telemetry
-from windflow.errors import Internal, WindflowError
+from windflow.common.durable import Fenced
+from windflow.errors import Unavailable, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,20 @@ class StepEngine:
             actor.closed = True
             actor.frame_available.set()
         return actor
+
+    def drop(self, session_id: str, reason: WindflowError) -> SessionActor | None:
+        """Remove a session this worker can no longer serve (``SessionActor.lost``): its
+        attached stream ends with ``reason`` once the frames already queued are out."""
+        actor = self.sessions.get(session_id)
+        if actor is not None:
+            actor.lost = reason
+            log.warning(
+                "session %s dropped here: %s",
+                session_id,
+                reason.message,
+                extra={"session_id": session_id},
+            )
+        return self.remove(session_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -401,10 +415,15 @@ class StepEngine:
             # A failed step ends the sessions in it (their state may be half-updated);
             # every other session on this worker goes on.
             log.exception("model step failed for %s", ",".join(a.session_id for a in actors))
-            for a, index in zip(actors, launched.indices, strict=True):
+            for a in actors:
                 if a.session_id in self.sessions:
-                    a.push(stream_error(Internal(f"model step failed: {exc}"), index))
-                    self.remove(a.session_id)
+                    self.drop(
+                        a.session_id,
+                        Unavailable(
+                            f"model step failed on this worker ({exc}); the session is "
+                            "restored from its durable state"
+                        ),
+                    )
             return
         # What the next plan needs happens here; frames whose control-log entries are
         # still being acknowledged go out from a release task, so the next batch does not
@@ -473,16 +492,33 @@ class StepEngine:
             self.wake()
 
     async def _await_appends(self, step: _Stepped) -> set[int]:
+        """The batch's sessions whose control-log entry did not land; each is dropped
+        here (``Journal.append`` retries until it lands, so only a fence, the session's
+        removal or a bug ends it). Never raises: the frames of the others go out."""
         unlogged: set[int] = set()
         for i, task in step.appends.items():
             actor = step.actors[i]
             try:
                 await task
-            except WindflowError as err:
+            except Exception as exc:
                 unlogged.add(i)
-                log.error("session %s: %s; closing it here", actor.session_id, err.message)
-                actor.push(stream_error(err, step.indices[i]))
-                self.remove(actor.session_id)
+                if isinstance(exc, Fenced):
+                    reason: WindflowError = Unavailable(
+                        f"session {actor.session_id} moved to another worker: {exc.message}"
+                    )
+                else:
+                    if not isinstance(exc, WindflowError):
+                        log.error(
+                            "session %s: control log append for frame %d failed",
+                            actor.session_id,
+                            step.indices[i],
+                            exc_info=exc,
+                        )
+                    reason = Unavailable(
+                        f"the control log entry of frame {step.indices[i]} did not land: {exc}"
+                    )
+                if actor.session_id in self.sessions:
+                    self.drop(actor.session_id, reason)
         return unlogged
 
     def _send_frames(self, step: _Stepped, unlogged: set[int]) -> None:

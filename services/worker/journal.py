@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -27,15 +28,22 @@ from windflow.common.durable import (
     CheckpointCatalog,
     CheckpointStore,
     ControlLog,
+    Fenced,
     StoredEntry,
     controls_by_frame,
+    log_head,
 )
-from windflow.errors import DataLoss, FailedPrecondition, WindflowError
+from windflow.errors import DataLoss, FailedPrecondition, Unavailable, WindflowError
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+APPEND_RETRY_FIRST_S = 0.05
+"""First pause before a failed control-log append is retried; it doubles up to
+APPEND_RETRY_MAX_S (a NATS restart takes about a second to come back)."""
+APPEND_RETRY_MAX_S = 1.0
 
 
 class StepThread(Protocol):
@@ -144,9 +152,49 @@ class Journal:
 
     async def append(self, actor: SessionActor, entry: internal_pb2.LogEntry) -> None:
         """Append ``entry`` after the session's earlier appends (one at a time: each is
-        fenced on the sequence of the one before; batches overlap their releases)."""
+        fenced on the sequence of the one before; batches overlap their releases).
+
+        A failed append is retried, with backoff, for as long as the session lives here:
+        its frame is held meanwhile (the engine releases a frame only once its entry is
+        acknowledged), so a log outage stalls the session instead of losing it. The retry
+        carries the first try's ``Nats-Msg-Id``: if that try landed and only its ack was
+        lost, the server answers with its sequence. ``Fenced`` is final (another worker
+        owns the session); so is the session's removal from this worker."""
+        msg_id = f"{actor.session_id}.{actor.epoch}.{uuid.uuid4().hex}"
+        delay = APPEND_RETRY_FIRST_S
+        attempt = 0
         async with actor.log_lock:
-            actor.log_seq = await self.log.append(actor.session_id, entry, actor.log_seq)
+            while True:
+                attempt += 1
+                try:
+                    actor.log_seq = await self.log.append(
+                        actor.session_id, entry, actor.log_seq, msg_id
+                    )
+                    if attempt > 1:
+                        log.warning(
+                            "session %s: control log append for frame %d landed after %d tries",
+                            actor.session_id,
+                            entry.frame_index,
+                            attempt,
+                            extra={"session_id": actor.session_id},
+                        )
+                    return
+                except Fenced:
+                    raise
+                except Unavailable as err:
+                    if actor.closed:
+                        raise
+                    if attempt == 1 or attempt % 10 == 0:
+                        log.warning(
+                            "session %s: control log append for frame %d failed (%s); "
+                            "retrying, its frame held",
+                            actor.session_id,
+                            entry.frame_index,
+                            err.message,
+                            extra={"session_id": actor.session_id},
+                        )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, APPEND_RETRY_MAX_S)
 
     def wants_checkpoint(self, next_frame: int) -> bool:
         every = self.checkpoint_every
@@ -234,7 +282,9 @@ class Journal:
         to_frame: int | None,
         memory: Mapping[int, SessionState] | None = None,
     ) -> Restored:
-        """Model state of ``session_id`` at ``to_frame`` (None: at its newest checkpoint).
+        """Model state of ``session_id`` at ``to_frame`` (None: at the head its durable
+        state records, ``log_head``: a session re-placed with no client comes back where
+        it was, not at its newest checkpoint).
 
         ``memory``: in-memory snapshots by frame (copies of this session's state, or of a
         fork's parent, whose log up to ``to_frame`` is this session's; ``WorldModel.copy``),
@@ -243,12 +293,14 @@ class Journal:
         """
         entries = await self.log.read(session_id)
         controls = controls_by_frame(entries)
+        checkpoints = await self.catalog.list(session_id)
+        if to_frame is None:
+            to_frame = log_head(entries, [c.frame_index for c in checkpoints])
         candidates: list[tuple[int, int, str | SessionState]] = [
-            (c.frame_index, 0, c.object_name) for c in await self.catalog.list(session_id)
+            (c.frame_index, 0, c.object_name) for c in checkpoints
         ]
-        if to_frame is not None:
-            candidates += [(f, 1, kept) for f, kept in (memory or {}).items()]
-            candidates = [c for c in candidates if c[0] <= to_frame]
+        candidates += [(f, 1, kept) for f, kept in (memory or {}).items()]
+        candidates = [c for c in candidates if c[0] <= to_frame]
         state: SessionState | None = None
         base = 0
         origin = "the seed"
@@ -277,7 +329,7 @@ class Journal:
                 state = None
         if state is None:
             state = await step_thread(lambda: model.new_state(seed))
-        target = base if to_frame is None else to_frame
+        target = to_frame
         if target > state.frame_index:
             restored_state = state
             await step_thread(
@@ -296,7 +348,11 @@ class Journal:
         return Restored(state, entries, base)
 
     async def claim(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
-        """Take over the session's log: later appends by a previous owner are refused."""
+        """Take over the session's log at the actor's next frame: later appends by a
+        previous owner are refused (``Fenced``), and what the log holds for frames from
+        there on (a future its previous owner made and no client saw) is deleted, so that
+        replays, forks and later recoveries never read it. Raises ``Fenced`` when the log
+        moved on since ``entries`` were read (the previous owner appended meanwhile)."""
         last = max((e.seq for e in entries), default=0)
         claim = internal_pb2.LogEntry(
             kind=internal_pb2.LogEntry.KIND_CLAIM,
@@ -305,6 +361,24 @@ class Journal:
             epoch=actor.epoch,
         )
         actor.log_seq = await self.log.append(actor.session_id, claim, last)
+        await self.catalog.drop_after(actor.session_id, actor.next_frame)
+        dropped = await self.log.truncate(actor.session_id, entries, actor.next_frame)
+        if dropped:
+            log.info(
+                "session %s: dropped %d log entries of frames from %d on (never delivered)",
+                actor.session_id,
+                dropped,
+                actor.next_frame,
+                extra={"session_id": actor.session_id},
+            )
+
+    async def mark_head(self, actor: SessionActor) -> None:
+        """Record the actor's head in its log (a HEAD entry): where a re-placed session
+        comes back when no client resumes it (``log_head``)."""
+        entry = internal_pb2.LogEntry(
+            kind=internal_pb2.LogEntry.KIND_HEAD, frame_index=actor.next_frame
+        )
+        await self.append(actor, entry)
 
     def sync_logged(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
         """Set what was last logged (and is in effect) for the actor's next frame."""

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import sys
 
+from etcd3aio import Etcd3Client
+
 from services.worker.config import WorkerConfig
 from services.worker.journal import Journal
 from services.worker.model_host import ModelHost, exit_worker
@@ -18,7 +20,7 @@ from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlL
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
 from windflow.common.malloc import keep_freed_memory
-from windflow.v1 import internal_pb2_grpc
+from windflow.v1 import internal_pb2, internal_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,9 @@ async def run(config: WorkerConfig) -> int:
     await server.set_serving()
     await bus.publish(names.SUBJECT_WORKER_UP, worker_id=config.worker_id, detail=runtime.address)
     log.info("worker %s serving on %s", config.worker_id, runtime.address)
+    checker = asyncio.create_task(
+        _check_placements(runtime, client, config.placement_check_s), name="placement-check"
+    )
     try:
         return await lifecycle.wait_for_stop(engine_task, *watchers)
     finally:
@@ -95,6 +100,7 @@ async def run(config: WorkerConfig) -> int:
         # the worker), no new sessions, the attached streams end with UNAVAILABLE and the
         # gateway moves their sessions (WorkerRuntime.drain); then the registration goes,
         # and the router moves the sessions with no stream attached.
+        checker.cancel()
         await server.set_not_serving()
         await runtime.drain()
         # the drain's own update (no free slot) lands before the lease goes, not after it
@@ -114,3 +120,22 @@ async def _watch(host: ModelHost) -> None:
     await asyncio.to_thread(host.wait_exit)
     if host.lost:
         exit_worker(host)
+
+
+async def _check_placements(runtime: WorkerRuntime, client: Etcd3Client, every_s: float) -> None:
+    """``WorkerRuntime.check_placements`` every ``every_s`` (0: never), until cancelled."""
+    if every_s <= 0:
+        return
+
+    async def placement_of(session_id: str) -> internal_pb2.PlacementRecord | None:
+        response = await etcd.kv(client).get(names.placement_key(session_id))
+        if not response.kvs:
+            return None
+        return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
+
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await runtime.check_placements(placement_of)
+        except Exception:
+            log.warning("placement check failed (etcd unreachable?)", exc_info=True)

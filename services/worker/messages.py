@@ -18,13 +18,17 @@ STATUS_NUMBER = {
 }
 
 
-def stream_error(err: WindflowError, frame_index: int) -> pb.ServerMessage:
+def stream_error(
+    err: WindflowError, frame_index: int, control: pb.Control | None = None
+) -> pb.ServerMessage:
+    """An in-stream error; ``control``: the refused control it is about (never applied)."""
     return pb.ServerMessage(
         error=pb.StreamError(
             code=STATUS_NUMBER.get(err.code, 2),
             code_name=err.code,
             message=err.message,
             frame_index=frame_index,
+            control=control,
         )
     )
 

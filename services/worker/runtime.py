@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from opentelemetry import trace
 
@@ -22,7 +22,7 @@ from services.worker.journal import Journal, applied_at, replay_steps
 from services.worker.messages import event, stream_error
 from services.worker.models.base import SessionState, WorldModel
 from windflow.common import names, telemetry
-from windflow.common.durable import StoredEntry, controls_by_frame
+from windflow.common.durable import Fenced, StoredEntry, controls_by_frame
 from windflow.common.frames import encode_frame
 from windflow.common.specs import model_info_to_proto, resolve_spec
 from windflow.errors import (
@@ -39,6 +39,10 @@ from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
+
+CLAIM_ATTEMPTS = 3
+"""Restores of one OpenSession when its CLAIM loses to a last append of the previous owner
+(which the placement's new epoch has fenced off already, so it cannot go on doing so)."""
 
 
 class WorkerRuntime:
@@ -67,6 +71,8 @@ class WorkerRuntime:
         self._attach_owner: dict[str, int] = {}
         self._draining = False
         self._recheck: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        """Background work it owns (a detached session's HEAD entry)."""
         self.address = ""
         self.started_ms = int(time.time() * 1000)
 
@@ -127,8 +133,20 @@ class WorkerRuntime:
         info = model_info_to_proto(model.info)
         existing = self.engine.sessions.get(request.session_id)
         if existing is not None:
-            existing.epoch = max(existing.epoch, request.epoch)
-            return info
+            if existing.epoch == request.epoch:
+                return info  # a retried open
+            if existing.epoch > request.epoch:
+                raise FailedPrecondition(
+                    f"session {request.session_id} is here at epoch {existing.epoch}, "
+                    f"newer than {request.epoch}"
+                )
+            # placed back here after it moved away: what this actor holds is stale
+            self.engine.drop(
+                request.session_id,
+                Unavailable(
+                    f"session {request.session_id} was placed again (epoch {request.epoch})"
+                ),
+            )
         if len(self.engine.sessions) + self._opening >= self.config.capacity:
             raise ResourceExhausted(
                 f"worker {self.config.worker_id} is full ({self.config.capacity} sessions)",
@@ -137,7 +155,8 @@ class WorkerRuntime:
         spec = resolve_spec(request.spec, info)
         # A recovered session was admitted once already: it is taken by slots alone and the
         # quality governor steps it down if the worker cannot keep its fps.
-        if self.config.fps_admission and not request.restore_latest:
+        recovery = request.recovery or request.restore_latest
+        if self.config.fps_admission and not recovery:
             admission.check(
                 self.engine,
                 spec,
@@ -146,40 +165,25 @@ class WorkerRuntime:
                 self.config.admission_retry_after_s,
                 self.config.worker_id,
             )
-        entries: list[StoredEntry] = []
         self._opening += 1
         try:
-            if request.restore or request.restore_latest:
-                memory = await self._memory_of(request.source_session_id, request.restore_to)
-                restored = await self._journal().restore(
-                    request.session_id,
-                    model,
-                    spec.seed,
-                    spec.steps,
-                    self.engine.in_step_thread,
-                    to_frame=None if request.restore_latest else request.restore_to,
-                    memory=memory,
-                )
-                state, entries = restored.state, restored.entries
-            else:
-                # in the step thread: a model host answers between batches
-                state = await self.engine.in_step_thread(lambda: model.new_state(spec.seed))
+            for attempt in range(1, CLAIM_ATTEMPTS + 1):
+                actor, entries = await self._open_actor(request, model, spec)
+                try:
+                    if self.journal is not None and (entries or recovery):
+                        await self.journal.claim(actor, entries)
+                        self.journal.sync_logged(actor, entries)
+                    break
+                except Fenced:
+                    # its previous owner appended between our read and our CLAIM
+                    if attempt == CLAIM_ATTEMPTS:
+                        raise
+                    log.warning(
+                        "session %s: the log moved on while it was restored; again",
+                        request.session_id,
+                    )
         finally:
             self._opening -= 1
-        actor = SessionActor(
-            request.session_id,
-            spec,
-            model,
-            state,
-            epoch=request.epoch,
-            window=self.config.window,
-            out_queue=self.config.out_queue,
-            max_pending_controls=self.config.max_pending_controls,
-            now=time.monotonic(),
-        )
-        if self.journal is not None and entries:
-            await self.journal.claim(actor, entries)
-            self.journal.sync_logged(actor, entries)
         self.engine.add(actor)
         log.info(
             "opened session %s at frame %d (%s, %.1f fps, %d steps)",
@@ -192,6 +196,41 @@ class WorkerRuntime:
         )
         self._on_change()
         return info
+
+    async def _open_actor(
+        self, request: internal_pb2.OpenSessionRequest, model: WorldModel, spec: pb.SessionSpec
+    ) -> tuple[SessionActor, list[StoredEntry]]:
+        """A new actor for ``request``: fresh from its seed, or restored (at
+        ``restore_to``, or at its log's head for a recovery with no client); and the log
+        as read, for its CLAIM."""
+        entries: list[StoredEntry] = []
+        if request.restore or request.restore_latest:
+            memory = await self._memory_of(request.source_session_id, request.restore_to)
+            restored = await self._journal().restore(
+                request.session_id,
+                model,
+                spec.seed,
+                spec.steps,
+                self.engine.in_step_thread,
+                to_frame=None if request.restore_latest else request.restore_to,
+                memory=memory,
+            )
+            state, entries = restored.state, restored.entries
+        else:
+            # in the step thread: a model host answers between batches
+            state = await self.engine.in_step_thread(lambda: model.new_state(spec.seed))
+        actor = SessionActor(
+            request.session_id,
+            spec,
+            model,
+            state,
+            epoch=request.epoch,
+            window=self.config.window,
+            out_queue=self.config.out_queue,
+            max_pending_controls=self.config.max_pending_controls,
+            now=time.monotonic(),
+        )
+        return actor, entries
 
     async def _memory_of(self, source_id: str, frame: int) -> dict[int, SessionState]:
         """In-memory snapshots of a session on this worker usable to restore ``frame``;
@@ -223,6 +262,7 @@ class WorkerRuntime:
             steps=actor.steps,
             fps=1.0 / actor.interval,
             deadline_misses=self.engine.quality.misses(session_id),
+            epoch=actor.epoch,
         )
 
     def close_session(self, session_id: str) -> internal_pb2.SessionStatus:
@@ -251,9 +291,12 @@ class WorkerRuntime:
         actor = self._actor(session_id)
         if first.attach.window > 64:
             raise InvalidArgument(f"window {first.attach.window} is outside 1..64")
+        refused: list[tuple[pb.Control, WindflowError]] = []
         if first.attach.resume:
             await self._bring_to(actor, first.attach.resume_from)
-        actor.add_controls(list(first.attach.controls))  # all or none; a refusal fails attach
+            refused = actor.resume_controls(list(first.attach.controls))
+        else:
+            actor.add_controls(list(first.attach.controls))  # all or none: refused, no attach
         self._generation += 1
         generation = self._generation
         self._attach_owner[session_id] = generation  # a newer stream takes the session over
@@ -283,6 +326,8 @@ class WorkerRuntime:
                     level=self.engine.quality.level(session_id)[0],
                 )
             )
+            for control, err in refused:
+                yield stream_error(err, control.frame_index, control)
             while self._attach_owner.get(session_id) == generation:
                 while actor.can_send() and self._attach_owner.get(session_id) == generation:
                     held = not actor.ready
@@ -303,6 +348,8 @@ class WorkerRuntime:
                         ) / 1000.0
                     yield message
                 if actor.closed and not actor.out:
+                    if actor.lost is not None:
+                        raise actor.lost  # not a close: the gateway recovers the session
                     return
                 if self._draining:
                     raise Unavailable(
@@ -323,21 +370,43 @@ class WorkerRuntime:
             if self._attach_owner.get(session_id) == generation:
                 del self._attach_owner[session_id]
                 actor.detach()
+                if self.journal is not None and not actor.closed:
+                    task = asyncio.create_task(
+                        self._mark_head(actor), name=f"mark-head:{session_id}"
+                    )
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+    async def _mark_head(self, actor: SessionActor) -> None:
+        """Once a detached session's last frames are settled, record its head in its log
+        (where a re-placement with no client brings it back)."""
+        try:
+            await actor.wait_idle()
+            if actor.attached or actor.closed or actor.restoring:
+                return  # attached again: its own frames and entries go on from here
+            await self._journal().mark_head(actor)
+        except WindflowError as err:
+            log.warning("session %s: its head was not recorded: %s", actor.session_id, err)
 
     async def _hold(self, actor: SessionActor) -> None:
-        """Take ``actor`` out of the step loop and wait for its step in flight, if any."""
+        """Take ``actor`` out of the step loop; wait for its step in flight, if any, and
+        for its log appends in flight (a late append would log a future about to go)."""
         actor.restoring = True
         await actor.wait_idle()
+        async with actor.log_lock:  # FIFO: every append queued before this one is done
+            pass
 
     async def _bring_to(self, actor: SessionActor, frame: int) -> None:
-        """Make ``frame`` the actor's next frame: replay forward or restore back to it."""
+        """Make ``frame`` the actor's next frame: replay forward, or go back to it as a
+        rewind does (frames from ``frame`` on were made but never delivered: that future
+        leaves the log, and the resumed client's controls make it again)."""
         if frame == actor.next_frame:
             return
         journal = self._journal()
         await self._hold(actor)
         try:
-            spec = actor.spec
             if frame > actor.next_frame:
+                spec = actor.spec
                 entries = await journal.log.read(actor.session_id)
                 controls = controls_by_frame(entries)
                 state = actor.state
@@ -345,23 +414,38 @@ class WorkerRuntime:
                     lambda: replay_steps(actor.model, state, controls, frame, spec.steps)
                 )
                 actor.reset_to(state)
+                journal.sync_logged(actor, entries)
+                actor.due = time.monotonic()
             else:
-                restored = await journal.restore(
-                    actor.session_id,
-                    actor.model,
-                    spec.seed,
-                    spec.steps,
-                    self.engine.in_step_thread,
-                    to_frame=frame,
-                    memory=dict(actor.recent),
-                )
-                actor.reset_to(restored.state)
-                entries = restored.entries
-            journal.sync_logged(actor, entries)
-            actor.due = time.monotonic()
+                await self._reset(actor, frame)
         finally:
             actor.restoring = False
             self.engine.wake()
+
+    async def _reset(self, actor: SessionActor, frame: int) -> None:
+        """Continue a held ``actor`` from ``frame`` (< its head): its log entries and
+        checkpoints after it go, its state is restored there, and a HEAD entry records
+        the new head."""
+        journal = self._journal()
+        session_id = actor.session_id
+        await actor.wait_uploaded()  # a checkpoint past `frame` must land before the prune
+        stored = await journal.log.read(session_id)
+        await journal.log.truncate(session_id, stored, frame)
+        await journal.catalog.drop_after(session_id, frame)
+        restored = await journal.restore(
+            session_id,
+            actor.model,
+            actor.spec.seed,
+            actor.spec.steps,
+            self.engine.in_step_thread,
+            to_frame=frame,
+            memory=dict(actor.recent),
+        )
+        actor.reset_to(restored.state)
+        actor.log_seq = max((e.seq for e in restored.entries), default=0)
+        journal.sync_logged(actor, restored.entries)
+        await journal.mark_head(actor)
+        actor.due = time.monotonic()
 
     async def rewind(self, session_id: str, frame: int) -> internal_pb2.SessionStatus:
         """Continue ``session_id`` from ``frame``: later log entries and checkpoints go."""
@@ -370,26 +454,9 @@ class WorkerRuntime:
             raise OutOfRange(
                 f"cannot rewind {session_id} to frame {frame}: its head is {actor.next_frame}"
             )
-        journal = self._journal()
         await self._hold(actor)
         try:
-            await actor.wait_uploaded()  # a checkpoint past `frame` must land before the prune
-            stored = await journal.log.read(session_id)
-            await journal.log.truncate(session_id, stored, frame)
-            await journal.catalog.drop_after(session_id, frame)
-            restored = await journal.restore(
-                session_id,
-                actor.model,
-                actor.spec.seed,
-                actor.spec.steps,
-                self.engine.in_step_thread,
-                to_frame=frame,
-                memory=dict(actor.recent),
-            )
-            actor.reset_to(restored.state)
-            actor.log_seq = max((e.seq for e in restored.entries), default=0)
-            journal.sync_logged(actor, restored.entries)
-            actor.due = time.monotonic()
+            await self._reset(actor, frame)
             actor.push(
                 event(pb.SessionEvent.KIND_REWOUND, f"rewound to frame {frame}", frame, actor.steps)
             )
@@ -440,7 +507,7 @@ class WorkerRuntime:
                 try:
                     actor.add_control(message.control)
                 except WindflowError as err:
-                    actor.push(stream_error(err, message.control.frame_index))
+                    actor.push(stream_error(err, message.control.frame_index, message.control))
                 else:
                     self.engine.wake()  # its frame may now start early (scheduler.start_due)
             elif kind == "ack":
@@ -466,11 +533,47 @@ class WorkerRuntime:
         for actor in self.engine.sessions.values():
             actor.frame_available.set()
 
+    async def check_placements(
+        self, placement_of: Callable[[str], Awaitable[internal_pb2.PlacementRecord | None]]
+    ) -> int:
+        """Drop every session not placed here at its epoch any more (``placement_of``: its
+        record, None when it has none): moved away or closed while this worker could not
+        hear of it. An attached stream ends UNAVAILABLE, so that its gateway follows the
+        session. Returns how many went."""
+        dropped = 0
+        for session_id, actor in list(self.engine.sessions.items()):
+            record = await placement_of(session_id)
+            if self.engine.sessions.get(session_id) is not actor:
+                continue  # replaced or closed meanwhile
+            if record is not None and (record.worker_id, record.epoch) == (
+                self.config.worker_id,
+                actor.epoch,
+            ):
+                continue
+            where = (
+                "it was closed"
+                if record is None
+                else f"it is placed on {record.worker_id} at epoch {record.epoch}"
+            )
+            self.engine.drop(
+                session_id,
+                Unavailable(
+                    f"session {session_id} is not on worker {self.config.worker_id}: {where}"
+                ),
+            )
+            dropped += 1
+        if dropped:
+            self._on_change()
+        return dropped
+
     async def aclose(self) -> None:
         if self._recheck is not None:
             self._recheck.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recheck
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for session_id in list(self.engine.sessions):
             self.engine.remove(session_id)
         await self.engine.aclose()

@@ -100,6 +100,12 @@ def register(sub: Any) -> None:
         help="while idle, re-time each model this often and rescale its step costs (0: never)",
     )
     worker.add_argument(
+        "--placement-check-s",
+        type=float,
+        default=2.0,
+        help="check this often that each session held is still placed here (0: never)",
+    )
+    worker.add_argument(
         "--memory-budget-mb", type=float, default=0.0, help="per-model batch memory budget"
     )
     worker.set_defaults(func=_run_worker)
@@ -180,6 +186,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         fps_admission=args.admission == "fps",
         target_utilization=args.target_utilization,
         recheck_idle_s=args.recheck_idle_s,
+        placement_check_s=args.placement_check_s,
         memory_budget_mb=args.memory_budget_mb,
     )
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, Header, StorageType
 from nats.js.object_store import ObjectStore
 
-from windflow.common import etcd, names
+from windflow.common import etcd, faults, names
 from windflow.errors import FailedPrecondition, NotFound, Unavailable
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
@@ -65,13 +66,26 @@ class ControlLog:
             except nats.js.errors.BadRequestError:
                 await self._js.stream_info(LOG_STREAM)  # created concurrently
 
-    async def append(self, session_id: str, entry: internal_pb2.LogEntry, expect_seq: int) -> int:
+    async def append(
+        self,
+        session_id: str,
+        entry: internal_pb2.LogEntry,
+        expect_seq: int,
+        msg_id: str = "",
+    ) -> int:
         """Append after the entry with stream sequence ``expect_seq`` (0: the log is empty).
 
-        Returns the new entry's sequence; raises ``Fenced`` if the log moved on without us.
+        Returns the new entry's sequence; raises ``Fenced`` if the log moved on without us
+        and ``Unavailable`` for any other failure, whatever the client raised (so a retry
+        is the caller's choice). ``msg_id`` (``Nats-Msg-Id``) makes a retry idempotent:
+        when the first try landed and only its ack was lost, the server answers the retry
+        with the first one's sequence instead of storing the entry twice.
         """
         headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expect_seq)}
+        if msg_id:
+            headers[Header.MSG_ID.value] = msg_id
         try:
+            faults.hit("log.append")
             ack = await self._js.publish(
                 log_subject(session_id), entry.SerializeToString(), headers=headers
             )
@@ -79,13 +93,18 @@ class ControlLog:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
                 raise Fenced(f"the control log of session {session_id} has a new owner") from exc
             raise Unavailable(f"control log append failed: {exc}") from exc
-        except (TimeoutError, nats.errors.TimeoutError) as exc:
-            raise Unavailable("control log append timed out") from exc
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            # no responders, a closed or reconnecting connection, a full outbound buffer,
+            # a timeout: the entry may or may not have landed; msg_id settles a retry
+            raise Unavailable(
+                f"control log append failed: {type(exc).__name__}: {exc}".rstrip(": ")
+            ) from exc
         return int(ack.seq)
 
     async def read(self, session_id: str) -> list[StoredEntry]:
         """Every entry of the session's log, in order (one ordered consumer, not a round
         trip per entry)."""
+        faults.hit("log.read")
         if await self.length(session_id) == 0:
             return []
         sub = await self._js.subscribe(
@@ -107,16 +126,25 @@ class ControlLog:
         except nats.errors.TimeoutError as exc:
             raise Unavailable(f"reading the control log of {session_id} timed out") from exc
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
-    async def truncate(self, session_id: str, stored: Sequence[StoredEntry], frame: int) -> None:
-        """Delete the control entries for frames >= ``frame`` (of ``stored``, as read)."""
+    async def truncate(self, session_id: str, stored: Sequence[StoredEntry], frame: int) -> int:
+        """Delete the control and head entries for frames >= ``frame`` (of ``stored``, as
+        read): that future was abandoned. CLAIM entries stay (they are the fence). Returns
+        how many went."""
+        gone = 0
+        claim = internal_pb2.LogEntry.KIND_CLAIM
         for item in stored:
-            if (
-                item.entry.kind == internal_pb2.LogEntry.KIND_CONTROL
-                and item.entry.frame_index >= frame
-            ):
-                await self._js.delete_msg(LOG_STREAM, item.seq)
+            if item.entry.kind != claim and item.entry.frame_index >= frame:
+                try:
+                    await self._js.delete_msg(LOG_STREAM, item.seq)
+                except nats.js.errors.NotFoundError:
+                    pass  # deleted already (a truncation before this one)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise Unavailable(f"truncating the control log of {session_id}: {exc}") from exc
+                gone += 1
+        return gone
 
     async def copy(self, source: str, target: str, before_frame: int) -> int:
         """Write ``source``'s control entries for frames < ``before_frame`` as ``target``'s
@@ -137,6 +165,22 @@ class ControlLog:
         info = await self._js.stream_info(LOG_STREAM, subjects_filter=log_subject(session_id))
         subjects = info.state.subjects or {}
         return int(subjects.get(log_subject(session_id), 0))
+
+
+def log_head(entries: Sequence[StoredEntry], checkpoint_frames: Sequence[int] = ()) -> int:
+    """The head a session's durable state records: the frames made are at least those
+    before its newest HEAD mark (written when its stream detached), its newest control or
+    CLAIM entry (the frame it stamps was made or resumed at) and its newest checkpoint.
+    A crash while attached may have made frames after all of these under the control in
+    effect; a client that saw them resumes past this head, and replay makes them again."""
+    head = max(checkpoint_frames, default=0)
+    for item in entries:
+        entry = item.entry
+        if entry.kind == internal_pb2.LogEntry.KIND_CONTROL:
+            head = max(head, entry.frame_index + 1)
+        else:
+            head = max(head, entry.frame_index)
+    return head
 
 
 def controls_by_frame(entries: Sequence[StoredEntry]) -> list[internal_pb2.LogEntry]:
@@ -168,6 +212,7 @@ class CheckpointStore:
         return f"{session_id}.{frame_index:012d}"
 
     async def put(self, name: str, data: bytes) -> None:
+        faults.hit("checkpoint.put")
         await (await self._bucket()).put(name, data)
 
     async def get(self, name: str) -> bytes:

@@ -30,6 +30,12 @@ REGION = EnvVar("WINDFLOW_REGION", "region of this service (workers and router)"
 STEP_THREADS = EnvVar(
     "WINDFLOW_STEP_THREADS", "torch intra-op threads in a worker's model step thread (default 1)"
 )
+FAULTS = EnvVar(
+    "WINDFLOW_FAULTS",
+    "injected client-side faults for tests and `windflow bench chaos` (windflow/common/faults.py);"
+    " unset = none",
+)
+FAULTS_SEED = EnvVar("WINDFLOW_FAULTS_SEED", "seed of probabilistic fault rules (default 0)")
 
 ALL: tuple[EnvVar, ...] = (
     OTLP_ENDPOINT,
@@ -38,4 +44,6 @@ ALL: tuple[EnvVar, ...] = (
     NATS_URL,
     REGION,
     STEP_THREADS,
+    FAULTS,
+    FAULTS_SEED,
 )

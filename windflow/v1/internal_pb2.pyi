@@ -61,19 +61,29 @@ class RecoverRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     worker_id: _builtins.str
     epoch: _builtins.int
+    resume: _builtins.bool
+    """The frame the client's stream resumes at (the last one it received + 1): a re-placed
+    session is restored right there, and what its old worker logged from there on (made,
+    never delivered) is dropped. Without it (no client), it is restored to its log's head.
+    """
+    resume_from: _builtins.int
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         worker_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        resume: _builtins.bool = ...,
+        resume_from: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "resume", b"resume", "resume_from", b"resume_from", "session_id", b"session_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,6 +206,7 @@ class OpenSessionRequest(_message.Message):
     RESTORE_TO_FIELD_NUMBER: _builtins.int
     RESTORE_LATEST_FIELD_NUMBER: _builtins.int
     SOURCE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    RECOVERY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     epoch: _builtins.int
     restore: _builtins.bool
@@ -204,10 +215,14 @@ class OpenSessionRequest(_message.Message):
     """
     restore_to: _builtins.int
     restore_latest: _builtins.bool
-    """restore the newest checkpoint only; attach with resume replays"""
+    """restore to the head its log records (a recovery with no client)"""
     source_session_id: _builtins.str
     """A session on the same worker whose in-memory snapshots may serve the restore (a fork's
     parent): its log up to `restore_to` is this session's log.
+    """
+    recovery: _builtins.bool
+    """A recovery (the session was admitted once already): taken by slots alone, and the
+    log is claimed at the restored frame.
     """
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec:
@@ -223,10 +238,11 @@ class OpenSessionRequest(_message.Message):
         restore_to: _builtins.int = ...,
         restore_latest: _builtins.bool = ...,
         source_session_id: _builtins.str = ...,
+        recovery: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "restore", b"restore", "restore_latest", b"restore_latest", "restore_to", b"restore_to", "session_id", b"session_id", "source_session_id", b"source_session_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "recovery", b"recovery", "restore", b"restore", "restore_latest", b"restore_latest", "restore_to", b"restore_to", "session_id", b"session_id", "source_session_id", b"source_session_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,6 +350,7 @@ class SessionStatus(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     FPS_FIELD_NUMBER: _builtins.int
     DEADLINE_MISSES_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     head_frame: _builtins.int
     dropped: _builtins.int
@@ -342,6 +359,8 @@ class SessionStatus(_message.Message):
     """current quality"""
     fps: _builtins.float
     deadline_misses: _builtins.int
+    epoch: _builtins.int
+    """the placement epoch the worker holds the session at"""
     def __init__(
         self,
         *,
@@ -352,10 +371,11 @@ class SessionStatus(_message.Message):
         steps: _builtins.int = ...,
         fps: _builtins.float = ...,
         deadline_misses: _builtins.int = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "fps", b"fps", "head_frame", b"head_frame", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "epoch", b"epoch", "fps", b"fps", "head_frame", b"head_frame", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,6 +387,8 @@ class LogEntry(_message.Message):
 
     The control applied from `frame_index` on (until the next entry), and the denoising
     steps used. A CLAIM entry marks a new owner (worker, epoch) and fences the previous one.
+    A HEAD entry records that the session's frames up to `frame_index` (exclusive) were made
+    when its stream detached: a session re-placed while detached is restored to it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -379,10 +401,12 @@ class LogEntry(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         KIND_CONTROL: LogEntry._Kind.ValueType  # 0
         KIND_CLAIM: LogEntry._Kind.ValueType  # 1
+        KIND_HEAD: LogEntry._Kind.ValueType  # 2
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_CONTROL: LogEntry.Kind.ValueType  # 0
     KIND_CLAIM: LogEntry.Kind.ValueType  # 1
+    KIND_HEAD: LogEntry.Kind.ValueType  # 2
 
     KIND_FIELD_NUMBER: _builtins.int
     FRAME_INDEX_FIELD_NUMBER: _builtins.int

@@ -888,10 +888,17 @@ class StreamError(_message.Message):
     CODE_NAME_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     code_name: _builtins.str
     message: _builtins.str
     frame_index: _builtins.int
+    @_builtins.property
+    def control(self) -> Global___Control:
+        """The control refused, when the error is about one: it is not applied, now or after a
+        recovery (the gateway forgets it).
+        """
+
     def __init__(
         self,
         *,
@@ -899,10 +906,11 @@ class StreamError(_message.Message):
         code_name: _builtins.str = ...,
         message: _builtins.str = ...,
         frame_index: _builtins.int = ...,
+        control: Global___Control | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["control", b"control"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "code_name", b"code_name", "frame_index", b"frame_index", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "code_name", b"code_name", "control", b"control", "frame_index", b"frame_index", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,199 @@
+"""Session state under faults (issue 18's review cases), each against the real stack.
+
+The rule every test holds: what the client received, Replay and the control log agree,
+frame by frame, after the fault; no frame is missing or repeated; a refused control is
+never applied; and the session is still playable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from services.worker.models.registry import DEFAULT_MODEL
+from tests.e2e.mesh import Mesh
+from windflow.sdk import Client
+from windflow.sdk.client import Session
+from windflow.v1 import windflow_pb2 as pb
+
+WORKER_ARGS = ("--lease-ttl", "2", "--heartbeat", "0.5", "--checkpoint-every", "48")
+SPEC = {"format": "rgb", "output_policy": "pause", "fps": 48.0, "quality": "fixed"}
+
+
+async def _new(client: Client, seed: int) -> pb.Session:
+    return await client.create_session(DEFAULT_MODEL, seed=seed, **SPEC)  # type: ignore[arg-type]
+
+
+async def _replayed(client: Client, session_id: str, start: int, stop: int) -> list[bytes]:
+    return [f.frame.data async for f in client.replay(session_id, start, stop)]
+
+
+def _recovered(live: Session) -> list[pb.SessionEvent]:
+    return [e for e in live.events if e.kind == pb.SessionEvent.KIND_RECOVERED]
+
+
+async def test_append_errors_of_every_kind_hold_the_frame_and_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """Scenarios 3 and 5: the control-log append for frame 5 meets each client error
+    nats-py raises there (no stream response, a closed connection, a full outbound buffer,
+    a 503, a timeout), one after the other. Before: the first escaped as a non-Windflow
+    error, frame 5 was never sent (frames 4 then 6) and the log never got its entry;
+    a 503 alone removed the session from its worker for good. Now the append is retried
+    (idempotently) and frame 5 waits for it."""
+    errors = (
+        "NoStreamResponseError",
+        "ConnectionClosedError",
+        "OutboundBufferLimitError",
+        "ServiceUnavailableError",
+        "NatsTimeoutError",
+    )
+    rules = ";".join(f"log.append={name}@{call}" for call, name in enumerate(errors, start=2))
+    mesh = Mesh(tmp_path, workers=1, worker_args=WORKER_ARGS, env={"WINDFLOW_FAULTS": rules})
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=5)
+            live = await client.attach(info, controls=[(0, 1), (5, 2), (10, 3)])
+            got = [(f.index, f.frame.action, f.frame.data) async for f in live.frames(limit=14)]
+            await live.aclose()
+
+            assert [i for i, _, _ in got] == list(range(14))
+            assert [a for _, a, _ in got] == [1] * 5 + [2] * 5 + [3] * 4
+            assert not live.errors and not _recovered(live)
+            # the log holds frame 5's entry: Replay makes what the client saw
+            assert await _replayed(client, info.session_id, 0, 14) == [d for _, _, d in got]
+            worker_log = mesh.log("worker-1")
+            assert worker_log.count("fault injected at log.append") == len(errors)
+            assert "landed after 6 tries" in worker_log
+            # and it plays on
+            again = await client.attach(await client.get_session(info.session_id))
+            assert [f.index async for f in again.frames(limit=3)] == [14, 15, 16]
+            await again.aclose()
+    finally:
+        await mesh.aclose()
+
+
+async def test_a_detached_session_recovered_without_its_client_comes_back_at_its_head(
+    tmp_path: Path,
+) -> None:
+    """Scenario 1: 120 frames under changing controls, detach, SIGKILL the worker. The
+    lease expiry re-places the session with no client. Before: it came back at its newest
+    checkpoint (96), and the frames made again from there ignored the logged controls
+    (99-115 differed). Now it comes back at 120, and Replay of the whole history equals
+    what the client received, before and after."""
+    mesh = Mesh(tmp_path, workers=2, worker_args=WORKER_ARGS)
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=11)
+            n = len(info.model.actions)
+            controls = [(f, (f // 7) % n) for f in range(0, 120, 7)]
+            live = await client.attach(info, controls=controls)
+            first = [f.frame.data async for f in live.frames(limit=120)]
+            await live.aclose()
+            placed = await client.get_session(info.session_id)
+            assert placed.head_frame == 120
+            await asyncio.sleep(0.5)  # its HEAD entry lands after the stream's end
+            mesh.kill(placed.worker_id)
+            for _ in range(200):  # (the placement moves first, then the worker opens it)
+                moved = await client.get_session(info.session_id)
+                if moved.placement_epoch == 2 and moved.head_frame > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert moved.placement_epoch == 2 and moved.worker_id != placed.worker_id
+            assert moved.head_frame == 120
+
+            again = await client.attach(moved)
+            second = [(f.index, f.frame.data) async for f in again.frames(limit=20)]
+            await again.aclose()
+            assert [i for i, _ in second] == list(range(120, 140))
+            history = first + [d for _, d in second]
+            assert await _replayed(client, info.session_id, 0, 140) == history
+    finally:
+        await mesh.aclose()
+
+
+async def test_a_worker_stalled_past_its_lease_hands_the_stream_on(tmp_path: Path) -> None:
+    """Scenario 4: SIGSTOP the worker streaming a session for 3.5 s (lease 2 s): the router
+    finds it gone and re-places the session. On SIGCONT the old worker must not end the
+    client's stream as if the session were closed (before: 63 of 200 frames and a clean
+    end, the session left unattached on the other worker): its stream ends UNAVAILABLE and
+    the gateway follows the session to its new worker."""
+    mesh = Mesh(tmp_path, workers=2, worker_args=WORKER_ARGS)
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=23)
+            n = len(info.model.actions)
+            victim = info.worker_id
+            pid = mesh.procs[victim].pid
+            assert pid is not None
+            live = await client.attach(info, controls=[(f, (f // 9) % n) for f in range(0, 40, 9)])
+            got: list[tuple[int, bytes]] = []
+            async for frame in live.frames(limit=200):
+                got.append((frame.index, frame.frame.data))
+                ahead = frame.index + 30
+                if ahead % 9 == 0:
+                    await live.send(action=(ahead // 9) % n, frame_index=ahead)
+                if frame.index == 60:
+                    os.kill(pid, signal.SIGSTOP)
+                    try:
+                        await asyncio.sleep(3.5)
+                    finally:
+                        os.kill(pid, signal.SIGCONT)
+            await live.aclose()
+
+            assert [i for i, _ in got] == list(range(200))
+            assert await _replayed(client, info.session_id, 0, 200) == [d for _, d in got]
+            after = await client.get_session(info.session_id)
+            assert after.worker_id != victim and after.placement_epoch >= 2
+            # the stalled worker let its stale copy go (no slot or memory kept for it)
+            for _ in range(100):
+                if "dropped here" in mesh.log(victim):
+                    break
+                await asyncio.sleep(0.1)
+            assert "dropped here" in mesh.log(victim)
+    finally:
+        await mesh.aclose()
+
+
+async def test_refused_and_many_future_controls_survive_a_recovery(tmp_path: Path) -> None:
+    """Scenario 2: the client keeps ~250 controls queued ahead (under the worker's bound of
+    256, but with the frames made and not yet delivered the gateway remembers more) and
+    one out-of-range action for frame 150, refused. The worker is killed at frame 100.
+    Before: the resume Attach re-sent every remembered control, all or none: the stream
+    ended RESOURCE_EXHAUSTED (over 256) or INVALID_ARGUMENT (the refused one). Now the
+    refused control is forgotten, the others resume, and every frame arrives as Replay
+    makes it."""
+    mesh = Mesh(tmp_path, workers=2, worker_args=WORKER_ARGS)
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=31)
+            n = len(info.model.actions)
+            ahead = 250
+
+            def action(frame: int) -> int:
+                return (frame // 5) % n
+
+            live = await client.attach(info, controls=[(f, action(f)) for f in range(ahead)])
+            await live.send(action=n + 7, frame_index=150)  # out of range: refused
+            got: list[tuple[int, int, bytes]] = []
+            async for frame in live.frames(limit=200):
+                got.append((frame.index, frame.frame.action, frame.frame.data))
+                await live.send(action=action(frame.index + ahead), frame_index=frame.index + ahead)
+                if frame.index == 100:
+                    mesh.kill(info.worker_id)
+            await live.aclose()
+
+            assert [i for i, _, _ in got] == list(range(200))
+            assert [a for _, a, _ in got] == [action(i) for i in range(200)]
+            assert len(_recovered(live)) == 1
+            refusals = [e for e in live.errors if e.code_name == "INVALID_ARGUMENT"]
+            assert [(e.frame_index, e.control.action) for e in refusals] == [(150, n + 7)]
+            assert await _replayed(client, info.session_id, 0, 200) == [d for _, _, d in got]
+    finally:
+        await mesh.aclose()
