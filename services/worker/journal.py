@@ -156,10 +156,11 @@ class Journal:
 
         A failed append is retried, with backoff, for as long as the session lives here:
         its frame is held meanwhile (the engine releases a frame only once its entry is
-        acknowledged), so a log outage stalls the session instead of losing it. The retry
-        carries the first try's ``Nats-Msg-Id``: if that try landed and only its ack was
-        lost, the server answers with its sequence. ``Fenced`` is final (another worker
-        owns the session); so is the session's removal from this worker."""
+        acknowledged), so a log outage stalls the session instead of losing it. Every try
+        carries one ``Nats-Msg-Id``: if an earlier try landed and only its ack was lost,
+        the retry finds it (``ControlLog.append``) instead of reading a fence. ``Fenced``
+        is final (another worker owns the session); so is the session's removal from this
+        worker."""
         msg_id = f"{actor.session_id}.{actor.epoch}.{uuid.uuid4().hex}"
         delay = APPEND_RETRY_FIRST_S
         attempt = 0

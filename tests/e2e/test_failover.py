@@ -55,6 +55,10 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
             assert [(m.worker_id, m.placement_epoch) for m in moved] == [("worker-2", 2)] * len(
                 victims
             )
+            # and a recovered session streams from where it was (never attached: frame 0)
+            recovered = await client.attach(moved[0])
+            assert [f.index async for f in recovered.frames(limit=5)] == list(range(5))
+            await recovered.aclose()
             # new sessions land on the survivor, which streams them
             survivors = [await client.create_session(DEFAULT_MODEL, seed=10 + i) for i in range(2)]
             assert {s.worker_id for s in survivors} == {"worker-2"}
@@ -77,10 +81,11 @@ async def test_spread_then_kill_a_worker(tmp_path: Path) -> None:
 
 
 async def test_a_lapsed_lease_on_a_live_worker_moves_nothing(tmp_path: Path) -> None:
-    """A worker that stalls past its lease on a loaded host (here: its lease revoked under
-    it) still serves: the router finds it answering and leaves its sessions where they are
-    (moving an attached one would fork its stream between two workers), and the worker
-    registers again at its next heartbeat."""
+    """A worker whose lease ends while it still answers (its lease revoked under it) keeps
+    its sessions: the router finds it answering and leaves them where they are (moving an
+    attached one would fork its stream between two workers), and the worker registers
+    again at its next heartbeat. (A worker that stalls past its lease and does not answer
+    meanwhile is another case: its sessions move, tests/e2e/test_faults.py.)"""
     mesh = Mesh(
         tmp_path,
         workers=2,

@@ -74,7 +74,8 @@ async def test_fork_continues_bit_exactly(mesh: Mesh) -> None:
         child = await client.fork(original.session_id, k)
         assert child.session_id != original.session_id
         assert (child.parent_session_id, child.forked_at) == (original.session_id, k)
-        assert child.head_frame == k
+        # the head the worker holding the fork reports (not the Fork reply's echo of k)
+        assert (await client.get_session(child.session_id)).head_frame == k
         # from the parent's in-memory copy of frame k, on the parent's worker (affinity):
         # nothing replayed
         where = (await client.get_session(child.session_id)).worker_id
@@ -98,7 +99,7 @@ async def test_rewind_same_controls_same_frames_else_different(mesh: Mesh) -> No
 
         k = 50
         rewound = await client.rewind(session.session_id, k)
-        assert rewound.head_frame == k
+        assert (await client.get_session(session.session_id)).head_frame == k
         assert all(c.frame_index <= k for c in rewound.checkpoints)
         again = await run(client, session, [(f, a) for f, a in controls if f >= k], 100 - k)
         assert again == first[k:]
@@ -176,7 +177,17 @@ async def test_corrupted_checkpoint_falls_back_to_the_one_before(mesh: Mesh) -> 
             await CheckpointStore(nc.jetstream()).put(target.object_name, b"not a snapshot")
         finally:
             await nc.close()
-        child = await client.fork(session.session_id, 100)
-        later = [(f, a) for f, a in controls if f >= 100]
-        assert await run(client, child, later, 10) == frames[100:110]
-        assert "checkpoint" in mesh.log("worker-1") + mesh.log("worker-2")
+        # Replay restores from durable checkpoints only (a fork would restore from the
+        # worker's in-memory ring and never read checkpoint 96): 96 fails to load, the one
+        # before it does
+        replayed = [f.frame.data async for f in client.replay(session.session_id, 100, 110)]
+        assert replayed == frames[100:110]
+        logs = mesh.log("worker-1") + mesh.log("worker-2")
+        assert f"checkpoint {target.object_name} of {session.session_id} unusable" in logs
+        fallback = max(
+            (c for c in described.checkpoints if c.frame_index < 96), key=lambda c: c.frame_index
+        )
+        assert (
+            f"restored {session.session_id} at frame 100 from {fallback.object_name} "
+            f"({100 - fallback.frame_index} frames replayed)"
+        ) in logs

@@ -78,8 +78,9 @@ class ControlLog:
         Returns the new entry's sequence; raises ``Fenced`` if the log moved on without us
         and ``Unavailable`` for any other failure, whatever the client raised (so a retry
         is the caller's choice). ``msg_id`` (``Nats-Msg-Id``) makes a retry idempotent:
-        when the first try landed and only its ack was lost, the server answers the retry
-        with the first one's sequence instead of storing the entry twice.
+        when the first try landed and only its ack was lost, the retry finds the subject's
+        last entry is that try (the server checks the expected sequence before its
+        de-duplication, so it answers "wrong last sequence") and returns its sequence.
         """
         headers = {Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(expect_seq)}
         if msg_id:
@@ -91,6 +92,9 @@ class ControlLog:
             )
         except nats.js.errors.APIError as exc:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
+                landed = await self._landed(session_id, msg_id) if msg_id else 0
+                if landed:
+                    return landed
                 raise Fenced(f"the control log of session {session_id} has a new owner") from exc
             raise Unavailable(f"control log append failed: {exc}") from exc
         except (nats.errors.Error, TimeoutError, OSError) as exc:
@@ -100,6 +104,16 @@ class ControlLog:
                 f"control log append failed: {type(exc).__name__}: {exc}".rstrip(": ")
             ) from exc
         return int(ack.seq)
+
+    async def _landed(self, session_id: str, msg_id: str) -> int:
+        """The sequence of the subject's last entry if it carries ``msg_id``, else 0."""
+        try:
+            last = await self._js.get_last_msg(LOG_STREAM, log_subject(session_id))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"control log append unresolved: {exc}") from exc
+        if (last.headers or {}).get(Header.MSG_ID.value) == msg_id:
+            return int(last.seq or 0)
+        return 0
 
     async def read(self, session_id: str) -> list[StoredEntry]:
         """Every entry of the session's log, in order (one ordered consumer, not a round
