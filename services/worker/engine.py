@@ -33,7 +33,7 @@ from services.worker.quality import QualityGovernor
 from services.worker.stepping import Capture, Encoding, StepResult, step_and_encode, time_step
 from windflow.common import names, telemetry
 from windflow.common.durable import Fenced
-from windflow.errors import Unavailable, WindflowError
+from windflow.errors import ResourceExhausted, Unavailable, WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,8 @@ class StepEngine:
                     reason: WindflowError = Unavailable(
                         f"session {actor.session_id} moved to another worker: {exc.message}"
                     )
+                elif isinstance(exc, ResourceExhausted):
+                    reason = exc  # its log is full: the client is told; no recovery helps
                 else:
                     if not isinstance(exc, WindflowError):
                         log.error(

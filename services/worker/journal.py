@@ -362,7 +362,7 @@ class Journal:
             epoch=actor.epoch,
         )
         actor.log_seq = await self.log.append(actor.session_id, claim, last)
-        await self.catalog.drop_after(actor.session_id, actor.next_frame)
+        await self.drop_checkpoints_after(actor.session_id, actor.next_frame)
         dropped = await self.log.truncate(actor.session_id, entries, actor.next_frame)
         if dropped:
             log.info(
@@ -372,6 +372,18 @@ class Journal:
                 actor.next_frame,
                 extra={"session_id": actor.session_id},
             )
+
+    async def drop_checkpoints_after(self, session_id: str, frame: int) -> int:
+        """Forget the session's checkpoints after ``frame`` (an abandoned future) and
+        delete their objects, but those another session's catalog still names (a fork's
+        inherited checkpoints). Returns how many objects went."""
+        dropped = await self.catalog.drop_after(session_id, frame)
+        names_ = [c.object_name for c in dropped]
+        shared = await self.catalog.referenced(names_)
+        for name in names_:
+            if name not in shared:
+                await self.store.delete(name)
+        return len(names_) - len(shared)
 
     async def mark_head(self, actor: SessionActor) -> None:
         """Record the actor's head in its log (a HEAD entry): where a re-placed session

@@ -431,7 +431,7 @@ class WorkerRuntime:
         await actor.wait_uploaded()  # a checkpoint past `frame` must land before the prune
         stored = await journal.log.read(session_id)
         await journal.log.truncate(session_id, stored, frame)
-        await journal.catalog.drop_after(session_id, frame)
+        await journal.drop_checkpoints_after(session_id, frame)
         restored = await journal.restore(
             session_id,
             actor.model,

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import nats
@@ -28,6 +29,7 @@ from windflow.common.durable import (
     log_head,
     log_subject,
 )
+from windflow.errors import NotFound, ResourceExhausted
 from windflow.infra import EtcdServer, NatsServer
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
@@ -203,3 +205,43 @@ async def test_restore_falls_back_past_an_unreadable_checkpoint_and_replays_the_
     assert latest.state.frame_index == 8 and latest.checkpoint_frame == 4
     step = functools.partial(model.step, [restored.state], [Control(2)], 1)
     assert (await asyncio.to_thread(step))[0].tobytes() == expected[10].tobytes()
+
+
+async def test_a_full_log_refuses_appends_as_resource_exhausted(tmp_path: Path) -> None:
+    """The stream's bounds refuse new entries (never drop old ones); the refusal is not a
+    retryable outage, so the worker tells the client instead of holding its frame."""
+    server = NatsServer(tmp_path)
+    await server.start()
+    nc = await nats.connect(server.url)
+    try:
+        log = ControlLog(nc.jetstream())
+        await log.ensure(max_entries_per_session=2)
+        sid = uuid.uuid4().hex
+        last = await log.append(sid, control(0, 1), 0)
+        last = await log.append(sid, control(1, 2), last)
+        with pytest.raises(ResourceExhausted, match="is full"):
+            await log.append(sid, control(2, 0), last)
+        assert await log.append(uuid.uuid4().hex, control(0, 1), 0) > 0  # per session
+    finally:
+        await nc.close()
+        await server.aclose()
+
+
+async def test_objects_of_an_abandoned_future_go_unless_a_fork_shares_them(
+    journal: Journal,
+) -> None:
+    parent, fork = uuid.uuid4().hex, uuid.uuid4().hex
+    for frame in (4, 8):
+        name = journal.store.object_name(parent, frame)
+        await journal.store.put(name, b"state")
+        await journal.catalog.put(
+            parent, pb.Checkpoint(frame_index=frame, object_name=name, size=5)
+        )
+    shared = journal.store.object_name(parent, 4)
+    await journal.catalog.put(fork, pb.Checkpoint(frame_index=4, object_name=shared, size=5))
+
+    assert await journal.drop_checkpoints_after(parent, 2) == 1  # (a rewind to frame 2)
+    assert await journal.catalog.list(parent) == []
+    assert await journal.store.get(shared) == b"state"  # the fork still restores from it
+    with pytest.raises(NotFound):
+        await journal.store.get(journal.store.object_name(parent, 8))

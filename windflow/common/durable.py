@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import nats.js.errors
 from etcd3aio import Etcd3Client, prefix_range_end
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, Header, StorageType
+from nats.js.api import DeliverPolicy, DiscardPolicy, Header, StorageType
 from nats.js.object_store import ObjectStore
 
 from windflow.common import etcd, faults, names
-from windflow.errors import FailedPrecondition, NotFound, Unavailable
+from windflow.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
@@ -50,18 +50,43 @@ class StoredEntry:
     entry: internal_pb2.LogEntry
 
 
+LOG_MAX_ENTRIES_PER_SESSION = 1_000_000
+"""A session's log holds at most this many entries (one per control or quality change,
+plus a CLAIM per recovery and a HEAD per detach: at one change per frame, 11.5 hours at
+24 fps); an append beyond it is refused RESOURCE_EXHAUSTED, never silently dropped."""
+LOG_MAX_BYTES = 4 << 30
+"""The whole log stream's bound on disk; appends beyond it are refused likewise."""
+LOG_DUPLICATE_WINDOW_S = 120.0
+"""How long the server remembers an append's Nats-Msg-Id (a retried append within it)."""
+_STORE_LIMIT = 10077  # JetStream: "maximum messages per subject exceeded", "maximum bytes ..."
+
+
 class ControlLog:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
 
-    async def ensure(self) -> None:
-        """Create the stream if it does not exist (idempotent)."""
+    async def ensure(
+        self,
+        *,
+        max_entries_per_session: int = LOG_MAX_ENTRIES_PER_SESSION,
+        max_bytes: int = LOG_MAX_BYTES,
+    ) -> None:
+        """Create the stream if it does not exist (idempotent), with its bounds: entries
+        per session, bytes in all, both refusing new entries rather than deleting old ones
+        (a log that lost its start could not be replayed)."""
         try:
             await self._js.stream_info(LOG_STREAM)
         except nats.js.errors.NotFoundError:
             try:
                 await self._js.add_stream(
-                    name=LOG_STREAM, subjects=[LOG_SUBJECTS], storage=StorageType.FILE
+                    name=LOG_STREAM,
+                    subjects=[LOG_SUBJECTS],
+                    storage=StorageType.FILE,
+                    max_msgs_per_subject=max_entries_per_session,
+                    max_bytes=max_bytes,
+                    discard=DiscardPolicy.NEW,
+                    discard_new_per_subject=True,
+                    duplicate_window=LOG_DUPLICATE_WINDOW_S,
                 )
             except nats.js.errors.BadRequestError:
                 await self._js.stream_info(LOG_STREAM)  # created concurrently
@@ -96,6 +121,10 @@ class ControlLog:
                 if landed:
                     return landed
                 raise Fenced(f"the control log of session {session_id} has a new owner") from exc
+            if exc.err_code == _STORE_LIMIT and "maximum" in (exc.description or ""):
+                raise ResourceExhausted(
+                    f"the control log of session {session_id} is full ({exc.description})"
+                ) from exc
             raise Unavailable(f"control log append failed: {exc}") from exc
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             # no responders, a closed or reconnecting connection, a full outbound buffer,
@@ -229,10 +258,15 @@ class CheckpointStore:
         faults.hit("checkpoint.put")
         await (await self._bucket()).put(name, data)
 
+    async def delete(self, name: str) -> None:
+        """Delete an object (gone already: nothing to do)."""
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await (await self._bucket()).delete(name)
+
     async def get(self, name: str) -> bytes:
         try:
             result = await (await self._bucket()).get(name)
-        except nats.js.errors.ObjectNotFoundError as exc:
+        except nats.js.errors.NotFoundError as exc:  # never stored, or deleted
             raise NotFound(f"checkpoint object {name!r} is missing") from exc
         return bytes(result.data or b"")
 
@@ -282,13 +316,31 @@ class CheckpointCatalog:
         out.sort(key=lambda c: c.frame_index)
         return out
 
-    async def drop_after(self, session_id: str, frame: int) -> None:
-        """Forget checkpoints of frames > ``frame`` (a rewind made them another future)."""
-        for checkpoint in await self.list(session_id):
-            if checkpoint.frame_index > frame:
-                await etcd.kv(self._etcd).delete(
-                    f"{self._prefix(session_id)}{checkpoint.frame_index:012d}"
-                )
+    async def drop_after(self, session_id: str, frame: int) -> Sequence[pb.Checkpoint]:
+        """Forget checkpoints of frames > ``frame`` (a rewind made them another future);
+        returns them."""
+        dropped = [c for c in await self.list(session_id) if c.frame_index > frame]
+        for checkpoint in dropped:
+            await etcd.kv(self._etcd).delete(
+                f"{self._prefix(session_id)}{checkpoint.frame_index:012d}"
+            )
+        return dropped
+
+    async def referenced(self, object_names: Sequence[str]) -> set[str]:
+        """Which of ``object_names`` some session's catalog still names (a fork shares
+        its parent's checkpoint objects)."""
+        wanted = set(object_names)
+        if not wanted:
+            return set()
+        prefix = names.SESSIONS_PREFIX.encode()
+        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        found = set()
+        for item in response.kvs:
+            if b"/checkpoints/" in item.key:
+                name = pb.Checkpoint.FromString(item.value).object_name
+                if name in wanted:
+                    found.add(name)
+        return found
 
     async def drop_all(self, session_id: str) -> None:
         prefix = self._prefix(session_id).encode()
