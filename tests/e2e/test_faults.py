@@ -197,3 +197,37 @@ async def test_refused_and_many_future_controls_survive_a_recovery(tmp_path: Pat
             assert await _replayed(client, info.session_id, 0, 200) == [d for _, _, d in got]
     finally:
         await mesh.aclose()
+
+
+async def test_a_rewind_waits_for_the_append_in_flight_and_drops_it(tmp_path: Path) -> None:
+    """Scenario 8: the append of frame 10's control is held up (503s, retried) when the
+    client rewinds to frame 7. The rewind waits for it, then drops it with the rest of
+    the abandoned future. (Not waiting, the retried append landed after the truncation,
+    fenced on the truncated log's sequence: the log kept frame 10's entry, and Replay
+    applied it to frames the client received without it.)"""
+    rules = "log.append=ServiceUnavailableError@3-9"  # the third append: frame 10's
+    mesh = Mesh(tmp_path, workers=1, worker_args=WORKER_ARGS, env={"WINDFLOW_FAULTS": rules})
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=41)
+            live = await client.attach(info, controls=[(0, 1), (5, 2), (10, 3)])
+            seen: list[tuple[int, int, bytes]] = []
+            rewinding: asyncio.Task[pb.Session] | None = None
+            async for frame in live.frames(limit=45):
+                seen.append((frame.index, frame.frame.action, frame.frame.data))
+                if frame.index == 9 and rewinding is None:
+                    rewinding = asyncio.create_task(client.rewind(info.session_id, 7))
+            await live.aclose()
+            assert rewinding is not None
+            await rewinding
+
+            cut = next(i for i in range(1, len(seen)) if seen[i][0] < seen[i - 1][0])
+            before, after = seen[:cut], seen[cut:]
+            assert [i for i, _, _ in before] == list(range(len(before)))
+            assert [i for i, _, _ in after] == list(range(7, 7 + len(after)))
+            assert {a for i, a, _ in after} == {2}  # frame 10's control went with the rewind
+            history = [d for _, _, d in before[:7]] + [d for _, _, d in after]
+            assert await _replayed(client, info.session_id, 0, 7 + len(after)) == history
+    finally:
+        await mesh.aclose()
