@@ -187,3 +187,27 @@ def test_frames_awaiting_release_are_bounded_under_drop_oldest() -> None:
     assert a.ready
     a.unreleased = 2  # as many as the output queue holds: wait for the log server
     assert not a.ready
+
+
+def test_a_resumed_attach_takes_its_controls_one_by_one_past_the_pending_bound() -> None:
+    """The controls a gateway re-sends at a recovery were accepted once: one refused now
+    (out of range, or in the past) does not take the others with it, and more than the
+    pending bound (frames made meanwhile turned pending controls into re-sent ones) are
+    all taken."""
+    a = actor()  # max_pending_controls=3
+    a.begin_step()  # frame 0 made: a control for it is in the past now
+    a.end_step()
+    msgs = [pb.Control(frame_index=f, action=1 + f % 2) for f in range(1, 6)]
+    msgs.insert(2, pb.Control(frame_index=3, action=9))  # out of the action space
+    msgs.insert(0, pb.Control(frame_index=0, action=1))  # in the past
+    refused = a.resume_controls(msgs)
+    assert [(c.frame_index, c.action, type(e).__name__) for c, e in refused] == [
+        (0, 1, "InvalidArgument"),
+        (3, 9, "InvalidControl"),
+    ]
+    taken = []
+    for _ in range(5):
+        taken.append(a.take_control().control.action)
+        a.begin_step()
+        a.end_step()
+    assert taken == [2, 1, 2, 1, 2]  # frames 1..5, all five (over the bound of 3)
