@@ -60,6 +60,8 @@ class StreamProxy:
         """The first leg's KIND_ATTACHED came (and set ``last_forwarded`` to its head - 1):
         a recovery resumes the stream; before it, one attaches afresh."""
         self._same_worker_retries = 0
+        self._legs = 0
+        """Worker legs attached so far."""
         self.recoveries = 0
         self.trace_context: otel_context.Context | None = None
         """The stream span's context: parent of the worker legs and the frame spans."""
@@ -129,6 +131,16 @@ class StreamProxy:
             await call.write(pb.ClientMessage(attach=attach))
         except grpc.aio.AioRpcError as exc:
             raise grpc_util.error_from_rpc(exc) from exc
+        if not resume and self._legs:
+            # a fresh attach after a leg that failed before its first frame: controls the
+            # client sent on the stream meanwhile may have gone to the failed leg only
+            in_attach = list(self._attach.controls)
+            for control in [c for c in self._controls if c not in in_attach]:
+                try:
+                    await call.write(pb.ClientMessage(control=control))
+                except grpc.aio.AioRpcError as exc:
+                    raise grpc_util.error_from_rpc(exc) from exc
+        self._legs += 1
         self._leg_ready.set()
         async for message in _responses(call):
             if not message.HasField("frame"):

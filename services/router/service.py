@@ -102,8 +102,16 @@ class RouterService:
                 worker_id = event.kv.key.decode()[len(names.WORKERS_PREFIX) :]
                 if event.type == event.PUT:
                     info = internal_pb2.WorkerInfo.FromString(event.kv.value)
-                    if worker_id not in self.workers:
+                    known = self.workers.get(worker_id)
+                    if known is None:
                         log.info("worker %s up at %s", worker_id, info.address)
+                    elif known.address != info.address:
+                        # restarted elsewhere and registered again before its old lease
+                        # ended (no DELETE came): the cached channel dials the old address
+                        log.info("worker %s moved to %s", worker_id, info.address)
+                        stale = self._channels.pop(worker_id, None)
+                        if stale is not None:
+                            await stale.close()
                     self.workers[worker_id] = _view(info)
                 else:
                     gone = self.workers.pop(worker_id, None)

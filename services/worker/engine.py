@@ -15,10 +15,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from opentelemetry.trace import Span
@@ -60,6 +60,9 @@ RECHECK_TOLERANCE = 1.25
 """An idle worker's re-timed reference batch rescales its model's costs when it is off
 the prediction by more than this factor, either way (``recheck_while_idle``); within it,
 the difference is noise."""
+FENCE_RETRY_S = 0.2
+"""Past its lease, how soon a worker asks etcd again whether its sessions are still
+placed on it, when etcd did not answer."""
 tracer = telemetry.tracer(__name__)
 T = TypeVar("T")
 
@@ -149,6 +152,16 @@ class StepEngine:
         self._quiet = False
         """Set by ``quiesce``: no more batches are launched."""
         self._release_tail: asyncio.Task[None] | None = None
+        self.lease: Callable[[], tuple[int, float]] = lambda: (0, math.inf)
+        """This worker's registration lease: (grants so far, until when it surely holds,
+        monotonic) (``LeasedKey.grants``, ``valid_until``). Past it, or under a lease
+        granted anew after one lapsed, its sessions may have been moved."""
+        self._verified_grant = 0
+        """The grant under which the placements were last verified."""
+        self.verify_placements: Callable[[], Coroutine[Any, Any, object]] | None = None
+        """Checks that every session is still placed here, dropping those that are not
+        (``WorkerRuntime.check_placements``): run before frames go out past the lease."""
+        self._verifying: asyncio.Task[object] | None = None
         self.frames_total = 0
         self.steps_total = 0
 
@@ -457,7 +470,7 @@ class StepEngine:
             int(finished * 1e6) + wall_offset_us,
         )
         tail = self._release_tail
-        if not launched.appends and (tail is None or tail.done()):
+        if not launched.appends and (tail is None or tail.done()) and self._lease_holds():
             # nothing to wait for: send now. (With a model host a batch due meanwhile is
             # in the host already; a model in this process waits for the loop, but sending
             # these on a later turn, beside the next batch, measured worse: the loop's
@@ -483,13 +496,41 @@ class StepEngine:
             if previous is not None:
                 with contextlib.suppress(Exception):
                     await previous
-            self._send_frames(step, await self._await_appends(step))
+            unlogged = await self._await_appends(step)
+            await self._fence()
+            self._send_frames(step, unlogged)
         finally:
             for actor in step.actors:
                 actor.unreleased -= 1
             # a session held back by its unreleased frames (PAUSE, or a slow log server)
             # may be ready now, and the loop may be asleep with nothing else to wake it
             self.wake()
+
+    def _lease_holds(self) -> bool:
+        grant, until = self.lease()
+        return grant == self._verified_grant and time.monotonic() < until
+
+    async def _fence(self) -> None:
+        """Past this worker's lease, or under a lease granted anew after one lapsed (a
+        stall: SIGSTOP, a long pause), its sessions may have moved to other workers, which
+        may be making their frames now; a session needing no log append is fenced by
+        nothing else. So frames go out only after a check that their sessions are still
+        placed here (it drops those that are not, and their frames are not sent): once
+        per new grant, and before every release while the lease is past its term. An
+        unreachable etcd holds them until it answers."""
+        while not self._lease_holds() and self.verify_placements is not None:
+            grant, _ = self.lease()
+            if self._verifying is None or self._verifying.done():
+                self._verifying = asyncio.create_task(
+                    self.verify_placements(), name="verify-placements"
+                )
+            try:
+                await asyncio.shield(self._verifying)
+                self._verified_grant = max(self._verified_grant, grant)
+                return
+            except Exception:
+                log.warning("placements unverified past the lease; frames held", exc_info=True)
+                await asyncio.sleep(FENCE_RETRY_S)
 
     async def _await_appends(self, step: _Stepped) -> set[int]:
         """The batch's sessions whose control-log entry did not land; each is dropped

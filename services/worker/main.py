@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-
-from etcd3aio import Etcd3Client
+from collections.abc import Awaitable, Callable
 
 from services.worker.config import WorkerConfig
 from services.worker.journal import Journal
@@ -90,8 +89,18 @@ async def run(config: WorkerConfig) -> int:
     await server.set_serving()
     await bus.publish(names.SUBJECT_WORKER_UP, worker_id=config.worker_id, detail=runtime.address)
     log.info("worker %s serving on %s", config.worker_id, runtime.address)
+
+    async def placement_of(session_id: str) -> internal_pb2.PlacementRecord | None:
+        response = await etcd.kv(client).get(names.placement_key(session_id))
+        if not response.kvs:
+            return None
+        return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
+
+    runtime.engine.lease = lambda: (registration.grants, registration.valid_until)
+    runtime.engine.verify_placements = lambda: runtime.check_placements(placement_of)
     checker = asyncio.create_task(
-        _check_placements(runtime, client, config.placement_check_s), name="placement-check"
+        _check_placements(runtime, placement_of, config.placement_check_s),
+        name="placement-check",
     )
     try:
         return await lifecycle.wait_for_stop(engine_task, *watchers)
@@ -122,17 +131,14 @@ async def _watch(host: ModelHost) -> None:
         exit_worker(host)
 
 
-async def _check_placements(runtime: WorkerRuntime, client: Etcd3Client, every_s: float) -> None:
+async def _check_placements(
+    runtime: WorkerRuntime,
+    placement_of: Callable[[str], Awaitable[internal_pb2.PlacementRecord | None]],
+    every_s: float,
+) -> None:
     """``WorkerRuntime.check_placements`` every ``every_s`` (0: never), until cancelled."""
     if every_s <= 0:
         return
-
-    async def placement_of(session_id: str) -> internal_pb2.PlacementRecord | None:
-        response = await etcd.kv(client).get(names.placement_key(session_id))
-        if not response.kvs:
-            return None
-        return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
-
     while True:
         await asyncio.sleep(every_s)
         try:

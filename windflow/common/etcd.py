@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from etcd3aio import Etcd3Client, prefix_range_end
 from etcd3aio.kv import KVService
@@ -40,13 +41,23 @@ class LeasedKey:
         self._ttl = ttl
         self._heartbeat_s = heartbeat_s
         self.lease_id = 0
+        self.grants = 0
+        """Leases granted so far: one more each time the lease lapsed and was granted
+        anew (what it guarded may have moved meanwhile)."""
+        self.valid_until = 0.0
+        """Until when (monotonic) the lease surely holds: the newest grant or renewal
+        that etcd answered, from when it was asked, plus the TTL it reported. Past it, the
+        lease may have ended and what it guards may have moved (``StepEngine``'s fence)."""
         self._value = b""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, value: bytes) -> None:
         assert self._client.lease is not None
+        asked = time.monotonic()
         grant = await self._client.lease.grant(self._ttl)
         self.lease_id = grant.ID
+        self.grants += 1
+        self.valid_until = asked + grant.TTL
         await self.update(value)
         self._task = asyncio.create_task(self._keepalive(), name=f"lease-keepalive:{self._key}")
 
@@ -71,14 +82,20 @@ class LeasedKey:
 
     async def _renew(self) -> None:
         assert self._client.lease is not None
+        asked = time.monotonic()
         stream = self._client.lease.keep_alive(self.lease_id)
         try:
             async for response in stream:
                 if response.TTL <= 0:
                     log.error("lease for %s expired; re-registering", self._key)
+                    asked = time.monotonic()
                     grant = await self._client.lease.grant(self._ttl)
                     self.lease_id = grant.ID
+                    self.grants += 1
+                    self.valid_until = asked + grant.TTL
                     await self.update(self._value)
+                else:
+                    self.valid_until = asked + response.TTL
                 break
         finally:
             stream.cancel()

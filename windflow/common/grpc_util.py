@@ -10,12 +10,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+import etcd3aio.errors
 import grpc
+import nats.errors
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from windflow.errors import WindflowError
+from windflow.errors import Unavailable, WindflowError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +48,21 @@ def trailing_metadata(err: WindflowError) -> tuple[tuple[str, str], ...]:
     return ((RETRY_AFTER_KEY, str(round(err.retry_after_s * 1000))),)
 
 
+DEPENDENCY_DOWN: tuple[type[BaseException], ...] = (
+    etcd3aio.errors.EtcdConnectionError,
+    etcd3aio.errors.EtcdTransientError,
+    nats.errors.Error,
+)
+"""Client errors of etcd and NATS that mean "not reachable now" (a restart, a partition):
+UNAVAILABLE with a retry hint, which callers retry, never INTERNAL, which ends a stream."""
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, DEPENDENCY_DOWN) and not isinstance(exc, WindflowError):
+        log.warning("%s: a dependency is unreachable: %s: %s", method, type(exc).__name__, exc)
+        exc = Unavailable(
+            f"a dependency is unreachable: {type(exc).__name__}: {exc}", retry_after_s=0.5
+        )
     if isinstance(exc, WindflowError):
         await context.abort(status_code(exc), exc.message, trailing_metadata(exc))
     log.exception("unhandled error in %s", method, exc_info=exc)
