@@ -7,6 +7,7 @@ Lifecycle: construct -> use -> ``aclose()``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -34,6 +35,13 @@ from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
+
+MOVE_POLL_S = 0.1
+"""How often GetSession asks again while the session's placed worker does not hold it yet
+(a move in progress)."""
+MOVE_WAIT_S = 5.0
+"""How long GetSession waits for a move to land: a restore replays up to a checkpoint
+interval, and a dead worker's detached sessions move when its lease (3 s) ends."""
 
 
 class GatewayService:
@@ -128,8 +136,14 @@ class GatewayService:
 
     async def get_session(self, session_id: str) -> pb.Session:
         session = await self._record(session_id)
-        if session.state in (pb.SESSION_STATE_PLACED, pb.SESSION_STATE_STREAMING):
-            with contextlib.suppress(WindflowError):
+        if session.state not in (pb.SESSION_STATE_PLACED, pb.SESSION_STATE_STREAMING):
+            return session
+        # The head comes from the worker holding the session. While it moves (the
+        # placement moves first, then the new worker restores it) that worker may not
+        # hold it yet: ask again, briefly, rather than report a head it does not know.
+        deadline = time.monotonic() + MOVE_WAIT_S
+        while True:
+            try:
                 placement = await self._placement(session_id)
                 session.worker_id = placement.worker_id
                 session.placement_epoch = placement.epoch
@@ -139,11 +153,18 @@ class GatewayService:
                         timeout=self.config.rpc_timeout_s,
                     )
                 )
-                session.head_frame = status.head_frame
-                session.state = (
-                    pb.SESSION_STATE_STREAMING if status.attached else pb.SESSION_STATE_PLACED
-                )
-        return session
+            except (NotFound, Unavailable):
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(MOVE_POLL_S)
+                    continue
+                return session  # without a head: nothing holds it now
+            except WindflowError:
+                return session
+            session.head_frame = status.head_frame
+            session.state = (
+                pb.SESSION_STATE_STREAMING if status.attached else pb.SESSION_STATE_PLACED
+            )
+            return session
 
     async def close_session(self, session_id: str) -> pb.Session:
         session = await self._record(session_id)

@@ -10,6 +10,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "windflow.cli.bench_wan",
     "windflow.cli.bench_state",
     "windflow.cli.bench_runtime",
+    "windflow.cli.bench_chaos",
 )
 
 

@@ -97,19 +97,23 @@ class Session:
         """Deadline of the next frame on the worker's clock (unix us; 0 before a frame)."""
         self._closed = False
 
-    async def start(self, controls: Sequence[tuple[int, int]] = ()) -> None:
-        """Attach; ``controls`` are (frame_index, action) pairs queued before any frame."""
+    async def start(
+        self, controls: Sequence[tuple[int, int]] = (), *, resume_from: int | None = None
+    ) -> None:
+        """Attach; ``controls`` are (frame_index, action) pairs queued before any frame.
+        ``resume_from``: resume a stream, its first frame exactly that index (the worker
+        replays or goes back to it; ``Attach.resume``)."""
         now = telemetry.now_us()
         initial = [
             pb.Control(frame_index=index, action=action, client_time_us=now)
             for index, action in controls
         ]
+        attach = pb.Attach(session_id=self.id, window=self._window, controls=initial)
+        if resume_from is not None:
+            attach.resume = True
+            attach.resume_from = resume_from
         self._call = self._stub.Stream()
-        await self._write(
-            pb.ClientMessage(
-                attach=pb.Attach(session_id=self.id, window=self._window, controls=initial)
-            )
-        )
+        await self._write(pb.ClientMessage(attach=attach))
 
     async def _write(self, message: pb.ClientMessage, *, quiet: bool = False) -> None:
         """Write ``message`` on the stream now, or after the writes already waiting (in
@@ -369,11 +373,14 @@ class Client:
         *,
         window: int = 8,
         controls: Sequence[tuple[int, int]] = (),
+        resume_from: int | None = None,
     ) -> Session:
         """Open the session's stream; ``controls`` are (frame_index, action) pairs applied
-        atomically with the attach (see ``Attach.controls``)."""
+        atomically with the attach (see ``Attach.controls``); ``resume_from``: the stream
+        starts exactly at that frame (``Attach.resume``), e.g. the one after the last a
+        broken stream delivered."""
         live = Session(self.stub, session, window=window)
-        await live.start(controls)
+        await live.start(controls, resume_from=resume_from)
         return live
 
     @contextlib.asynccontextmanager
