@@ -52,6 +52,20 @@ class StepThread(Protocol):
     def __call__(self, fn: Callable[[], T]) -> Awaitable[T]: ...
 
 
+class Replayer(Protocol):
+    """Replays a restored state forward under its log, in batches shared with other
+    restores (``services.worker.replay.BatchedReplay``)."""
+
+    async def replay(
+        self,
+        model: WorldModel,
+        state: SessionState,
+        controls: Sequence[internal_pb2.LogEntry],
+        target: int,
+        default_steps: int,
+    ) -> None: ...
+
+
 @dataclass(slots=True)
 class Restored:
     state: SessionState
@@ -130,6 +144,9 @@ class Journal:
         self.memory_keep = memory_keep
         self.memory_budget_bytes = memory_budget_bytes
         self._uploads: set[asyncio.Task[None]] = set()
+        self.replayer: Replayer | None = None
+        """Where restores replay their logs (batched across sessions); None: each alone
+        in the step thread (``replay_steps``)."""
 
     # ---- the hot path ----
 
@@ -332,10 +349,7 @@ class Journal:
             state = await step_thread(lambda: model.new_state(seed))
         target = to_frame
         if target > state.frame_index:
-            restored_state = state
-            await step_thread(
-                lambda: replay_steps(model, restored_state, controls, target, default_steps)
-            )
+            await self.replay(model, state, controls, target, default_steps, step_thread)
         if state.frame_index != target:
             raise FailedPrecondition(f"could not bring {session_id} to frame {target}")
         log.info(
@@ -347,6 +361,22 @@ class Journal:
             extra={"session_id": session_id},
         )
         return Restored(state, entries, base)
+
+    async def replay(
+        self,
+        model: WorldModel,
+        state: SessionState,
+        controls: Sequence[internal_pb2.LogEntry],
+        target: int,
+        default_steps: int,
+        step_thread: StepThread,
+    ) -> None:
+        """Step ``state`` to ``target`` under ``controls``: batched with other restores
+        (``replayer``) or alone in the step thread."""
+        if self.replayer is not None:
+            await self.replayer.replay(model, state, controls, target, default_steps)
+        else:
+            await step_thread(lambda: replay_steps(model, state, controls, target, default_steps))
 
     async def claim(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
         """Take over the session's log at the actor's next frame: later appends by a

@@ -21,6 +21,7 @@ from services.worker.engine import StepEngine
 from services.worker.journal import Journal, applied_at, replay_steps
 from services.worker.messages import event, stream_error
 from services.worker.models.base import SessionState, WorldModel
+from services.worker.replay import BatchedReplay
 from windflow.common import names, telemetry
 from windflow.common.durable import Fenced, StoredEntry, controls_by_frame
 from windflow.common.frames import encode_frame
@@ -65,6 +66,8 @@ class WorkerRuntime:
             on_quality_change=on_change,
             journal=journal,
         )
+        if journal is not None:
+            journal.replayer = BatchedReplay(self.engine.in_step_thread, self.engine.max_batch)
         self._opening = 0
         self._on_change = on_change
         self._generation = 0
@@ -406,12 +409,16 @@ class WorkerRuntime:
         await self._hold(actor)
         try:
             if frame > actor.next_frame:
-                spec = actor.spec
                 entries = await journal.log.read(actor.session_id)
                 controls = controls_by_frame(entries)
                 state = actor.state
-                await self.engine.in_step_thread(
-                    lambda: replay_steps(actor.model, state, controls, frame, spec.steps)
+                await journal.replay(
+                    actor.model,
+                    state,
+                    controls,
+                    frame,
+                    actor.spec.steps,
+                    self.engine.in_step_thread,
                 )
                 actor.reset_to(state)
                 journal.sync_logged(actor, entries)
@@ -576,6 +583,8 @@ class WorkerRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for session_id in list(self.engine.sessions):
             self.engine.remove(session_id)
+        if self.journal is not None and isinstance(self.journal.replayer, BatchedReplay):
+            await self.journal.replayer.aclose()
         await self.engine.aclose()
         if self.journal is not None:
             await self.journal.aclose()
