@@ -86,6 +86,17 @@ def applied_at(
     return current
 
 
+def logged_input(
+    entries: Sequence[internal_pb2.LogEntry], frame: int, default_steps: int
+) -> tuple[Control, int]:
+    """The control and denoising steps the log says made ``frame`` (entries ordered by
+    frame; before the first entry: no action, ``default_steps``)."""
+    entry = applied_at(entries, frame)
+    if entry is None:
+        return Control(), default_steps
+    return Control(entry.action, tuple(entry.axes)), entry.steps or default_steps
+
+
 def replay_steps(
     model: WorldModel,
     state: SessionState,
@@ -99,9 +110,7 @@ def replay_steps(
     Blocking; call in the step thread. ``on_frame(index, rgb)`` sees each frame made.
     """
     while state.frame_index < to_frame:
-        entry = applied_at(entries, state.frame_index)
-        control = Control(entry.action, tuple(entry.axes)) if entry else Control()
-        steps = entry.steps if entry and entry.steps else default_steps
+        control, steps = logged_input(entries, state.frame_index, default_steps)
         index = state.frame_index
         rgb = model.step([state], [control], steps)
         if on_frame is not None:

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.worker.journal import StepThread, applied_at
+from services.worker.journal import StepThread, logged_input
 from services.worker.models.base import Control, SessionState, WorldModel
 from windflow.v1 import internal_pb2
 
@@ -54,9 +54,7 @@ def step_round(
         for i, job in enumerate(jobs):
             if i in failed or job.state.frame_index >= job.target:
                 continue
-            entry = applied_at(job.controls, job.state.frame_index)
-            control = Control(entry.action, tuple(entry.axes)) if entry else Control()
-            steps = entry.steps if entry and entry.steps else job.default_steps
+            control, steps = logged_input(job.controls, job.state.frame_index, job.default_steps)
             groups.setdefault((id(job.model), steps), []).append((i, control))
         if not groups:
             break
