@@ -3,8 +3,9 @@
 ``play_schedule(plan, state_dir)``:
 
 1. starts a ``Cluster`` (two workers with a 2 s lease; the schedule's injected log-append
-   errors in their environment) and creates the schedule's sessions (fixed quality, raw
-   RGB, PAUSE: replays compare bit for bit);
+   errors in their environment) and creates the schedule's sessions (raw RGB, PAUSE; fixed
+   quality, or adaptive for a script's ``adaptive`` ones, whose step changes are logged:
+   replays compare bit for bit either way);
 2. plays every session's script (``player``) while the ``Injector`` fires the faults;
 3. brings back whatever is down, waits past a lease, then reads each (detached) session's
    head, attaches once more to show it still plays, reads its head, checkpoints, Replay of
@@ -66,6 +67,7 @@ WORKER_ARGS: tuple[str, ...] = (
     "--admission", "slots",
 )  # fmt: skip
 SPEC: dict[str, object] = {"format": "rgb", "output_policy": "pause", "quality": "fixed"}
+"""The spec of a schedule's sessions; a script's ``adaptive`` sessions replace the quality."""
 SETTLE_S = LEASE_TTL_S + 1.5
 """After the last fault, long enough for a lease to lapse and its sessions to move."""
 READ_RETRY_S = 10.0
@@ -119,7 +121,7 @@ async def play_schedule(
                 model,
                 seed=script.model_seed,
                 fps=plan.fps,
-                **SPEC,  # type: ignore[arg-type]
+                **{**SPEC, "quality": "adaptive" if script.adaptive else "fixed"},  # type: ignore[arg-type]
             )
             if len(info.model.actions) != n_actions:
                 raise RuntimeError(

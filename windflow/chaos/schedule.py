@@ -70,6 +70,14 @@ class SessionScript:
     model_seed: int
     attaches: tuple[Attach, ...]
 
+    @property
+    def adaptive(self) -> bool:
+        """A third of the sessions run at adaptive quality: the worker may step them
+        down (fewer denoising steps, logged) when a fault makes them late, and their
+        frames must still equal Replay. (Derived from the seed already drawn, so the
+        schedules of every seed stay as they were.)"""
+        return self.model_seed % 3 == 0
+
 
 @dataclass(frozen=True, slots=True)
 class Fault:
@@ -117,7 +125,8 @@ class Schedule:
                     for c in attach.controls
                 )
                 lines.append(
-                    f"  s{i} (seed {script.model_seed}) attach {k}: "
+                    f"  s{i} (seed {script.model_seed}"
+                    f"{', adaptive' if script.adaptive else ''}) attach {k}: "
                     f"{'resume' if attach.resume else 'fresh'} {attach.frames} frames, "
                     f"detach {attach.detach_s:.2f}s; controls: {controls or '-'}"
                 )
