@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from opentelemetry import context as otel_context
@@ -43,8 +43,14 @@ class StreamProxy:
         router: internal_pb2_grpc.RouterStub,
         *,
         recover_timeout_s: float,
+        moved: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self.session_id = first.attach.session_id
+        self._moved = moved
+        """Returns once the session's placement names an epoch other than the one given
+        (``GatewayService.placement_moved``): the leg is then switched, even when the
+        worker it streams from hangs without closing it."""
+        self._leg_moved = False
         self._attach = first.attach
         self.placement = placement
         self._worker = worker
@@ -142,6 +148,52 @@ class StreamProxy:
                     raise grpc_util.error_from_rpc(exc) from exc
         self._legs += 1
         self._leg_ready.set()
+        self._leg_moved = False
+        watcher = (
+            asyncio.create_task(
+                self._follow(call, self.placement.epoch), name=f"gateway-follow:{self.session_id}"
+            )
+            if self._moved is not None
+            else None
+        )
+        try:
+            async for message in self._forward(call):
+                yield message
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError from a call cancelled locally: ours (the
+            # session moved) is a broken leg, a cancellation of this task is not
+            task = asyncio.current_task()
+            if not self._leg_moved or (task is not None and task.cancelling()):
+                raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if self._leg_moved:
+            raise Unavailable(
+                f"session {self.session_id} moved off worker {self.placement.worker_id}"
+            )
+
+    async def _follow(self, call: grpc.aio.StreamStreamCall, epoch: int) -> None:
+        """End the leg once the session's placement moves past ``epoch``."""
+        assert self._moved is not None
+        try:
+            await self._moved(self.session_id, epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # (etcd unreachable: the leg's own failure still recovers)
+            log.warning("session %s: watching its placement failed", self.session_id, exc_info=True)
+            return
+        log.warning(
+            "session %s moved past epoch %d while attached to %s; switching legs",
+            self.session_id,
+            epoch,
+            self.placement.worker_id,
+        )
+        self._leg_moved = True
+        call.cancel()
+
+    async def _forward(self, call: grpc.aio.StreamStreamCall) -> AsyncIterator[pb.ServerMessage]:
+        """The leg's messages, as the client gets them (no repeat; refusals remembered)."""
         async for message in _responses(call):
             if not message.HasField("frame"):
                 if message.event.kind == pb.SessionEvent.KIND_REWOUND:

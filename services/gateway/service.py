@@ -209,6 +209,7 @@ class GatewayService:
             self._worker,
             self._router,
             recover_timeout_s=self.config.recover_timeout_s,
+            moved=self.placement_moved,
         )
         # An explicit span, not the "current" one: this generator resumes in other contexts.
         span = tracer.start_span(
@@ -221,6 +222,27 @@ class GatewayService:
                 yield message
         finally:
             span.end()
+
+    async def placement_moved(self, session_id: str, epoch: int) -> None:
+        """Return once the session's placement names an epoch other than ``epoch`` (an
+        etcd watch from the revision read, so no move between the read and the watch is
+        missed). A placement deleted (a close) is no move: the worker ends the stream."""
+        key = names.placement_key(session_id)
+        current = await etcd.kv(self._etcd).get(key)
+        if (
+            current.kvs
+            and internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch != epoch
+        ):
+            return
+        assert self._etcd.watch is not None
+        async for response in self._etcd.watch.watch(
+            key, start_revision=current.header.revision + 1
+        ):
+            for event in response.events:
+                if event.type != event.PUT:
+                    continue
+                if internal_pb2.PlacementRecord.FromString(event.kv.value).epoch != epoch:
+                    return
 
     async def fork(self, request: pb.ForkRequest) -> pb.Session:
         return await grpc_util.call(self._store.Fork(request, timeout=self.config.rpc_timeout_s))

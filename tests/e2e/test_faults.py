@@ -68,9 +68,13 @@ async def test_append_errors_of_every_kind_hold_the_frame_and_lose_nothing(
             worker_log = mesh.log("worker-1")
             assert worker_log.count("fault injected at log.append") == len(errors)
             assert "landed after 6 tries" in worker_log
-            # and it plays on
-            again = await client.attach(await client.get_session(info.session_id))
-            assert [f.index async for f in again.frames(limit=3)] == [14, 15, 16]
+            # and it plays on, from its head (the worker may have made a frame or two
+            # past what the client read before it detached)
+            placed = await client.get_session(info.session_id)
+            assert 14 <= placed.head_frame <= 14 + 16
+            again = await client.attach(placed)
+            head = placed.head_frame
+            assert [f.index async for f in again.frames(limit=3)] == [head, head + 1, head + 2]
             await again.aclose()
     finally:
         await mesh.aclose()
@@ -237,5 +241,38 @@ async def test_a_rewind_waits_for_the_append_in_flight_and_drops_it(tmp_path: Pa
             assert {a for i, a, _ in after} == {2}  # frame 10's control went with the rewind
             history = [d for _, _, d in before[:7]] + [d for _, _, d in after]
             assert await _replayed(client, info.session_id, 0, 7 + len(after)) == history
+    finally:
+        await mesh.aclose()
+
+
+async def test_a_hung_worker_loses_no_stream(tmp_path: Path) -> None:
+    """The worker streaming a session hangs for good (SIGSTOP, never continued): its
+    connections stay open, so the gateway's leg neither ends nor errs. The router moves
+    the session when the worker's lease ends; the gateway, watching the placement, leaves
+    the hung leg and resumes on the new worker. (Before, the client's stream waited on the
+    hung leg for as long as the worker hung.)"""
+    mesh = Mesh(tmp_path, workers=2, worker_args=WORKER_ARGS)
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=47)
+            n = len(info.model.actions)
+            pid = mesh.procs[info.worker_id].pid
+            assert pid is not None
+            live = await client.attach(
+                info, controls=[(f, (f // 11) % n) for f in range(0, 150, 11)]
+            )
+            got: list[tuple[int, bytes]] = []
+            async with asyncio.timeout(60):
+                async for frame in live.frames(limit=150):
+                    got.append((frame.index, frame.frame.data))
+                    if frame.index == 40:
+                        os.kill(pid, signal.SIGSTOP)  # (Mesh.aclose kills it)
+            await live.aclose()
+
+            assert [i for i, _ in got] == list(range(150))
+            assert len(_recovered(live)) == 1
+            assert await _replayed(client, info.session_id, 0, 150) == [d for _, d in got]
+            assert "switching legs" in mesh.log("gateway")
     finally:
         await mesh.aclose()
