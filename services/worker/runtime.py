@@ -297,6 +297,12 @@ class WorkerRuntime:
         refused: list[tuple[pb.Control, WindflowError]] = []
         if first.attach.resume:
             await self._bring_to(actor, first.attach.resume_from)
+            if self.engine.sessions.get(session_id) is not actor:
+                # dropped or replaced while it was brought to the frame (moved away,
+                # closed): the gateway follows it (a chaos run saw a KeyError here)
+                raise actor.lost or Unavailable(
+                    f"session {session_id} left worker {self.config.worker_id} while resuming"
+                )
             refused = actor.resume_controls(list(first.attach.controls))
         else:
             actor.add_controls(list(first.attach.controls))  # all or none: refused, no attach

@@ -69,3 +69,25 @@ async def test_an_open_at_a_newer_epoch_replaces_a_stale_copy(runtime: WorkerRun
     with pytest.raises(FailedPrecondition, match="newer than 2"):
         await runtime.open_session(_open("s", epoch=2))  # an open older than what it holds
     assert runtime.status("s").epoch == 3
+
+
+async def test_a_session_dropped_while_a_resume_brings_it_back_ends_that_attach_unavailable(
+    runtime: WorkerRuntime,
+) -> None:
+    """A resume attach brings the session to its frame (awaits: a replay, a restore); if
+    the session is dropped meanwhile (its placement moved), the attach must end
+    UNAVAILABLE for the gateway to follow it, not fail on the missing session (a chaos
+    run: INTERNAL, KeyError from the quality governor)."""
+    await runtime.open_session(_open("s"))
+
+    async def dropped_meanwhile(actor: object, frame: int) -> None:
+        runtime.engine.drop("s", Unavailable("session s is placed on w2 at epoch 2"))
+
+    runtime._bring_to = dropped_meanwhile  # type: ignore[method-assign]
+
+    async def requests() -> AsyncIterator[pb.ClientMessage]:
+        yield pb.ClientMessage(attach=pb.Attach(session_id="s", resume=True, resume_from=5))
+
+    with pytest.raises(Unavailable, match="placed on w2"):
+        async for _ in runtime.attach(requests()):
+            pass
