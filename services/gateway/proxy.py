@@ -44,8 +44,12 @@ class StreamProxy:
         *,
         recover_timeout_s: float,
         moved: Callable[[str, int], Awaitable[None]] | None = None,
+        on_end: Callable[[str, int], None] | None = None,
     ) -> None:
         self.session_id = first.attach.session_id
+        self._on_end = on_end
+        """Told, when the client's stream ends, the frame after the last one it received
+        (``GatewayService`` records it: ``DeliveredHeads``)."""
         self._moved = moved
         """Returns once the session's placement names an epoch other than the one given
         (``GatewayService.placement_moved``): the leg is then switched, even when the
@@ -114,6 +118,8 @@ class StreamProxy:
                         )
                     )
         finally:
+            if self._on_end is not None and self._attached:
+                self._on_end(self.session_id, self.last_forwarded + 1)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader

@@ -21,6 +21,7 @@ from opentelemetry import trace
 from services.gateway.config import GatewayConfig
 from services.gateway.proxy import StreamProxy
 from windflow.common import etcd, grpc_util, names, telemetry
+from windflow.common.durable import DeliveredHeads
 from windflow.common.specs import resolve_spec
 from windflow.errors import (
     FailedPrecondition,
@@ -53,6 +54,9 @@ class GatewayService:
         self._router = internal_pb2_grpc.RouterStub(self._router_channel)
         self._store = internal_pb2_grpc.SessionStoreStub(self._store_channel)
         self._worker_channels: dict[str, grpc.aio.Channel] = {}
+        self._heads = DeliveredHeads(client)
+        self._background: set[asyncio.Task[None]] = set()
+        """Writes it owns that no caller waits for (where a stream's client left it)."""
 
     def _worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
         channel = self._worker_channels.get(address)
@@ -210,6 +214,7 @@ class GatewayService:
             self._router,
             recover_timeout_s=self.config.recover_timeout_s,
             moved=self.placement_moved,
+            on_end=self._note_delivered,
         )
         # An explicit span, not the "current" one: this generator resumes in other contexts.
         span = tracer.start_span(
@@ -222,6 +227,21 @@ class GatewayService:
                 yield message
         finally:
             span.end()
+
+    def _note_delivered(self, session_id: str, frame: int) -> None:
+        """Record where a stream's client left the session (``DeliveredHeads``), off the
+        stream's own task (which may be being cancelled: the client went away)."""
+        task = asyncio.create_task(
+            self._record_delivered(session_id, frame), name=f"delivered:{session_id}"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_delivered(self, session_id: str, frame: int) -> None:
+        try:
+            await self._heads.record(session_id, frame)
+        except Exception:  # (the worker's own HEAD entry still records it)
+            log.warning("session %s: where its client left it was not recorded", session_id)
 
     async def placement_moved(self, session_id: str, epoch: int) -> None:
         """Return once the session's placement names an epoch other than ``epoch`` (an
@@ -283,6 +303,8 @@ class GatewayService:
         raise Unavailable(f"no live worker serves model {session.spec.model_id!r}")
 
     async def aclose(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.config.rpc_timeout_s)
         for channel in (self._router_channel, self._store_channel, *self._worker_channels.values()):
             await channel.close()
         self._worker_channels.clear()

@@ -28,6 +28,7 @@ from windflow.common.durable import (
     CheckpointCatalog,
     CheckpointStore,
     ControlLog,
+    DeliveredHeads,
     Fenced,
     StoredEntry,
     controls_by_frame,
@@ -140,6 +141,7 @@ class Journal:
         catalog: CheckpointCatalog,
         *,
         checkpoint_every: int,
+        heads: DeliveredHeads | None = None,
         memory_every: int = 2,
         memory_keep: int = 32,
         memory_budget_bytes: int = 0,
@@ -149,6 +151,8 @@ class Journal:
         self.store = store
         self.catalog = catalog
         self.checkpoint_every = checkpoint_every
+        self.heads = heads
+        """Where the gateways saw each session's clients leave it (None: not kept)."""
         self.memory_every = memory_every
         self.memory_keep = memory_keep
         self.memory_budget_bytes = memory_budget_bytes
@@ -323,6 +327,8 @@ class Journal:
         checkpoints = await self.catalog.list(session_id)
         if to_frame is None:
             to_frame = log_head(entries, [c.frame_index for c in checkpoints])
+            if self.heads is not None:
+                to_frame = max(to_frame, await self.heads.get(session_id))
         candidates: list[tuple[int, int, str | SessionState]] = [
             (c.frame_index, 0, c.object_name) for c in checkpoints
         ]
@@ -402,6 +408,8 @@ class Journal:
         )
         actor.log_seq = await self.log.append(actor.session_id, claim, last)
         await self.drop_checkpoints_after(actor.session_id, actor.next_frame)
+        if self.heads is not None:
+            await self.heads.cap(actor.session_id, actor.next_frame)
         dropped = await self.log.truncate(actor.session_id, entries, actor.next_frame)
         if dropped:
             log.info(

@@ -15,7 +15,12 @@ from services.worker.models.registry import load_model
 from services.worker.runtime import WorkerRuntime
 from services.worker.servicer import WorkerServicer
 from windflow.common import etcd, lifecycle, names, telemetry
-from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlLog
+from windflow.common.durable import (
+    CheckpointCatalog,
+    CheckpointStore,
+    ControlLog,
+    DeliveredHeads,
+)
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
 from windflow.common.malloc import keep_freed_memory
@@ -70,6 +75,7 @@ async def run(config: WorkerConfig) -> int:
         CheckpointStore(js),
         CheckpointCatalog(client),
         checkpoint_every=config.checkpoint_every,
+        heads=DeliveredHeads(client),
         memory_every=config.memory_snapshot_every,
         memory_keep=config.memory_snapshots,
         memory_budget_bytes=int(config.memory_snapshot_mb * 2**20),

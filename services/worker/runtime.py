@@ -445,6 +445,8 @@ class WorkerRuntime:
         stored = await journal.log.read(session_id)
         await journal.log.truncate(session_id, stored, frame)
         await journal.drop_checkpoints_after(session_id, frame)
+        if journal.heads is not None:
+            await journal.heads.cap(session_id, frame)
         restored = await journal.restore(
             session_id,
             actor.model,

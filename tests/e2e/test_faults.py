@@ -120,6 +120,50 @@ async def test_a_detached_session_recovered_without_its_client_comes_back_at_its
         await mesh.aclose()
 
 
+async def test_a_detached_session_whose_worker_dies_before_its_head_entry_lands(
+    tmp_path: Path,
+) -> None:
+    """The worker records a detached session's head in its log once its frames settle; if
+    it dies first (here: that HEAD entry never lands), the gateway's record of where the
+    client left the session brings it back there. (A chaos run, seed 3010: the worker
+    was killed as the client detached at 131; the session came back at its checkpoint
+    96, and frames the client had seen were made again under a new control.)"""
+    mesh = Mesh(
+        tmp_path,
+        workers=2,
+        worker_args=WORKER_ARGS,
+        env={"WINDFLOW_FAULTS": "log.head=ServiceUnavailableError@1+"},
+    )
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=13)
+            n = len(info.model.actions)
+            # the last control entry is at 119: the log alone says head 120, not 125
+            controls = [(f, (f // 7) % n) for f in range(0, 120, 7)]
+            live = await client.attach(info, controls=controls)
+            first = [f.frame.data async for f in live.frames(limit=125)]
+            await live.aclose()
+            await asyncio.sleep(0.3)  # the gateway's record lands; the HEAD entry cannot
+            placed = await client.get_session(info.session_id)
+            mesh.kill(placed.worker_id)
+            for _ in range(200):
+                moved = await client.get_session(info.session_id)
+                if moved.placement_epoch == 2 and moved.head_frame > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert (moved.placement_epoch, moved.head_frame) == (2, 125)
+            again = await client.attach(moved, controls=[(130, 1)])
+            second = [(f.index, f.frame.data) async for f in again.frames(limit=10)]
+            await again.aclose()
+            assert [i for i, _ in second] == list(range(125, 135))
+            history = first + [d for _, d in second]
+            assert await _replayed(client, info.session_id, 0, 135) == history
+            assert "fault injected at log.head" in mesh.log(placed.worker_id)
+    finally:
+        await mesh.aclose()
+
+
 async def test_a_worker_stalled_past_its_lease_hands_the_stream_on(tmp_path: Path) -> None:
     """Scenario 4: SIGSTOP the worker streaming a session for 3.5 s (lease 2 s): the router
     finds it gone and re-places the session. When it wakes, the old worker must neither

@@ -24,6 +24,7 @@ from windflow.common.durable import (
     CheckpointCatalog,
     CheckpointStore,
     ControlLog,
+    DeliveredHeads,
     Fenced,
     StoredEntry,
     log_head,
@@ -245,3 +246,29 @@ async def test_objects_of_an_abandoned_future_go_unless_a_fork_shares_them(
     assert await journal.store.get(shared) == b"state"  # the fork still restores from it
     with pytest.raises(NotFound):
         await journal.store.get(journal.store.object_name(parent, 8))
+
+
+async def test_a_recovery_with_no_client_restores_where_the_gateway_saw_it_left(
+    journal: Journal, etcd_server: EtcdServer
+) -> None:
+    """The log says head 7 (its newest entry is at frame 6); the gateway recorded that the
+    client left at 11 (the worker died before its HEAD entry landed): the session comes
+    back at 11. A CLAIM at 9 (a client resuming there) lowers the record to 9."""
+    async with Etcd3Client([etcd_server.endpoint]) as client:
+        journal.heads = DeliveredHeads(client)
+        actor = actor_at(0)
+        sid = actor.session_id
+        for frame, action in ((0, 1), (6, 2)):
+            await journal.append(actor, control(frame, action))
+        model = FakeWorld()
+        assert (
+            await journal.restore(sid, model, 3, 1, inline, to_frame=None)
+        ).state.frame_index == 7
+        await journal.heads.record(sid, 11)
+        restored = await journal.restore(sid, model, 3, 1, inline, to_frame=None)
+        assert restored.state.frame_index == 11
+        await journal.claim(actor_at(9, epoch=2, session_id=sid), restored.entries)
+        assert await journal.heads.get(sid) == 9
+        await journal.heads.cap(sid, 12)  # never raised
+        assert await journal.heads.get(sid) == 9
+        journal.heads = None

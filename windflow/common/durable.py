@@ -112,6 +112,8 @@ class ControlLog:
             headers[Header.MSG_ID.value] = msg_id
         try:
             faults.hit("log.append")
+            if entry.kind == internal_pb2.LogEntry.KIND_HEAD:
+                faults.hit("log.head")
             ack = await self._js.publish(
                 log_subject(session_id), entry.SerializeToString(), headers=headers
             )
@@ -345,3 +347,28 @@ class CheckpointCatalog:
     async def drop_all(self, session_id: str) -> None:
         prefix = self._prefix(session_id).encode()
         await etcd.kv(self._etcd).delete(prefix, prefix_range_end(prefix))
+
+
+class DeliveredHeads:
+    """Where each session's clients left it: ``/windflow/v1/sessions/<id>/delivered`` holds
+    the frame after the last one a client received, written by the gateway when a stream
+    ends. A worker records the same in the session's log (a HEAD entry) once the detached
+    session's frames settle; this copy, from another process, is there when the worker
+    dies before that entry lands. A re-placement with no client restores the session at
+    the later of the two (``Journal.restore``). A rewind lowers it (``cap``)."""
+
+    def __init__(self, client: Etcd3Client) -> None:
+        self._etcd = client
+
+    async def record(self, session_id: str, frame: int) -> None:
+        await etcd.kv(self._etcd).put(names.delivered_key(session_id), str(frame))
+
+    async def get(self, session_id: str) -> int:
+        """The recorded frame; 0 when none."""
+        response = await etcd.kv(self._etcd).get(names.delivered_key(session_id))
+        return int(response.kvs[0].value) if response.kvs else 0
+
+    async def cap(self, session_id: str, frame: int) -> None:
+        """No later than ``frame`` (the future after it was abandoned)."""
+        if await self.get(session_id) > frame:
+            await self.record(session_id, frame)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 POINTS: dict[str, str] = {
     "log.append": "a control-log append (ControlLog.append, JetStream publish)",
+    "log.head": "a control-log append of a HEAD entry (after log.append's own rules)",
     "log.read": "a control-log read (ControlLog.read)",
     "checkpoint.put": "a checkpoint upload to the object store (CheckpointStore.put)",
 }

@@ -16,6 +16,11 @@ def placement_key(session_id: str) -> str:
     return f"{SESSIONS_PREFIX}{session_id}/placement"
 
 
+def delivered_key(session_id: str) -> str:
+    """The frame after the last one a client of the session received (``DeliveredHeads``)."""
+    return f"{SESSIONS_PREFIX}{session_id}/delivered"
+
+
 def session_record_key(session_id: str) -> str:
     return f"{SESSIONS_PREFIX}{session_id}/record"
 
