@@ -43,7 +43,8 @@ tracer = telemetry.tracer(__name__)
 
 CLAIM_ATTEMPTS = 3
 """Restores of one OpenSession when its CLAIM loses to a last append of the previous owner
-(which the placement's new epoch has fenced off already, so it cannot go on doing so)."""
+(an owner still appending is a stalled or partitioned worker catching up: its appends
+stop at the first CLAIM that lands, and its frames at its placement check)."""
 
 
 class WorkerRuntime:
