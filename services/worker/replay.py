@@ -96,8 +96,23 @@ class BatchedReplay:
         await job.done
 
     async def _run(self) -> None:
+        try:
+            await self._rounds()
+        except Exception as exc:  # a bug here must fail the restores, never hang them
+            log.exception("batched replay failed")
+            for job in self._jobs:
+                if not job.done.done():
+                    job.done.set_exception(exc)
+            self._jobs.clear()
+
+    async def _rounds(self) -> None:
         while self._jobs:
+            # a restore whose caller gave up (its OpenSession cancelled: a deadline, a
+            # client gone) is replayed no further; its state belongs to nobody now
+            self._jobs = [j for j in self._jobs if not j.done.done()]
             jobs = list(self._jobs)
+            if not jobs:
+                return
             try:
                 failed = await self._in_step_thread(
                     functools.partial(step_round, jobs, self._max_batch, ROUND_FRAMES)
@@ -105,7 +120,9 @@ class BatchedReplay:
             except Exception as exc:  # the step thread itself failed: every job does
                 failed = dict.fromkeys(range(len(jobs)), exc)
             for i, job in enumerate(jobs):
-                if i in failed:
+                if job.done.done():  # cancelled while its round ran
+                    pass
+                elif i in failed:
                     job.done.set_exception(failed[i])
                 elif job.state.frame_index >= job.target:
                     job.done.set_result(None)

@@ -88,3 +88,24 @@ async def test_a_failing_step_fails_only_its_own_restores() -> None:
     with pytest.raises(InvalidArgument):  # a later restore of it fails the same way
         await replayer.replay(model, model.new_state(1), log_of(1), 5, 1)
     await replayer.aclose()
+
+
+async def test_a_restore_given_up_midway_does_not_stop_the_others() -> None:
+    """A restore's caller cancelled while its replay runs (an OpenSession past its
+    deadline): the others finish, and later restores are replayed too. (A chaos run,
+    seed 3051: the runner failed setting the cancelled one's result, and every restore
+    on that worker hung from then on, three sessions lost.)"""
+    model = CountingWorld()
+    replayer = BatchedReplay(inline, {"fake-world": 8})
+    given_up = asyncio.create_task(replayer.replay(model, model.new_state(0), log_of(0), 30, 1))
+    kept = model.new_state(1)
+    finishing = asyncio.create_task(replayer.replay(model, kept, log_of(1), 30, 1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    given_up.cancel()
+    async with asyncio.timeout(5):
+        await finishing
+        later = model.new_state(2)
+        await replayer.replay(model, later, log_of(2), 12, 1)
+    assert (kept.frame_index, later.frame_index) == (30, 12)
+    await replayer.aclose()
