@@ -156,8 +156,9 @@ class StepEngine:
         """This worker's registration lease: (grants so far, until when it surely holds,
         monotonic) (``LeasedKey.grants``, ``valid_until``). Past it, or under a lease
         granted anew after one lapsed, its sessions may have been moved."""
-        self._verified_grant = 0
-        """The grant under which the placements were last verified."""
+        self.verified_grant = 0
+        """The grant under which the placements were last verified (set to the first
+        grant at start: the worker holds no session before it registers)."""
         self.verify_placements: Callable[[], Coroutine[Any, Any, object]] | None = None
         """Checks that every session is still placed here, dropping those that are not
         (``WorkerRuntime.check_placements``): run before frames go out past the lease."""
@@ -508,7 +509,7 @@ class StepEngine:
 
     def _lease_holds(self) -> bool:
         grant, until = self.lease()
-        return grant == self._verified_grant and time.monotonic() < until
+        return grant == self.verified_grant and time.monotonic() < until
 
     async def _fence(self) -> None:
         """Past this worker's lease, or under a lease granted anew after one lapsed (a
@@ -526,7 +527,7 @@ class StepEngine:
                 )
             try:
                 await asyncio.shield(self._verifying)
-                self._verified_grant = max(self._verified_grant, grant)
+                self.verified_grant = max(self.verified_grant, grant)
                 return
             except Exception:
                 log.warning("placements unverified past the lease; frames held", exc_info=True)

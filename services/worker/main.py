@@ -103,6 +103,7 @@ async def run(config: WorkerConfig) -> int:
         return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
 
     runtime.engine.lease = lambda: (registration.grants, registration.valid_until)
+    runtime.engine.verified_grant = registration.grants  # nothing placed before it
     runtime.engine.verify_placements = lambda: runtime.check_placements(placement_of)
     checker = asyncio.create_task(
         _check_placements(runtime, placement_of, config.placement_check_s),
