@@ -30,6 +30,17 @@ async def _replayed(client: Client, session_id: str, start: int, stop: int) -> l
     return [f.frame.data async for f in client.replay(session_id, start, stop)]
 
 
+async def _reopened(client: Client, session_id: str, *, epoch: int) -> pb.Session:
+    """The session once it is placed at ``epoch`` and its new worker holds it (the
+    placement moves first, then the worker opens it); as it is after 10 s otherwise."""
+    for _ in range(200):
+        moved = await client.get_session(session_id)
+        if moved.placement_epoch == epoch and moved.head_frame > 0:
+            break
+        await asyncio.sleep(0.05)
+    return moved
+
+
 def _recovered(live: Session) -> list[pb.SessionEvent]:
     return [e for e in live.events if e.kind == pb.SessionEvent.KIND_RECOVERED]
 
@@ -102,11 +113,7 @@ async def test_a_detached_session_recovered_without_its_client_comes_back_at_its
             assert placed.head_frame == 120
             await asyncio.sleep(0.5)  # its HEAD entry lands after the stream's end
             mesh.kill(placed.worker_id)
-            for _ in range(200):  # (the placement moves first, then the worker opens it)
-                moved = await client.get_session(info.session_id)
-                if moved.placement_epoch == 2 and moved.head_frame > 0:
-                    break
-                await asyncio.sleep(0.05)
+            moved = await _reopened(client, info.session_id, epoch=2)
             assert moved.placement_epoch == 2 and moved.worker_id != placed.worker_id
             assert moved.head_frame == 120
 
@@ -147,11 +154,7 @@ async def test_a_detached_session_whose_worker_dies_before_its_head_entry_lands(
             await asyncio.sleep(0.3)  # the gateway's record lands; the HEAD entry cannot
             placed = await client.get_session(info.session_id)
             mesh.kill(placed.worker_id)
-            for _ in range(200):
-                moved = await client.get_session(info.session_id)
-                if moved.placement_epoch == 2 and moved.head_frame > 0:
-                    break
-                await asyncio.sleep(0.05)
+            moved = await _reopened(client, info.session_id, epoch=2)
             assert (moved.placement_epoch, moved.head_frame) == (2, 125)
             again = await client.attach(moved, controls=[(130, 1)])
             second = [(f.index, f.frame.data) async for f in again.frames(limit=10)]
