@@ -32,6 +32,10 @@ MAX_REMEMBERED_CONTROLS = 1024
 # its end (a worker leg ending UNAVAILABLE while a control or ack is being forwarded, as in
 # a drain): a broken leg like any other, which the router's Recover judges.
 BROKEN_LEG_DETAILS = "Internal error from Core"
+MIGRATION_SWITCH_WAIT_S = 2.0
+"""After a live migration's placement lands, how long the old leg may take to deliver
+the frames before the cut-over; then the leg switches anyway (the new worker goes back to
+the first frame the client did not get)."""
 
 
 class StreamProxy:
@@ -43,7 +47,7 @@ class StreamProxy:
         router: internal_pb2_grpc.RouterStub,
         *,
         recover_timeout_s: float,
-        moved: Callable[[str, int], Awaitable[None]] | None = None,
+        moved: Callable[[str, int], Awaitable[internal_pb2.PlacementRecord | None]] | None = None,
         on_end: Callable[[str, int], None] | None = None,
     ) -> None:
         self.session_id = first.attach.session_id
@@ -51,10 +55,16 @@ class StreamProxy:
         """Told, when the client's stream ends, the frame after the last one it received
         (``GatewayService`` records it: ``DeliveredHeads``)."""
         self._moved = moved
-        """Returns once the session's placement names an epoch other than the one given
+        """Returns the session's placement once it names an epoch other than the one given
         (``GatewayService.placement_moved``): the leg is then switched, even when the
-        worker it streams from hangs without closing it."""
+        worker it streams from hangs without closing it; a live migration's, at its
+        cut-over frame."""
         self._leg_moved = False
+        self._moved_to: internal_pb2.PlacementRecord | None = None
+        """Where the watch saw the session go (the next leg's worker, without asking the
+        router)."""
+        self._forwarded = asyncio.Event()
+        """Set whenever a frame is forwarded (a migration's switch waits for its cut-over)."""
         self._attach = first.attach
         self.placement = placement
         self._worker = worker
@@ -104,19 +114,15 @@ class StreamProxy:
                         err.message,
                     )
                     started = time.monotonic()
-                    await self._recover(resume=self._attached)
+                    previous = self.placement
+                    moved_to, self._moved_to = self._moved_to, None
+                    if moved_to is not None and moved_to.epoch > previous.epoch:
+                        self.placement = moved_to  # the watch saw where: no need to ask
+                    else:
+                        await self._recover(resume=self._attached)
                     self.recoveries += 1
                     resume = self._attached
-                    yield pb.ServerMessage(
-                        event=pb.SessionEvent(
-                            kind=pb.SessionEvent.KIND_RECOVERED,
-                            message=(
-                                f"moved to worker {self.placement.worker_id} in "
-                                f"{(time.monotonic() - started) * 1000:.0f} ms"
-                            ),
-                            frame_index=self.last_forwarded + 1,
-                        )
-                    )
+                    yield pb.ServerMessage(event=self._moved_event(previous, started))
         finally:
             if self._on_end is not None and self._attached:
                 self._on_end(self.session_id, self.last_forwarded + 1)
@@ -125,6 +131,28 @@ class StreamProxy:
                 await reader
             if self._call is not None:
                 self._call.cancel()
+
+    def _moved_event(
+        self, previous: internal_pb2.PlacementRecord, started: float
+    ) -> pb.SessionEvent:
+        """What the client is told of a new leg: KIND_MIGRATED after a live migration
+        (the placement carries its cut-over), else KIND_RECOVERED."""
+        now = self.placement
+        migrated = now.cutover_frame > 0 and now.epoch > previous.epoch
+        took = f"{(time.monotonic() - started) * 1000:.0f} ms"
+        return pb.SessionEvent(
+            kind=pb.SessionEvent.KIND_MIGRATED if migrated else pb.SessionEvent.KIND_RECOVERED,
+            message=(
+                f"migrated from worker {now.from_worker_id} to {now.worker_id} "
+                f"(region {now.region or '?'}); switched in {took}"
+                if migrated
+                else f"moved to worker {now.worker_id} in {took}"
+            ),
+            frame_index=self.last_forwarded + 1,
+            worker_id=now.worker_id,
+            from_worker_id=now.from_worker_id if migrated else previous.worker_id,
+            region=now.region,
+        )
 
     async def _leg(self, resume: bool) -> AsyncIterator[pb.ServerMessage]:
         attach = pb.Attach()
@@ -183,12 +211,34 @@ class StreamProxy:
         """End the leg once the session's placement moves past ``epoch``."""
         assert self._moved is not None
         try:
-            await self._moved(self.session_id, epoch)
+            record = await self._moved(self.session_id, epoch)
         except asyncio.CancelledError:
             raise
         except Exception:  # (etcd unreachable: the leg's own failure still recovers)
             log.warning("session %s: watching its placement failed", self.session_id, exc_info=True)
             return
+        if record is not None and record.cutover_frame:
+            # A live migration: the old worker makes every frame before the cut-over and
+            # then ends this leg; switch once they are through (or it went quiet).
+            self._moved_to = record
+            deadline = time.monotonic() + MIGRATION_SWITCH_WAIT_S
+            while self.last_forwarded + 1 < record.cutover_frame:
+                self._forwarded.clear()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._forwarded.wait(), left)
+            log.info(
+                "session %s migrated to %s at frame %d; switching legs",
+                self.session_id,
+                record.worker_id,
+                record.cutover_frame,
+            )
+            self._leg_moved = True
+            call.cancel()
+            return
+        self._moved_to = record
         log.warning(
             "session %s moved past epoch %d while attached to %s; switching legs",
             self.session_id,
@@ -235,6 +285,7 @@ class StreamProxy:
             frame.timestamps.gateway_sent_us = sent
             frame.latency.transport_ms = (sent - frame.timestamps.worker_sent_us) / 1000.0
             self.last_forwarded = frame.frame_index
+            self._forwarded.set()
             if self._controls:
                 self._controls = [c for c in self._controls if c.frame_index > frame.frame_index]
             yield message
@@ -282,6 +333,8 @@ class StreamProxy:
                 worker_id=placement.worker_id,
                 worker_address=placement.worker_address,
                 epoch=placement.epoch,
+                region=placement.region,
+                cutover_frame=placement.cutover_frame,
             )
             if same:
                 # the worker still holds it: attach there again, after a pause that grows

@@ -151,6 +151,7 @@ class GatewayService:
                 placement = await self._placement(session_id)
                 session.worker_id = placement.worker_id
                 session.placement_epoch = placement.epoch
+                session.region = placement.region
                 status = await grpc_util.call(
                     self._worker(placement.worker_address).GetSessionStatus(
                         internal_pb2.GetSessionStatusRequest(session_id=session_id),
@@ -243,17 +244,18 @@ class GatewayService:
         except Exception:  # (the worker's own HEAD entry still records it)
             log.warning("session %s: where its client left it was not recorded", session_id)
 
-    async def placement_moved(self, session_id: str, epoch: int) -> None:
-        """Return once the session's placement names an epoch other than ``epoch`` (an
+    async def placement_moved(
+        self, session_id: str, epoch: int
+    ) -> internal_pb2.PlacementRecord | None:
+        """Return the session's placement once it names an epoch other than ``epoch`` (an
         etcd watch from the revision read, so no move between the read and the watch is
         missed). A placement deleted (a close) is no move: the worker ends the stream."""
         key = names.placement_key(session_id)
         current = await etcd.kv(self._etcd).get(key)
-        if (
-            current.kvs
-            and internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch != epoch
-        ):
-            return
+        if current.kvs:
+            record = internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
+            if record.epoch != epoch:
+                return record
         assert self._etcd.watch is not None
         async for response in self._etcd.watch.watch(
             key, start_revision=current.header.revision + 1
@@ -261,8 +263,10 @@ class GatewayService:
             for event in response.events:
                 if event.type != event.PUT:
                     continue
-                if internal_pb2.PlacementRecord.FromString(event.kv.value).epoch != epoch:
-                    return
+                record = internal_pb2.PlacementRecord.FromString(event.kv.value)
+                if record.epoch != epoch:
+                    return record
+        return None
 
     async def fork(self, request: pb.ForkRequest) -> pb.Session:
         return await grpc_util.call(self._store.Fork(request, timeout=self.config.rpc_timeout_s))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import context as otel_context
@@ -35,6 +36,17 @@ class RouterServicer(internal_pb2_grpc.RouterServicer):
             return await self._service.place(request)
         finally:
             otel_context.detach(token)
+
+    async def Migrate(
+        self, request: internal_pb2.MigrateRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.MigrationResult:
+        return await self._service.migrator.migrate(request)
+
+    async def Drain(
+        self, request: internal_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[internal_pb2.DrainProgress]:
+        async for progress in self._service.migrator.drain(request):
+            yield progress
 
 
 async def run(config: RouterConfig) -> int:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from windflow.errors import NotFound, ResourceExhausted
+from windflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,8 @@ class WorkerView:
     """(model id, steps) -> fps more it can admit; empty = admission by slots only."""
     utilization: float | None = None
     """Predicted busy fraction of its step thread, when it publishes one."""
+    draining: bool = False
+    """Takes no new session (a drain by live migration in progress)."""
 
     @property
     def free(self) -> int:
@@ -72,6 +74,7 @@ class WorkerView:
             self.sessions + 1,
             headroom,
             utilization,
+            self.draining,
         )
 
 
@@ -109,7 +112,7 @@ def choose_worker(
 
     ``prefer`` (affinity, e.g. a fork's parent's worker) wins whenever it fits at all.
     """
-    candidates = [w for w in workers if w.worker_id not in exclude]
+    candidates = [w for w in workers if w.worker_id not in exclude and not w.draining]
     serving = [w for w in candidates if model_id in w.models]
     if not serving:
         raise NotFound(f"no live worker serves model {model_id!r}")
@@ -139,3 +142,49 @@ def choose_worker(
     # Loads within the same tenth count as equal (two idle workers' calibrations differ by
     # noise): then the one with fewer sessions wins, so equal workers share evenly.
     return min(free, key=lambda w: (int(w.load * 10), w.sessions, w.load, w.worker_id))
+
+
+def choose_target(
+    workers: Iterable[WorkerView],
+    model_id: str,
+    source: str,
+    *,
+    to_worker: str = "",
+    region: str = "",
+    prefer_region: str = "",
+    demand: Demand | None = None,
+) -> WorkerView:
+    """Where a live migration of a session of ``model_id`` on ``source`` goes.
+
+    ``to_worker``: that worker, or why not: InvalidArgument (unknown), FailedPrecondition
+    (the source itself, draining, without the model), ResourceExhausted (full).
+    ``region``: the best worker there (InvalidArgument: no worker in that region).
+    Otherwise the best other worker, in ``prefer_region`` (the session's) when one fits.
+    FailedPrecondition when no other worker serves the model (a drain of its last worker
+    leaves the session where it is)."""
+    pool = list(workers)
+    if to_worker:
+        target = next((w for w in pool if w.worker_id == to_worker), None)
+        if target is None:
+            raise InvalidArgument(f"no live worker {to_worker!r}")
+        if target.worker_id == source:
+            raise FailedPrecondition(f"session is on {source} already")
+        if target.draining:
+            raise FailedPrecondition(f"worker {to_worker} is draining")
+        if model_id not in target.models:
+            raise FailedPrecondition(f"worker {to_worker} does not serve model {model_id!r}")
+        if target.free <= 0 or not target.fits(demand):
+            raise ResourceExhausted(f"worker {to_worker} has no room for the session")
+        return target
+    if region and not any(w.region == region for w in pool):
+        known = ", ".join(sorted({w.region for w in pool})) or "none"
+        raise InvalidArgument(f"no worker in region {region!r} (regions: {known})")
+    if region:
+        pool = [w for w in pool if w.region == region]
+    try:
+        return choose_worker(pool, model_id, prefer_region, exclude=(source,), demand=demand)
+    except NotFound as err:
+        where = f" in region {region}" if region else ""
+        raise FailedPrecondition(
+            f"no other live worker{where} serves model {model_id!r}: the session stays on {source}"
+        ) from err

@@ -18,6 +18,7 @@ from etcd3aio import Etcd3Client, prefix_range_end
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.router.config import RouterConfig
+from services.router.migration import Migrator
 from services.router.placement import Demand, WorkerView, choose_worker
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.events import EventBus
@@ -57,6 +58,7 @@ def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
         if info.fps_admission
         else {},
         utilization=info.utilization if info.fps_admission else None,
+        draining=info.draining,
     )
 
 
@@ -73,18 +75,19 @@ def _demand(spec: pb.SessionSpec) -> Demand:
 class RouterService:
     def __init__(self, config: RouterConfig, client: Etcd3Client, bus: EventBus) -> None:
         self.config = config
-        self._etcd = client
-        self._bus = bus
+        self.etcd = client
+        self.bus = bus
         self.workers: dict[str, WorkerView] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.watch_task: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         """Per session being moved: its lock and how many hold or wait for it."""
         self._recoveries: set[asyncio.Task[None]] = set()
+        self.migrator = Migrator(self)
 
     async def start(self) -> None:
         prefix = names.WORKERS_PREFIX.encode()
-        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
+        response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
         for item in response.kvs:
             info = internal_pb2.WorkerInfo.FromString(item.value)
             self.workers[info.worker_id] = _view(info)
@@ -93,9 +96,9 @@ class RouterService:
         )
 
     async def _watch(self, start_revision: int) -> None:
-        assert self._etcd.watch is not None
+        assert self.etcd.watch is not None
         prefix = names.WORKERS_PREFIX.encode()
-        async for response in self._etcd.watch.watch(
+        async for response in self.etcd.watch.watch(
             prefix, prefix_range_end(prefix), start_revision=start_revision
         ):
             for event in response.events:
@@ -120,7 +123,7 @@ class RouterService:
                     if channel is not None:
                         await channel.close()
                     if gone is not None:
-                        await self._bus.publish(
+                        await self.bus.publish(
                             names.SUBJECT_WORKER_DOWN, worker_id=worker_id, detail="lease expired"
                         )
                     task = asyncio.create_task(
@@ -129,7 +132,7 @@ class RouterService:
                     self._recoveries.add(task)
                     task.add_done_callback(self._recoveries.discard)
 
-    def _stub(self, worker: WorkerView) -> internal_pb2_grpc.WorkerStub:
+    def stub(self, worker: WorkerView) -> internal_pb2_grpc.WorkerStub:
         channel = self._channels.get(worker.worker_id)
         if channel is None:
             channel = grpc_util.channel(worker.address)
@@ -140,11 +143,11 @@ class RouterService:
         with tracer.start_as_current_span(
             names.SPAN_ROUTER_PLACE, attributes={"windflow.session_id": request.session_id}
         ):
-            async with self._session_lock(request.session_id):
+            async with self.session_lock(request.session_id):
                 return await self._place(request)
 
     @contextlib.asynccontextmanager
-    async def _session_lock(self, session_id: str) -> AsyncIterator[None]:
+    async def session_lock(self, session_id: str) -> AsyncIterator[None]:
         """Moves of one session go one at a time (a client's Recover and a lease expiry
         may race); sessions never wait for each other."""
         lock, users = self._locks.get(session_id, (asyncio.Lock(), 0))
@@ -166,7 +169,7 @@ class RouterService:
         without it (it dropped the session: a fence, a failed step), or gone, or draining:
         re-place it (a gone or draining worker is excluded), restored at the client's
         ``resume_from``. Already moved on: the new placement."""
-        async with self._session_lock(request.session_id):
+        async with self.session_lock(request.session_id):
             record = await self._placement(request.session_id)
             if record.epoch != request.epoch or record.worker_id != request.worker_id:
                 return _as_placement(request.session_id, record)  # already moved on
@@ -204,7 +207,7 @@ class RouterService:
                 ) from err
 
     async def _placement(self, session_id: str) -> internal_pb2.PlacementRecord:
-        current = await etcd.kv(self._etcd).get(names.placement_key(session_id))
+        current = await etcd.kv(self.etcd).get(names.placement_key(session_id))
         if not current.kvs:
             raise NotFound(f"session {session_id!r} is not placed")
         return internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
@@ -224,7 +227,7 @@ class RouterService:
         if not await self._answers(worker):
             return Holding.GONE  # dead, stalled past the probe, or draining
         try:
-            status = await self._stub(worker).GetSessionStatus(
+            status = await self.stub(worker).GetSessionStatus(
                 internal_pb2.GetSessionStatusRequest(session_id=session_id),
                 timeout=self.config.probe_timeout_s,
             )
@@ -259,7 +262,7 @@ class RouterService:
             recovery=True,
             exclude=exclude,
         )
-        await self._bus.publish(
+        await self.bus.publish(
             names.SUBJECT_SESSION_RECOVERED,
             session_id=session_id,
             worker_id=placement.worker_id,
@@ -280,19 +283,11 @@ class RouterService:
                 "worker %s lost its lease but still answers; its sessions stay on it", worker_id
             )
             return
-        prefix = names.SESSIONS_PREFIX.encode()
-        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
-        orphans = []
-        for item in response.kvs:
-            if not item.key.endswith(b"/placement"):
-                continue
-            record = internal_pb2.PlacementRecord.FromString(item.value)
-            if record.worker_id == worker_id:
-                orphans.append(item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0])
+        orphans = await self.placed_on(worker_id)
         limit = asyncio.Semaphore(max(1, self.config.recover_concurrency))
 
         async def recover_one(session_id: str) -> None:
-            async with limit, self._session_lock(session_id):
+            async with limit, self.session_lock(session_id):
                 try:
                     current = await self._placement(session_id)
                     if current.worker_id != worker_id:
@@ -302,6 +297,19 @@ class RouterService:
                     log.error("could not recover session %s: %s", session_id, err.message)
 
         await asyncio.gather(*(recover_one(s) for s in orphans))
+
+    async def placed_on(self, worker_id: str) -> list[str]:
+        """The sessions whose placement names ``worker_id``."""
+        prefix = names.SESSIONS_PREFIX.encode()
+        response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
+        placed = []
+        for item in response.kvs:
+            if not item.key.endswith(b"/placement"):
+                continue
+            record = internal_pb2.PlacementRecord.FromString(item.value)
+            if record.worker_id == worker_id:
+                placed.append(item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0])
+        return placed
 
     async def _place(
         self,
@@ -318,7 +326,7 @@ class RouterService:
         claimed anything. A worker that refuses passes the session on to the next, each
         with a new epoch; if none takes a new session, its placement goes again."""
         key = names.placement_key(request.session_id)
-        kvs = etcd.kv(self._etcd)
+        kvs = etcd.kv(self.etcd)
         current = await kvs.get(key)
         version = current.kvs[0].version if current.kvs else 0
         epoch = 0
@@ -359,6 +367,7 @@ class RouterService:
                 worker_address=worker.address,
                 epoch=epoch,
                 spec=request.spec,
+                region=worker.region,
             )
             swapped = await kvs.txn(
                 compare=[kvs.txn_compare_version(key, version)],
@@ -371,7 +380,7 @@ class RouterService:
                 )
             version += 1  # each write of a key adds one to its version
             try:
-                opened = await self._stub(worker).OpenSession(
+                opened = await self.stub(worker).OpenSession(
                     internal_pb2.OpenSessionRequest(
                         session_id=request.session_id,
                         spec=request.spec,
@@ -401,7 +410,7 @@ class RouterService:
             view = self.workers.get(worker.worker_id)
             if view is not None and opened.sessions > view.sessions:
                 self.workers[worker.worker_id] = dataclasses.replace(view, sessions=opened.sessions)
-            await self._bus.publish(
+            await self.bus.publish(
                 names.SUBJECT_SESSION_PLACED,
                 session_id=request.session_id,
                 worker_id=worker.worker_id,
@@ -428,7 +437,7 @@ class RouterService:
         record, pointing at a worker without it: its next Recover re-places it)."""
         if not new or version == 0:
             return
-        kvs = etcd.kv(self._etcd)
+        kvs = etcd.kv(self.etcd)
         await kvs.txn(
             compare=[kvs.txn_compare_version(key, version)], success=[kvs.txn_op_delete(key)]
         )
@@ -456,4 +465,6 @@ def _as_placement(
         worker_address=record.worker_address,
         epoch=record.epoch,
         model=model,
+        region=record.region,
+        cutover_frame=record.cutover_frame,
     )

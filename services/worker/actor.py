@@ -112,6 +112,27 @@ class SessionActor:
         self.generation = 0
         """Bumped when the state is replaced (rewind, resume): frames stepped before are
         of another future and are not sent."""
+        self.stop_at: int | None = None
+        """Migrating away: no frame from this one on is made here (``Migrations.stop``)."""
+        self._committed = asyncio.Event()
+        self._committed.set()
+
+    # ---- live migration ----
+
+    @property
+    def awaiting_commit(self) -> bool:
+        """Migrated here and caught up, held until the placement moves here (COMMIT)."""
+        return not self._committed.is_set()
+
+    @awaiting_commit.setter
+    def awaiting_commit(self, value: bool) -> None:
+        if value:
+            self._committed.clear()
+        else:
+            self._committed.set()
+
+    async def wait_committed(self) -> None:
+        await self._committed.wait()
 
     # ---- the step loop's hold on the state ----
 
@@ -240,7 +261,9 @@ class SessionActor:
     @property
     def ready(self) -> bool:
         """May the scheduler step this session now?"""
-        if not self.attached or self.closed or self.restoring:
+        if not self.attached or self.closed or self.restoring or self.awaiting_commit:
+            return False
+        if self.stop_at is not None and self.head >= self.stop_at:
             return False
         if self.inflight >= self.pipeline:
             return False

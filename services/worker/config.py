@@ -81,6 +81,12 @@ class WorkerConfig:
     """The interpreter's thread switch interval (default Python: 5 ms). The step thread
     re-takes the GIL between torch ops; while the event loop holds it, the step thread
     waits up to this long, so the default 5 ms stalls batches (docs/runtime.md)."""
+    router: str = ""
+    """The router's address: on SIGTERM the worker asks it to drain it by live migration
+    (``drain_deadline_s``); empty: its sessions go as after a crash."""
+    drain_deadline_s: float = 30.0
+    """How long a stopping worker's live migrations may take; what is left then moves as
+    after a crash (the gateway re-places it)."""
     memory_budget_mb: float = 0.0
     """Per-model memory budget for one batch (caps the batch with the model's declared
     ``sample_bytes``); 0 = no budget beyond the model's max batch."""
@@ -104,6 +110,8 @@ class WorkerConfig:
             raise InvalidArgument("pipeline_depth must be in 1..4")
         if self.recheck_idle_s < 0:
             raise InvalidArgument("recheck_idle_s must be >= 0")
+        if self.drain_deadline_s < 0:
+            raise InvalidArgument("drain_deadline_s must be >= 0")
         if self.placement_check_s < 0:
             raise InvalidArgument("placement_check_s must be >= 0")
         if self.memory_snapshot_mb < 0:

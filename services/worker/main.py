@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 
+import grpc
+
 from services.worker.config import WorkerConfig
 from services.worker.journal import Journal
 from services.worker.model_host import ModelHost, exit_worker
@@ -14,7 +16,7 @@ from services.worker.models.base import WorldModel
 from services.worker.models.registry import load_model
 from services.worker.runtime import WorkerRuntime
 from services.worker.servicer import WorkerServicer
-from windflow.common import etcd, lifecycle, names, telemetry
+from windflow.common import etcd, grpc_util, lifecycle, names, telemetry
 from windflow.common.durable import (
     CheckpointCatalog,
     CheckpointStore,
@@ -102,6 +104,7 @@ async def run(config: WorkerConfig) -> int:
             return None
         return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
 
+    runtime.migrations.placement_of = placement_of
     runtime.engine.lease = lambda: (registration.grants, registration.valid_until)
     runtime.engine.verified_grant = registration.grants  # nothing placed before it
     runtime.engine.verify_placements = lambda: runtime.check_placements(placement_of)
@@ -117,6 +120,7 @@ async def run(config: WorkerConfig) -> int:
         # gateway moves their sessions (WorkerRuntime.drain); then the registration goes,
         # and the router moves the sessions with no stream attached.
         checker.cancel()
+        await _drain_by_migration(runtime, config)
         await server.set_not_serving()
         await runtime.drain()
         # the drain's own update (no free slot) lands before the lease goes, not after it
@@ -152,3 +156,34 @@ async def _check_placements(
             await runtime.check_placements(placement_of)
         except Exception:
             log.warning("placement check failed (etcd unreachable?)", exc_info=True)
+
+
+async def _drain_by_migration(runtime: WorkerRuntime, config: WorkerConfig) -> None:
+    """Before a graceful stop: ask the router to move every session away by live
+    migration (no client sees a stall), within ``drain_deadline_s``. What is left (no
+    router, no other worker for a model, the deadline) goes as after a crash."""
+    if not config.router or not runtime.session_count or config.drain_deadline_s <= 0:
+        return
+    log.info(
+        "draining %d session(s) by live migration (deadline %.0f s)",
+        runtime.session_count,
+        config.drain_deadline_s,
+    )
+    request = internal_pb2.DrainRequest(
+        worker_id=config.worker_id, deadline_s=config.drain_deadline_s
+    )
+    try:
+        async with grpc_util.channel(config.router) as channel:
+            call = internal_pb2_grpc.RouterStub(channel).Drain(
+                request, timeout=config.drain_deadline_s + 5.0
+            )
+            async for progress in call:
+                if progress.done:
+                    log.info(
+                        "drain: %d of %d migrated%s",
+                        progress.migrated,
+                        progress.sessions,
+                        f" ({progress.detail})" if progress.detail != "drained" else "",
+                    )
+    except grpc.aio.AioRpcError as exc:
+        log.warning("drain by live migration failed (%s): %s", exc.code().name, exc.details())

@@ -20,6 +20,7 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
 from services.worker.journal import Journal, applied_at, replay_steps
 from services.worker.messages import event, stream_error
+from services.worker.migration import Migrations
 from services.worker.models.base import SessionState, WorldModel
 from services.worker.replay import BatchedReplay
 from windflow.common import names, telemetry
@@ -45,6 +46,10 @@ CLAIM_ATTEMPTS = 3
 """Restores of one OpenSession when its CLAIM loses to a last append of the previous owner
 (an owner still appending is a stalled or partitioned worker catching up: its appends
 stop at the first CLAIM that lands, and its frames at its placement check)."""
+
+COMMIT_WAIT_S = 15.0
+"""How long a stream attaching to a session migrating here waits for its commit (a
+migration's own time to live is shorter: ``migration.INCOMING_TTL_S``)."""
 
 
 class WorkerRuntime:
@@ -74,6 +79,9 @@ class WorkerRuntime:
         self._generation = 0
         self._attach_owner: dict[str, int] = {}
         self._draining = False
+        self.cordoned = False
+        """Takes no new session (a drain by live migration: ``set_draining``)."""
+        self.migrations = Migrations(self)
         self._recheck: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         """Background work it owns (a detached session's HEAD entry)."""
@@ -92,6 +100,31 @@ class WorkerRuntime:
     def session_count(self) -> int:
         return len(self.engine.sessions)
 
+    @property
+    def occupied(self) -> int:
+        """Slots taken: sessions held, being opened, and migrating here."""
+        return len(self.engine.sessions) + self._opening + len(self.migrations.incoming)
+
+    @property
+    def stopping(self) -> bool:
+        return self._draining
+
+    def changed(self) -> None:
+        """The worker's published info changed (sessions, draining): re-register it."""
+        self._on_change()
+
+    def set_draining(self, draining: bool) -> int:
+        """Take no new session (``draining``) or take them again; returns sessions held."""
+        if self.cordoned != draining:
+            self.cordoned = draining
+            log.info(
+                "worker %s %s",
+                self.config.worker_id,
+                "draining" if draining else "takes sessions again",
+            )
+            self._on_change()
+        return len(self.engine.sessions)
+
     def info(self) -> internal_pb2.WorkerInfo:
         n = len(self.engine.sessions)
         return internal_pb2.WorkerInfo(
@@ -99,7 +132,8 @@ class WorkerRuntime:
             address=self.address,
             region=self.config.region,
             models=[model_info_to_proto(m.info) for m in self.models.values()],
-            capacity=n if self._draining else self.config.capacity,  # draining: no free slot
+            # draining: no free slot
+            capacity=n if self._draining or self.cordoned else self.config.capacity,
             sessions=n,
             load=n / self.config.capacity,
             started_unix_ms=self.started_ms,
@@ -111,9 +145,10 @@ class WorkerRuntime:
             deadline_misses=self.engine.quality.deadline_misses,
             quality_changes=self.engine.quality.quality_changes,
             fps_admission=self.config.fps_admission,
+            draining=self._draining or self.cordoned,
         )
 
-    def _actor(self, session_id: str) -> SessionActor:
+    def actor(self, session_id: str) -> SessionActor:
         actor = self.engine.sessions.get(session_id)
         if actor is None:
             raise NotFound(f"session {session_id!r} is not on worker {self.config.worker_id}")
@@ -121,7 +156,7 @@ class WorkerRuntime:
 
     # ---- unary operations ----
 
-    def _journal(self) -> Journal:
+    def durable(self) -> Journal:
         if self.journal is None:
             raise FailedPrecondition(f"worker {self.config.worker_id} keeps no durable state")
         return self.journal
@@ -134,6 +169,8 @@ class WorkerRuntime:
             )
         if self._draining:
             raise Unavailable(f"worker {self.config.worker_id} is shutting down")
+        if self.cordoned:
+            raise Unavailable(f"worker {self.config.worker_id} is draining")
         info = model_info_to_proto(model.info)
         existing = self.engine.sessions.get(request.session_id)
         if existing is not None:
@@ -151,7 +188,7 @@ class WorkerRuntime:
                     f"session {request.session_id} was placed again (epoch {request.epoch})"
                 ),
             )
-        if len(self.engine.sessions) + self._opening >= self.config.capacity:
+        if self.occupied >= self.config.capacity:
             raise ResourceExhausted(
                 f"worker {self.config.worker_id} is full ({self.config.capacity} sessions)",
                 retry_after_s=1.0,
@@ -210,7 +247,7 @@ class WorkerRuntime:
         entries: list[StoredEntry] = []
         if request.restore or request.restore_latest:
             memory = await self._memory_of(request.source_session_id, request.restore_to)
-            restored = await self._journal().restore(
+            restored = await self.durable().restore(
                 request.session_id,
                 model,
                 spec.seed,
@@ -223,18 +260,27 @@ class WorkerRuntime:
         else:
             # in the step thread: a model host answers between batches
             state = await self.engine.in_step_thread(lambda: model.new_state(spec.seed))
-        actor = SessionActor(
-            request.session_id,
+        return self.new_actor(request.session_id, spec, model, state, request.epoch), entries
+
+    def new_actor(
+        self,
+        session_id: str,
+        spec: pb.SessionSpec,
+        model: WorldModel,
+        state: SessionState,
+        epoch: int,
+    ) -> SessionActor:
+        return SessionActor(
+            session_id,
             spec,
             model,
             state,
-            epoch=request.epoch,
+            epoch=epoch,
             window=self.config.window,
             out_queue=self.config.out_queue,
             max_pending_controls=self.config.max_pending_controls,
             now=time.monotonic(),
         )
-        return actor, entries
 
     async def _memory_of(self, source_id: str, frame: int) -> dict[int, SessionState]:
         """In-memory snapshots of a session on this worker usable to restore ``frame``;
@@ -244,7 +290,7 @@ class WorkerRuntime:
             return {}
         memory = {f: kept for f, kept in source.recent.items() if f <= frame}
         if source.next_frame == frame and frame not in memory:
-            await self._hold(source)
+            await self.hold(source)
             try:
                 if source.next_frame == frame:
                     state = source.state
@@ -257,7 +303,7 @@ class WorkerRuntime:
         return memory
 
     def status(self, session_id: str) -> internal_pb2.SessionStatus:
-        actor = self._actor(session_id)
+        actor = self.actor(session_id)
         return internal_pb2.SessionStatus(
             session_id=session_id,
             head_frame=actor.durable_head,
@@ -292,10 +338,18 @@ class WorkerRuntime:
         if not first.HasField("attach"):
             raise InvalidArgument("the first message on a stream must be Attach")
         session_id = first.attach.session_id
-        actor = self._actor(session_id)
+        actor = self.actor(session_id)
         if first.attach.window > 64:
             raise InvalidArgument(f"window {first.attach.window} is outside 1..64")
         refused: list[tuple[pb.Control, WindflowError]] = []
+        if actor.awaiting_commit:
+            # migrated here, the placement moved, the claim not done yet: a gateway that
+            # switched legs at once waits for it (the commit's own deadline bounds this)
+            await asyncio.wait_for(actor.wait_committed(), timeout=COMMIT_WAIT_S)
+            if self.engine.sessions.get(session_id) is not actor:
+                raise actor.lost or Unavailable(
+                    f"session {session_id}'s migration to {self.config.worker_id} was aborted"
+                )
         if first.attach.resume:
             await self._bring_to(actor, first.attach.resume_from)
             if self.engine.sessions.get(session_id) is not actor:
@@ -394,11 +448,16 @@ class WorkerRuntime:
             await actor.wait_idle()
             if actor.attached or actor.closed or actor.restoring:
                 return  # attached again: its own frames and entries go on from here
-            await self._journal().mark_head(actor)
+            await self.durable().mark_head(actor)
         except WindflowError as err:
             log.warning("session %s: its head was not recorded: %s", actor.session_id, err)
 
-    async def _hold(self, actor: SessionActor) -> None:
+    def release(self, actor: SessionActor) -> None:
+        """Give a held ``actor`` back to the step loop."""
+        actor.restoring = False
+        self.engine.wake()
+
+    async def hold(self, actor: SessionActor) -> None:
         """Take ``actor`` out of the step loop; wait for its step in flight, if any, and
         for its log appends in flight (a late append would log a future about to go)."""
         actor.restoring = True
@@ -412,8 +471,8 @@ class WorkerRuntime:
         leaves the log, and the resumed client's controls make it again)."""
         if frame == actor.next_frame:
             return
-        journal = self._journal()
-        await self._hold(actor)
+        journal = self.durable()
+        await self.hold(actor)
         try:
             if frame > actor.next_frame:
                 entries = await journal.log.read(actor.session_id)
@@ -440,7 +499,7 @@ class WorkerRuntime:
         """Continue a held ``actor`` from ``frame`` (< its head): its log entries and
         checkpoints after it go, its state is restored there, and a HEAD entry records
         the new head."""
-        journal = self._journal()
+        journal = self.durable()
         session_id = actor.session_id
         await actor.wait_uploaded()  # a checkpoint past `frame` must land before the prune
         stored = await journal.log.read(session_id)
@@ -465,12 +524,12 @@ class WorkerRuntime:
 
     async def rewind(self, session_id: str, frame: int) -> internal_pb2.SessionStatus:
         """Continue ``session_id`` from ``frame``: later log entries and checkpoints go."""
-        actor = self._actor(session_id)
+        actor = self.actor(session_id)
         if frame > actor.next_frame:
             raise OutOfRange(
                 f"cannot rewind {session_id} to frame {frame}: its head is {actor.next_frame}"
             )
-        await self._hold(actor)
+        await self.hold(actor)
         try:
             await self._reset(actor, frame)
             actor.push(
@@ -495,7 +554,7 @@ class WorkerRuntime:
         if model is None:
             raise NotFound(f"model {request.spec.model_id!r} is not loaded here")
         spec = resolve_spec(request.spec, model_info_to_proto(model.info))
-        restored = await self._journal().restore(
+        restored = await self.durable().restore(
             request.session_id,
             model,
             spec.seed,
@@ -559,8 +618,8 @@ class WorkerRuntime:
         dropped = 0
         for session_id, actor in list(self.engine.sessions.items()):
             record = await placement_of(session_id)
-            if self.engine.sessions.get(session_id) is not actor:
-                continue  # replaced or closed meanwhile
+            if self.engine.sessions.get(session_id) is not actor or actor.awaiting_commit:
+                continue  # replaced or closed meanwhile; or migrating here, not yet placed
             if record is not None and (record.worker_id, record.epoch) == (
                 self.config.worker_id,
                 actor.epoch,
@@ -590,6 +649,7 @@ class WorkerRuntime:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.migrations.aclose()
         for session_id in list(self.engine.sessions):
             self.engine.remove(session_id)
         if self.journal is not None and isinstance(self.journal.replayer, BatchedReplay):

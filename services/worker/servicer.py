@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.worker.runtime import WorkerRuntime
-from windflow.errors import OutOfRange
+from windflow.errors import InvalidArgument, OutOfRange
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
@@ -51,3 +51,44 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
         self, request: internal_pb2.CloseWorkerSessionRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.SessionStatus:
         return self._runtime.close_session(request.session_id)
+
+    async def FetchState(
+        self, request: internal_pb2.FetchStateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[internal_pb2.StateChunk]:
+        async for chunk in self._runtime.migrations.fetch_state(request):
+            yield chunk
+
+    async def MigrateOut(
+        self, request: internal_pb2.MigrateOutRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.MigrationStatus:
+        migrations = self._runtime.migrations
+        op = internal_pb2.MigrateOutRequest
+        if request.op == op.OP_STOP:
+            return migrations.stop(request)
+        if request.op == op.OP_RESUME:
+            return migrations.resume(request)
+        if request.op == op.OP_HANDOFF:
+            return migrations.handoff(request)
+        raise InvalidArgument(f"unknown MigrateOut op {request.op}")
+
+    async def MigrateIn(
+        self, request: internal_pb2.MigrateInRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.MigrationStatus:
+        migrations = self._runtime.migrations
+        op = internal_pb2.MigrateInRequest
+        if request.op == op.OP_PREPARE:
+            return await migrations.prepare(request)
+        if request.op == op.OP_CATCH_UP:
+            return await migrations.catch_up(request)
+        if request.op == op.OP_COMMIT:
+            return await migrations.commit(request)
+        if request.op == op.OP_ABORT:
+            return migrations.abort(request)
+        raise InvalidArgument(f"unknown MigrateIn op {request.op}")
+
+    async def SetDraining(
+        self, request: internal_pb2.SetDrainingRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SetDrainingResponse:
+        return internal_pb2.SetDrainingResponse(
+            sessions=self._runtime.set_draining(request.draining)
+        )

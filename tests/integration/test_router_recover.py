@@ -185,7 +185,7 @@ class Cluster:
         self._keys: list[str] = []
 
     async def add_worker(self, name: str, *, sessions: int = 0, capacity: int = 4) -> FakeWorker:
-        worker = FakeWorker(
+        worker = FakeWorker(  # type: ignore[abstract]  # (only the RPCs recovery uses)
             f"{name}-{self.tag}", self.model_id, sessions=sessions, capacity=capacity
         )
         await worker.start()
@@ -550,7 +550,7 @@ async def test_worker_registered_again_at_a_new_address_is_reached_there(cluster
     # It restarts at another address and registers again before its old lease ran out
     # (the key is put again, never deleted: the watch sees a PUT).
     await before.stop()
-    after = FakeWorker(before.worker_id, cluster.model_id, sessions=0, capacity=4)
+    after = FakeWorker(before.worker_id, cluster.model_id, sessions=0, capacity=4)  # type: ignore[abstract]
     await after.start()
     cluster.workers.append(after)
     await cluster.register(after)

@@ -229,14 +229,14 @@ class Stage:
 
     def __init__(self) -> None:
         self.workers: dict[str, ScriptedWorker] = {}
-        self.router = FakeRouter()
+        self.router = FakeRouter()  # type: ignore[abstract]  # (only Recover is called)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.dialed: list[str] = []
         """The worker addresses the proxy asked for, one per leg."""
         self.client: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
 
     async def worker(self, name: str, scripts: list[Script]) -> ScriptedWorker:
-        worker = ScriptedWorker(name, scripts)
+        worker = ScriptedWorker(name, scripts)  # type: ignore[abstract]  # (Attach only)
         await worker.start()
         self.workers[name] = worker
         return worker

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from services.router.placement import WorkerView, choose_worker
-from windflow.errors import NotFound, ResourceExhausted
+from services.router.placement import WorkerView, choose_target, choose_worker
+from windflow.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 
 def worker(
@@ -82,3 +84,40 @@ def test_fps_admission_places_only_where_the_fps_fits() -> None:
     # a worker publishing no headroom is admitted by slots only
     legacy = WorkerView("w3", "a3", "r", frozenset({"m"}), 8, 0)
     assert choose_worker([legacy], "m", demand=fixed).worker_id == "w3"
+
+
+def test_a_draining_worker_takes_nothing_new() -> None:
+    workers = [dataclasses.replace(worker("idle", 0), draining=True), worker("busy", 3)]
+    assert choose_worker(workers, "m").worker_id == "busy"
+    with pytest.raises(NotFound):
+        choose_worker(workers[:1], "m")
+
+
+def test_migration_targets_and_why_not() -> None:
+    workers = [
+        worker("src", 2, region="eu"),
+        worker("eu2", 3, region="eu"),
+        worker("us1", 0, region="us"),
+        worker("full", 4, region="us"),
+        worker("other", 0, region="us", models=("n",)),
+        dataclasses.replace(worker("drain", 0, region="eu"), draining=True),
+    ]
+    # the session's own region first, even when another is idler; never the source
+    assert choose_target(workers, "m", "src", prefer_region="eu").worker_id == "eu2"
+    assert choose_target(workers, "m", "src").worker_id == "us1"
+    assert choose_target(workers, "m", "src", region="us").worker_id == "us1"
+    assert choose_target(workers, "m", "src", to_worker="eu2").worker_id == "eu2"
+    refusals: list[tuple[dict[str, str], type[Exception], str]] = [
+        ({"to_worker": "nope"}, InvalidArgument, "no live worker 'nope'"),
+        ({"to_worker": "src"}, FailedPrecondition, "on src already"),
+        ({"to_worker": "drain"}, FailedPrecondition, "draining"),
+        ({"to_worker": "other"}, FailedPrecondition, "does not serve model 'm'"),
+        ({"to_worker": "full"}, ResourceExhausted, "no room"),
+        ({"region": "mars"}, InvalidArgument, "no worker in region 'mars'"),
+    ]
+    for kwargs, error, match in refusals:
+        with pytest.raises(error, match=match):
+            choose_target(workers, "m", "src", **kwargs)  # type: ignore[arg-type]
+    # the last worker of a model: it stays, and the error says so
+    with pytest.raises(FailedPrecondition, match="the session stays on src"):
+        choose_target([worker("src", 1), worker("x", 0, models=("n",))], "m", "src")

@@ -106,6 +106,17 @@ def register(sub: Any) -> None:
         help="check this often that each session held is still placed here (0: never)",
     )
     worker.add_argument(
+        "--router",
+        default="",
+        help="the router a stopping worker asks to migrate its sessions away (empty: none)",
+    )
+    worker.add_argument(
+        "--drain-deadline-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long live migration may take before the rest goes as in a crash",
+    )
+    worker.add_argument(
         "--memory-budget-mb", type=float, default=0.0, help="per-model batch memory budget"
     )
     worker.set_defaults(func=_run_worker)
@@ -188,6 +199,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         recheck_idle_s=args.recheck_idle_s,
         placement_check_s=args.placement_check_s,
         memory_budget_mb=args.memory_budget_mb,
+        router=args.router,
+        drain_deadline_s=args.drain_deadline_s,
     )
 
 

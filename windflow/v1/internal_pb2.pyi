@@ -21,6 +21,172 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class MigrateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TO_WORKER_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    to_worker_id: _builtins.str
+    """empty: the router chooses"""
+    region: _builtins.str
+    """empty: any (the session's own region preferred)"""
+    reason: _builtins.str
+    """for the events and logs (migrate, drain, rebalance)"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        to_worker_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "region", b"region", "session_id", b"session_id", "to_worker_id", b"to_worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateRequest: _TypeAlias = MigrateRequest  # noqa: Y015
+
+@_typing.final
+class MigrationResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    FROM_WORKER_ID_FIELD_NUMBER: _builtins.int
+    TO_WORKER_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CUTOVER_FRAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FRAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    PREPARE_MS_FIELD_NUMBER: _builtins.int
+    HANDOFF_MS_FIELD_NUMBER: _builtins.int
+    TOTAL_MS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    from_worker_id: _builtins.str
+    to_worker_id: _builtins.str
+    region: _builtins.str
+    """the target's"""
+    epoch: _builtins.int
+    """the placement epoch at the target"""
+    cutover_frame: _builtins.int
+    """the first frame the target makes"""
+    snapshot_frame: _builtins.int
+    """the frame the state copied to the target was taken before"""
+    snapshot_bytes: _builtins.int
+    rounds: _builtins.int
+    """catch-up rounds before the source stopped"""
+    prepare_ms: _builtins.float
+    """snapshot, copy, restore and catch-up, while the source streams"""
+    handoff_ms: _builtins.float
+    """the source stopped -> the target holds the session"""
+    total_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        from_worker_id: _builtins.str = ...,
+        to_worker_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        cutover_frame: _builtins.int = ...,
+        snapshot_frame: _builtins.int = ...,
+        snapshot_bytes: _builtins.int = ...,
+        rounds: _builtins.int = ...,
+        prepare_ms: _builtins.float = ...,
+        handoff_ms: _builtins.float = ...,
+        total_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutover_frame", b"cutover_frame", "epoch", b"epoch", "from_worker_id", b"from_worker_id", "handoff_ms", b"handoff_ms", "prepare_ms", b"prepare_ms", "region", b"region", "rounds", b"rounds", "session_id", b"session_id", "snapshot_bytes", b"snapshot_bytes", "snapshot_frame", b"snapshot_frame", "to_worker_id", b"to_worker_id", "total_ms", b"total_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationResult: _TypeAlias = MigrationResult  # noqa: Y015
+
+@_typing.final
+class DrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    UNDO_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    deadline_s: _builtins.float
+    """0: no deadline"""
+    concurrency: _builtins.int
+    """migrations at once; 0: the router's default"""
+    undo: _builtins.bool
+    """take placements again (a drain called off)"""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        deadline_s: _builtins.float = ...,
+        concurrency: _builtins.int = ...,
+        undo: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "deadline_s", b"deadline_s", "undo", b"undo", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainRequest: _TypeAlias = DrainRequest  # noqa: Y015
+
+@_typing.final
+class DrainProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    MIGRATED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    sessions: _builtins.int
+    """sessions on it when the drain started"""
+    migrated: _builtins.int
+    failed: _builtins.int
+    remaining: _builtins.int
+    detail: _builtins.str
+    """why a session stays (e.g. no other worker serves its model)"""
+    done: _builtins.bool
+    @_builtins.property
+    def last(self) -> Global___MigrationResult:
+        """the move that completed with this message, if any"""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        sessions: _builtins.int = ...,
+        migrated: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        last: Global___MigrationResult | None = ...,
+        detail: _builtins.str = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last", b"last"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "done", b"done", "failed", b"failed", "last", b"last", "migrated", b"migrated", "remaining", b"remaining", "sessions", b"sessions", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainProgress: _TypeAlias = DrainProgress  # noqa: Y015
+
+@_typing.final
 class PlaceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -98,10 +264,16 @@ class Placement(_message.Message):
     WORKER_ADDRESS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    CUTOVER_FRAME_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     worker_id: _builtins.str
     worker_address: _builtins.str
     epoch: _builtins.int
+    region: _builtins.str
+    """the worker's"""
+    cutover_frame: _builtins.int
+    """set when the placement came from a live migration"""
     @_builtins.property
     def model(self) -> _windflow_pb2.ModelInfo: ...
     def __init__(
@@ -112,10 +284,12 @@ class Placement(_message.Message):
         worker_address: _builtins.str = ...,
         epoch: _builtins.int = ...,
         model: _windflow_pb2.ModelInfo | None = ...,
+        region: _builtins.str = ...,
+        cutover_frame: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "model", b"model", "session_id", b"session_id", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutover_frame", b"cutover_frame", "epoch", b"epoch", "model", b"model", "region", b"region", "session_id", b"session_id", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,6 +368,290 @@ class ListRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRecordsResponse: _TypeAlias = ListRecordsResponse  # noqa: Y015
+
+@_typing.final
+class FetchStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    epoch: _builtins.int
+    chunk_bytes: _builtins.int
+    """0: 1 MiB"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        chunk_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "epoch", b"epoch", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStateRequest: _TypeAlias = FetchStateRequest  # noqa: Y015
+
+@_typing.final
+class StateChunk(_message.Message):
+    """One piece of a session's snapshot (WorldModel.snapshot). The first carries the frame
+    it was taken before and the total size; the pieces concatenate to the snapshot.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    frame_index: _builtins.int
+    total_bytes: _builtins.int
+    model_version: _builtins.str
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        frame_index: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        model_version: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "frame_index", b"frame_index", "model_version", b"model_version", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateChunk: _TypeAlias = StateChunk  # noqa: Y015
+
+@_typing.final
+class MigrateOutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Op:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[MigrateOutRequest._Op.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OP_UNSPECIFIED: MigrateOutRequest._Op.ValueType  # 0
+        OP_STOP: MigrateOutRequest._Op.ValueType  # 1
+        """make no frame from `frame` on (or from the next one + `lead`)"""
+        OP_RESUME: MigrateOutRequest._Op.ValueType  # 2
+        """the migration aborted: go on streaming"""
+        OP_HANDOFF: MigrateOutRequest._Op.ValueType  # 3
+        """the placement moved: end the stream once the frames made are out"""
+
+    class Op(_Op, metaclass=_OpEnumTypeWrapper): ...
+    OP_UNSPECIFIED: MigrateOutRequest.Op.ValueType  # 0
+    OP_STOP: MigrateOutRequest.Op.ValueType  # 1
+    """make no frame from `frame` on (or from the next one + `lead`)"""
+    OP_RESUME: MigrateOutRequest.Op.ValueType  # 2
+    """the migration aborted: go on streaming"""
+    OP_HANDOFF: MigrateOutRequest.Op.ValueType  # 3
+    """the placement moved: end the stream once the frames made are out"""
+
+    OP_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    LEAD_FIELD_NUMBER: _builtins.int
+    TO_WORKER_ID_FIELD_NUMBER: _builtins.int
+    TO_REGION_FIELD_NUMBER: _builtins.int
+    STOP_TTL_S_FIELD_NUMBER: _builtins.int
+    op: Global___MigrateOutRequest.Op.ValueType
+    session_id: _builtins.str
+    epoch: _builtins.int
+    """the source's epoch"""
+    frame: _builtins.int
+    lead: _builtins.int
+    """OP_STOP: frames it still makes, at least"""
+    to_worker_id: _builtins.str
+    """OP_HANDOFF"""
+    to_region: _builtins.str
+    stop_ttl_s: _builtins.float
+    """OP_STOP: with no RESUME or HANDOFF by then, it checks its"""
+    def __init__(
+        self,
+        *,
+        op: Global___MigrateOutRequest.Op.ValueType = ...,
+        session_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        frame: _builtins.int = ...,
+        lead: _builtins.int = ...,
+        to_worker_id: _builtins.str = ...,
+        to_region: _builtins.str = ...,
+        stop_ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "frame", b"frame", "lead", b"lead", "op", b"op", "session_id", b"session_id", "stop_ttl_s", b"stop_ttl_s", "to_region", b"to_region", "to_worker_id", b"to_worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateOutRequest: _TypeAlias = MigrateOutRequest  # noqa: Y015
+
+@_typing.final
+class MigrateInRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Op:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[MigrateInRequest._Op.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OP_UNSPECIFIED: MigrateInRequest._Op.ValueType  # 0
+        OP_PREPARE: MigrateInRequest._Op.ValueType  # 1
+        """reserve a slot, copy the state from the source, catch up"""
+        OP_CATCH_UP: MigrateInRequest._Op.ValueType  # 2
+        """follow the source's log up to `frame` exactly (it stops there)"""
+        OP_COMMIT: MigrateInRequest._Op.ValueType  # 3
+        """the placement moved here: claim the log, make frames"""
+        OP_ABORT: MigrateInRequest._Op.ValueType  # 4
+
+    class Op(_Op, metaclass=_OpEnumTypeWrapper): ...
+    OP_UNSPECIFIED: MigrateInRequest.Op.ValueType  # 0
+    OP_PREPARE: MigrateInRequest.Op.ValueType  # 1
+    """reserve a slot, copy the state from the source, catch up"""
+    OP_CATCH_UP: MigrateInRequest.Op.ValueType  # 2
+    """follow the source's log up to `frame` exactly (it stops there)"""
+    OP_COMMIT: MigrateInRequest.Op.ValueType  # 3
+    """the placement moved here: claim the log, make frames"""
+    OP_ABORT: MigrateInRequest.Op.ValueType  # 4
+
+    OP_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SOURCE_ADDRESS_FIELD_NUMBER: _builtins.int
+    SOURCE_EPOCH_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    MAX_ROUNDS_FIELD_NUMBER: _builtins.int
+    CLOSE_ENOUGH_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    op: Global___MigrateInRequest.Op.ValueType
+    session_id: _builtins.str
+    epoch: _builtins.int
+    """the target's (the source's + 1)"""
+    source_address: _builtins.str
+    source_epoch: _builtins.int
+    frame: _builtins.int
+    """OP_CATCH_UP"""
+    max_rounds: _builtins.int
+    """OP_PREPARE; 0: 3"""
+    close_enough: _builtins.int
+    """OP_PREPARE: frames behind the source that end the rounds; 0: 2"""
+    ttl_s: _builtins.float
+    """with no COMMIT or ABORT by then, the target checks the"""
+    @_builtins.property
+    def spec(self) -> _windflow_pb2.SessionSpec:
+        """resolved"""
+
+    def __init__(
+        self,
+        *,
+        op: Global___MigrateInRequest.Op.ValueType = ...,
+        session_id: _builtins.str = ...,
+        spec: _windflow_pb2.SessionSpec | None = ...,
+        epoch: _builtins.int = ...,
+        source_address: _builtins.str = ...,
+        source_epoch: _builtins.int = ...,
+        frame: _builtins.int = ...,
+        max_rounds: _builtins.int = ...,
+        close_enough: _builtins.int = ...,
+        ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_enough", b"close_enough", "epoch", b"epoch", "frame", b"frame", "max_rounds", b"max_rounds", "op", b"op", "session_id", b"session_id", "source_address", b"source_address", "source_epoch", b"source_epoch", "spec", b"spec", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateInRequest: _TypeAlias = MigrateInRequest  # noqa: Y015
+
+@_typing.final
+class MigrationStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    SOURCE_HEAD_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FRAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
+    COPY_MS_FIELD_NUMBER: _builtins.int
+    REPLAY_MS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    frame: _builtins.int
+    """the next frame the state it holds makes"""
+    source_head: _builtins.int
+    """the source's durable head when last asked"""
+    rounds: _builtins.int
+    snapshot_frame: _builtins.int
+    snapshot_bytes: _builtins.int
+    copy_ms: _builtins.float
+    replay_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        frame: _builtins.int = ...,
+        source_head: _builtins.int = ...,
+        rounds: _builtins.int = ...,
+        snapshot_frame: _builtins.int = ...,
+        snapshot_bytes: _builtins.int = ...,
+        copy_ms: _builtins.float = ...,
+        replay_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_ms", b"copy_ms", "frame", b"frame", "replay_ms", b"replay_ms", "rounds", b"rounds", "session_id", b"session_id", "snapshot_bytes", b"snapshot_bytes", "snapshot_frame", b"snapshot_frame", "source_head", b"source_head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationStatus: _TypeAlias = MigrationStatus  # noqa: Y015
+
+@_typing.final
+class SetDrainingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRAINING_FIELD_NUMBER: _builtins.int
+    draining: _builtins.bool
+    def __init__(
+        self,
+        *,
+        draining: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDrainingRequest: _TypeAlias = SetDrainingRequest  # noqa: Y015
+
+@_typing.final
+class SetDrainingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    sessions: _builtins.int
+    def __init__(
+        self,
+        *,
+        sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDrainingResponse: _TypeAlias = SetDrainingResponse  # noqa: Y015
 
 @_typing.final
 class OpenSessionRequest(_message.Message):
@@ -464,6 +922,7 @@ class WorkerInfo(_message.Message):
     DEADLINE_MISSES_FIELD_NUMBER: _builtins.int
     QUALITY_CHANGES_FIELD_NUMBER: _builtins.int
     FPS_ADMISSION_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     region: _builtins.str
@@ -490,6 +949,8 @@ class WorkerInfo(_message.Message):
     quality_changes: _builtins.int
     fps_admission: _builtins.bool
     """false: admission by session slots only"""
+    draining: _builtins.bool
+    """takes no new session (a drain in progress)"""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_windflow_pb2.ModelInfo]: ...
     @_builtins.property
@@ -515,10 +976,11 @@ class WorkerInfo(_message.Message):
         deadline_misses: _builtins.int = ...,
         quality_changes: _builtins.int = ...,
         fps_admission: _builtins.bool = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_utilization", b"admitted_utilization", "capacity", b"capacity", "deadline_misses", b"deadline_misses", "fps_admission", b"fps_admission", "frames_dropped", b"frames_dropped", "headroom", b"headroom", "load", b"load", "models", b"models", "quality_changes", b"quality_changes", "region", b"region", "sessions", b"sessions", "started_unix_ms", b"started_unix_ms", "target_utilization", b"target_utilization", "utilization", b"utilization", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "admitted_utilization", b"admitted_utilization", "capacity", b"capacity", "deadline_misses", b"deadline_misses", "draining", b"draining", "fps_admission", b"fps_admission", "frames_dropped", b"frames_dropped", "headroom", b"headroom", "load", b"load", "models", b"models", "quality_changes", b"quality_changes", "region", b"region", "sessions", b"sessions", "started_unix_ms", b"started_unix_ms", "target_utilization", b"target_utilization", "utilization", b"utilization", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,9 +996,19 @@ class PlacementRecord(_message.Message):
     WORKER_ADDRESS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    CUTOVER_FRAME_FIELD_NUMBER: _builtins.int
+    FROM_WORKER_ID_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     worker_address: _builtins.str
     epoch: _builtins.int
+    region: _builtins.str
+    """the worker's"""
+    cutover_frame: _builtins.int
+    """A live migration's placement: the first frame the new worker makes (the previous one
+    made every frame before it). 0: a placement or crash recovery.
+    """
+    from_worker_id: _builtins.str
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec:
         """what a re-placement (crash recovery) needs to reopen it"""
@@ -548,10 +1020,13 @@ class PlacementRecord(_message.Message):
         worker_address: _builtins.str = ...,
         epoch: _builtins.int = ...,
         spec: _windflow_pb2.SessionSpec | None = ...,
+        region: _builtins.str = ...,
+        cutover_frame: _builtins.int = ...,
+        from_worker_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "spec", b"spec", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutover_frame", b"cutover_frame", "epoch", b"epoch", "from_worker_id", b"from_worker_id", "region", b"region", "spec", b"spec", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,6 +47,16 @@ class RouterStub:
                 request_serializer=windflow_dot_v1_dot_internal__pb2.PlaceRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_internal__pb2.Placement.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/windflow.v1.Router/Migrate',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.MigrationResult.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_stream(
+                '/windflow.v1.Router/Drain',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.DrainRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.DrainProgress.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -70,6 +80,23 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Move a live session to another worker without dropping a frame (docs/migration.md).
+        NOT_FOUND: unknown or closed session; FAILED_PRECONDITION: already migrating, or no
+        worker can take it; INVALID_ARGUMENT: an unknown target worker or region.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Move every session off a worker by live migration; the worker takes no new session
+        meanwhile (and stays draining until it stops or `undo` is set). Streams progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +109,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Place,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.PlaceRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_internal__pb2.Placement.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.MigrateRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.MigrationResult.SerializeToString,
+            ),
+            'Drain': grpc.unary_stream_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.DrainRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.DrainProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +177,60 @@ class Router:
             '/windflow.v1.Router/Place',
             windflow_dot_v1_dot_internal__pb2.PlaceRequest.SerializeToString,
             windflow_dot_v1_dot_internal__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Router/Migrate',
+            windflow_dot_v1_dot_internal__pb2.MigrateRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.MigrationResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/windflow.v1.Router/Drain',
+            windflow_dot_v1_dot_internal__pb2.DrainRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.DrainProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -485,6 +576,26 @@ class WorkerStub:
                 request_serializer=windflow_dot_v1_dot_internal__pb2.CloseWorkerSessionRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_internal__pb2.SessionStatus.FromString,
                 _registered_method=True)
+        self.FetchState = channel.unary_stream(
+                '/windflow.v1.Worker/FetchState',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.FetchStateRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.StateChunk.FromString,
+                _registered_method=True)
+        self.MigrateOut = channel.unary_unary(
+                '/windflow.v1.Worker/MigrateOut',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.MigrateOutRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.MigrateIn = channel.unary_unary(
+                '/windflow.v1.Worker/MigrateIn',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.MigrateInRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.MigrationStatus.FromString,
+                _registered_method=True)
+        self.SetDraining = channel.unary_unary(
+                '/windflow.v1.Worker/SetDraining',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.SetDrainingRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.SetDrainingResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -529,6 +640,36 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchState(self, request, context):
+        """Live migration (docs/migration.md). On the source: the session's state at a frame
+        boundary, in chunks, while it keeps streaming.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateOut(self, request, context):
+        """On the source: stop before a frame, go on, or hand the session off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateIn(self, request, context):
+        """On the target: prepare (copy the state, catch up), catch up to the cut-over, commit
+        or abort.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDraining(self, request, context):
+        """Take no new session (a drain) or take them again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -561,6 +702,26 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.CloseWorkerSessionRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_internal__pb2.SessionStatus.SerializeToString,
+            ),
+            'FetchState': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchState,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.FetchStateRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.StateChunk.SerializeToString,
+            ),
+            'MigrateOut': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateOut,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.MigrateOutRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.MigrationStatus.SerializeToString,
+            ),
+            'MigrateIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateIn,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.MigrateInRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.MigrationStatus.SerializeToString,
+            ),
+            'SetDraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDraining,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.SetDrainingRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.SetDrainingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -727,6 +888,114 @@ class Worker:
             '/windflow.v1.Worker/CloseSession',
             windflow_dot_v1_dot_internal__pb2.CloseWorkerSessionRequest.SerializeToString,
             windflow_dot_v1_dot_internal__pb2.SessionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/windflow.v1.Worker/FetchState',
+            windflow_dot_v1_dot_internal__pb2.FetchStateRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Worker/MigrateOut',
+            windflow_dot_v1_dot_internal__pb2.MigrateOutRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Worker/MigrateIn',
+            windflow_dot_v1_dot_internal__pb2.MigrateInRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.MigrationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Worker/SetDraining',
+            windflow_dot_v1_dot_internal__pb2.SetDrainingRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.SetDrainingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,15 @@ class RouterStub:
     """Choose a worker for a session, open it there, and record the placement in etcd
     (/windflow/v1/sessions/<id>/placement) by compare-and-swap with a new epoch.
     """
+    Migrate: _grpc.UnaryUnaryMultiCallable[_internal_pb2.MigrateRequest, _internal_pb2.MigrationResult]
+    """Move a live session to another worker without dropping a frame (docs/migration.md).
+    NOT_FOUND: unknown or closed session; FAILED_PRECONDITION: already migrating, or no
+    worker can take it; INVALID_ARGUMENT: an unknown target worker or region.
+    """
+    Drain: _grpc.UnaryStreamMultiCallable[_internal_pb2.DrainRequest, _internal_pb2.DrainProgress]
+    """Move every session off a worker by live migration; the worker takes no new session
+    meanwhile (and stays draining until it stops or `undo` is set). Streams progress.
+    """
 
 @_typing.type_check_only
 class RouterAsyncStub(RouterStub):
@@ -55,6 +64,15 @@ class RouterAsyncStub(RouterStub):
     Place: _aio.UnaryUnaryMultiCallable[_internal_pb2.PlaceRequest, _internal_pb2.Placement]  # type: ignore[assignment]
     """Choose a worker for a session, open it there, and record the placement in etcd
     (/windflow/v1/sessions/<id>/placement) by compare-and-swap with a new epoch.
+    """
+    Migrate: _aio.UnaryUnaryMultiCallable[_internal_pb2.MigrateRequest, _internal_pb2.MigrationResult]  # type: ignore[assignment]
+    """Move a live session to another worker without dropping a frame (docs/migration.md).
+    NOT_FOUND: unknown or closed session; FAILED_PRECONDITION: already migrating, or no
+    worker can take it; INVALID_ARGUMENT: an unknown target worker or region.
+    """
+    Drain: _aio.UnaryStreamMultiCallable[_internal_pb2.DrainRequest, _internal_pb2.DrainProgress]  # type: ignore[assignment]
+    """Move every session off a worker by live migration; the worker takes no new session
+    meanwhile (and stays draining until it stops or `undo` is set). Streams progress.
     """
 
 class RouterServicer(metaclass=_abc_1.ABCMeta):
@@ -78,6 +96,27 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_internal_pb2.Placement, _abc.Awaitable[_internal_pb2.Placement]]:
         """Choose a worker for a session, open it there, and record the placement in etcd
         (/windflow/v1/sessions/<id>/placement) by compare-and-swap with a new epoch.
+        """
+
+    @_abc_1.abstractmethod
+    def Migrate(
+        self,
+        request: _internal_pb2.MigrateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.MigrationResult, _abc.Awaitable[_internal_pb2.MigrationResult]]:
+        """Move a live session to another worker without dropping a frame (docs/migration.md).
+        NOT_FOUND: unknown or closed session; FAILED_PRECONDITION: already migrating, or no
+        worker can take it; INVALID_ARGUMENT: an unknown target worker or region.
+        """
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _internal_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_internal_pb2.DrainProgress], _abc.AsyncIterator[_internal_pb2.DrainProgress]]:
+        """Move every session off a worker by live migration; the worker takes no new session
+        meanwhile (and stays draining until it stops or `undo` is set). Streams progress.
         """
 
 def add_RouterServicer_to_server(servicer: RouterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -169,6 +208,18 @@ class WorkerStub:
     """The gateway's leg of a client stream: the same messages as the public Stream."""
     GetSessionStatus: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetSessionStatusRequest, _internal_pb2.SessionStatus]
     CloseSession: _grpc.UnaryUnaryMultiCallable[_internal_pb2.CloseWorkerSessionRequest, _internal_pb2.SessionStatus]
+    FetchState: _grpc.UnaryStreamMultiCallable[_internal_pb2.FetchStateRequest, _internal_pb2.StateChunk]
+    """Live migration (docs/migration.md). On the source: the session's state at a frame
+    boundary, in chunks, while it keeps streaming.
+    """
+    MigrateOut: _grpc.UnaryUnaryMultiCallable[_internal_pb2.MigrateOutRequest, _internal_pb2.MigrationStatus]
+    """On the source: stop before a frame, go on, or hand the session off."""
+    MigrateIn: _grpc.UnaryUnaryMultiCallable[_internal_pb2.MigrateInRequest, _internal_pb2.MigrationStatus]
+    """On the target: prepare (copy the state, catch up), catch up to the cut-over, commit
+    or abort.
+    """
+    SetDraining: _grpc.UnaryUnaryMultiCallable[_internal_pb2.SetDrainingRequest, _internal_pb2.SetDrainingResponse]
+    """Take no new session (a drain) or take them again."""
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -182,6 +233,18 @@ class WorkerAsyncStub(WorkerStub):
     """The gateway's leg of a client stream: the same messages as the public Stream."""
     GetSessionStatus: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetSessionStatusRequest, _internal_pb2.SessionStatus]  # type: ignore[assignment]
     CloseSession: _aio.UnaryUnaryMultiCallable[_internal_pb2.CloseWorkerSessionRequest, _internal_pb2.SessionStatus]  # type: ignore[assignment]
+    FetchState: _aio.UnaryStreamMultiCallable[_internal_pb2.FetchStateRequest, _internal_pb2.StateChunk]  # type: ignore[assignment]
+    """Live migration (docs/migration.md). On the source: the session's state at a frame
+    boundary, in chunks, while it keeps streaming.
+    """
+    MigrateOut: _aio.UnaryUnaryMultiCallable[_internal_pb2.MigrateOutRequest, _internal_pb2.MigrationStatus]  # type: ignore[assignment]
+    """On the source: stop before a frame, go on, or hand the session off."""
+    MigrateIn: _aio.UnaryUnaryMultiCallable[_internal_pb2.MigrateInRequest, _internal_pb2.MigrationStatus]  # type: ignore[assignment]
+    """On the target: prepare (copy the state, catch up), catch up to the cut-over, commit
+    or abort.
+    """
+    SetDraining: _aio.UnaryUnaryMultiCallable[_internal_pb2.SetDrainingRequest, _internal_pb2.SetDrainingResponse]  # type: ignore[assignment]
+    """Take no new session (a drain) or take them again."""
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     """---- worker: hosts session actors ----"""
@@ -228,5 +291,41 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _internal_pb2.CloseWorkerSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_internal_pb2.SessionStatus, _abc.Awaitable[_internal_pb2.SessionStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def FetchState(
+        self,
+        request: _internal_pb2.FetchStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_internal_pb2.StateChunk], _abc.AsyncIterator[_internal_pb2.StateChunk]]:
+        """Live migration (docs/migration.md). On the source: the session's state at a frame
+        boundary, in chunks, while it keeps streaming.
+        """
+
+    @_abc_1.abstractmethod
+    def MigrateOut(
+        self,
+        request: _internal_pb2.MigrateOutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.MigrationStatus, _abc.Awaitable[_internal_pb2.MigrationStatus]]:
+        """On the source: stop before a frame, go on, or hand the session off."""
+
+    @_abc_1.abstractmethod
+    def MigrateIn(
+        self,
+        request: _internal_pb2.MigrateInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.MigrationStatus, _abc.Awaitable[_internal_pb2.MigrationStatus]]:
+        """On the target: prepare (copy the state, catch up), catch up to the cut-over, commit
+        or abort.
+        """
+
+    @_abc_1.abstractmethod
+    def SetDraining(
+        self,
+        request: _internal_pb2.SetDrainingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.SetDrainingResponse, _abc.Awaitable[_internal_pb2.SetDrainingResponse]]:
+        """Take no new session (a drain) or take them again."""
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

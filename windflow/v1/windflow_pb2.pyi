@@ -255,6 +255,7 @@ class Session(_message.Message):
     LOG_LENGTH_FIELD_NUMBER: _builtins.int
     PARENT_SESSION_ID_FIELD_NUMBER: _builtins.int
     FORKED_AT_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: Global___SessionState.ValueType
     worker_id: _builtins.str
@@ -267,6 +268,8 @@ class Session(_message.Message):
     parent_session_id: _builtins.str
     """set for a fork"""
     forked_at: _builtins.int
+    region: _builtins.str
+    """where it runs now (its worker's region)"""
     @_builtins.property
     def spec(self) -> Global___SessionSpec:
         """as resolved (defaults filled in)"""
@@ -292,10 +295,11 @@ class Session(_message.Message):
         log_length: _builtins.int = ...,
         parent_session_id: _builtins.str = ...,
         forked_at: _builtins.int = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "placement_epoch", b"placement_epoch", "session_id", b"session_id", "spec", b"spec", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "placement_epoch", b"placement_epoch", "region", b"region", "session_id", b"session_id", "spec", b"spec", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -831,6 +835,10 @@ class SessionEvent(_message.Message):
         """frame_index: the next frame to come"""
         KIND_RECOVERED: SessionEvent._Kind.ValueType  # 7
         """the session moved to another worker; frames continue"""
+        KIND_MIGRATED: SessionEvent._Kind.ValueType  # 8
+        """live migration to another worker (from_worker_id -> worker_id, in region): frame
+        frame_index is the first the new worker makes; no frame is lost or repeated
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: SessionEvent.Kind.ValueType  # 0
@@ -843,6 +851,10 @@ class SessionEvent(_message.Message):
     """frame_index: the next frame to come"""
     KIND_RECOVERED: SessionEvent.Kind.ValueType  # 7
     """the session moved to another worker; frames continue"""
+    KIND_MIGRATED: SessionEvent.Kind.ValueType  # 8
+    """live migration to another worker (from_worker_id -> worker_id, in region): frame
+    frame_index is the first the new worker makes; no frame is lost or repeated
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
@@ -850,6 +862,9 @@ class SessionEvent(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     FPS_FIELD_NUMBER: _builtins.int
     LEVEL_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    FROM_WORKER_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     kind: Global___SessionEvent.Kind.ValueType
     message: _builtins.str
     frame_index: _builtins.int
@@ -858,6 +873,12 @@ class SessionEvent(_message.Message):
     """the session's output fps after this event (KIND_QUALITY_CHANGED, ATTACHED)"""
     level: _builtins.int
     """its rung on the quality ladder: 0 = what the session asked for"""
+    worker_id: _builtins.str
+    """KIND_MIGRATED, KIND_RECOVERED: where it runs now"""
+    from_worker_id: _builtins.str
+    """KIND_MIGRATED"""
+    region: _builtins.str
+    """KIND_MIGRATED, KIND_RECOVERED: the worker's region"""
     def __init__(
         self,
         *,
@@ -867,10 +888,13 @@ class SessionEvent(_message.Message):
         steps: _builtins.int = ...,
         fps: _builtins.float = ...,
         level: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        from_worker_id: _builtins.str = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frame_index", b"frame_index", "kind", b"kind", "level", b"level", "message", b"message", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frame_index", b"frame_index", "from_worker_id", b"from_worker_id", "kind", b"kind", "level", b"level", "message", b"message", "region", b"region", "steps", b"steps", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
