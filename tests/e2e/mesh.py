@@ -24,10 +24,38 @@ from windflow.infra import (
 
 SERVE = (sys.executable, "-m", "windflow", "serve")
 
-MESHES: list[Mesh] = []
+MESHES: list[Mesh | StackLogs] = []
 """Every mesh started in this test session: a failing test's report gets the logs' tails
 of those alive during it (tests/e2e/conftest.py), so a flake in CI leaves its evidence in
 the CI output."""
+
+
+def log_tails(log_dir: Path, lines: int = 30, width: int = 300) -> str:
+    """The last ``lines`` lines of every service's log in ``log_dir``, each cut to
+    ``width`` characters; Windflow's own services first, etcd and NATS last (a CI report
+    may keep only the start of a long failure)."""
+    parts = []
+    paths = sorted(log_dir.glob("*.log"), key=lambda p: (p.stem in ("etcd", "nats"), p.stem))
+    for path in paths:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {path.name}\n" + "\n".join(line[:width] for line in tail))
+    return "\n".join(parts)
+
+
+class StackLogs:
+    """The logs of a ``windflow.infra.Stack`` (the supervised stack of ``windflow up``) in
+    ``MESHES``, for the failure reports as a ``Mesh``'s: ``closed()`` when it stops."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.closed_at: float | None = None
+        MESHES.append(self)
+
+    def closed(self) -> None:
+        self.closed_at = time.time()
+
+    def log_tails(self, lines: int = 30, width: int = 300) -> str:
+        return log_tails(self.log_dir, lines, width)
 
 
 class Mesh:
@@ -41,8 +69,11 @@ class Mesh:
         workers: int = 2,
         worker_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        regions: dict[str, str] | None = None,
     ) -> None:
+        """``regions``: worker name -> its ``--region`` (others: the default)."""
         self.state_dir = state_dir
+        self._regions = regions or {}
         self.log_dir = state_dir / "logs"
         self.etcd = EtcdServer(state_dir)
         self.nats = NatsServer(state_dir)
@@ -73,7 +104,18 @@ class Mesh:
             self.nats.url,
         )
         if name.startswith("worker-"):
-            argv = (*SERVE, "worker", *common, "--worker-id", name, *self._worker_args)
+            region = ("--region", self._regions[name]) if name in self._regions else ()
+            argv = (
+                *SERVE,
+                "worker",
+                *common,
+                "--worker-id",
+                name,
+                "--router",
+                self.addresses["router"],
+                *region,
+                *self._worker_args,
+            )
         elif name == "gateway":
             argv = (
                 *SERVE,
@@ -166,17 +208,8 @@ class Mesh:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
 
     def log_tails(self, lines: int = 30, width: int = 300) -> str:
-        """The last ``lines`` lines of every service's log, each cut to ``width``
-        characters; Windflow's own services first, etcd and NATS last (a CI report may
-        keep only the start of a long failure)."""
-        parts = []
-        paths = sorted(
-            self.log_dir.glob("*.log"), key=lambda p: (p.stem in ("etcd", "nats"), p.stem)
-        )
-        for path in paths:
-            tail = path.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {path.name}\n" + "\n".join(line[:width] for line in tail))
-        return "\n".join(parts)
+        """``log_tails`` of this mesh's logs."""
+        return log_tails(self.log_dir, lines, width)
 
     async def aclose(self) -> None:
         self.closed_at = time.time()

@@ -5,6 +5,9 @@ with one KIND_MIGRATED event per move and no recovery."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +148,135 @@ async def test_migrate_refuses_bad_requests_with_the_right_status(tmp_path: Path
             assert [i for i, _, _ in got] == list(range(60))
             assert len(_kinds(live, pb.SessionEvent.KIND_MIGRATED)) == 1
             assert await _replayed(client, info.session_id, 60) == [d for _, d, _ in got]
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "windflow",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_drain_moves_every_streaming_session_and_takes_nothing_new(
+    tmp_path: Path,
+) -> None:
+    """Four sessions stream on worker-1; worker-2 joins; ``windflow drain worker-1``
+    moves all four live (one KIND_MIGRATED each, every frame once and equal to Replay),
+    shows progress, and worker-1 takes no new session until ``--undo``."""
+    async with Mesh(tmp_path, workers=1, worker_args=WORKER_ARGS) as mesh:
+        async with Client(mesh.gateway) as client:
+            infos = [
+                await client.create_session(DEFAULT_MODEL, seed=20 + i, **SPEC)  # type: ignore[arg-type]
+                for i in range(4)
+            ]
+            n = len(infos[0].model.actions)
+            lives = [
+                await client.attach(
+                    info, controls=[(f, (f // 4 + i) % n) for f in range(0, 120, 4)]
+                )
+                for i, info in enumerate(infos)
+            ]
+            players = [Player(live, 110) for live in lives]
+            await mesh.add_worker().wait_ready()
+            await asyncio.gather(*(p.at(20) for p in players))
+            code, out, err = await _cli("drain", "--router", mesh.addresses["router"], "worker-1")
+            assert code == 0, err
+            summary = json.loads(out.strip().splitlines()[-1])
+            assert (summary["migrated"], summary.get("failed", 0)) == (4, 0)
+            assert err.count("drain worker-1: ") >= 5  # the start and one line per session
+            fresh = await client.create_session(DEFAULT_MODEL, seed=99, **SPEC)  # type: ignore[arg-type]
+            assert fresh.worker_id == "worker-2"
+            for info, live, player in zip(infos, lives, players, strict=True):
+                got = await player.task
+                await live.aclose()
+                assert [i for i, _, _ in got] == list(range(110))
+                migrated = _kinds(live, pb.SessionEvent.KIND_MIGRATED)
+                assert [(e.from_worker_id, e.worker_id) for e in migrated] == [
+                    ("worker-1", "worker-2")
+                ]
+                assert not _kinds(live, pb.SessionEvent.KIND_RECOVERED)
+                assert await _replayed(client, info.session_id, 110) == [d for _, d, _ in got]
+            code, _, err = await _cli(
+                "drain", "--router", mesh.addresses["router"], "worker-1", "--undo"
+            )
+            assert code == 0, err
+            for _ in range(50):  # worker-1's own update lands in the router's table
+                again = await client.create_session(DEFAULT_MODEL, seed=98, **SPEC)  # type: ignore[arg-type]
+                if again.worker_id == "worker-1":
+                    break
+                await client.close_session(again.session_id)
+                await asyncio.sleep(0.1)
+            assert again.worker_id == "worker-1"
+
+
+async def test_an_aborted_move_leaves_the_session_streaming_at_its_source(
+    tmp_path: Path,
+) -> None:
+    """The target dies before the move (its lease has not run out: the router still
+    lists it): the migration aborts with UNAVAILABLE and the session never stops."""
+    async with Mesh(tmp_path, workers=1, worker_args=WORKER_ARGS) as mesh:
+        channel, router = _router(mesh)
+        async with Client(mesh.gateway) as client, channel:
+            info = await client.create_session(DEFAULT_MODEL, seed=8, **SPEC)  # type: ignore[arg-type]
+            live = await client.attach(info)
+            play = Player(live, 80)
+            await mesh.add_worker().wait_ready()
+            await play.at(20)
+            mesh.kill("worker-2")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await router.Migrate(
+                    internal_pb2.MigrateRequest(session_id=info.session_id, to_worker_id="worker-2")
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            got = await play.task
+            await live.aclose()
+            assert [i for i, _, _ in got] == list(range(80))
+            assert not _kinds(live, pb.SessionEvent.KIND_MIGRATED)
+            assert not _kinds(live, pb.SessionEvent.KIND_RECOVERED)
+            gaps = [b[2] - a[2] for a, b in itertools.pairwise(got)]
+            assert max(gaps) < 1.0  # no recovery stall either
+            placed = await client.get_session(info.session_id)
+            assert (placed.worker_id, placed.placement_epoch) == ("worker-1", 1)
+            assert "migration of session" in mesh.log("router") and "aborted" in mesh.log("router")
+
+
+async def test_a_session_moves_to_another_region(tmp_path: Path) -> None:
+    """``windflow migrate --region``: the session goes to the one worker in eu-west, and
+    the event and GetSession say so."""
+    async with Mesh(
+        tmp_path, workers=2, worker_args=WORKER_ARGS, regions={"worker-2": "eu-west"}
+    ) as mesh:
+        async with Client(mesh.gateway) as client:
+            info = await client.create_session(DEFAULT_MODEL, seed=9, region="local", **SPEC)  # type: ignore[arg-type]
+            assert info.worker_id == "worker-1"
+            live = await client.attach(info)
+            play = Player(live, 60)
+            await play.at(10)
+            code, out, err = await _cli(
+                "migrate",
+                "--router",
+                mesh.addresses["router"],
+                info.session_id,
+                "--region",
+                "eu-west",
+            )
+            assert code == 0, err
+            assert json.loads(out)["to_worker_id"] == "worker-2"
+            got = await play.task
+            await live.aclose()
+            assert [i for i, _, _ in got] == list(range(60))
+            (event,) = _kinds(live, pb.SessionEvent.KIND_MIGRATED)
+            assert (event.worker_id, event.region) == ("worker-2", "eu-west")
+            placed = await client.get_session(info.session_id)
+            assert (placed.worker_id, placed.region) == ("worker-2", "eu-west")
+            code, _, err = await _cli(
+                "migrate", "--router", mesh.addresses["router"], info.session_id, "--region", "mars"
+            )
+            assert code == 1 and "INVALID_ARGUMENT" in err

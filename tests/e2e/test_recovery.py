@@ -1,8 +1,9 @@
 """Recovery: kill -9 the worker holding a session mid-stream, or the model host process
 under it, or stop the worker gracefully (SIGTERM, as an orchestrator does on a rolling
-restart); the client sees every frame index exactly once, each equal to an uninterrupted
-reference run. And a rolling restart with no spare worker: the session waits for the
-replacement and resumes on it, the same way."""
+restart: its sessions migrate live); the client sees every frame index exactly once, each
+equal to an uninterrupted reference run. And a rolling restart with no spare worker (no
+live migration can go anywhere): the session waits for the replacement and resumes on it
+as after a crash."""
 
 from __future__ import annotations
 
@@ -54,12 +55,19 @@ async def _stream(
 
 
 def _assert_resumed_exactly(
-    got: list[tuple[int, bytes]], reference: list[tuple[int, bytes]], live: Session
+    got: list[tuple[int, bytes]],
+    reference: list[tuple[int, bytes]],
+    live: Session,
+    kind: int = pb.SessionEvent.KIND_RECOVERED,
 ) -> None:
     assert [i for i, _ in got] == list(range(FRAMES))  # no gap, no repeat
     assert [d for _, d in got] == [d for _, d in reference]  # bit-exact across the move
-    recovered = [e for e in live.events if e.kind == pb.SessionEvent.KIND_RECOVERED]
-    assert len(recovered) == 1
+    moves = [
+        e.kind
+        for e in live.events
+        if e.kind in (pb.SessionEvent.KIND_RECOVERED, pb.SessionEvent.KIND_MIGRATED)
+    ]
+    assert moves == [kind]
 
 
 @pytest.mark.parametrize("victim_process", ["worker", "model host", "worker, gracefully"])
@@ -84,18 +92,24 @@ async def test_worker_killed_mid_stream_no_gap_no_repeat(
                 elif victim_process == "model host":
                     # the worker exits at once and its sessions recover elsewhere
                     mesh.kill_model_host(victim)
-                else:  # it drains: its streams end UNAVAILABLE and move, as above
+                else:  # it drains: its sessions migrate live to the other worker
                     mesh.terminate(victim)
 
             got, live = await _stream(client, info, stop_its_worker)
 
-            _assert_resumed_exactly(got, reference, live)
+            graceful = victim_process == "worker, gracefully"
+            _assert_resumed_exactly(
+                got,
+                reference,
+                live,
+                pb.SessionEvent.KIND_MIGRATED if graceful else pb.SessionEvent.KIND_RECOVERED,
+            )
             after = await client.get_session(info.session_id)
             assert after.worker_id != victim and after.placement_epoch == 2
             if victim_process == "worker, gracefully":
                 assert await mesh.procs[victim].wait() == 0  # a clean exit, not a crash
                 assert not live.errors  # nothing refused on the way (no fenced appends)
-                assert "draining: 1 attached session(s) move" in mesh.log(victim)
+                assert "drain: 1 of 1 migrated" in mesh.log(victim)
             if victim_process == "model host":
                 assert "died" in mesh.log(victim) and "sessions recover elsewhere" in mesh.log(
                     victim

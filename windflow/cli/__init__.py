@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "windflow.cli.play",
     "windflow.cli.demo",
     "windflow.cli.state",
+    "windflow.cli.mesh",
     "windflow.cli.models",
     "windflow.cli.kernels",
     "windflow.cli.bench",
