@@ -67,7 +67,8 @@ async def test_stack_wires_every_service_and_stops_clean(
         worker = _cmdline(pids["worker-2"])
         assert worker[2:5] == ["worker", "--listen", stack.addresses["worker-2"]]
         assert _contains(worker, common)
-        assert _contains(worker, ["--worker-id", "worker-2", "--region", "eu-test"])
+        assert _contains(worker, ["--worker-id", "worker-2"])
+        assert _contains(worker, ["--region", "eu-test"])
         gateway = _cmdline(pids["gateway"])
         assert gateway[2:5] == ["gateway", "--listen", stack.gateway_address]
         assert _contains(gateway, ["--router", stack.addresses["router"]])
@@ -120,6 +121,49 @@ async def test_windflow_up_serves_and_stops_on_sigterm(fake_service_program: Pat
         for stream in (up.stdout, up.stderr):
             if stream is not None:
                 stream.close()
+
+
+async def test_windflow_up_runs_several_gateways(
+    tmp_path: Path, fake_service_program: Path
+) -> None:
+    """``--gateways 2``: two supervised gateway processes, each on its own port; the ready
+    line keeps the first where scripts look for it and lists both after "gateways="."""
+    command = f"{sys.executable} {fake_service_program}"
+    up = _start_up(
+        "--workers", "0", "--gateways", "2", "--state-dir", str(tmp_path),
+        "--service-command", command,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(up.stdout.readline), 60)
+        first = READY_LINE.search(line)
+        every = re.search(r"gateways=(\S+)", line)
+        assert first and every and f"state in {tmp_path})" in line, f"ready line: {line!r}"
+        gateways = every.group(1).split(",")
+        assert len(set(gateways)) == 2 and gateways[0] == first.group(1)
+        for gateway in gateways:
+            assert await GrpcHealthProbe(gateway)()
+        children = _children_of(up.pid)
+        listening = {_listen_address(pid) for pid in children}
+        assert listening >= set(gateways)  # each gateway a process of its own
+        assert len(children) == 6  # etcd, nats, router, session, gateway, gateway-2
+        assert _exists(tmp_path / "logs" / "gateway-2.log")
+        up.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(asyncio.to_thread(up.wait), 30)
+        assert code == 0, up.stderr.read() if up.stderr else ""
+        assert [pid for pid in children if pid_alive(pid)] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for stream in (up.stdout, up.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _listen_address(pid: int) -> str | None:
+    argv = _cmdline_or_empty(pid)
+    return argv[argv.index("--listen") + 1] if "--listen" in argv else None
 
 
 async def test_windflow_up_exits_nonzero_when_the_stack_cannot_start(

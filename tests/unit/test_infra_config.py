@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 from pathlib import Path
 
 import pytest
 
-from windflow.infra import ChildSpec, GrpcHealthProbe, RestartPolicy, StackConfig
+from windflow.cli.up import ready_line
+from windflow.infra import ChildSpec, GrpcHealthProbe, RestartPolicy, Stack, StackConfig
 from windflow.infra.ports import address, free_port, free_ports
 from windflow.infra.supervisor import Supervisor, describe_exit
 
@@ -70,3 +72,32 @@ def test_stack_config_validation(tmp_path: Path) -> None:
         StackConfig(state_dir=tmp_path, workers=-1)
     with pytest.raises(ValueError):
         StackConfig(state_dir=tmp_path, service_command=())
+    with pytest.raises(ValueError):
+        StackConfig(state_dir=tmp_path, gateways=0)
+
+
+def test_stack_gateways_names_ports_and_ready_line(tmp_path: Path) -> None:
+    """Several gateways: the first keeps the one gateway's name, port and place in the
+    ready line (scripts take the address after "gateway "); all follow "gateways="."""
+    port = free_port()
+    stack = Stack(StackConfig(state_dir=tmp_path, workers=1, gateways=3, gateway_port=port))
+    assert stack.gateway_names == ["gateway", "gateway-2", "gateway-3"]
+    assert stack.supervisor.names[-3:] == stack.gateway_names  # the last stage, in order
+    addresses = stack.gateway_addresses
+    assert addresses[0] == stack.gateway_address == f"127.0.0.1:{port}"
+    assert len(set(addresses)) == 3 and all(a.startswith("127.0.0.1:") for a in addresses)
+    assert [stack.addresses[name] for name in stack.gateway_names] == addresses
+
+    line = ready_line(stack)
+    first = re.search(r"ready.*gateway (\S+:\d+)", line)  # as tests/integration parse it
+    every = re.search(r"gateways=(\S+)", line)
+    state = re.search(r"state in (\S+?)\)", line)
+    assert first and every and state, line
+    assert first.group(1) == addresses[0]
+    assert every.group(1).split(",") == addresses
+    assert state.group(1) == str(tmp_path)
+    assert line.startswith(f"windflow ready: gateway {addresses[0]} ")
+
+    one = Stack(StackConfig(state_dir=tmp_path, workers=0))
+    assert one.gateway_names == ["gateway"] and one.gateway_addresses == [one.gateway_address]
+    assert f"gateways={one.gateway_address} (0 workers" in ready_line(one)

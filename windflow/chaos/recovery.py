@@ -86,7 +86,12 @@ async def recovery_all(
     model: str = DEFAULT_MODEL,
 ) -> RecoveryResult:
     config = ClusterConfig(workers=1, worker_args=("--models", model, *WORKER_ARGS))
-    async with Cluster(state_dir, config) as cluster, Client(cluster.gateway) as client:
+    # resume_timeout_s=0: the players resume streams themselves, each attach recorded in
+    # the history the invariants are checked on (the SDK's own resume would hide some)
+    async with (
+        Cluster(state_dir, config) as cluster,
+        Client(cluster.gateway, resume_timeout_s=0) as client,
+    ):
         infos = [
             await client.create_session(model, seed=i, fps=fps, **SPEC)  # type: ignore[arg-type]
             for i in range(sessions)

@@ -113,7 +113,12 @@ async def play_schedule(
     config = ClusterConfig(
         workers=plan.workers, worker_args=("--models", model, *WORKER_ARGS), worker_env=worker_env
     )
-    async with Cluster(state_dir, config) as cluster, Client(cluster.gateway) as client:
+    # resume_timeout_s=0: the players resume streams themselves, each attach recorded in
+    # the history the invariants are checked on (the SDK's own resume would hide some)
+    async with (
+        Cluster(state_dir, config) as cluster,
+        Client(cluster.gateway, resume_timeout_s=0) as client,
+    ):
         progress = Progress()
         players = []
         for i, script in enumerate(plan.sessions):

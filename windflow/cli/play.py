@@ -212,7 +212,12 @@ def print_summary(summary: PlaySummary, as_json: bool) -> None:
 
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser("play", help="play a session")
-    parser.add_argument("--gateway", required=True, help="gateway host:port")
+    parser.add_argument(
+        "--gateway",
+        required=True,
+        help="gateway host:port, or several comma-separated (the stream resumes through "
+        "the next when its gateway goes away)",
+    )
     add_play_arguments(parser)
     parser.set_defaults(func=_main)
 

@@ -1,8 +1,10 @@
 """``windflow up``: run the whole mesh on this machine (etcd, NATS, every service).
 
-Prints one line containing "ready" and the gateway's ``host:port`` once the stack serves,
-then runs until Ctrl-C or SIGTERM (exit 0 after a clean stop) or until the stack fails
-(a child kept dying, or could not start: exit 1 with the reason on stderr).
+Prints one line containing "ready" and the first gateway's ``host:port`` once the stack
+serves (``windflow ready: gateway HOST:PORT gateways=HOST:PORT,... (...)``: every gateway
+after ``gateways=``, the first one first), then runs until Ctrl-C or SIGTERM (exit 0 after
+a clean stop) or until the stack fails (a child kept dying, or could not start: exit 1
+with the reason on stderr).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def register(sub: Any) -> None:
         "--workers", type=_non_negative_int, default=2, help="number of workers (default 2)"
     )
     parser.add_argument(
+        "--gateways",
+        type=_positive_int,
+        default=1,
+        help="number of gateways, each on its own port (default 1); a client that knows "
+        "several resumes its streams through another while one restarts",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -47,9 +56,14 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--region", default=None, help="region of the router and workers")
     parser.add_argument(
-        "--host", default="127.0.0.1", help="interface the gateway listens on (default 127.0.0.1)"
+        "--host", default="127.0.0.1", help="interface the gateways listen on (default 127.0.0.1)"
     )
-    parser.add_argument("--port", type=int, default=None, help="gateway port (default: a free one)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the first gateway's port (default: a free one; the others always get free ones)",
+    )
     parser.add_argument(
         "--service-command",
         default=shlex.join(DEFAULT_SERVICE_COMMAND),
@@ -66,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     config = StackConfig(
         state_dir=state_dir.resolve(),
         workers=args.workers,
+        gateways=args.gateways,
         host=args.host,
         gateway_port=args.port,
         region=args.region,
@@ -106,13 +121,7 @@ async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
         except StackFailed as exc:
             print(f"windflow: {exc}", file=sys.stderr, flush=True)
             return EXIT_STACK_FAILED
-        print(
-            f"windflow ready: gateway {stack.gateway_address} "
-            f"({config.workers} worker{'s' if config.workers != 1 else ''}, "
-            f"state in {config.state_dir})",
-            file=out,
-            flush=True,
-        )
+        print(ready_line(stack), file=out, flush=True)
         running = asyncio.create_task(stack.wait(), name="up:stack")
         await asyncio.wait({stopped, running}, return_when=asyncio.FIRST_COMPLETED)
         if running.done() and (failure := stack.failure) is not None:
@@ -131,6 +140,19 @@ async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
         logger.info("windflow stack stopped")
 
 
+def ready_line(stack: Stack) -> str:
+    """What ``up`` prints once the stack serves. Scripts take the ``host:port`` after
+    "gateway " (the first gateway, as when there was only one) or the comma-separated list
+    after "gateways=" (every gateway), and the state dir before the closing parenthesis."""
+    config = stack.config
+    return (
+        f"windflow ready: gateway {stack.gateway_address} "
+        f"gateways={','.join(stack.gateway_addresses)} "
+        f"({config.workers} worker{'s' if config.workers != 1 else ''}, "
+        f"state in {config.state_dir})"
+    )
+
+
 def _on_signal(signum: int, stop: asyncio.Event) -> None:
     if stop.is_set():
         logger.warning("%s again: already stopping", signal.Signals(signum).name)
@@ -143,4 +165,11 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value

@@ -7,7 +7,7 @@ one place they become gRPC statuses. Every server gets health checking and refle
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import etcd3aio.errors
@@ -213,10 +213,19 @@ class ServiceServer:
         await self.server.stop(grace)
 
 
-def channel(address: str, *, max_send_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    options = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_send_message_length"]
+def channel(
+    address: str,
+    *,
+    max_send_bytes: int = MAX_MESSAGE_BYTES,
+    extra_options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """An insecure channel with ``CHANNEL_OPTIONS``, sending at most ``max_send_bytes``
+    per message; ``extra_options`` are added (or replace those of the same name)."""
+    replaced = {"grpc.max_send_message_length", *(name for name, _ in extra_options)}
+    options = [o for o in CHANNEL_OPTIONS if o[0] not in replaced]
     return grpc.aio.insecure_channel(
-        address, options=[("grpc.max_send_message_length", max_send_bytes), *options]
+        address,
+        options=[("grpc.max_send_message_length", max_send_bytes), *options, *extra_options],
     )
 
 

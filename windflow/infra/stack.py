@@ -3,15 +3,18 @@
 Lifecycle::
 
     async with Stack(StackConfig(state_dir=...)) as stack:   # start() ... aclose()
-        print(stack.gateway_address)
+        print(stack.gateway_addresses)   # gateway_address: the first of them
         await stack.wait()    # returns after aclose(); raises StackFailed on failure
 
 Start order (each stage ready before the next starts; children of one stage start
-concurrently): etcd + nats -> router + session -> workers -> gateway. The gateway comes
-last so that "ready" means the whole mesh serves, and it is the first to stop, so clients
-are cut off before the workers they stream from. Each service is started as
-``<service_command> <kind> --listen ... --etcd ... --nats ...`` (by default
-``python -m windflow serve``) and counts as ready when its gRPC health says SERVING.
+concurrently): etcd + nats -> router + session -> workers -> gateways. The gateways come
+last so that "ready" means the whole mesh serves, and they are the first to stop, so
+clients are cut off before the workers they stream from. Gateways hold no session state
+(a stream is proxied to the worker holding its session), so any number of them serve the
+same sessions: children ``gateway`` (the first, on ``gateway_port``), ``gateway-2`` ...
+Each service is started as ``<service_command> <kind> --listen ... --etcd ... --nats ...``
+(by default ``python -m windflow serve``) and counts as ready when its gRPC health says
+SERVING.
 
 Supervision is the ``Supervisor``'s: a dead child is reported and restarted on the same
 ports (etcd and NATS keep their data dirs), within ``StackConfig.restart``; past that
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +33,7 @@ from types import TracebackType
 from windflow.infra.errors import StackFailed
 from windflow.infra.etcd import EtcdServer
 from windflow.infra.nats import NatsServer
-from windflow.infra.ports import LOOPBACK, address, free_port, free_ports
+from windflow.infra.ports import LOOPBACK, address, free_ports
 from windflow.infra.procs import ChildSpec, RestartPolicy
 from windflow.infra.supervisor import Supervisor
 
@@ -46,12 +50,19 @@ class StackConfig:
     """Root of everything the stack writes: ``logs/<child>.log``, ``etcd/``, ``nats/``."""
     workers: int = 2
     """How many worker processes (ids ``worker-1`` .. ``worker-N``)."""
+    gateways: int = 1
+    """How many gateway processes (children ``gateway``, ``gateway-2`` .. ``gateway-N``),
+    each on its own port: a client that knows several resumes its streams through another
+    while one restarts (the SDK does: ``Client([...])``)."""
     host: str = LOOPBACK
-    """Interface the gateway listens on. etcd, NATS and the inner services stay on loopback."""
+    """Interface the gateways listen on. etcd, NATS and the inner services stay on loopback."""
     gateway_port: int | None = None
-    """Gateway port; None picks a free one."""
+    """The first gateway's port; None picks a free one. The others always get free ones."""
     region: str | None = None
     """Passed as ``--region`` to the router and the workers when set."""
+    worker_regions: Mapping[str, str] = field(default_factory=dict)
+    """A worker's own region, by name (``worker-3``: ``eu-west``), over ``region``: a
+    multi-region mesh on one machine (``windflow up --regions``)."""
     service_command: tuple[str, ...] = DEFAULT_SERVICE_COMMAND
     """Command prefix that runs one service; the service kind and its flags follow."""
     worker_args: tuple[str, ...] = ()
@@ -66,12 +77,14 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.gateways < 1:
+            raise ValueError(f"gateways must be >= 1, got {self.gateways}")
         if not self.service_command:
             raise ValueError("service_command must not be empty")
 
 
 class Stack:
-    """etcd, NATS, router, session, N workers and the gateway, supervised as one unit."""
+    """etcd, NATS, router, session, N workers and the gateways, supervised as one unit."""
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
@@ -79,7 +92,12 @@ class Stack:
         self.etcd = EtcdServer(config.state_dir, restart=config.restart)
         self.nats = NatsServer(config.state_dir, restart=config.restart)
         router_port, session_port, *worker_ports = free_ports(2 + config.workers)
-        gateway_port = config.gateway_port or free_port(config.host)
+        gateway_ports = free_ports(config.gateways, config.host)  # distinct ones
+        if config.gateway_port:
+            others = [port for port in gateway_ports if port != config.gateway_port]
+            gateway_ports = [config.gateway_port, *others][: config.gateways]
+        self.gateway_names = [gateway_name(i) for i in range(1, config.gateways + 1)]
+        """Child names of the gateways, in order (``gateway``, ``gateway-2`` ...)."""
         self.addresses: dict[str, str] = {
             "router": address(LOOPBACK, router_port),
             "session": address(LOOPBACK, session_port),
@@ -87,15 +105,23 @@ class Stack:
                 f"worker-{i}": address(LOOPBACK, port)
                 for i, port in enumerate(worker_ports, start=1)
             },
-            "gateway": address(config.host, gateway_port),
+            **{
+                name: address(config.host, port)
+                for name, port in zip(self.gateway_names, gateway_ports, strict=True)
+            },
         }
         """Listen address of each service, by child name."""
         self.supervisor = Supervisor(self._stages(), self.log_dir, name="windflow stack")
 
     @property
     def gateway_address(self) -> str:
-        """``host:port`` of the public API."""
+        """``host:port`` of the public API (the first gateway's)."""
         return self.addresses["gateway"]
+
+    @property
+    def gateway_addresses(self) -> list[str]:
+        """``host:port`` of every gateway, the first one first."""
+        return [self.addresses[name] for name in self.gateway_names]
 
     @property
     def etcd_endpoint(self) -> str:
@@ -110,10 +136,13 @@ class Stack:
         return self.supervisor.failure
 
     async def start(self) -> None:
-        """Start everything; return once the gateway serves. Raises ``StackFailed``."""
+        """Start everything; return once the gateways serve. Raises ``StackFailed``."""
         config = self.config
         logger.info(
-            "starting windflow stack: %d worker(s), state in %s", config.workers, config.state_dir
+            "starting windflow stack: %d worker(s), %d gateway(s), state in %s",
+            config.workers,
+            config.gateways,
+            config.state_dir,
         )
         await self.supervisor.start()
 
@@ -150,7 +179,7 @@ class Stack:
                 self._service_spec("session", ("--router", router)),
             ],
             *([workers] if workers else []),
-            [self._service_spec("gateway", upstreams)],
+            [self._service_spec("gateway", upstreams, name=name) for name in self.gateway_names],
         ]
 
     def _region_args(self) -> tuple[str, ...]:
@@ -158,7 +187,18 @@ class Stack:
 
     def _worker_spec(self, index: int) -> ChildSpec:
         name = f"worker-{index}"
-        args = ("--worker-id", name, *self._region_args(), *self.config.worker_args)
+        args = (
+            "--worker-id",
+            name,
+            "--router",
+            self.addresses["router"],
+            *(
+                ("--region", self.config.worker_regions[name])
+                if name in self.config.worker_regions
+                else self._region_args()
+            ),
+            *self.config.worker_args,
+        )
         return self._service_spec("worker", args, name=name)
 
     def _service_spec(
@@ -184,3 +224,9 @@ class Stack:
             ready_timeout_s=self.config.ready_timeout_s,
             stop_timeout_s=self.config.stop_timeout_s,
         )
+
+
+def gateway_name(index: int) -> str:
+    """Child name of gateway ``index`` (1-based): the first is plain ``gateway``, as when
+    there is only one (its log, ``logs/gateway.log``, and its address keep their names)."""
+    return "gateway" if index == 1 else f"gateway-{index}"

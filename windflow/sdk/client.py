@@ -13,7 +13,14 @@ import numpy as np
 
 from windflow.common import grpc_util, telemetry
 from windflow.common.frames import decode_frame
-from windflow.errors import FailedPrecondition, ResourceExhausted, WindflowError
+from windflow.errors import FailedPrecondition, ResourceExhausted, Unavailable, WindflowError
+from windflow.sdk.resume import (
+    CHANNEL_OPTIONS,
+    RESUME_TIMEOUT_S,
+    PendingControls,
+    parse_addresses,
+    retry_delay_s,
+)
 from windflow.v1 import windflow_pb2 as pb
 from windflow.v1 import windflow_pb2_grpc
 
@@ -71,14 +78,51 @@ class Session:
     at least three quarters of the window and spares the gateway and the worker most of
     the acks; server events go to ``events`` and refused messages to ``errors`` (bounded
     histories).
+
+    Resume: when the stream ends UNAVAILABLE (its gateway was killed, is restarting,
+    refuses connections), ``frames()`` attaches again by itself, through the next of
+    ``gateways`` (round robin, the same one when there is one), with ``Attach.resume`` at
+    the frame after the last one received and the controls sent for later frames that
+    the server did not refuse; it tries with a short backoff until ``resume_timeout_s``
+    after the failure (0: never), then raises Unavailable. Frames come with no gap and no
+    repeat (an index at or below the last one yielded is dropped). Each resume counts in
+    ``resumes`` and leaves a local KIND_RECOVERED event in ``events``. Other errors end
+    the stream as before.
     """
 
     def __init__(
-        self, stub: windflow_pb2_grpc.WindflowStub, info: pb.Session, *, window: int = 8
+        self,
+        stub: windflow_pb2_grpc.WindflowStub,
+        info: pb.Session,
+        *,
+        window: int = 8,
+        gateways: Sequence[tuple[str, windflow_pb2_grpc.WindflowStub]] = (),
+        resume_timeout_s: float = RESUME_TIMEOUT_S,
     ) -> None:
+        """``gateways``: (address, stub) of every gateway a resume may go through, in
+        order, ``stub``'s first (default: ``stub`` alone)."""
         self.info = info
         self.id = info.session_id
         self._stub = stub
+        self._gateways = list(gateways) or [("", stub)]
+        self._gateway = next(
+            (i for i, (_, candidate) in enumerate(self._gateways) if candidate is stub), 0
+        )
+        self.resume_timeout_s = resume_timeout_s
+        self.resumes = 0
+        """Times the stream was resumed after its gateway went away."""
+        self._controls = PendingControls()
+        self._positioned = False
+        """``next_index`` is where the stream stands (it was attached, or started at a
+        ``resume_from``): a resume continues there; before that, one attaches afresh."""
+        self._floor = -1
+        """The last frame index yielded: nothing at or below it is yielded again (back
+        down only when the session rewinds)."""
+        self._outage: _Outage | None = None
+        """The resume under way: set at the failure, cleared by the new stream's first
+        message."""
+        self._failure: WindflowError | None = None
+        """Why ``frames()`` gave the stream up (a write then raises it)."""
         self._window = window
         self.ack_every = max(1, window // 4)
         self._acked = -1
@@ -97,6 +141,11 @@ class Session:
         """Deadline of the next frame on the worker's clock (unix us; 0 before a frame)."""
         self._closed = False
 
+    @property
+    def gateway(self) -> str:
+        """The address of the gateway the stream goes through now ("" when unknown)."""
+        return self._gateways[self._gateway][0]
+
     async def start(
         self, controls: Sequence[tuple[int, int]] = (), *, resume_from: int | None = None
     ) -> None:
@@ -112,6 +161,10 @@ class Session:
         if resume_from is not None:
             attach.resume = True
             attach.resume_from = resume_from
+            self.next_index = max(self.next_index, resume_from)
+            self._positioned = True
+        for control in initial:
+            self._controls.sent(control)
         self._call = self._stub.Stream()
         await self._write(pb.ClientMessage(attach=attach))
 
@@ -121,7 +174,9 @@ class Session:
         message over the gateway's size limit raises ResourceExhausted and is not sent
         (the stream goes on); a stream that has failed raises its typed error; one that
         has ended (closed, or ended by the server) raises FailedPrecondition. ``quiet``:
-        drop the message instead of raising (acks: the stream's end reaches the reader)."""
+        drop the message instead of raising (acks: the stream's end reaches the reader).
+        A control is remembered first: on a stream that went UNAVAILABLE it is kept for
+        the resume's Attach (``frames()`` resumes; nothing raises here unless it gave up)."""
         if self._call is None:
             raise RuntimeError("Session.send() before start()")
         size = message.ByteSize()
@@ -131,16 +186,25 @@ class Session:
                 f"{grpc_util.PUBLIC_MAX_MESSAGE_BYTES} bytes; it was not sent"
             )
         async with self._writing:
+            if self._failure is not None and not self._closed:
+                if quiet:
+                    return
+                raise self._failure
+            is_control = message.HasField("control")
+            if is_control and not self._closed:
+                self._controls.sent(message.control)
+            call = self._call
             try:
                 if not self._closed:
-                    await self._call.write(message)
+                    await call.write(message)
                     return
             except grpc.aio.AioRpcError as exc:
-                if quiet:
+                if quiet or (is_control and self._resumable(exc.code())):
                     return
                 raise grpc_util.error_from_rpc(exc) from exc
             except asyncio.InvalidStateError:  # the call has ended
-                pass
+                if is_control and not self._closed and self._resumable(await call.code()):
+                    return
         if not quiet:
             raise FailedPrecondition(f"the stream of session {self.id} has ended")
 
@@ -202,46 +266,150 @@ class Session:
         await self._write(message)
 
     async def frames(self, limit: int | None = None) -> AsyncIterator[ReceivedFrame]:
-        """Frames as they arrive, acknowledged once the consumer asks for the next one."""
+        """Frames as they arrive, acknowledged once the consumer asks for the next one;
+        resumed through another gateway (or the same one, back) when it goes away."""
         if self._call is None:
             raise RuntimeError("Session.frames() before start()")
         count = 0
-        try:
-            async for message in self._call:
-                kind = message.WhichOneof("msg")
-                if kind == "frame":
-                    received = ReceivedFrame(message.frame, telemetry.now_us())
-                    self.last_index = received.index
-                    self.next_index = received.index + 1
-                    ts = message.frame.timestamps
-                    self.next_due_us = ts.next_due_us or ts.due_us + int(1e6 / self.fps)
-                    yield received
-                    if received.index - self._acked >= self.ack_every:
-                        self._acked = received.index
-                        await self._write(
-                            pb.ClientMessage(ack=pb.Ack(frame_index=received.index)),
-                            quiet=True,
-                        )
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
-                elif kind == "event":
-                    self.events.append(message.event)
-                    if message.event.fps > 0:
-                        self.fps = message.event.fps
-                    if message.event.kind == pb.SessionEvent.KIND_ATTACHED:
-                        self.next_index = max(self.next_index, message.event.frame_index)
-                    if message.event.kind == pb.SessionEvent.KIND_REWOUND:
-                        self.next_index = message.event.frame_index
-                        self._acked = message.event.frame_index - 1  # a new future
-                    if message.event.kind == pb.SessionEvent.KIND_CLOSED:
-                        return
-                elif kind == "error":
-                    self.errors.append(message.error)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+        while not self._closed:
+            try:
+                async for message in self._call:
+                    if self._outage is not None:
+                        self._resumed()
+                    kind = message.WhichOneof("msg")
+                    if kind == "frame":
+                        received = ReceivedFrame(message.frame, telemetry.now_us())
+                        if received.index <= self._floor:
+                            continue  # a repeat (a resume overlapping what came)
+                        self._floor = received.index
+                        self._positioned = True
+                        self.last_index = received.index
+                        self.next_index = received.index + 1
+                        self._controls.received(received.index)
+                        ts = message.frame.timestamps
+                        self.next_due_us = ts.next_due_us or ts.due_us + int(1e6 / self.fps)
+                        yield received
+                        if received.index - self._acked >= self.ack_every:
+                            self._acked = received.index
+                            await self._write(
+                                pb.ClientMessage(ack=pb.Ack(frame_index=received.index)),
+                                quiet=True,
+                            )
+                        count += 1
+                        if limit is not None and count >= limit:
+                            return
+                    elif kind == "event":
+                        self.events.append(message.event)
+                        if message.event.fps > 0:
+                            self.fps = message.event.fps
+                        if message.event.kind == pb.SessionEvent.KIND_ATTACHED:
+                            self.next_index = max(self.next_index, message.event.frame_index)
+                            self._positioned = True
+                        if message.event.kind == pb.SessionEvent.KIND_REWOUND:
+                            self.next_index = message.event.frame_index
+                            self._acked = message.event.frame_index - 1  # a new future
+                            self._floor = message.event.frame_index - 1
+                            self._positioned = True
+                            self._controls.rewound()
+                        if message.event.kind == pb.SessionEvent.KIND_CLOSED:
+                            return
+                    elif kind == "error":
+                        self.errors.append(message.error)
+                        if message.error.HasField("control"):
+                            self._controls.refused(message.error.control)  # never re-sent
                 return
-            raise grpc_util.error_from_rpc(exc) from exc
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+                    return
+                error = grpc_util.error_from_rpc(exc)
+                if not self._resumable(exc.code()):
+                    self._failure = error
+                    raise error from exc
+                try:
+                    await self._resume(error)
+                except WindflowError as gave_up:
+                    self._failure = gave_up
+                    raise gave_up from exc
+
+    def _resumable(self, code: grpc.StatusCode | None) -> bool:
+        """Whether a stream that ended with ``code`` is resumed: UNAVAILABLE (its gateway
+        went away) while resuming is on. Anything else is the server's answer."""
+        return code == grpc.StatusCode.UNAVAILABLE and self.resume_timeout_s > 0
+
+    async def _resume(self, error: WindflowError) -> None:
+        """Attach again through the next gateway, after the pause this outage's attempt
+        count calls for; raise Unavailable once the outage has lasted ``resume_timeout_s``.
+        Returns once the Attach is written (or its call failed: reading it says how)."""
+        loop = asyncio.get_running_loop()
+        outage = self._outage
+        if outage is None:
+            outage = self._outage = _Outage(
+                reason=error.message,
+                started=loop.time(),
+                deadline=loop.time() + self.resume_timeout_s,
+                from_gateway=self.gateway,
+            )
+        left = outage.deadline - loop.time()
+        if left <= 0:
+            tried = ", ".join(address or "its gateway" for address, _ in self._gateways)
+            raise Unavailable(
+                f"the stream of session {self.id} ended ({outage.reason}) and could not be "
+                f"resumed through {tried} in {self.resume_timeout_s:g} s "
+                f"({outage.attempts} attempt(s)): {error.message}"
+            )
+        delay = min(retry_delay_s(outage.attempts), left)  # (the last try at the deadline)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        outage.attempts += 1
+        self._gateway = (self._gateway + 1) % len(self._gateways)
+        _, stub = self._gateways[self._gateway]
+        call = stub.Stream()
+        async with self._writing:  # after the writes under way: their controls count
+            if self._closed:
+                call.cancel()
+                return
+            resume_from = self.next_index if self._positioned else None
+            attach = pb.Attach(
+                session_id=self.id,
+                window=self._window,
+                controls=self._controls.to_resend(
+                    self.next_index - 1 if resume_from is not None else -1
+                ),
+            )
+            if resume_from is not None:
+                attach.resume = True
+                attach.resume_from = resume_from
+                # the worker's window starts over there: the acks' cadence with it
+                self._acked = resume_from - 1
+            outage.resume_from = resume_from
+            self._stub = stub
+            self._call = call
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(pb.ClientMessage(attach=attach))  # (a failure: read it)
+
+    def _resumed(self) -> None:
+        """The resumed stream answered: count the resume and say so in ``events``."""
+        outage = self._outage
+        assert outage is not None
+        self._outage = None
+        self.resumes += 1
+        took_ms = (asyncio.get_running_loop().time() - outage.started) * 1000.0
+        where = (
+            f"at frame {outage.resume_from}"
+            if outage.resume_from is not None
+            else "afresh (it had not attached yet)"
+        )
+        self.events.append(
+            pb.SessionEvent(
+                kind=pb.SessionEvent.KIND_RECOVERED,
+                message=(
+                    f"stream resumed through gateway {self.gateway or '(same)'} {where} after "
+                    f"{took_ms:.0f} ms and {outage.attempts} attempt(s); gateway "
+                    f"{outage.from_gateway or '(same)'} had failed: {outage.reason}"
+                ),
+                frame_index=outage.resume_from if outage.resume_from is not None else 0,
+            )
+        )
 
     async def aclose(self) -> None:
         if self._closed:
@@ -251,16 +419,49 @@ class Session:
             self._call.cancel()
 
 
-class Client:
-    """Lifecycle: ``Client(address)`` -> use -> ``aclose()`` (or ``async with``)."""
+@dataclass(slots=True)
+class _Outage:
+    """One stream outage while it is being resumed (``Session._resume``)."""
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
-        self.address = address
+    reason: str
+    started: float
+    deadline: float
+    from_gateway: str
+    attempts: int = 0
+    resume_from: int | None = None
+
+
+class Client:
+    """Lifecycle: ``Client(address)`` -> use -> ``aclose()`` (or ``async with``).
+
+    ``address``: one gateway's ``host:port``, or several (a sequence, or one string of
+    comma-separated addresses). Calls go to the first; a session's stream resumes through
+    the others in turn when its gateway goes away (``Session``), trying for
+    ``resume_timeout_s`` (0: never resume; the stream's UNAVAILABLE is raised at once).
+    """
+
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        *,
+        timeout_s: float = 30.0,
+        resume_timeout_s: float = RESUME_TIMEOUT_S,
+    ) -> None:
+        self.addresses = parse_addresses(address)
+        self.address = self.addresses[0]
+        self.resume_timeout_s = resume_timeout_s
         self._timeout = timeout_s
-        self._channel = grpc_util.channel(
-            address, max_send_bytes=grpc_util.PUBLIC_MAX_MESSAGE_BYTES
-        )
-        self.stub = windflow_pb2_grpc.WindflowStub(self._channel)
+        self._channels = [
+            grpc_util.channel(
+                a,
+                max_send_bytes=grpc_util.PUBLIC_MAX_MESSAGE_BYTES,
+                extra_options=CHANNEL_OPTIONS,
+            )
+            for a in self.addresses
+        ]
+        self._channel = self._channels[0]
+        self._stubs = [windflow_pb2_grpc.WindflowStub(c) for c in self._channels]
+        self.stub = self._stubs[0]
 
     async def __aenter__(self) -> Client:
         return self
@@ -269,7 +470,8 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def _unary(self, method: object, request: object) -> object:
         try:
@@ -378,8 +580,15 @@ class Client:
         """Open the session's stream; ``controls`` are (frame_index, action) pairs applied
         atomically with the attach (see ``Attach.controls``); ``resume_from``: the stream
         starts exactly at that frame (``Attach.resume``), e.g. the one after the last a
-        broken stream delivered."""
-        live = Session(self.stub, session, window=window)
+        broken stream delivered. The stream resumes by itself when its gateway goes away
+        (``Session``)."""
+        live = Session(
+            self.stub,
+            session,
+            window=window,
+            gateways=list(zip(self.addresses, self._stubs, strict=True)),
+            resume_timeout_s=self.resume_timeout_s,
+        )
         await live.start(controls, resume_from=resume_from)
         return live
 
