@@ -107,12 +107,13 @@ class StreamProxy:
                         raise
                     if reader.done() and reader.exception() is not None:
                         raise
-                    log.warning(
-                        "session %s lost worker %s (%s); recovering",
-                        self.session_id,
-                        self.placement.worker_id,
-                        err.message,
-                    )
+                    if self._moved_to is None or not self._moved_to.cutover_frame:
+                        log.warning(
+                            "session %s lost worker %s (%s); recovering",
+                            self.session_id,
+                            self.placement.worker_id,
+                            err.message,
+                        )
                     started = time.monotonic()
                     previous = self.placement
                     moved_to, self._moved_to = self._moved_to, None

@@ -146,7 +146,7 @@ class Migrator:
             )
             stopped = time.perf_counter()
             result.cutover_frame = stop.frame
-            await grpc_util.call(
+            caught = await grpc_util.call(
                 dst.MigrateIn(
                     internal_pb2.MigrateInRequest(
                         op=internal_pb2.MigrateInRequest.OP_CATCH_UP,
@@ -158,6 +158,7 @@ class Migrator:
                     metadata=meta,
                 )
             )
+            caught_at = time.perf_counter()
             moved = internal_pb2.PlacementRecord(
                 worker_id=target.worker_id,
                 worker_address=target.address,
@@ -193,6 +194,8 @@ class Migrator:
             )
         except WindflowError as err:  # its own time-out commits it, or a recovery moves it
             log.error("session %s: commit on %s failed: %s", session_id, target.worker_id, err)
+        # the hand-off: from the source's last frame (logged) to the target making frames
+        result.handoff_ms = caught.final_ms + (time.perf_counter() - caught_at) * 1000.0
         try:
             await grpc_util.call(
                 src.MigrateOut(
@@ -209,7 +212,6 @@ class Migrator:
             )
         except WindflowError as err:  # its placement check drops it
             log.warning("session %s: hand-off on %s failed: %s", session_id, source.worker_id, err)
-        result.handoff_ms = (time.perf_counter() - stopped) * 1000.0
         result.total_ms = (time.perf_counter() - t0) * 1000.0
         view = service.workers.get(source.worker_id)
         if view is not None and view.sessions > 0:

@@ -156,6 +156,21 @@ class Migrations:
             session_id=actor.session_id, frame=actor.stop_at, source_head=actor.durable_head
         )
 
+    async def wait(self, request: internal_pb2.MigrateOutRequest) -> internal_pb2.MigrationStatus:
+        """Return once the session's frames before ``frame`` are made and logged (its
+        durable head reached it): a target catching up waits here instead of polling."""
+        actor = self._source(request.session_id, request.epoch)
+        while actor.durable_head < request.frame and not actor.closed:
+            if actor.stop_at is not None and actor.stop_at < request.frame:
+                raise FailedPrecondition(
+                    f"session {actor.session_id} stops before frame {actor.stop_at}"
+                )
+            actor.frame_available.clear()
+            await actor.frame_available.wait()
+        return internal_pb2.MigrationStatus(
+            session_id=actor.session_id, frame=actor.next_frame, source_head=actor.durable_head
+        )
+
     def resume(self, request: internal_pb2.MigrateOutRequest) -> internal_pb2.MigrationStatus:
         """The migration aborted: the source makes frames again."""
         actor = self._source(request.session_id, request.epoch)
@@ -364,8 +379,6 @@ class Migrations:
             raise FailedPrecondition(
                 f"the copy is at frame {state.frame_index}, past the cut-over {cutover}"
             )
-        interval = 1.0 / incoming.spec.fps
-        poll = max(0.002, interval / 4)
         t0 = time.perf_counter()
         while True:
             head = await self._source_head(incoming)
@@ -373,11 +386,13 @@ class Migrations:
                 raise FailedPrecondition(f"the source made frame {head - 1}, past the cut-over")
             incoming.status.source_head = head
             if head == cutover:
+                final = time.perf_counter()
                 entries = await self._replay_to(incoming, cutover)
                 break
             if head > state.frame_index:
-                await self._replay_to(incoming, head)
-            await asyncio.sleep(poll)
+                await self._replay_to(incoming, head)  # what is logged so far, meanwhile
+            # the source's next frame (it answers once that one is made and logged)
+            await self._source_reached(incoming, min(cutover, max(head, state.frame_index) + 1))
         incoming.status.replay_ms += (time.perf_counter() - t0) * 1000.0
         actor = rt.new_actor(
             incoming.session_id, incoming.spec, incoming.model, state, incoming.epoch
@@ -387,7 +402,22 @@ class Migrations:
         incoming.actor = actor
         rt.engine.add(actor)
         incoming.status.frame = actor.next_frame
+        incoming.status.final_ms = (time.perf_counter() - final) * 1000.0
         return _copy(incoming.status, incoming.session_id)
+
+    async def _source_reached(self, incoming: Incoming, frame: int) -> None:
+        try:
+            await self._stub(incoming.source_address).MigrateOut(
+                internal_pb2.MigrateOutRequest(
+                    op=internal_pb2.MigrateOutRequest.OP_WAIT,
+                    session_id=incoming.session_id,
+                    epoch=incoming.source_epoch,
+                    frame=frame,
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise grpc_util.error_from_rpc(exc) from exc
 
     async def commit(self, request: internal_pb2.MigrateInRequest) -> internal_pb2.MigrationStatus:
         incoming = self._incoming(request)

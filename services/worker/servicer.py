@@ -69,6 +69,8 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
             return migrations.resume(request)
         if request.op == op.OP_HANDOFF:
             return migrations.handoff(request)
+        if request.op == op.OP_WAIT:
+            return await migrations.wait(request)
         raise InvalidArgument(f"unknown MigrateOut op {request.op}")
 
     async def MigrateIn(

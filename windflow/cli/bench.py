@@ -11,6 +11,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "windflow.cli.bench_state",
     "windflow.cli.bench_runtime",
     "windflow.cli.bench_chaos",
+    "windflow.cli.bench_migrate",
 )
 
 

@@ -444,6 +444,8 @@ class MigrateOutRequest(_message.Message):
         """the migration aborted: go on streaming"""
         OP_HANDOFF: MigrateOutRequest._Op.ValueType  # 3
         """the placement moved: end the stream once the frames made are out"""
+        OP_WAIT: MigrateOutRequest._Op.ValueType  # 4
+        """return once every frame before `frame` is made and logged"""
 
     class Op(_Op, metaclass=_OpEnumTypeWrapper): ...
     OP_UNSPECIFIED: MigrateOutRequest.Op.ValueType  # 0
@@ -453,6 +455,8 @@ class MigrateOutRequest(_message.Message):
     """the migration aborted: go on streaming"""
     OP_HANDOFF: MigrateOutRequest.Op.ValueType  # 3
     """the placement moved: end the stream once the frames made are out"""
+    OP_WAIT: MigrateOutRequest.Op.ValueType  # 4
+    """return once every frame before `frame` is made and logged"""
 
     OP_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
@@ -585,6 +589,7 @@ class MigrationStatus(_message.Message):
     SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
     COPY_MS_FIELD_NUMBER: _builtins.int
     REPLAY_MS_FIELD_NUMBER: _builtins.int
+    FINAL_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     frame: _builtins.int
     """the next frame the state it holds makes"""
@@ -595,6 +600,10 @@ class MigrationStatus(_message.Message):
     snapshot_bytes: _builtins.int
     copy_ms: _builtins.float
     replay_ms: _builtins.float
+    final_ms: _builtins.float
+    """OP_CATCH_UP: from the source's last frame before the cut-over logged to the actor held
+    here at the cut-over (the part of the hand-off spent on this worker)
+    """
     def __init__(
         self,
         *,
@@ -606,10 +615,11 @@ class MigrationStatus(_message.Message):
         snapshot_bytes: _builtins.int = ...,
         copy_ms: _builtins.float = ...,
         replay_ms: _builtins.float = ...,
+        final_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_ms", b"copy_ms", "frame", b"frame", "replay_ms", b"replay_ms", "rounds", b"rounds", "session_id", b"session_id", "snapshot_bytes", b"snapshot_bytes", "snapshot_frame", b"snapshot_frame", "source_head", b"source_head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_ms", b"copy_ms", "final_ms", b"final_ms", "frame", b"frame", "replay_ms", b"replay_ms", "rounds", b"rounds", "session_id", b"session_id", "snapshot_bytes", b"snapshot_bytes", "snapshot_frame", b"snapshot_frame", "source_head", b"source_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

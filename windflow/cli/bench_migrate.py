@@ -1,0 +1,360 @@
+"""``windflow bench migrate``: live migration measured end to end, on its own stack.
+
+Three workers (the third in another region) and every service as a process. Sessions
+stream through the SDK under one control script and the same seed, and a reference
+session that never moves is played first: every frame of every moved session is compared
+with it. The phases:
+
+1. single moves: ``--sessions`` sessions stream while the router moves them, one at a time,
+   ``--moves`` times in all, to the other local worker and back; one session never moves
+   (its largest inter-frame gap is the run's baseline);
+2. a drain: ``--drain-sessions`` streaming sessions are gathered on worker-1 (by moves,
+   counted too), then worker-1 is drained (``Drain``) while they stream;
+3. a region move: one streaming session moves to the worker in the other region;
+4. an aborted move: its target is killed just before the move; the session must go on at
+   its source without a stall;
+5. a gateway kill: sessions stream through the SDK with two gateways; the one they use is
+   SIGKILLed; the SDK resumes through the other.
+
+Router failover is not measured: the router has no replicas yet (docs/migration.md).
+Prints a table and ends with one JSON line (``--json``); writes the result under
+``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.worker.models.registry import DEFAULT_MODEL
+from windflow.cli import bench_results
+from windflow.common import grpc_util
+from windflow.infra import Stack, StackConfig
+from windflow.sdk import Client
+from windflow.sdk.client import Session
+from windflow.v1 import internal_pb2, internal_pb2_grpc
+from windflow.v1 import windflow_pb2 as pb
+
+FPS = 24.0
+SPEC: dict[str, Any] = {
+    "format": "rgb",
+    "output_policy": "pause",
+    "fps": FPS,
+    "quality": "fixed",  # frames compared with a reference run hold only at one quality
+    "region": "local",
+}
+OTHER_REGION = "far"
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "migrate", help="live migration benchmark", description=__doc__
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--sessions", type=int, default=3, help="streaming in phase 1")
+    parser.add_argument("--moves", type=int, default=12, help="single moves in phase 1")
+    parser.add_argument("--drain-sessions", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--worker-arg", action="append", default=[], help="extra argument for each worker"
+    )
+    parser.add_argument(
+        "--out-dir", default="bench/results", help="where the JSON result file goes ('' = none)"
+    )
+    parser.set_defaults(func=_main)
+
+
+@dataclass
+class Stream:
+    """One session played by the SDK in a task: what arrived, when, and its events."""
+
+    client: Client
+    live: Session
+    frames: int
+    got: list[tuple[int, bytes, float]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    def start(self) -> Stream:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        async for f in self.live.frames(limit=self.frames):
+            self.got.append((f.index, f.frame.data, time.monotonic()))
+        await self.live.aclose()
+        await self.client.close_session(self.live.id)  # its slot is free for the next phase
+
+    async def at(self, frame: int) -> None:
+        while not self.got or self.got[-1][0] < frame:
+            assert self.task is not None
+            if self.task.done():
+                self.task.result()
+                return
+            await asyncio.sleep(0.01)
+
+    async def done(self) -> Stream:
+        assert self.task is not None
+        await self.task
+        return self
+
+    @property
+    def max_gap_ms(self) -> float:
+        return max(((b[2] - a[2]) * 1000.0 for a, b in itertools.pairwise(self.got)), default=0.0)
+
+    def migrated(self) -> int:
+        return sum(e.kind == pb.SessionEvent.KIND_MIGRATED for e in self.live.events)
+
+
+class Bench:
+    def __init__(self, stack: Stack, args: argparse.Namespace, router: Any) -> None:
+        self.stack = stack
+        self.args = args
+        self.router = router
+        self.reference: list[bytes] = []
+        self.script: list[tuple[int, int]] = []
+        self.results: list[internal_pb2.MigrationResult] = []
+        self.planned: list[Stream] = []
+        """Streams moved by planned migrations (single moves, drain, region)."""
+        self.checked: list[Stream] = []
+        """Every stream compared with the reference."""
+
+    async def play(self, client: Client, frames: int, *, region: str = "local") -> Stream:
+        spec = {**SPEC, "region": region}
+        info = await client.create_session(self.args.model, seed=self.args.seed, **spec)
+        live = await client.attach(info, controls=self.script)
+        return Stream(client, live, frames).start()
+
+    async def migrate(self, session_id: str, **where: str) -> internal_pb2.MigrationResult:
+        result = await grpc_util.call(
+            self.router.Migrate(internal_pb2.MigrateRequest(session_id=session_id, **where))
+        )
+        self.results.append(result)
+        return result
+
+    async def reference_run(self, client: Client, frames: int) -> None:
+        info = await client.create_session(self.args.model, seed=self.args.seed, **SPEC)
+        n = len(info.model.actions)
+        self.script = [(f, (f // 9) % n) for f in range(0, frames, 9)]
+        live = await client.attach(info, controls=self.script)
+        stream = await Stream(client, live, frames).start().done()
+        self.reference = [d for _, d, _ in stream.got]
+
+    async def single_moves(self, client: Client, frames: int) -> float:
+        """Phase 1; returns the unmoved session's largest gap (ms)."""
+        streams = [await self.play(client, frames) for _ in range(self.args.sessions)]
+        still = await self.play(client, frames)
+        moved = 0
+        for i in itertools.cycle(range(len(streams))):
+            if moved >= self.args.moves:
+                break
+            s = streams[i]
+            await s.at(30 + 8 * moved)
+            if s.task is not None and s.task.done():
+                break
+            await self.migrate(s.live.id, reason="bench")
+            moved += 1
+            print(f"bench migrate: single move {moved}/{self.args.moves}", file=sys.stderr)
+        for s in [*streams, still]:
+            await s.done()
+        self.planned += streams
+        self.checked += [*streams, still]
+        return still.max_gap_ms
+
+    async def drain(self, client: Client, frames: int) -> float:
+        """Phase 2; returns the drain's wall time (s)."""
+        streams = [await self.play(client, frames) for _ in range(self.args.drain_sessions)]
+        await asyncio.gather(*(s.at(10) for s in streams))
+        for s in streams:  # gather them on worker-1
+            placed = await client.get_session(s.live.id)
+            if placed.worker_id != "worker-1":
+                await self.migrate(s.live.id, to_worker_id="worker-1", reason="bench gather")
+        print(f"bench migrate: draining {len(streams)} sessions off worker-1", file=sys.stderr)
+        t0 = time.perf_counter()
+        async for progress in self.router.Drain(internal_pb2.DrainRequest(worker_id="worker-1")):
+            if progress.last.session_id:
+                self.results.append(progress.last)
+            if progress.done and (progress.failed or progress.remaining):
+                raise RuntimeError(f"the drain left sessions behind: {progress.detail}")
+        drain_s = time.perf_counter() - t0
+        async for _ in self.router.Drain(
+            internal_pb2.DrainRequest(worker_id="worker-1", undo=True)
+        ):
+            pass
+        for s in streams:
+            await s.done()
+        self.planned += streams
+        self.checked += streams
+        return drain_s
+
+    async def region_move(self, client: Client, frames: int) -> None:
+        s = await self.play(client, frames)
+        await s.at(20)
+        await self.migrate(s.live.id, region=OTHER_REGION, reason="bench region")
+        await s.done()
+        self.planned.append(s)
+        self.checked.append(s)
+
+    async def aborted_move(self, client: Client, frames: int) -> bool:
+        """Phase 4: True when the session went on at its source, every frame once, with no
+        gap of a second."""
+        s = await self.play(client, frames)
+        await s.at(20)
+        source = (await client.get_session(s.live.id)).worker_id
+        target = next(w for w in ("worker-1", "worker-2") if w != source)
+        pid = self.stack.supervisor.pids()[target]
+        os.kill(pid, signal.SIGKILL)
+        refused = False
+        try:
+            await self.migrate(s.live.id, to_worker_id=target, reason="bench abort")
+        except Exception:
+            refused = True
+        await s.done()
+        self.checked.append(s)
+        placed = await client.get_session(s.live.id)
+        return refused and placed.worker_id == source and s.max_gap_ms < 1000.0 and not s.migrated()
+
+    async def gateway_kill(self, frames: int) -> float:
+        """Phase 5: the largest gap (ms) of streams whose gateway was SIGKILLed."""
+        gateways = self.stack.gateway_addresses
+        async with Client(gateways) as client:
+            streams = [await self.play(client, frames) for _ in range(2)]
+            await asyncio.gather(*(s.at(40) for s in streams))
+            os.kill(self.stack.supervisor.pids()["gateway"], signal.SIGKILL)
+            for s in streams:
+                await s.done()
+        self.checked += streams
+        return max(s.max_gap_ms for s in streams)
+
+
+def _check(streams: list[Stream], reference: list[bytes]) -> tuple[int, int, bool]:
+    """(frames dropped, frames repeated, bit-exact) over ``streams``."""
+    dropped = repeated = 0
+    exact = True
+    for s in streams:
+        indices = [i for i, _, _ in s.got]
+        repeated += len(indices) - len(set(indices))
+        dropped += len(set(range(s.frames)) - set(indices))
+        exact &= [d for _, d, _ in s.got] == reference[: s.frames]
+    return dropped, repeated, exact
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    frames = 40 + 8 * args.moves + 40
+    async with grpc_util.channel(stack.addresses["router"]) as channel:
+        router = internal_pb2_grpc.RouterStub(channel)
+        bench = Bench(stack, args, router)
+        async with Client(stack.gateway_address) as client:
+            print("bench migrate: reference run", file=sys.stderr)
+            await bench.reference_run(client, max(frames, 200))
+            print("bench migrate: single moves", file=sys.stderr)
+            baseline_ms = await bench.single_moves(client, frames)
+            print("bench migrate: drain", file=sys.stderr)
+            drain_s = await bench.drain(client, 200)
+            print("bench migrate: region move", file=sys.stderr)
+            await bench.region_move(client, 120)
+            print("bench migrate: aborted move", file=sys.stderr)
+            continued = await bench.aborted_move(client, 120)
+        print("bench migrate: gateway kill", file=sys.stderr)
+        gateway_gap_ms = await bench.gateway_kill(150) if len(stack.gateway_addresses) > 1 else None
+    dropped, repeated, exact = _check(bench.checked, bench.reference)
+    nominal = 1000.0 / FPS
+    max_gap = max(s.max_gap_ms for s in bench.planned)
+    handoffs = [r.handoff_ms for r in bench.results]
+    return {
+        "migrations": len(bench.results),
+        "dropped_frames": dropped,
+        "repeated_frames": repeated,
+        "max_gap_ms": round(max_gap, 1),
+        "nominal_interval_ms": round(nominal, 1),
+        "max_gap_ratio": round(max_gap / nominal, 2),
+        "baseline_max_gap_ms": round(baseline_ms, 1),
+        "handoff_ms_p50": round(_pct(handoffs, 0.5), 1),
+        "handoff_ms_p99": round(_pct(handoffs, 0.99), 1),
+        "prepare_ms_p50": round(statistics.median(r.prepare_ms for r in bench.results), 1),
+        "snapshot_bytes": max(r.snapshot_bytes for r in bench.results),
+        "drain_s": round(drain_s, 2),
+        "drain_sessions": args.drain_sessions,
+        "bit_exact": exact,
+        "aborted_source_continued": continued,
+        "router_failover_ms": None,
+        "gateway_failover_max_gap_ms": None if gateway_gap_ms is None else round(gateway_gap_ms, 1),
+    }
+
+
+def _table(result: dict[str, Any]) -> str:
+    width = max(len(k) for k in result)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in result.items())
+
+
+async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
+    config = StackConfig(
+        state_dir=state_dir,
+        workers=3,
+        gateways=2,
+        worker_regions={"worker-3": OTHER_REGION},
+        worker_args=(
+            "--models",
+            args.model,
+            "--lease-ttl",
+            "2",
+            "--heartbeat",
+            "0.5",
+            *args.worker_arg,
+        ),
+    )
+    async with Stack(config) as stack:
+        return await measure(stack, args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from windflow.infra import StackFailed
+
+    started = dt.datetime.now(dt.UTC)
+    machine = bench_results.machine()
+    state_dir = Path(tempfile.mkdtemp(prefix="windflow-bench-migrate-"))
+    try:
+        result = asyncio.run(_run(args, state_dir))
+    except StackFailed as exc:
+        print(f"bench migrate: the stack failed: {exc}; logs in {state_dir}", file=sys.stderr)
+        return 1
+    print(_table(result), flush=True)
+    if args.out_dir:
+        fields = {"model": args.model, "worker_args": args.worker_arg, "result": result}
+        path = bench_results.write(args.out_dir, "migrate", started, machine, fields)
+        print(f"results written to {path}", flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    ok = (
+        result["bit_exact"]
+        and not result["dropped_frames"]
+        and not result["repeated_frames"]
+        and result["aborted_source_continued"]
+    )
+    if not ok:
+        print(f"windflow bench migrate: a check FAILED; logs in {state_dir}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError):
+        shutil.rmtree(state_dir)
+    return 0
