@@ -25,4 +25,10 @@ class RouterConfig:
     recover_concurrency: int = 8
     """Sessions of a dead worker re-placed at once (each restore replays on its new
     worker); new placements never wait behind them."""
+    election_ttl_s: int = 3
+    """The leader's lease TTL: when the leading replica dies, another leads within it."""
+    election_heartbeat_s: float = 1.0
+    """How often the leader renews its lease (well under the TTL)."""
+    advertise: str | None = None
+    """The address other replicas forward to (default: the bound listen address)."""
     otlp_endpoint: str | None = None

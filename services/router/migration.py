@@ -139,6 +139,8 @@ class Migrator:
                         session_id=session_id,
                         epoch=record.epoch,
                         lead=LEAD_FRAMES,
+                        # its last frames' time, and as long again for the rest
+                        stop_ttl_s=2.0 + LEAD_FRAMES / (record.spec.fps or 1.0),
                     ),
                     timeout=STEP_TIMEOUT_S,
                     metadata=meta,
@@ -169,10 +171,12 @@ class Migrator:
                 from_worker_id=source.worker_id,
             )
             swapped = await kvs.txn(
-                compare=[kvs.txn_compare_version(key, version)],
+                compare=[kvs.txn_compare_version(key, version), *service.fence()],
                 success=[kvs.txn_op_put(key, moved.SerializeToString())],
             )
             if not swapped.succeeded:
+                if (fenced := service.fenced_off()) is not None:
+                    raise fenced
                 raise FailedPrecondition(
                     f"session {session_id}'s placement changed during its migration"
                 )

@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio.kv import Compare
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.router.config import RouterConfig
+from services.router.leader import Leadership
 from services.router.migration import Migrator
 from services.router.placement import Demand, WorkerView, choose_worker
 from windflow.common import etcd, grpc_util, names, telemetry
@@ -84,6 +86,8 @@ class RouterService:
         """Per session being moved: its lock and how many hold or wait for it."""
         self._recoveries: set[asyncio.Task[None]] = set()
         self.migrator = Migrator(self)
+        self.leadership: Leadership | None = None
+        """This replica's part in the router election (None: it runs alone and leads)."""
 
     async def start(self) -> None:
         prefix = names.WORKERS_PREFIX.encode()
@@ -126,11 +130,45 @@ class RouterService:
                         await self.bus.publish(
                             names.SUBJECT_WORKER_DOWN, worker_id=worker_id, detail="lease expired"
                         )
-                    task = asyncio.create_task(
-                        self._recover_worker(worker_id, gone), name=f"recover-worker:{worker_id}"
-                    )
-                    self._recoveries.add(task)
-                    task.add_done_callback(self._recoveries.discard)
+                    if self.leads():  # (a new leader recovers what it finds orphaned)
+                        self._spawn_recovery(worker_id, gone)
+
+    def leads(self) -> bool:
+        return self.leadership is None or self.leadership.holds()
+
+    def fence(self) -> list[Compare]:
+        """The compares that make a placement write this replica's only while it leads
+        (``Leadership.fence``): none when it runs alone."""
+        return [] if self.leadership is None else [self.leadership.fence()]
+
+    def fenced_off(self) -> Unavailable | None:
+        """After a placement write's transaction failed: why, if it was the fence."""
+        if self.leads():
+            return None
+        return Unavailable(
+            "this router's leadership lapsed; the new leader serves it", retry_after_s=0.5
+        )
+
+    async def recover_orphans(self) -> None:
+        """On election: re-place the sessions placed on workers not in the table (they
+        died while no replica led, or before this one watched)."""
+        prefix = names.SESSIONS_PREFIX.encode()
+        response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
+        gone: set[str] = set()
+        for item in response.kvs:
+            if item.key.endswith(b"/placement"):
+                record = internal_pb2.PlacementRecord.FromString(item.value)
+                if record.worker_id not in self.workers:
+                    gone.add(record.worker_id)
+        for worker_id in gone:
+            self._spawn_recovery(worker_id, None)
+
+    def _spawn_recovery(self, worker_id: str, last_seen: WorkerView | None) -> None:
+        task = asyncio.create_task(
+            self._recover_worker(worker_id, last_seen), name=f"recover-worker:{worker_id}"
+        )
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
 
     def stub(self, worker: WorkerView) -> internal_pb2_grpc.WorkerStub:
         channel = self._channels.get(worker.worker_id)
@@ -370,11 +408,13 @@ class RouterService:
                 region=worker.region,
             )
             swapped = await kvs.txn(
-                compare=[kvs.txn_compare_version(key, version)],
+                compare=[kvs.txn_compare_version(key, version), *self.fence()],
                 success=[kvs.txn_op_put(key, record.SerializeToString())],
             )
             if not swapped.succeeded:
                 self._release_slot(worker)
+                if (fenced := self.fenced_off()) is not None:
+                    raise fenced
                 raise FailedPrecondition(
                     f"placement of session {request.session_id} changed concurrently; retry"
                 )
@@ -439,7 +479,8 @@ class RouterService:
             return
         kvs = etcd.kv(self.etcd)
         await kvs.txn(
-            compare=[kvs.txn_compare_version(key, version)], success=[kvs.txn_op_delete(key)]
+            compare=[kvs.txn_compare_version(key, version), *self.fence()],
+            success=[kvs.txn_op_delete(key)],
         )
 
     async def aclose(self) -> None:

@@ -57,10 +57,12 @@ CHUNK_BYTES = 1 << 20
 """Bytes per ``StateChunk`` by default: well under gRPC's 4 MiB message limit."""
 MAX_ROUNDS = 3
 CLOSE_ENOUGH = 2
-STOP_TTL_S = 5.0
-"""A stopped source with no RESUME or HANDOFF by then reads its placement and acts on it."""
-INCOMING_TTL_S = 10.0
-"""A prepared target with no COMMIT or ABORT by then reads the placement and acts on it."""
+STOP_TTL_S = 2.0
+"""A stopped source with no RESUME or HANDOFF by then reads its placement and acts on it
+(the router adds the time its last frames take: ``stop_ttl_s``)."""
+INCOMING_TTL_S = 3.0
+"""A target with no next step of its migration within this (after PREPARE, CATCH_UP)
+reads the placement and acts on it: commits if it moved here, else drops what it holds."""
 RPC_TIMEOUT_S = 5.0
 CLAIM_ATTEMPTS = 3
 
@@ -79,6 +81,9 @@ class Incoming:
     actor: SessionActor | None = None
     """Set once it caught up to the cut-over frame (held, not stepped, until COMMIT)."""
     expiry: asyncio.Task[None] | None = None
+    ttl: float = INCOMING_TTL_S
+    committing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One commit at a time (the router's, a stream's ``settle``, the time to live's)."""
     status: internal_pb2.MigrationStatus = field(default_factory=internal_pb2.MigrationStatus)
 
 
@@ -271,10 +276,8 @@ class Migrations:
             session_id, spec, model, request.epoch, request.source_address, request.source_epoch
         )
         self.incoming[session_id] = incoming
-        incoming.expiry = asyncio.create_task(
-            self._incoming_expires(incoming, request.ttl_s or INCOMING_TTL_S),
-            name=f"migration-in:{session_id}",
-        )
+        incoming.ttl = request.ttl_s or INCOMING_TTL_S
+        self._expire_later(incoming)
         try:
             t0 = time.perf_counter()
             frame, blob = await self._fetch(incoming)
@@ -302,7 +305,16 @@ class Migrations:
         except BaseException:
             self._forget(incoming)
             raise
+        self._expire_later(incoming)  # the time to live runs from each step's end
         return _copy(status, session_id)
+
+    def _expire_later(self, incoming: Incoming) -> None:
+        if incoming.expiry is not None:
+            incoming.expiry.cancel()
+        incoming.expiry = asyncio.create_task(
+            self._incoming_expires(incoming, incoming.ttl),
+            name=f"migration-in:{incoming.session_id}",
+        )
 
     async def _fetch(self, incoming: Incoming) -> tuple[int, bytes]:
         call = self._stub(incoming.source_address).FetchState(
@@ -403,6 +415,7 @@ class Migrations:
         rt.engine.add(actor)
         incoming.status.frame = actor.next_frame
         incoming.status.final_ms = (time.perf_counter() - final) * 1000.0
+        self._expire_later(incoming)
         return _copy(incoming.status, incoming.session_id)
 
     async def _source_reached(self, incoming: Incoming, frame: int) -> None:
@@ -420,6 +433,13 @@ class Migrations:
             raise grpc_util.error_from_rpc(exc) from exc
 
     async def commit(self, request: internal_pb2.MigrateInRequest) -> internal_pb2.MigrationStatus:
+        held = self._runtime.engine.sessions.get(request.session_id)
+        if request.session_id not in self.incoming and held is not None:
+            if held.epoch == request.epoch and not held.awaiting_commit:
+                # committed already (a stream attached first: ``settle``)
+                return internal_pb2.MigrationStatus(
+                    session_id=request.session_id, frame=held.next_frame
+                )
         incoming = self._incoming(request)
         await self._commit(incoming)
         return _copy(incoming.status, incoming.session_id)
@@ -427,10 +447,16 @@ class Migrations:
     async def _commit(self, incoming: Incoming) -> None:
         """The placement is here: claim the log at the cut-over (a late append of the
         source is fenced from now on) and make frames."""
+        async with incoming.committing:
+            await self._commit_once(incoming)
+
+    async def _commit_once(self, incoming: Incoming) -> None:
         rt = self._runtime
         actor = incoming.actor
         if actor is None:
             raise FailedPrecondition(f"session {incoming.session_id} has not caught up here")
+        if not actor.awaiting_commit:
+            return  # committed already
         journal = rt.durable()
         for attempt in range(1, CLAIM_ATTEMPTS + 1):
             entries = await journal.log.read(actor.session_id)
@@ -454,6 +480,23 @@ class Migrations:
             actor.epoch,
             extra={"session_id": actor.session_id},
         )
+
+    async def settle(self, actor: SessionActor) -> None:
+        """A stream attaches to ``actor`` before its COMMIT came (the placement moved, and
+        the gateway switched at once, or the router died after the transaction): commit
+        now if the placement names this worker at its epoch, else wait for the migration
+        to end either way (its time to live bounds that)."""
+        incoming = self.incoming.get(actor.session_id)
+        if incoming is not None and incoming.actor is actor:
+            record = await self._placement(actor.session_id)
+            here = record is not None and (record.worker_id, record.epoch) == (
+                self._runtime.config.worker_id,
+                actor.epoch,
+            )
+            if here and self.incoming.get(actor.session_id) is incoming:
+                with contextlib.suppress(WindflowError):  # (the router's COMMIT raced it)
+                    await self._commit(incoming)
+        await actor.wait_committed()
 
     def abort(self, request: internal_pb2.MigrateInRequest) -> internal_pb2.MigrationStatus:
         incoming = self.incoming.get(request.session_id)

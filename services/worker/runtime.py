@@ -345,7 +345,7 @@ class WorkerRuntime:
         if actor.awaiting_commit:
             # migrated here, the placement moved, the claim not done yet: a gateway that
             # switched legs at once waits for it (the commit's own deadline bounds this)
-            await asyncio.wait_for(actor.wait_committed(), timeout=COMMIT_WAIT_S)
+            await asyncio.wait_for(self.migrations.settle(actor), timeout=COMMIT_WAIT_S)
             if self.engine.sessions.get(session_id) is not actor:
                 raise actor.lost or Unavailable(
                     f"session {session_id}'s migration to {self.config.worker_id} was aborted"

@@ -70,25 +70,37 @@ class Mesh:
         worker_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         regions: dict[str, str] | None = None,
+        routers: int = 1,
+        router_args: tuple[str, ...] = (),
     ) -> None:
-        """``regions``: worker name -> its ``--region`` (others: the default)."""
+        """``regions``: worker name -> its ``--region`` (others: the default);
+        ``router_args``: appended to every router replica's command line."""
         self.state_dir = state_dir
         self._regions = regions or {}
         self.log_dir = state_dir / "logs"
         self.etcd = EtcdServer(state_dir)
         self.nats = NatsServer(state_dir)
         ports = free_ports(3 + workers)
+        self.routers = ["router", *(f"router-{i}" for i in range(2, routers + 1))]
+        """Router replicas' names (they elect a leader; the others forward to it)."""
         self.addresses = {
+            **{name: f"127.0.0.1:{free_ports(1)[0]}" for name in self.routers[1:]},
             "router": f"127.0.0.1:{ports[0]}",
             "session": f"127.0.0.1:{ports[1]}",
             "gateway": f"127.0.0.1:{ports[2]}",
             **{f"worker-{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports[3:])},
         }
         self._worker_args = worker_args
+        self._router_args = router_args
         self._env = env
         self.procs: dict[str, ManagedProcess] = {}
         self.closed_at: float | None = None
         """``time.time()`` when it was closed (None while it runs)."""
+
+    @property
+    def router(self) -> str:
+        """Every router replica, comma-separated (as the other services dial them)."""
+        return ",".join(self.addresses[name] for name in self.routers)
 
     @property
     def gateway(self) -> str:
@@ -112,7 +124,7 @@ class Mesh:
                 "--worker-id",
                 name,
                 "--router",
-                self.addresses["router"],
+                self.router,
                 *region,
                 *self._worker_args,
             )
@@ -122,14 +134,23 @@ class Mesh:
                 "gateway",
                 *common,
                 "--router",
-                self.addresses["router"],
+                self.router,
                 "--session-service",
                 self.addresses["session"],
             )
         elif name == "session":
-            argv = (*SERVE, name, *common, "--router", self.addresses["router"])
-        else:
-            argv = (*SERVE, name, *common)
+            argv = (*SERVE, name, *common, "--router", self.router)
+        else:  # a router replica
+            argv = (
+                *SERVE,
+                "router",
+                *common,
+                "--election-ttl",
+                "2",
+                "--election-heartbeat",
+                "0.5",
+                *self._router_args,
+            )
         return ChildSpec(
             name=name,
             argv=argv,
@@ -173,7 +194,9 @@ class Mesh:
         MESHES.append(self)
         await asyncio.gather(self.etcd.start(), self.nats.start())
         names = [n for n in self.addresses if n.startswith("worker-")]
-        await asyncio.gather(*(self.start_service(n) for n in ("router", "session", *names)))
+        await asyncio.gather(
+            *(self.start_service(n) for n in (*self.routers, "session", *names))
+        )
         await self.start_service("gateway")
 
     def kill(self, name: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import socket
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from windflow.cli.up import ready_line
+from windflow.cli.up import parse_regions, ready_line
 from windflow.infra import ChildSpec, GrpcHealthProbe, RestartPolicy, Stack, StackConfig
 from windflow.infra.ports import address, free_port, free_ports
 from windflow.infra.supervisor import Supervisor, describe_exit
@@ -100,4 +101,38 @@ def test_stack_gateways_names_ports_and_ready_line(tmp_path: Path) -> None:
 
     one = Stack(StackConfig(state_dir=tmp_path, workers=0))
     assert one.gateway_names == ["gateway"] and one.gateway_addresses == [one.gateway_address]
-    assert f"gateways={one.gateway_address} (0 workers" in ready_line(one)
+    assert f"gateways={one.gateway_address} routers={one.router_addresses} (0 workers" in (
+        ready_line(one)
+    )
+
+
+def test_stack_router_replicas_and_worker_regions(tmp_path: Path) -> None:
+    """``--routers 2``: replicas ``router`` and ``router-2``, started together, and every
+    service that dials the router is given both; ``--regions``: one region per worker."""
+    workers, regions = parse_regions("us-east:2,eu-west:1")
+    assert workers == 3
+    assert regions == {"worker-1": "us-east", "worker-2": "us-east", "worker-3": "eu-west"}
+    for bad in ("us-east", "us-east:0", ":2", "a:2,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_regions(bad)
+    stack = Stack(
+        StackConfig(state_dir=tmp_path, workers=workers, worker_regions=regions, routers=2)
+    )
+    assert stack.router_names == ["router", "router-2"]
+    both = stack.router_addresses
+    assert both == f"{stack.addresses['router']},{stack.addresses['router-2']}"
+    assert f"routers={both} " in ready_line(stack)
+    argv = {
+        child.name: child.argv
+        for stage in stack._stages()  # (the specs as the supervisor starts them)
+        for child in stage
+    }
+    assert {"router", "router-2"} <= set(argv)
+    for name in ("session", "gateway", "worker-1"):
+        args = list(argv[name])
+        assert args[args.index("--router") + 1] == both, name
+    for name, region in regions.items():
+        args = list(argv[name])
+        assert args[args.index("--region") + 1] == region
+    with pytest.raises(ValueError, match="routers must be >= 1"):
+        StackConfig(state_dir=tmp_path, routers=0)

@@ -26,11 +26,20 @@ def register(sub: Any) -> None:
     router = services.add_parser("router", help="placement and admission")
     _common(router)
     router.add_argument("--region", default=env.REGION.get("local"))
+    router.add_argument(
+        "--election-ttl", type=int, default=3, help="leader lease TTL, seconds (replicas)"
+    )
+    router.add_argument(
+        "--election-heartbeat", type=float, default=1.0, help="leader lease renewal, seconds"
+    )
+    router.add_argument("--advertise", default=None, help="address replicas forward to")
     router.set_defaults(func=_run_router)
 
     session = services.add_parser("session", help="session metadata, fork and rewind")
     _common(session)
-    session.add_argument("--router", required=True, help="router host:port")
+    session.add_argument(
+        "--router", required=True, help="router host:port (replicas: comma-separated)"
+    )
     session.set_defaults(func=_run_session)
 
     worker = services.add_parser("worker", help="hosts sessions and runs models")
@@ -123,7 +132,9 @@ def register(sub: Any) -> None:
 
     gateway = services.add_parser("gateway", help="the public API")
     _common(gateway)
-    gateway.add_argument("--router", required=True, help="router host:port")
+    gateway.add_argument(
+        "--router", required=True, help="router host:port (replicas: comma-separated)"
+    )
     gateway.add_argument("--session-service", required=True, help="session service host:port")
     gateway.set_defaults(func=_run_gateway)
 
@@ -144,6 +155,9 @@ def _run_router(args: argparse.Namespace) -> int:
         listen=args.listen,
         region=args.region,
         otlp_endpoint=args.otlp_endpoint,
+        election_ttl_s=args.election_ttl,
+        election_heartbeat_s=args.election_heartbeat,
+        advertise=args.advertise,
     )
     return asyncio.run(run(config))
 

@@ -48,6 +48,18 @@ def register(sub: Any) -> None:
         "several resumes its streams through another while one restarts",
     )
     parser.add_argument(
+        "--routers",
+        type=_positive_int,
+        default=1,
+        help="router replicas (default 1): they elect a leader; another takes over when it dies",
+    )
+    parser.add_argument(
+        "--regions",
+        type=parse_regions,
+        default=None,
+        help="workers per region, e.g. us-east:2,eu-west:1 (instead of --workers)",
+    )
+    parser.add_argument(
         "--state-dir",
         type=Path,
         default=None,
@@ -77,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     temporary = args.state_dir is None
     state_dir = Path(tempfile.mkdtemp(prefix="windflow-")) if temporary else args.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
+    workers, worker_regions = args.regions or (args.workers, {})
     config = StackConfig(
         state_dir=state_dir.resolve(),
-        workers=args.workers,
+        workers=workers,
+        worker_regions=worker_regions,
+        routers=args.routers,
         gateways=args.gateways,
         host=args.host,
         gateway_port=args.port,
@@ -148,9 +163,25 @@ def ready_line(stack: Stack) -> str:
     return (
         f"windflow ready: gateway {stack.gateway_address} "
         f"gateways={','.join(stack.gateway_addresses)} "
+        f"routers={stack.router_addresses} "
         f"({config.workers} worker{'s' if config.workers != 1 else ''}, "
         f"state in {config.state_dir})"
     )
+
+
+def parse_regions(text: str) -> tuple[int, dict[str, str]]:
+    """``us-east:2,eu-west:1`` -> (3 workers, {worker-1: us-east, worker-2: us-east,
+    worker-3: eu-west})."""
+    regions: dict[str, str] = {}
+    for part in text.split(","):
+        name, _, count = part.strip().partition(":")
+        if not name or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected REGION:COUNT[,REGION:COUNT...], got {text!r}"
+            )
+        for _ in range(int(count)):
+            regions[f"worker-{len(regions) + 1}"] = name
+    return len(regions), regions
 
 
 def _on_signal(signum: int, stop: asyncio.Event) -> None:

@@ -224,9 +224,19 @@ def channel(
     replaced = {"grpc.max_send_message_length", *(name for name, _ in extra_options)}
     options = [o for o in CHANNEL_OPTIONS if o[0] not in replaced]
     return grpc.aio.insecure_channel(
-        address,
+        dial_target(address),
         options=[("grpc.max_send_message_length", max_send_bytes), *options, *extra_options],
     )
+
+
+def dial_target(address: str) -> str:
+    """The gRPC target for ``address``: one ``host:port``, or several comma-separated
+    (replicas of a service, e.g. the routers: IP literals), which gRPC's default
+    pick_first policy tries in order and fails over between when one goes away."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if len(parts) <= 1:
+        return address
+    return "ipv4:" + ",".join(parts)
 
 
 async def call(awaitable: Awaitable[T]) -> T:

@@ -50,6 +50,9 @@ class StackConfig:
     """Root of everything the stack writes: ``logs/<child>.log``, ``etcd/``, ``nats/``."""
     workers: int = 2
     """How many worker processes (ids ``worker-1`` .. ``worker-N``)."""
+    routers: int = 1
+    """How many router replicas (``router``, ``router-2`` ...): they elect a leader through
+    etcd and the others forward to it; every other service is given all of them."""
     gateways: int = 1
     """How many gateway processes (children ``gateway``, ``gateway-2`` .. ``gateway-N``),
     each on its own port: a client that knows several resumes its streams through another
@@ -77,6 +80,8 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.routers < 1:
+            raise ValueError(f"routers must be >= 1, got {self.routers}")
         if self.gateways < 1:
             raise ValueError(f"gateways must be >= 1, got {self.gateways}")
         if not self.service_command:
@@ -91,7 +96,9 @@ class Stack:
         self.log_dir = config.state_dir / "logs"
         self.etcd = EtcdServer(config.state_dir, restart=config.restart)
         self.nats = NatsServer(config.state_dir, restart=config.restart)
-        router_port, session_port, *worker_ports = free_ports(2 + config.workers)
+        session_port, *ports = free_ports(1 + config.routers + config.workers)
+        router_ports, worker_ports = ports[: config.routers], ports[config.routers :]
+        self.router_names = [_replica("router", i) for i in range(1, config.routers + 1)]
         gateway_ports = free_ports(config.gateways, config.host)  # distinct ones
         if config.gateway_port:
             others = [port for port in gateway_ports if port != config.gateway_port]
@@ -99,7 +106,10 @@ class Stack:
         self.gateway_names = [gateway_name(i) for i in range(1, config.gateways + 1)]
         """Child names of the gateways, in order (``gateway``, ``gateway-2`` ...)."""
         self.addresses: dict[str, str] = {
-            "router": address(LOOPBACK, router_port),
+            **{
+                name: address(LOOPBACK, port)
+                for name, port in zip(self.router_names, router_ports, strict=True)
+            },
             "session": address(LOOPBACK, session_port),
             **{
                 f"worker-{i}": address(LOOPBACK, port)
@@ -122,6 +132,11 @@ class Stack:
     def gateway_addresses(self) -> list[str]:
         """``host:port`` of every gateway, the first one first."""
         return [self.addresses[name] for name in self.gateway_names]
+
+    @property
+    def router_addresses(self) -> str:
+        """Every router replica, comma-separated (what the other services dial)."""
+        return ",".join(self.addresses[name] for name in self.router_names)
 
     @property
     def etcd_endpoint(self) -> str:
@@ -170,12 +185,15 @@ class Stack:
 
     def _stages(self) -> list[list[ChildSpec]]:
         workers = [self._worker_spec(i) for i in range(1, self.config.workers + 1)]
-        router, session = self.addresses["router"], self.addresses["session"]
+        router, session = self.router_addresses, self.addresses["session"]
         upstreams = ("--router", router, "--session-service", session)
         return [
             [self.etcd.child_spec, self.nats.child_spec],
             [
-                self._service_spec("router", self._region_args()),
+                *(
+                    self._service_spec("router", self._region_args(), name=name)
+                    for name in self.router_names
+                ),
                 self._service_spec("session", ("--router", router)),
             ],
             *([workers] if workers else []),
@@ -191,7 +209,7 @@ class Stack:
             "--worker-id",
             name,
             "--router",
-            self.addresses["router"],
+            self.router_addresses,
             *(
                 ("--region", self.config.worker_regions[name])
                 if name in self.config.worker_regions
@@ -229,4 +247,9 @@ class Stack:
 def gateway_name(index: int) -> str:
     """Child name of gateway ``index`` (1-based): the first is plain ``gateway``, as when
     there is only one (its log, ``logs/gateway.log``, and its address keep their names)."""
-    return "gateway" if index == 1 else f"gateway-{index}"
+    return _replica("gateway", index)
+
+
+def _replica(kind: str, index: int) -> str:
+    """Child name of replica ``index`` (1-based) of ``kind``: the first is plain ``kind``."""
+    return kind if index == 1 else f"{kind}-{index}"
