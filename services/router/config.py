@@ -31,4 +31,9 @@ class RouterConfig:
     """How often the leader renews its lease (well under the TTL)."""
     advertise: str | None = None
     """The address other replicas forward to (default: the bound listen address)."""
+    rebalance_every_s: float = 0.0
+    """Seconds between rebalance rounds, which move live sessions off a worker whose load
+    stands out (services/router/rebalance.py; the leader only); 0: no rebalancing."""
+    rebalance_cooldown_s: float = 30.0
+    """A session moved by rebalancing (or whose move failed) stays at least this long."""
     otlp_endpoint: str | None = None

@@ -14,6 +14,7 @@ from opentelemetry import context as otel_context
 
 from services.router.config import RouterConfig
 from services.router.leader import Leadership
+from services.router.rebalance import RebalanceParams, Rebalancer
 from services.router.service import RouterService
 from windflow.common import etcd, grpc_util, lifecycle, telemetry
 from windflow.common.events import EventBus
@@ -112,12 +113,23 @@ async def run(config: RouterConfig) -> int:
         on_elected=service.recover_orphans,
     )
     service.leadership.start()
+    rebalancer = None
+    if config.rebalance_every_s > 0:
+        rebalancer = Rebalancer(
+            service,
+            every_s=config.rebalance_every_s,
+            params=RebalanceParams(cooldown_s=config.rebalance_cooldown_s),
+            is_leader=service.leads,
+        )
+        rebalancer.start()
     await server.set_serving()
     log.info("router serving on %s", address)
     try:
         assert service.watch_task is not None
         return await lifecycle.wait_for_stop(service.watch_task)
     finally:
+        if rebalancer is not None:
+            await rebalancer.aclose()  # its moves in flight abort while the service is up
         await server.aclose()
         await service.leadership.aclose()  # resign: another replica leads at once
         await servicer.aclose()

@@ -64,7 +64,7 @@ def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
     )
 
 
-def _demand(spec: pb.SessionSpec) -> Demand:
+def demand_of(spec: pb.SessionSpec) -> Demand:
     return Demand(
         model_id=spec.model_id,
         fps=spec.fps,
@@ -152,15 +152,8 @@ class RouterService:
     async def recover_orphans(self) -> None:
         """On election: re-place the sessions placed on workers not in the table (they
         died while no replica led, or before this one watched)."""
-        prefix = names.SESSIONS_PREFIX.encode()
-        response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
-        gone: set[str] = set()
-        for item in response.kvs:
-            if item.key.endswith(b"/placement"):
-                record = internal_pb2.PlacementRecord.FromString(item.value)
-                if record.worker_id not in self.workers:
-                    gone.add(record.worker_id)
-        for worker_id in gone:
+        records = (await self.placements()).values()
+        for worker_id in {r.worker_id for r in records if r.worker_id not in self.workers}:
             self._spawn_recovery(worker_id, None)
 
     def _spawn_recovery(self, worker_id: str, last_seen: WorkerView | None) -> None:
@@ -336,18 +329,20 @@ class RouterService:
 
         await asyncio.gather(*(recover_one(s) for s in orphans))
 
-    async def placed_on(self, worker_id: str) -> list[str]:
-        """The sessions whose placement names ``worker_id``."""
+    async def placements(self) -> dict[str, internal_pb2.PlacementRecord]:
+        """Every placed session's record, by session id (one range read)."""
         prefix = names.SESSIONS_PREFIX.encode()
         response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
-        placed = []
+        placed = {}
         for item in response.kvs:
-            if not item.key.endswith(b"/placement"):
-                continue
-            record = internal_pb2.PlacementRecord.FromString(item.value)
-            if record.worker_id == worker_id:
-                placed.append(item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0])
+            if item.key.endswith(b"/placement"):
+                session_id = item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0]
+                placed[session_id] = internal_pb2.PlacementRecord.FromString(item.value)
         return placed
+
+    async def placed_on(self, worker_id: str) -> list[str]:
+        """The sessions whose placement names ``worker_id``."""
+        return [s for s, r in (await self.placements()).items() if r.worker_id == worker_id]
 
     async def _place(
         self,
@@ -375,7 +370,7 @@ class RouterService:
         if request.affinity_session_id:
             with contextlib.suppress(NotFound):
                 prefer = (await self._placement(request.affinity_session_id)).worker_id
-        demand = _demand(request.spec)
+        demand = demand_of(request.spec)
         last_error: WindflowError | None = None
         for _ in range(self.config.place_attempts):
             try:
@@ -450,12 +445,26 @@ class RouterService:
             view = self.workers.get(worker.worker_id)
             if view is not None and opened.sessions > view.sessions:
                 self.workers[worker.worker_id] = dataclasses.replace(view, sessions=opened.sessions)
+            outside = bool(request.spec.region) and worker.region != request.spec.region
+            if outside:
+                log.warning(
+                    "session %s placed in region %s: no worker in its region %s fits",
+                    request.session_id,
+                    worker.region,
+                    request.spec.region,
+                )
             await self.bus.publish(
                 names.SUBJECT_SESSION_PLACED,
                 session_id=request.session_id,
                 worker_id=worker.worker_id,
                 epoch=epoch,
                 model_id=request.spec.model_id,
+                detail=(
+                    f"region {worker.region}, outside its region {request.spec.region} "
+                    "(none there fits)"
+                    if outside
+                    else f"region {worker.region}"
+                ),
             )
             log.info(
                 "placed session %s on %s (epoch %d)", request.session_id, worker.worker_id, epoch

@@ -194,9 +194,7 @@ class Mesh:
         MESHES.append(self)
         await asyncio.gather(self.etcd.start(), self.nats.start())
         names = [n for n in self.addresses if n.startswith("worker-")]
-        await asyncio.gather(
-            *(self.start_service(n) for n in (*self.routers, "session", *names))
-        )
+        await asyncio.gather(*(self.start_service(n) for n in (*self.routers, "session", *names)))
         await self.start_service("gateway")
 
     def kill(self, name: str) -> int:

@@ -33,6 +33,18 @@ def register(sub: Any) -> None:
         "--election-heartbeat", type=float, default=1.0, help="leader lease renewal, seconds"
     )
     router.add_argument("--advertise", default=None, help="address replicas forward to")
+    router.add_argument(
+        "--rebalance-every-s",
+        type=float,
+        default=0.0,
+        help="move live sessions off a worker whose load stands out, a round this often (0: never)",
+    )
+    router.add_argument(
+        "--rebalance-cooldown-s",
+        type=float,
+        default=30.0,
+        help="a session moved by rebalancing stays at least this long",
+    )
     router.set_defaults(func=_run_router)
 
     session = services.add_parser("session", help="session metadata, fork and rewind")
@@ -158,6 +170,8 @@ def _run_router(args: argparse.Namespace) -> int:
         election_ttl_s=args.election_ttl,
         election_heartbeat_s=args.election_heartbeat,
         advertise=args.advertise,
+        rebalance_every_s=args.rebalance_every_s,
+        rebalance_cooldown_s=args.rebalance_cooldown_s,
     )
     return asyncio.run(run(config))
 
