@@ -111,6 +111,7 @@ class GatewayService:
             session.state = pb.SESSION_STATE_PLACED
             session.worker_id = placement.worker_id
             session.placement_epoch = placement.epoch
+            session.region = placement.region
             await self._update(session)
             return session
 

@@ -25,9 +25,9 @@ class RouterConfig:
     recover_concurrency: int = 8
     """Sessions of a dead worker re-placed at once (each restore replays on its new
     worker); new placements never wait behind them."""
-    election_ttl_s: int = 3
+    election_ttl_s: int = 2
     """The leader's lease TTL: when the leading replica dies, another leads within it."""
-    election_heartbeat_s: float = 1.0
+    election_heartbeat_s: float = 0.5
     """How often the leader renews its lease (well under the TTL)."""
     advertise: str | None = None
     """The address other replicas forward to (default: the bound listen address)."""

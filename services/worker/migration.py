@@ -57,6 +57,9 @@ CHUNK_BYTES = 1 << 20
 """Bytes per ``StateChunk`` by default: well under gRPC's 4 MiB message limit."""
 MAX_ROUNDS = 3
 CLOSE_ENOUGH = 2
+CLOSE_SLACK = 4
+"""Frames more than ``close_enough`` a target may be behind after its last round and still
+go on to the stop (the source makes a frame or two meanwhile); further behind, it aborts."""
 STOP_TTL_S = 2.0
 """A stopped source with no RESUME or HANDOFF by then reads its placement and acts on it
 (the router adds the time its last frames take: ``stop_ttl_s``)."""
@@ -277,7 +280,6 @@ class Migrations:
         )
         self.incoming[session_id] = incoming
         incoming.ttl = request.ttl_s or INCOMING_TTL_S
-        self._expire_later(incoming)
         try:
             t0 = time.perf_counter()
             frame, blob = await self._fetch(incoming)
@@ -300,6 +302,14 @@ class Migrations:
                     break
                 await self._replay_to(incoming, head)
                 status.rounds += 1
+            behind = await self._source_head(incoming) - state.frame_index
+            if behind > close + CLOSE_SLACK:
+                # it replays slower than the source streams (a loaded worker): stopping the
+                # source now would stall the client for the rest; abort instead
+                raise FailedPrecondition(
+                    f"worker {rt.config.worker_id} is still {behind} frames behind session "
+                    f"{session_id} after {status.rounds} rounds: it cannot catch up"
+                )
             status.replay_ms = (time.perf_counter() - t1) * 1000.0
             status.frame = state.frame_index
         except BaseException:
@@ -382,11 +392,19 @@ class Migrations:
     ) -> internal_pb2.MigrationStatus:
         """Follow the source's log to the cut-over frame exactly, then hold an actor
         there (not stepped until COMMIT)."""
-        rt = self._runtime
         incoming = self._incoming(request)
+        if incoming.expiry is not None:
+            incoming.expiry.cancel()  # no time to live while a step runs (its caller's deadline)
+        try:
+            return await self._catch_up(incoming, request.frame)
+        finally:
+            if self.incoming.get(incoming.session_id) is incoming:
+                self._expire_later(incoming)
+
+    async def _catch_up(self, incoming: Incoming, cutover: int) -> internal_pb2.MigrationStatus:
+        rt = self._runtime
         state = incoming.state
         assert state is not None
-        cutover = request.frame
         if state.frame_index > cutover:
             raise FailedPrecondition(
                 f"the copy is at frame {state.frame_index}, past the cut-over {cutover}"
@@ -415,7 +433,6 @@ class Migrations:
         rt.engine.add(actor)
         incoming.status.frame = actor.next_frame
         incoming.status.final_ms = (time.perf_counter() - final) * 1000.0
-        self._expire_later(incoming)
         return _copy(incoming.status, incoming.session_id)
 
     async def _source_reached(self, incoming: Incoming, frame: int) -> None:

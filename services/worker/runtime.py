@@ -383,7 +383,9 @@ class WorkerRuntime:
             yield pb.ServerMessage(
                 event=pb.SessionEvent(
                     kind=pb.SessionEvent.KIND_ATTACHED,
-                    message=f"attached on worker {self.config.worker_id}",
+                    message=(
+                        f"attached on worker {self.config.worker_id} (region {self.config.region})"
+                    ),
                     frame_index=actor.next_frame,
                     steps=actor.steps,
                     fps=1.0 / actor.interval,

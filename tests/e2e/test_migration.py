@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import nats
 import pytest
 
 from services.worker.models.registry import DEFAULT_MODEL
 from tests.e2e.mesh import Mesh
-from windflow.common import grpc_util
+from windflow.common import grpc_util, names
 from windflow.sdk import Client
 from windflow.sdk.client import Session
 from windflow.v1 import internal_pb2, internal_pb2_grpc
@@ -280,3 +283,68 @@ async def test_a_session_moves_to_another_region(tmp_path: Path) -> None:
                 "migrate", "--router", mesh.addresses["router"], info.session_id, "--region", "mars"
             )
             assert code == 1 and "INVALID_ARGUMENT" in err
+
+
+@pytest.mark.parametrize("fault", ["kill target", "kill source", "pause nats"])
+async def test_a_fault_mid_copy_loses_no_frame(tmp_path: Path, fault: str) -> None:
+    """As the router starts a move (its ``prepare`` event on NATS), the target or the
+    source is SIGKILLed, or nats-server is stopped for a second (SIGSTOP, SIGCONT): the
+    control log, the events and the state copy's log reads all stall. Whatever becomes of
+    the move (aborted, done, or crash recovery for a dead source), the stream gets every
+    frame once, equal to Replay, and goes on."""
+    async with Mesh(tmp_path, workers=2, worker_args=WORKER_ARGS) as mesh:
+        events = await nats.connect(mesh.nats.url)
+        hit = asyncio.Event()
+        info_box: list[pb.Session] = []
+
+        async def on_prepare(_: object) -> None:
+            if hit.is_set():
+                return
+            hit.set()
+            info = info_box[0]
+            other = "worker-2" if info.worker_id == "worker-1" else "worker-1"
+            if fault == "kill target":
+                mesh.kill(other)
+            elif fault == "kill source":
+                mesh.kill(info.worker_id)
+            else:
+                proc = mesh.nats.process
+                assert proc is not None and proc.pid is not None
+                os.kill(proc.pid, signal.SIGSTOP)
+                await asyncio.sleep(1.0)
+                os.kill(proc.pid, signal.SIGCONT)
+
+        await events.subscribe(f"{names.SUBJECT_MIGRATION}.prepare", cb=on_prepare)
+        channel, router = _router(mesh)
+        try:
+            async with Client(mesh.gateway) as client, channel:
+                info = await client.create_session(DEFAULT_MODEL, seed=15, **SPEC)  # type: ignore[arg-type]
+                info_box.append(info)
+                n = len(info.model.actions)
+                live = await client.attach(
+                    info, controls=[(f, (f // 6) % n) for f in range(0, 140, 6)]
+                )
+                play = Player(live, 130)
+                await play.at(20)
+                outcome: object
+                try:
+                    outcome = await router.Migrate(
+                        internal_pb2.MigrateRequest(session_id=info.session_id), timeout=20
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    outcome = exc.code()
+                assert hit.is_set()
+                got = await play.task
+                await live.aclose()
+                assert [i for i, _, _ in got] == list(range(130)), outcome
+                assert not live.errors
+                assert await _replayed(client, info.session_id, 130) == [d for _, d, _ in got]
+                if fault == "kill target":
+                    assert outcome == grpc.StatusCode.UNAVAILABLE
+                    assert not _kinds(live, pb.SessionEvent.KIND_MIGRATED)
+                    assert not _kinds(live, pb.SessionEvent.KIND_RECOVERED)
+                elif fault == "kill source":
+                    assert isinstance(outcome, grpc.StatusCode)  # the move aborted
+                    assert len(_kinds(live, pb.SessionEvent.KIND_RECOVERED)) == 1
+        finally:
+            await events.close()

@@ -14,9 +14,12 @@ with it. The phases:
 4. an aborted move: its target is killed just before the move; the session must go on at
    its source without a stall;
 5. a gateway kill: sessions stream through the SDK with two gateways; the one they use is
-   SIGKILLed; the SDK resumes through the other.
+   SIGKILLed; the SDK resumes through the other;
+6. a router leader kill: of the two router replicas, the leader is SIGKILLed while a
+   session streams; a migration is asked of the replicas until one serves it
+   (``router_failover_ms``: from the kill to the new leader serving, the move's own time
+   left out).
 
-Router failover is not measured: the router has no replicas yet (docs/migration.md).
 Prints a table and ends with one JSON line (``--json``); writes the result under
 ``bench/results/``.
 """
@@ -43,6 +46,7 @@ from typing import Any
 from services.worker.models.registry import DEFAULT_MODEL
 from windflow.cli import bench_results
 from windflow.common import grpc_util
+from windflow.errors import Unavailable
 from windflow.infra import Stack, StackConfig
 from windflow.sdk import Client
 from windflow.sdk.client import Session
@@ -69,6 +73,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--moves", type=int, default=12, help="single moves in phase 1")
     parser.add_argument("--drain-sessions", type=int, default=8)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--fps", type=float, default=FPS, help="every session's frame rate")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--worker-arg", action="append", default=[], help="extra argument for each worker"
@@ -134,7 +139,7 @@ class Bench:
         """Every stream compared with the reference."""
 
     async def play(self, client: Client, frames: int, *, region: str = "local") -> Stream:
-        spec = {**SPEC, "region": region}
+        spec = {**SPEC, "region": region, "fps": self.args.fps}
         info = await client.create_session(self.args.model, seed=self.args.seed, **spec)
         live = await client.attach(info, controls=self.script)
         return Stream(client, live, frames).start()
@@ -147,7 +152,9 @@ class Bench:
         return result
 
     async def reference_run(self, client: Client, frames: int) -> None:
-        info = await client.create_session(self.args.model, seed=self.args.seed, **SPEC)
+        info = await client.create_session(
+            self.args.model, seed=self.args.seed, **{**SPEC, "fps": self.args.fps}
+        )
         n = len(info.model.actions)
         self.script = [(f, (f // 9) % n) for f in range(0, frames, 9)]
         live = await client.attach(info, controls=self.script)
@@ -228,6 +235,39 @@ class Bench:
         placed = await client.get_session(s.live.id)
         return refused and placed.worker_id == source and s.max_gap_ms < 1000.0 and not s.migrated()
 
+    async def router_kill(self, client: Client, frames: int) -> float:
+        """Phase 6: ms from the leader's SIGKILL until the other replica served a move."""
+        s = await self.play(client, frames)
+        await s.at(20)
+        leader = ""
+        for _ in range(100):
+            leading = [
+                name
+                for name in self.stack.router_names
+                if "leads now" in self.stack.supervisor.log_path(name).read_text(errors="replace")
+            ]
+            if leading:
+                leader = leading[-1]
+                break
+            await asyncio.sleep(0.05)
+        if not leader:
+            raise RuntimeError("no router replica says it leads")
+        os.kill(self.stack.supervisor.pids()[leader], signal.SIGKILL)
+        killed = time.perf_counter()
+        while True:
+            try:
+                result = await self.migrate(s.live.id, reason="bench router kill")
+                break
+            except Unavailable:
+                if time.perf_counter() - killed > 30:
+                    raise
+                await asyncio.sleep(0.05)
+        served_ms = (time.perf_counter() - killed) * 1000.0 - result.total_ms
+        await s.done()
+        self.planned.append(s)
+        self.checked.append(s)
+        return served_ms
+
     async def gateway_kill(self, frames: int) -> float:
         """Phase 5: the largest gap (ms) of streams whose gateway was SIGKILLed."""
         gateways = self.stack.gateway_addresses
@@ -253,6 +293,21 @@ def _check(streams: list[Stream], reference: list[bytes]) -> tuple[int, int, boo
     return dropped, repeated, exact
 
 
+def _cutover_gaps(
+    streams: list[Stream], results: list[internal_pb2.MigrationResult]
+) -> list[float]:
+    """The client's gap (ms) between the last frame of each move's source (F - 1) and the
+    first of its target (F): what the hand-off itself costs a player."""
+    arrivals = {s.live.id: {i: t for i, _, t in s.got} for s in streams}
+    gaps = []
+    for r in results:
+        seen = arrivals.get(r.session_id, {})
+        f = r.cutover_frame
+        if f - 1 in seen and f in seen:
+            gaps.append((seen[f] - seen[f - 1]) * 1000.0)
+    return gaps
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -262,7 +317,7 @@ def _pct(values: list[float], q: float) -> float:
 
 async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     frames = 40 + 8 * args.moves + 40
-    async with grpc_util.channel(stack.addresses["router"]) as channel:
+    async with grpc_util.channel(stack.router_addresses) as channel:
         router = internal_pb2_grpc.RouterStub(channel)
         bench = Bench(stack, args, router)
         async with Client(stack.gateway_address) as client:
@@ -276,12 +331,15 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
             await bench.region_move(client, 120)
             print("bench migrate: aborted move", file=sys.stderr)
             continued = await bench.aborted_move(client, 120)
+            print("bench migrate: router leader kill", file=sys.stderr)
+            router_ms = await bench.router_kill(client, 150)
         print("bench migrate: gateway kill", file=sys.stderr)
         gateway_gap_ms = await bench.gateway_kill(150) if len(stack.gateway_addresses) > 1 else None
     dropped, repeated, exact = _check(bench.checked, bench.reference)
-    nominal = 1000.0 / FPS
+    nominal = 1000.0 / args.fps
     max_gap = max(s.max_gap_ms for s in bench.planned)
     handoffs = [r.handoff_ms for r in bench.results]
+    cutover_gaps = _cutover_gaps(bench.planned, bench.results)
     return {
         "migrations": len(bench.results),
         "dropped_frames": dropped,
@@ -290,6 +348,8 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "nominal_interval_ms": round(nominal, 1),
         "max_gap_ratio": round(max_gap / nominal, 2),
         "baseline_max_gap_ms": round(baseline_ms, 1),
+        "cutover_gap_ms_p50": round(_pct(cutover_gaps, 0.5), 1),
+        "cutover_gap_ms_max": round(max(cutover_gaps, default=0.0), 1),
         "handoff_ms_p50": round(_pct(handoffs, 0.5), 1),
         "handoff_ms_p99": round(_pct(handoffs, 0.99), 1),
         "prepare_ms_p50": round(statistics.median(r.prepare_ms for r in bench.results), 1),
@@ -298,7 +358,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "drain_sessions": args.drain_sessions,
         "bit_exact": exact,
         "aborted_source_continued": continued,
-        "router_failover_ms": None,
+        "router_failover_ms": round(router_ms, 1),
         "gateway_failover_max_gap_ms": None if gateway_gap_ms is None else round(gateway_gap_ms, 1),
     }
 
@@ -313,6 +373,7 @@ async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
         state_dir=state_dir,
         workers=3,
         gateways=2,
+        routers=2,
         worker_regions={"worker-3": OTHER_REGION},
         worker_args=(
             "--models",

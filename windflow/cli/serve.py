@@ -27,10 +27,10 @@ def register(sub: Any) -> None:
     _common(router)
     router.add_argument("--region", default=env.REGION.get("local"))
     router.add_argument(
-        "--election-ttl", type=int, default=3, help="leader lease TTL, seconds (replicas)"
+        "--election-ttl", type=int, default=2, help="leader lease TTL, seconds (replicas)"
     )
     router.add_argument(
-        "--election-heartbeat", type=float, default=1.0, help="leader lease renewal, seconds"
+        "--election-heartbeat", type=float, default=0.5, help="leader lease renewal, seconds"
     )
     router.add_argument("--advertise", default=None, help="address replicas forward to")
     router.add_argument(
