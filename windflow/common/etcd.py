@@ -49,6 +49,7 @@ class LeasedKey:
         that etcd answered, from when it was asked, plus the TTL it reported. Past it, the
         lease may have ended and what it guards may have moved (``StepEngine``'s fence)."""
         self._value = b""
+        self._putting = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, value: bytes) -> None:
@@ -63,7 +64,14 @@ class LeasedKey:
 
     async def update(self, value: bytes) -> None:
         self._value = value
-        await kv(self._client).put(self._key, value, lease=self.lease_id)
+        await self._put()
+
+    async def _put(self) -> None:
+        """Put the newest value under the current lease. One put at a time, each of the
+        value as it is when its turn comes: a re-registration racing an update can never
+        land an older value after a newer one."""
+        async with self._putting:
+            await kv(self._client).put(self._key, self._value, lease=self.lease_id)
 
     async def _keepalive(self) -> None:
         while True:
@@ -93,7 +101,7 @@ class LeasedKey:
                     self.lease_id = grant.ID
                     self.grants += 1
                     self.valid_until = asked + grant.TTL
-                    await self.update(self._value)
+                    await self._put()
                 else:
                     self.valid_until = asked + response.TTL
                 break
