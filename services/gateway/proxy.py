@@ -61,8 +61,8 @@ class StreamProxy:
         cut-over frame."""
         self._leg_moved = False
         self._moved_to: internal_pb2.PlacementRecord | None = None
-        """Where the watch saw the session go (the next leg's worker, without asking the
-        router)."""
+        """Where the watch saw a live migration take the session (the next leg's worker,
+        without asking the router)."""
         self._forwarded = asyncio.Event()
         """Set whenever a frame is forwarded (a migration's switch waits for its cut-over)."""
         self._attach = first.attach
@@ -118,7 +118,10 @@ class StreamProxy:
                     previous = self.placement
                     moved_to, self._moved_to = self._moved_to, None
                     if moved_to is not None and moved_to.epoch > previous.epoch:
-                        self.placement = moved_to  # the watch saw where: no need to ask
+                        # a live migration the watch saw: its target holds the session
+                        # already (a crash recovery's new worker may not yet: the router
+                        # answers once it does)
+                        self.placement = moved_to
                     else:
                         await self._recover(resume=self._attached)
                     self.recoveries += 1
@@ -239,7 +242,6 @@ class StreamProxy:
             self._leg_moved = True
             call.cancel()
             return
-        self._moved_to = record
         log.warning(
             "session %s moved past epoch %d while attached to %s; switching legs",
             self.session_id,
