@@ -20,6 +20,7 @@ import grpc
 from opentelemetry import context as otel_context
 
 from windflow.common import grpc_util, names, telemetry
+from windflow.common.controls import PendingControls
 from windflow.errors import Internal, NotFound, ResourceExhausted, Unavailable
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
@@ -27,7 +28,6 @@ from windflow.v1 import windflow_pb2 as pb
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
-MAX_REMEMBERED_CONTROLS = 1024
 # What grpc-python reports, in place of a call's real status, when a write on it raced with
 # its end (a worker leg ending UNAVAILABLE while a control or ack is being forwarded, as in
 # a drain): a broken leg like any other, which the router's Recover judges.
@@ -74,7 +74,10 @@ class StreamProxy:
         self._leg_ready = asyncio.Event()
         """Set once the current worker leg has taken its Attach: a call takes one write at
         a time, and nothing may overtake the Attach."""
-        self._controls: list[pb.Control] = list(first.attach.controls)
+        self._controls = PendingControls()
+        """Controls the client sent for frames not forwarded yet, less those refused."""
+        for control in first.attach.controls:
+            self._controls.sent(control)
         self.last_forwarded = -1
         self._attached = False
         """The first leg's KIND_ATTACHED came (and set ``last_forwarded`` to its head - 1):
@@ -165,7 +168,7 @@ class StreamProxy:
             attach.resume = True
             attach.resume_from = self.last_forwarded + 1
             del attach.controls[:]
-            attach.controls.extend(c for c in self._controls if c.frame_index > self.last_forwarded)
+            attach.controls.extend(self._controls.to_resend(self.last_forwarded))
         self._leg_ready.clear()
         call = self._worker(self.placement.worker_address).Attach(
             metadata=telemetry.inject_metadata(self.trace_context)
@@ -179,7 +182,7 @@ class StreamProxy:
             # a fresh attach after a leg that failed before its first frame: controls the
             # client sent on the stream meanwhile may have gone to the failed leg only
             in_attach = list(self._attach.controls)
-            for control in [c for c in self._controls if c not in in_attach]:
+            for control in [c for c in self._controls.to_resend(-1) if c not in in_attach]:
                 try:
                     await call.write(pb.ClientMessage(control=control))
                 except grpc.aio.AioRpcError as exc:
@@ -258,14 +261,14 @@ class StreamProxy:
                 if message.event.kind == pb.SessionEvent.KIND_REWOUND:
                     # the session's future restarts at frame_index
                     self.last_forwarded = message.event.frame_index - 1
-                    self._controls.clear()
+                    self._controls.rewound()
                 elif message.event.kind == pb.SessionEvent.KIND_ATTACHED and not self._attached:
                     # the stream starts at the session's head: a recovery before its first
                     # frame resumes there (not at frame 0)
                     self._attached = True
                     self.last_forwarded = message.event.frame_index - 1
                 elif message.HasField("error") and message.error.HasField("control"):
-                    self._forget(message.error.control)  # refused: never re-sent
+                    self._controls.refused(message.error.control)  # never re-sent
                 yield message
                 continue
             frame = message.frame
@@ -289,19 +292,10 @@ class StreamProxy:
             frame.latency.transport_ms = (sent - frame.timestamps.worker_sent_us) / 1000.0
             self.last_forwarded = frame.frame_index
             self._forwarded.set()
-            if self._controls:
-                self._controls = [c for c in self._controls if c.frame_index > frame.frame_index]
+            self._controls.received(frame.frame_index)
             yield message
             if span is not None:
                 span.end()
-
-    def _forget(self, refused: pb.Control) -> None:
-        """Drop a control the worker refused from those re-sent at a recovery (the newest
-        equal one: the client was told it was refused, so it must never apply)."""
-        for i in range(len(self._controls) - 1, -1, -1):
-            if self._controls[i] == refused:
-                del self._controls[i]
-                return
 
     async def _recover(self, *, resume: bool) -> None:
         """Ask the router where the session is now (the same worker, when it still holds
@@ -351,9 +345,7 @@ class StreamProxy:
     async def _read_client(self, requests: AsyncIterator[pb.ClientMessage]) -> None:
         async for message in requests:
             if message.HasField("control"):
-                if len(self._controls) >= MAX_REMEMBERED_CONTROLS:
-                    self._controls.pop(0)  # only ever the oldest, long since delivered
-                self._controls.append(message.control)
+                self._controls.sent(message.control)
             await self._leg_ready.wait()  # after the leg's Attach, never beside it
             call = self._call
             if call is None:

@@ -53,17 +53,13 @@ class GatewayService:
         self._store_channel = grpc_util.channel(config.session_service)
         self._router = internal_pb2_grpc.RouterStub(self._router_channel)
         self._store = internal_pb2_grpc.SessionStoreStub(self._store_channel)
-        self._worker_channels: dict[str, grpc.aio.Channel] = {}
+        self._worker_channels = grpc_util.Channels()
         self._heads = DeliveredHeads(client)
         self._background: set[asyncio.Task[None]] = set()
         """Writes it owns that no caller waits for (where a stream's client left it)."""
 
     def _worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
-        channel = self._worker_channels.get(address)
-        if channel is None:
-            channel = grpc_util.channel(address)
-            self._worker_channels[address] = channel
-        return internal_pb2_grpc.WorkerStub(channel)
+        return internal_pb2_grpc.WorkerStub(self._worker_channels.get(address))
 
     async def list_models(self) -> list[pb.ModelInfo]:
         seen: dict[str, pb.ModelInfo] = {}
@@ -310,6 +306,6 @@ class GatewayService:
     async def aclose(self) -> None:
         if self._background:
             await asyncio.wait(self._background, timeout=self.config.rpc_timeout_s)
-        for channel in (self._router_channel, self._store_channel, *self._worker_channels.values()):
+        for channel in (self._router_channel, self._store_channel):
             await channel.close()
-        self._worker_channels.clear()
+        await self._worker_channels.aclose()

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class RouterServicer(internal_pb2_grpc.RouterServicer):
     def __init__(self, service: RouterService) -> None:
         self._service = service
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = grpc_util.Channels()
 
     async def _leader(self) -> internal_pb2_grpc.RouterStub | None:
         """The leading replica's stub when this one does not lead (None when it does)."""
@@ -38,10 +38,7 @@ class RouterServicer(internal_pb2_grpc.RouterServicer):
         address = await leadership.leader_address()
         if not address or address == leadership.address:
             raise Unavailable("no router replica leads right now", retry_after_s=0.5)
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc_util.channel(address)
-        return internal_pb2_grpc.RouterStub(channel)
+        return internal_pb2_grpc.RouterStub(self._channels.get(address))
 
     @staticmethod
     def _passed_on(context: grpc.aio.ServicerContext) -> dict[str, object]:
@@ -89,9 +86,7 @@ class RouterServicer(internal_pb2_grpc.RouterServicer):
             yield progress
 
     async def aclose(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.aclose()
 
 
 async def run(config: RouterConfig) -> int:

@@ -170,16 +170,12 @@ class Migrator:
                 cutover_frame=stop.frame,
                 from_worker_id=source.worker_id,
             )
-            swapped = await kvs.txn(
-                compare=[kvs.txn_compare_version(key, version), *service.fence()],
-                success=[kvs.txn_op_put(key, moved.SerializeToString())],
+            await service.write_placement(
+                key,
+                version,
+                moved,
+                changed=f"session {session_id}'s placement changed during its migration",
             )
-            if not swapped.succeeded:
-                if (fenced := service.fenced_off()) is not None:
-                    raise fenced
-                raise FailedPrecondition(
-                    f"session {session_id}'s placement changed during its migration"
-                )
         except BaseException as exc:
             await self._abort(result, record.epoch, resume=stopped > 0, why=exc)
             raise

@@ -141,13 +141,29 @@ class RouterService:
         (``Leadership.fence``): none when it runs alone."""
         return [] if self.leadership is None else [self.leadership.fence()]
 
-    def fenced_off(self) -> Unavailable | None:
-        """After a placement write's transaction failed: why, if it was the fence."""
-        if self.leads():
-            return None
-        return Unavailable(
-            "this router's leadership lapsed; the new leader serves it", retry_after_s=0.5
+    async def write_placement(
+        self,
+        key: str,
+        version: int,
+        record: internal_pb2.PlacementRecord,
+        *,
+        changed: str,
+    ) -> None:
+        """Put ``record`` at ``key`` if the key is still at ``version`` and this replica
+        still leads (``fence``), in one transaction. Raises FailedPrecondition(``changed``)
+        when the key moved on, Unavailable when the leadership lapsed."""
+        kvs = etcd.kv(self.etcd)
+        swapped = await kvs.txn(
+            compare=[kvs.txn_compare_version(key, version), *self.fence()],
+            success=[kvs.txn_op_put(key, record.SerializeToString())],
         )
+        if swapped.succeeded:
+            return
+        if not self.leads():
+            raise Unavailable(
+                "this router's leadership lapsed; the new leader serves it", retry_after_s=0.5
+            )
+        raise FailedPrecondition(changed)
 
     async def recover_orphans(self) -> None:
         """On election: re-place the sessions placed on workers not in the table (they
@@ -402,17 +418,17 @@ class RouterService:
                 spec=request.spec,
                 region=worker.region,
             )
-            swapped = await kvs.txn(
-                compare=[kvs.txn_compare_version(key, version), *self.fence()],
-                success=[kvs.txn_op_put(key, record.SerializeToString())],
-            )
-            if not swapped.succeeded:
-                self._release_slot(worker)
-                if (fenced := self.fenced_off()) is not None:
-                    raise fenced
-                raise FailedPrecondition(
-                    f"placement of session {request.session_id} changed concurrently; retry"
+            try:
+                await self.write_placement(
+                    key,
+                    version,
+                    record,
+                    changed=f"placement of session {request.session_id} changed concurrently; "
+                    "retry",
                 )
+            except WindflowError:
+                self._release_slot(worker)
+                raise
             version += 1  # each write of a key adds one to its version
             try:
                 opened = await self.stub(worker).OpenSession(

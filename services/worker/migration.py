@@ -95,7 +95,7 @@ class Migrations:
         self._runtime = runtime
         self.incoming: dict[str, Incoming] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = grpc_util.Channels()
         self.placement_of: (
             Callable[[str], Awaitable[internal_pb2.PlacementRecord | None]] | None
         ) = None
@@ -565,11 +565,7 @@ class Migrations:
         self._forget(incoming)
 
     def _stub(self, address: str) -> internal_pb2_grpc.WorkerStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc_util.channel(address)
-            self._channels[address] = channel
-        return internal_pb2_grpc.WorkerStub(channel)
+        return internal_pb2_grpc.WorkerStub(self._channels.get(address))
 
     async def aclose(self) -> None:
         for incoming in list(self.incoming.values()):
@@ -577,10 +573,7 @@ class Migrations:
         for task in self._stops.values():
             task.cancel()
         self._stops.clear()
-        for channel in self._channels.values():
-            with contextlib.suppress(Exception):
-                await channel.close()
-        self._channels.clear()
+        await self._channels.aclose()
 
 
 def _copy(status: internal_pb2.MigrationStatus, session_id: str) -> internal_pb2.MigrationStatus:

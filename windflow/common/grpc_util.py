@@ -229,6 +229,25 @@ def channel(
     )
 
 
+class Channels:
+    """Channels by address, each made once on first use (``channel``) and closed together
+    by ``aclose``: a service's connections to its peers."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        found = self._open.get(address)
+        if found is None:
+            found = self._open[address] = channel(address)
+        return found
+
+    async def aclose(self) -> None:
+        open_, self._open = self._open, {}
+        for each in open_.values():
+            await each.close()
+
+
 def dial_target(address: str) -> str:
     """The gRPC target for ``address``: one ``host:port``, or several comma-separated
     (replicas of a service, e.g. the routers: IP literals), which gRPC's default
