@@ -28,16 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime as dt
 import itertools
-import json
 import os
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,32 +385,15 @@ async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from windflow.infra import StackFailed
-
-    started = dt.datetime.now(dt.UTC)
-    machine = bench_results.machine()
-    state_dir = Path(tempfile.mkdtemp(prefix="windflow-bench-migrate-"))
-    try:
-        result = asyncio.run(_run(args, state_dir))
-    except StackFailed as exc:
-        print(f"bench migrate: the stack failed: {exc}; logs in {state_dir}", file=sys.stderr)
-        return 1
-    print(_table(result), flush=True)
-    if args.out_dir:
-        fields = {"model": args.model, "worker_args": args.worker_arg, "result": result}
-        path = bench_results.write(args.out_dir, "migrate", started, machine, fields)
-        print(f"results written to {path}", flush=True)
-    if args.json:
-        print(json.dumps(result), flush=True)
-    ok = (
-        result["bit_exact"]
-        and not result["dropped_frames"]
-        and not result["repeated_frames"]
-        and result["aborted_source_continued"]
+    return bench_results.run_stack_bench(
+        "migrate",
+        args,
+        lambda state_dir: _run(args, state_dir),
+        _table,
+        lambda r: bool(
+            r["bit_exact"]
+            and not r["dropped_frames"]
+            and not r["repeated_frames"]
+            and r["aborted_source_continued"]
+        ),
     )
-    if not ok:
-        print(f"windflow bench migrate: a check FAILED; logs in {state_dir}", file=sys.stderr)
-        return 1
-    with contextlib.suppress(OSError):
-        shutil.rmtree(state_dir)
-    return 0

@@ -3,13 +3,17 @@ machine it ran on (results from a shared machine mean little without it)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +88,38 @@ def write(
     path = out / f"{bench}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def run_stack_bench(
+    bench: str,
+    args: Any,
+    run: Callable[[Path], Coroutine[Any, Any, dict[str, Any]]],
+    table: Callable[[dict[str, Any]], str],
+    passed: Callable[[dict[str, Any]], bool],
+) -> int:
+    """The frame of a benchmark that starts its own stack: ``run(state_dir)`` measures;
+    the table is printed, the record written under ``args.out_dir`` ('' = none) with
+    ``args.model`` and ``args.worker_arg``, and with ``args.json`` one JSON line ends the
+    output. The state dir (the stack's logs) is kept when the stack or a check fails."""
+    from windflow.infra import StackFailed
+
+    started = dt.datetime.now(dt.UTC)
+    machine_desc = machine()
+    state_dir = Path(tempfile.mkdtemp(prefix=f"windflow-bench-{bench}-"))
+    try:
+        result = asyncio.run(run(state_dir))
+    except StackFailed as exc:
+        print(f"bench {bench}: the stack failed: {exc}; logs in {state_dir}", file=sys.stderr)
+        return 1
+    print(table(result), flush=True)
+    if args.out_dir:
+        fields = {"model": args.model, "worker_args": args.worker_arg, "result": result}
+        path = write(args.out_dir, bench, started, machine_desc, fields)
+        print(f"results written to {path}", flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    if not passed(result):
+        print(f"windflow bench {bench}: a check FAILED; logs in {state_dir}", file=sys.stderr)
+        return 1
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return 0

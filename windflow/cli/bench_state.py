@@ -9,16 +9,10 @@ table and writes the result under ``bench/results/`` with the machine's descript
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime as dt
-import json
 import os
 import random
-import shutil
 import signal
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -230,30 +224,10 @@ async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from windflow.infra import StackFailed
-
-    started = dt.datetime.now(dt.UTC)
-    machine = bench_results.machine()
-    # the stack's logs are kept when anything fails, so a failed check can be looked into
-    state_dir = Path(tempfile.mkdtemp(prefix="windflow-bench-state-"))
-    try:
-        result = asyncio.run(_run(args, state_dir))
-    except StackFailed as exc:
-        print(f"bench state: the stack failed: {exc}; logs in {state_dir}", file=sys.stderr)
-        return 1
-    print(_table(result), flush=True)
-    if args.out_dir:
-        fields = {"model": args.model, "worker_args": args.worker_arg, "result": result}
-        path = bench_results.write(args.out_dir, "state", started, machine, fields)
-        print(f"results written to {path}", flush=True)
-    if args.json:
-        print(json.dumps(result), flush=True)
-    ok = all(v for k, v in result.items() if k.endswith(("_exact", "_no_gap", "_event")))
-    if not ok:
-        print(
-            f"windflow bench state: a determinism check FAILED; logs in {state_dir}",
-            file=sys.stderr,
-        )
-        return 1
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return 0
+    return bench_results.run_stack_bench(
+        "state",
+        args,
+        lambda state_dir: _run(args, state_dir),
+        _table,
+        lambda r: all(v for k, v in r.items() if k.endswith(("_exact", "_no_gap", "_event"))),
+    )
