@@ -348,3 +348,30 @@ async def test_a_fault_mid_copy_loses_no_frame(tmp_path: Path, fault: str) -> No
                     assert len(_kinds(live, pb.SessionEvent.KIND_RECOVERED)) == 1
         finally:
             await events.close()
+
+
+async def test_a_detached_session_migrates_and_resumes_at_its_head(tmp_path: Path) -> None:
+    """A session with no stream attached moves at once (its cut-over is its head: it makes
+    no frame to wait for); the next attach resumes it there on the new worker, and its
+    whole history equals Replay."""
+    async with Mesh(tmp_path, workers=2, worker_args=WORKER_ARGS) as mesh:
+        channel, router = _router(mesh)
+        async with Client(mesh.gateway) as client, channel:
+            info = await client.create_session(DEFAULT_MODEL, seed=16, **SPEC)  # type: ignore[arg-type]
+            n = len(info.model.actions)
+            live = await client.attach(info, controls=[(f, (f // 4) % n) for f in range(0, 40, 4)])
+            first = [f.frame.data async for f in live.frames(limit=40)]
+            await live.aclose()
+            placed = await client.get_session(info.session_id)
+            head = placed.head_frame
+            moved = await router.Migrate(internal_pb2.MigrateRequest(session_id=info.session_id))
+            assert moved.cutover_frame == head and moved.to_worker_id != info.worker_id
+            after = await client.get_session(info.session_id)
+            assert (after.worker_id, after.head_frame) == (moved.to_worker_id, head)
+            again = await client.attach(after, controls=[(head, 1)])
+            rest = [(f.index, f.frame.data) async for f in again.frames(limit=20)]
+            await again.aclose()
+            assert [i for i, _ in rest] == list(range(head, head + 20))
+            replayed = await _replayed(client, info.session_id, head + 20)
+            assert replayed[:40] == first
+            assert replayed[head:] == [d for _, d in rest]

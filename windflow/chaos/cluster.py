@@ -32,6 +32,10 @@ from windflow.infra.ports import LOOPBACK, address
 
 logger = logging.getLogger(__name__)
 
+DRAIN_DEADLINE_S = 10.0
+"""A SIGTERMed worker's drain by live migration (``--drain-deadline-s``): under the
+injector's wait for its exit."""
+
 SERVE: tuple[str, ...] = (sys.executable, "-m", "windflow", "serve")
 INJECTED_MARK = "fault injected at"
 """What ``windflow.common.faults`` logs for every error it injects."""
@@ -209,7 +213,18 @@ class Cluster:
         )  # fmt: skip
         env: Mapping[str, str] | None = None
         if name in self.workers:
-            argv = (*SERVE, "worker", *common, "--worker-id", name, *self.config.worker_args)
+            argv = (
+                *SERVE,
+                "worker",
+                *common,
+                "--worker-id",
+                name,
+                "--router",
+                self.addresses["router"],
+                "--drain-deadline-s",
+                str(DRAIN_DEADLINE_S),
+                *self.config.worker_args,
+            )
             env = dict(self.config.worker_env) or None
         elif name == "gateway":
             upstreams = ("--router", self.addresses["router"])

@@ -81,6 +81,8 @@ class AttachRecord:
     """How the server ended the stream ("": the client closed it)."""
     recovered: int = 0
     """KIND_RECOVERED events seen."""
+    migrated: int = 0
+    """KIND_MIGRATED events seen."""
     final: bool = False
     """The attach after the schedule that shows the session still plays."""
 
@@ -131,6 +133,7 @@ class SessionHistory:
             lines.append(
                 f"  attach {k}{' (final)' if a.final else ''}: {start}, frames {span}"
                 + (f", {a.recovered} recovered" if a.recovered else "")
+                + (f", {a.migrated} migrated" if a.migrated else "")
                 + (f"; sent {controls}" if controls else "")
                 + (f"; refused {refused}" if refused else "")
                 + (f"; ended: {a.end}" if a.end else "")

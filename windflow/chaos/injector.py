@@ -1,7 +1,8 @@
 """Plays a schedule's faults on a ``Cluster``, one at a time, each when the clients together
 have received its frame count: SIGKILL, SIGSTOP (past the lease) or SIGTERM of the worker
-holding a session, and restarts of nats-server and etcd. A worker that went down comes back
-after the fault's ``duration_s``, as a supervisor would bring it back.
+holding a session (SIGTERM drains it: its sessions migrate live), restarts of nats-server
+and etcd, and live migrations of a session. A worker that went down comes back after the
+fault's ``duration_s``, as a supervisor would bring it back.
 """
 
 from __future__ import annotations
@@ -12,16 +13,22 @@ import signal
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from windflow.chaos.cluster import Cluster
 from windflow.chaos.player import Progress
-from windflow.chaos.schedule import Fault
+from windflow.chaos.schedule import MOVES, Fault
+from windflow.common import grpc_util
 from windflow.errors import WindflowError
 from windflow.sdk import Client
+from windflow.v1 import internal_pb2, internal_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 15.0
-"""How long a SIGTERMed worker may take to drain and exit before it is killed."""
+"""How long a SIGTERMed worker may take to drain and exit before it is killed (its own
+drain deadline is shorter: ``cluster.DRAIN_DEADLINE_S``)."""
+MIGRATE_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,9 @@ class Injector:
             self.last_end = time.monotonic()
 
     async def _inject(self, fault: Fault) -> None:
+        if fault.kind in MOVES:
+            await self._migrate(self.session_ids[fault.target], fault)
+            return
         if fault.kind in ("restart_nats", "restart_etcd"):
             target = fault.kind.removeprefix("restart_")
         else:
@@ -103,6 +113,25 @@ class Injector:
             await cluster.wait_exit(target, DRAIN_TIMEOUT_S)
         await asyncio.sleep(fault.duration_s)
         await cluster.restart(target)
+
+    async def _migrate(self, session_id: str, fault: Fault) -> None:
+        """Move the session live to another worker. A refusal (it is detached and its
+        worker down, it moves already, no other worker serves it) is part of the game:
+        logged, never a violation by itself; what the clients saw is checked as always."""
+        source = await self._worker_of(session_id)
+        self.injected.append(Injected(fault, source, time.monotonic() - self._t0))
+        log.info("fault: migrate_session %s off %s", session_id, source)
+        async with grpc_util.channel(self.cluster.addresses["router"]) as channel:
+            try:
+                moved = await internal_pb2_grpc.RouterStub(channel).Migrate(
+                    internal_pb2.MigrateRequest(session_id=session_id, reason="chaos"),
+                    timeout=MIGRATE_TIMEOUT_S,
+                )
+                log.info("migrated %s to %s", session_id, moved.to_worker_id)
+            except grpc.aio.AioRpcError as exc:
+                log.info(
+                    "migration of %s refused: %s %s", session_id, exc.code().name, exc.details()
+                )
 
     async def restore(self) -> None:
         """Bring back every process that is down (a fault cut short)."""

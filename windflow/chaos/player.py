@@ -204,14 +204,17 @@ class SessionPlayer:
         self._collect(live)
 
     def _collect(self, live: _Live) -> None:
-        """Move the stream's refusals and recoveries into the record."""
+        """Move the stream's refusals, recoveries and migrations into the record."""
         stream = live.stream
         while stream.errors:
             error = stream.errors.popleft()
             live.record.refusals.append(Refusal(error.frame_index, error.code_name, error.message))
         while stream.events:
-            if stream.events.popleft().kind == pb.SessionEvent.KIND_RECOVERED:
+            kind = stream.events.popleft().kind
+            if kind == pb.SessionEvent.KIND_RECOVERED:
                 live.record.recovered += 1
+            elif kind == pb.SessionEvent.KIND_MIGRATED:
+                live.record.migrated += 1
 
     # -- controls ----------------------------------------------------------------------
 

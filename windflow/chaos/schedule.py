@@ -34,7 +34,10 @@ LEASE_TTL_S = 2
 
 WORKER_FAULTS = ("kill_worker", "stop_worker", "term_worker")
 INFRA_FAULTS = ("restart_nats", "restart_etcd")
-FAULT_KINDS = WORKER_FAULTS + INFRA_FAULTS
+MOVES = ("migrate_session",)
+"""Not a fault but a live migration of the session (``Router.Migrate``), racing the faults
+around it as a drain or a rebalance would."""
+FAULT_KINDS = WORKER_FAULTS + INFRA_FAULTS + MOVES
 CONTROL_KINDS = ("valid", "invalid", "late", "burst")
 
 
@@ -88,7 +91,8 @@ class Fault:
     """For a worker fault: the session (index) whose worker it hits."""
     duration_s: float
     """SIGSTOP: how long the worker stays stopped; SIGKILL, SIGTERM: how long it stays
-    down before it is started again; nats, etcd: how long the server stays down."""
+    down before it is started again; nats, etcd: how long the server stays down; a
+    migration: 0."""
     hard: bool
     """nats, etcd: SIGKILL (else SIGTERM)."""
 
@@ -244,9 +248,11 @@ def _control(rng: random.Random, frames: int, n_actions: int) -> Control:
 
 
 def _fault(rng: random.Random, at_frames: int, sessions: int) -> Fault:
-    kind = rng.choices(FAULT_KINDS, weights=(4, 3, 3, 2, 2))[0]
+    kind = rng.choices(FAULT_KINDS, weights=(4, 3, 3, 2, 2, 4))[0]
     if kind == "stop_worker":
         duration = LEASE_TTL_S + rng.uniform(0.5, 2.0)
+    elif kind in MOVES:
+        duration = 0.0
     elif kind in WORKER_FAULTS:
         duration = rng.choice((0.0, 0.5, 2.0))
     else:
