@@ -150,14 +150,14 @@ class StreamProxy:
         return pb.SessionEvent(
             kind=pb.SessionEvent.KIND_MIGRATED if migrated else pb.SessionEvent.KIND_RECOVERED,
             message=(
-                f"migrated from worker {now.from_worker_id} to {now.worker_id} "
+                f"migrated from worker {previous.worker_id} to {now.worker_id} "
                 f"(region {now.region or '?'}); switched in {took}"
                 if migrated
                 else f"moved to worker {now.worker_id} in {took}"
             ),
             frame_index=self.last_forwarded + 1,
             worker_id=now.worker_id,
-            from_worker_id=now.from_worker_id if migrated else previous.worker_id,
+            from_worker_id=previous.worker_id,  # (the leg's worker: a migration's source)
             region=now.region,
         )
 

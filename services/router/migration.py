@@ -213,8 +213,8 @@ class Migrator:
         except WindflowError as err:  # its placement check drops it
             log.warning("session %s: hand-off on %s failed: %s", session_id, source.worker_id, err)
         result.total_ms = (time.perf_counter() - t0) * 1000.0
-        # (the source's count drops with its own update after the hand-off: decremented
-        # here as well, a count that update already lowered would be one short)
+        # (the source's session count is left to its own update after the hand-off:
+        # lowered here as well, a count that update had lowered already would be one short)
         await self._event("done", result, f"{detail} at frame {stop.frame}")
         log.info(
             "migrated session %s %s at frame %d (prepare %.0f ms, hand-off %.0f ms)",

@@ -68,6 +68,8 @@ INCOMING_TTL_S = 3.0
 reads the placement and acts on it: commits if it moved here, else drops what it holds."""
 RPC_TIMEOUT_S = 5.0
 CLAIM_ATTEMPTS = 3
+"""CLAIMs a commit tries when the source appended meanwhile (its HEAD entry, as its stream
+detached): each reads the log again."""
 
 
 @dataclass(slots=True)
@@ -175,17 +177,13 @@ class Migrations:
                 )
             actor.frame_available.clear()
             await actor.frame_available.wait()
-        return internal_pb2.MigrationStatus(
-            session_id=actor.session_id, frame=actor.next_frame, source_head=actor.durable_head
-        )
+        return _source_status(actor)
 
     def resume(self, request: internal_pb2.MigrateOutRequest) -> internal_pb2.MigrationStatus:
         """The migration aborted: the source makes frames again."""
         actor = self._source(request.session_id, request.epoch)
         self._go_on(actor)
-        return internal_pb2.MigrationStatus(
-            session_id=actor.session_id, frame=actor.next_frame, source_head=actor.durable_head
-        )
+        return _source_status(actor)
 
     def _go_on(self, actor: SessionActor) -> None:
         task = self._stops.pop(actor.session_id, None)
@@ -201,18 +199,12 @@ class Migrations:
     def handoff(self, request: internal_pb2.MigrateOutRequest) -> internal_pb2.MigrationStatus:
         """The placement moved to the target: the session leaves once its frames before
         the cut-over are out (its stream then ends UNAVAILABLE: the gateway follows)."""
-        actor = self._runtime.actor(request.session_id)
-        if actor.epoch != request.epoch:
-            raise FailedPrecondition(
-                f"session {request.session_id} is here at epoch {actor.epoch}, not {request.epoch}"
-            )
+        actor = self._source(request.session_id, request.epoch)
         task = self._stops.pop(actor.session_id, None)
         if task is not None:
             task.cancel()
         self._leave(actor, request.to_worker_id, actor.stop_at or actor.next_frame)
-        return internal_pb2.MigrationStatus(
-            session_id=actor.session_id, frame=actor.next_frame, source_head=actor.durable_head
-        )
+        return _source_status(actor)
 
     def _leave(self, actor: SessionActor, to_worker: str, frame: int) -> None:
         rt = self._runtime
@@ -236,10 +228,7 @@ class Migrations:
         record = await self._placement(actor.session_id)
         if self._runtime.engine.sessions.get(actor.session_id) is not actor:
             return
-        if record is not None and (record.worker_id, record.epoch) == (
-            self._runtime.config.worker_id,
-            actor.epoch,
-        ):
+        if self._runtime.placed_here(record, actor.epoch):
             log.warning("session %s: its migration went quiet; it goes on here", actor.session_id)
             self._go_on(actor)
         else:
@@ -355,13 +344,12 @@ class Migrations:
         return frame, blob
 
     async def _source_head(self, incoming: Incoming) -> int:
-        try:
-            status = await self._stub(incoming.source_address).GetSessionStatus(
+        status = await grpc_util.call(
+            self._stub(incoming.source_address).GetSessionStatus(
                 internal_pb2.GetSessionStatusRequest(session_id=incoming.session_id),
                 timeout=RPC_TIMEOUT_S,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise grpc_util.error_from_rpc(exc) from exc
+        )
         if status.epoch != incoming.source_epoch:
             raise FailedPrecondition(
                 f"session {incoming.session_id} moved on at its source (epoch {status.epoch})"
@@ -436,8 +424,8 @@ class Migrations:
         return _copy(incoming.status, incoming.session_id)
 
     async def _source_reached(self, incoming: Incoming, frame: int) -> None:
-        try:
-            await self._stub(incoming.source_address).MigrateOut(
+        await grpc_util.call(
+            self._stub(incoming.source_address).MigrateOut(
                 internal_pb2.MigrateOutRequest(
                     op=internal_pb2.MigrateOutRequest.OP_WAIT,
                     session_id=incoming.session_id,
@@ -446,8 +434,7 @@ class Migrations:
                 ),
                 timeout=RPC_TIMEOUT_S,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise grpc_util.error_from_rpc(exc) from exc
+        )
 
     async def commit(self, request: internal_pb2.MigrateInRequest) -> internal_pb2.MigrationStatus:
         held = self._runtime.engine.sessions.get(request.session_id)
@@ -506,10 +493,7 @@ class Migrations:
         incoming = self.incoming.get(actor.session_id)
         if incoming is not None and incoming.actor is actor:
             record = await self._placement(actor.session_id)
-            here = record is not None and (record.worker_id, record.epoch) == (
-                self._runtime.config.worker_id,
-                actor.epoch,
-            )
+            here = self._runtime.placed_here(record, actor.epoch)
             if here and self.incoming.get(actor.session_id) is incoming:
                 with contextlib.suppress(WindflowError):  # (the router's COMMIT raced it)
                     await self._commit(incoming)
@@ -548,11 +532,7 @@ class Migrations:
         if self.incoming.get(incoming.session_id) is not incoming:
             return
         record = await self._placement(incoming.session_id)
-        here = record is not None and (record.worker_id, record.epoch) == (
-            self._runtime.config.worker_id,
-            incoming.epoch,
-        )
-        if here and incoming.actor is not None:
+        if self._runtime.placed_here(record, incoming.epoch) and incoming.actor is not None:
             log.warning(
                 "session %s: placed here and never committed; committing", incoming.session_id
             )
@@ -581,3 +561,10 @@ def _copy(status: internal_pb2.MigrationStatus, session_id: str) -> internal_pb2
     out.CopyFrom(status)
     out.session_id = session_id
     return out
+
+
+def _source_status(actor: SessionActor) -> internal_pb2.MigrationStatus:
+    """Where a migrating session's source stands: its next frame and durable head."""
+    return internal_pb2.MigrationStatus(
+        session_id=actor.session_id, frame=actor.next_frame, source_head=actor.durable_head
+    )

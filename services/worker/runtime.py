@@ -610,6 +610,13 @@ class WorkerRuntime:
         for actor in self.engine.sessions.values():
             actor.frame_available.set()
 
+    def placed_here(self, record: internal_pb2.PlacementRecord | None, epoch: int) -> bool:
+        """Does the placement ``record`` name this worker at ``epoch``?"""
+        return record is not None and (record.worker_id, record.epoch) == (
+            self.config.worker_id,
+            epoch,
+        )
+
     async def check_placements(
         self, placement_of: Callable[[str], Awaitable[internal_pb2.PlacementRecord | None]]
     ) -> int:
@@ -622,10 +629,7 @@ class WorkerRuntime:
             record = await placement_of(session_id)
             if self.engine.sessions.get(session_id) is not actor or actor.awaiting_commit:
                 continue  # replaced or closed meanwhile; or migrating here, not yet placed
-            if record is not None and (record.worker_id, record.epoch) == (
-                self.config.worker_id,
-                actor.epoch,
-            ):
+            if self.placed_here(record, actor.epoch):
                 continue
             where = (
                 "it was closed"

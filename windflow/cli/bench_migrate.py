@@ -370,15 +370,7 @@ async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
         gateways=2,
         routers=2,
         worker_regions={"worker-3": OTHER_REGION},
-        worker_args=(
-            "--models",
-            args.model,
-            "--lease-ttl",
-            "2",
-            "--heartbeat",
-            "0.5",
-            *args.worker_arg,
-        ),
+        worker_args=bench_results.stack_worker_args(args),
     )
     async with Stack(config) as stack:
         return await measure(stack, args)

@@ -90,6 +90,12 @@ def write(
     return path
 
 
+def stack_worker_args(args: Any) -> tuple[str, ...]:
+    """The workers' flags of a benchmark's own stack: ``args.model``, a 2 s lease (a killed
+    worker's sessions move soon), then ``args.worker_arg``."""
+    return ("--models", args.model, "--lease-ttl", "2", "--heartbeat", "0.5", *args.worker_arg)
+
+
 def run_stack_bench(
     bench: str,
     args: Any,

@@ -209,15 +209,7 @@ async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
     config = StackConfig(
         state_dir=state_dir,
         workers=2,
-        worker_args=(
-            "--models",
-            args.model,
-            "--lease-ttl",
-            "2",
-            "--heartbeat",
-            "0.5",
-            *args.worker_arg,
-        ),
+        worker_args=bench_results.stack_worker_args(args),
     )
     async with Stack(config) as stack:
         return await measure(stack.gateway_address, args, stack)
