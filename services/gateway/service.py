@@ -146,6 +146,12 @@ class GatewayService:
         while True:
             try:
                 placement = await self._placement(session_id)
+                if placement.parked:
+                    session.state = pb.SESSION_STATE_PARKED
+                    session.head_frame = placement.parked_head
+                    session.parked_unix_ms = placement.parked_unix_ms
+                    session.worker_id = ""
+                    return session
                 session.worker_id = placement.worker_id
                 session.placement_epoch = placement.epoch
                 session.region = placement.region
@@ -169,27 +175,13 @@ class GatewayService:
             return session
 
     async def close_session(self, session_id: str) -> pb.Session:
-        session = await self._record(session_id)
-        if session.state == pb.SESSION_STATE_CLOSED:
-            return session
-        try:
-            placement = await self._placement(session_id)
-            status = await grpc_util.call(
-                self._worker(placement.worker_address).CloseSession(
-                    internal_pb2.CloseWorkerSessionRequest(session_id=session_id),
-                    timeout=self.config.rpc_timeout_s,
-                )
+        if not session_id:
+            raise InvalidArgument("session_id is empty")
+        return await grpc_util.call(
+            self._store.Close(
+                pb.CloseSessionRequest(session_id=session_id), timeout=self.config.rpc_timeout_s
             )
-            session.head_frame = status.head_frame
-        except (NotFound, Unavailable):
-            # not placed, not on its worker, or its worker is gone: nothing holds it. (Any
-            # other failure is the caller's to retry: the placement stays, so that the
-            # worker's actor is not left behind holding a slot.)
-            pass
-        await etcd.kv(self._etcd).delete(names.placement_key(session_id))
-        session.state = pb.SESSION_STATE_CLOSED
-        await self._update(session)
-        return session
+        )
 
     async def stream(
         self, requests: AsyncIterator[pb.ClientMessage]
@@ -205,6 +197,8 @@ class GatewayService:
         if session.state in (pb.SESSION_STATE_CLOSED, pb.SESSION_STATE_FAILED):
             raise FailedPrecondition(f"session {session_id!r} is closed")
         placement = await self._placement(session_id)
+        if placement.parked:
+            placement = await self._unpark(session_id, placement, first.attach)
         proxy = StreamProxy(
             first,
             placement,
@@ -225,6 +219,33 @@ class GatewayService:
                 yield message
         finally:
             span.end()
+
+    async def _unpark(
+        self, session_id: str, parked: internal_pb2.PlacementRecord, attach: pb.Attach
+    ) -> internal_pb2.PlacementRecord:
+        """Restore a parked session on a worker with room (the router's Recover of a parked
+        placement): at the client's resume point, else at the head it was parked at."""
+        t0 = time.perf_counter()
+        await grpc_util.call(
+            self._router.Recover(
+                internal_pb2.RecoverRequest(
+                    session_id=session_id,
+                    epoch=parked.epoch,
+                    resume=attach.resume,
+                    resume_from=attach.resume_from,
+                ),
+                timeout=self.config.recover_timeout_s,
+                metadata=telemetry.inject_metadata(),
+            )
+        )
+        placement = await self._placement(session_id)
+        log.info(
+            "session %s unparked on %s in %.0f ms",
+            session_id,
+            placement.worker_id,
+            (time.perf_counter() - t0) * 1000,
+        )
+        return placement
 
     def _note_delivered(self, session_id: str, frame: int) -> None:
         """Record where a stream's client left the session (``DeliveredHeads``), off the
@@ -297,7 +318,9 @@ class GatewayService:
     async def _replay_worker(self, session: pb.Session) -> str:
         """The worker holding the session, else any live worker serving its model."""
         with contextlib.suppress(NotFound):
-            return (await self._placement(session.session_id)).worker_address
+            placement = await self._placement(session.session_id)
+            if not placement.parked:
+                return placement.worker_address
         for worker in await etcd.list_workers(self._etcd):
             if any(m.model_id == session.spec.model_id for m in worker.models):
                 return worker.address

@@ -81,6 +81,10 @@ class Migrator:
             raise NotFound(f"session {session_id!r} is not placed (unknown or closed)")
         version = current.kvs[0].version
         record = internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
+        if record.parked:
+            raise FailedPrecondition(
+                f"session {session_id} is parked (on no worker); the next attach restores it"
+            )
         source = service.workers.get(record.worker_id)
         if source is None:
             raise Unavailable(

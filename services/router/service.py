@@ -218,6 +218,15 @@ class RouterService:
         ``resume_from``. Already moved on: the new placement."""
         async with self.session_lock(request.session_id):
             record = await self._placement(request.session_id)
+            if record.parked:
+                # parked (docs/access.md): restored wherever there is room, at the client's
+                # resume point or (no client) at the head it was checkpointed at
+                return await self._recover(
+                    request.session_id,
+                    record,
+                    exclude=(),
+                    resume_from=request.resume_from if request.resume else None,
+                )
             if record.epoch != request.epoch or record.worker_id != request.worker_id:
                 return _as_placement(request.session_id, record)  # already moved on
             worker = self.workers.get(record.worker_id)
@@ -292,12 +301,15 @@ class RouterService:
         exclude: tuple[str, ...],
         resume_from: int | None,
     ) -> internal_pb2.Placement:
-        log.warning(
-            "recovering session %s from worker %s (%s)",
-            session_id,
-            record.worker_id,
-            "gone" if exclude else "alive, without it",
-        )
+        if record.parked:
+            log.info("unparking session %s (parked at frame %d)", session_id, record.parked_head)
+        else:
+            log.warning(
+                "recovering session %s from worker %s (%s)",
+                session_id,
+                record.worker_id,
+                "gone" if exclude else "alive, without it",
+            )
         placement = await self._place(
             internal_pb2.PlaceRequest(
                 session_id=session_id,
@@ -346,14 +358,17 @@ class RouterService:
         await asyncio.gather(*(recover_one(s) for s in orphans))
 
     async def placements(self) -> dict[str, internal_pb2.PlacementRecord]:
-        """Every placed session's record, by session id (one range read)."""
+        """The record of every session placed on a worker, by session id (one range read;
+        parked sessions are on none)."""
         prefix = names.SESSIONS_PREFIX.encode()
         response = await etcd.kv(self.etcd).get(prefix, prefix_range_end(prefix))
         placed = {}
         for item in response.kvs:
             if item.key.endswith(b"/placement"):
                 session_id = item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0]
-                placed[session_id] = internal_pb2.PlacementRecord.FromString(item.value)
+                record = internal_pb2.PlacementRecord.FromString(item.value)
+                if not record.parked:
+                    placed[session_id] = record
         return placed
 
     async def placed_on(self, worker_id: str) -> list[str]:
@@ -378,9 +393,10 @@ class RouterService:
         kvs = etcd.kv(self.etcd)
         current = await kvs.get(key)
         version = current.kvs[0].version if current.kvs else 0
-        epoch = 0
+        previous = None
         if current.kvs:
-            epoch = internal_pb2.PlacementRecord.FromString(current.kvs[0].value).epoch
+            previous = internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
+        epoch = 0 if previous is None else previous.epoch
         tried: list[str] = list(exclude)
         prefer = ""
         if request.affinity_session_id:
@@ -401,7 +417,7 @@ class RouterService:
                 )
             except (NotFound, ResourceExhausted):
                 if last_error is None:
-                    await self._unplace(key, version, new=not current.kvs)
+                    await self._unplace(key, version, previous, epoch)
                     raise
                 break
             tried.append(worker.worker_id)
@@ -456,7 +472,7 @@ class RouterService:
                 )
                 if isinstance(last_error, (ResourceExhausted, Unavailable)):
                     continue
-                await self._unplace(key, version, new=not current.kvs)
+                await self._unplace(key, version, previous, epoch)
                 raise last_error from exc
             view = self.workers.get(worker.worker_id)
             if view is not None and opened.sessions > view.sessions:
@@ -487,7 +503,7 @@ class RouterService:
             )
             return _as_placement(request.session_id, record, opened.model)
         assert last_error is not None
-        await self._unplace(key, version, new=not current.kvs)
+        await self._unplace(key, version, previous, epoch)
         raise last_error
 
     def _release_slot(self, worker: WorkerView) -> None:
@@ -497,15 +513,29 @@ class RouterService:
         if view is not None and view.sessions == worker.sessions + 1:
             self.workers[worker.worker_id] = worker
 
-    async def _unplace(self, key: str, version: int, *, new: bool) -> None:
-        """A new session no worker took has no placement (a recovered one keeps its
-        record, pointing at a worker without it: its next Recover re-places it)."""
-        if not new or version == 0:
+    async def _unplace(
+        self,
+        key: str,
+        version: int,
+        previous: internal_pb2.PlacementRecord | None,
+        epoch: int,
+    ) -> None:
+        """No worker took the session: a new one has no placement, a parked one stays
+        parked (at ``epoch``, which fences the workers tried); a recovered one keeps its
+        record, pointing at a worker without it (its next Recover re-places it)."""
+        if version == 0 or (previous is not None and not previous.parked):
             return
         kvs = etcd.kv(self.etcd)
+        if previous is None:
+            undo = kvs.txn_op_delete(key)
+        else:
+            parked = internal_pb2.PlacementRecord()
+            parked.CopyFrom(previous)
+            parked.epoch = epoch
+            undo = kvs.txn_op_put(key, parked.SerializeToString())
         await kvs.txn(
             compare=[kvs.txn_compare_version(key, version), *self.fence()],
-            success=[kvs.txn_op_delete(key)],
+            success=[undo],
         )
 
     async def aclose(self) -> None:

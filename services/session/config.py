@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ReclaimPolicy:
+    """When abandoned sessions are reclaimed (services/session/reclaim.py); 0 turns a rule
+    off."""
+
+    every_s: float = 1.0
+    """How often the workers' idle sessions are looked for."""
+    unattached_s: float = 30.0
+    """A session no client attached to within this is closed."""
+    park_after_s: float = 60.0
+    """A session without a client this long is parked (checkpointed, slot freed)."""
+    parked_retention_s: float = 24 * 3600.0
+    """A session parked this long is closed."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_s > 0 and (
+            self.unattached_s > 0 or self.park_after_s > 0 or self.parked_retention_s > 0
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,4 +35,6 @@ class SessionServiceConfig:
     router: str = ""
     """Router address, host:port (forks are placed through it)."""
     listen: str = "127.0.0.1:0"
+    reclaim: ReclaimPolicy = field(default_factory=ReclaimPolicy)
+    """When abandoned sessions are closed or parked (services/session/reclaim.py)."""
     otlp_endpoint: str | None = None

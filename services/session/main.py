@@ -9,7 +9,9 @@ import grpc
 
 from services.session.config import SessionServiceConfig
 from services.session.orchestrator import Orchestrator
+from services.session.reclaim import Reclaimer
 from services.session.store import SessionStore
+from windflow.access.usage import Ledger
 from windflow.common import etcd, lifecycle, telemetry
 from windflow.common.durable import CheckpointCatalog, ControlLog
 from windflow.common.events import EventBus
@@ -49,6 +51,11 @@ class SessionStoreServicer(internal_pb2_grpc.SessionStoreServicer):
     ) -> internal_pb2.SessionRecord:
         return internal_pb2.SessionRecord(session=await self._store.update(request.session))
 
+    async def Close(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Session:
+        return await self._orchestrator.close(request.session_id)
+
     async def ListRecords(
         self, request: internal_pb2.ListRecordsRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.ListRecordsResponse:
@@ -77,9 +84,16 @@ async def run(config: SessionServiceConfig) -> int:
     await server.set_serving()
     log.info("session service serving on %s", address)
     serving = asyncio.create_task(server.wait(), name="session-server")
+    background = [asyncio.create_task(Ledger(client, bus.jetstream()).run(), name="usage-ledger")]
+    if config.reclaim.enabled:
+        reclaimer = Reclaimer(orchestrator, bus, config.reclaim)
+        background.append(asyncio.create_task(reclaimer.run(), name="reclaimer"))
     try:
         return await lifecycle.wait_for_stop(serving)
     finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await server.aclose()
         serving.cancel()
         await orchestrator.aclose()

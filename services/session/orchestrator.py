@@ -6,6 +6,8 @@
   the state at k (checkpoint + log replay).
 - Rewind(s, k): the worker holding s replaces its state with the one at k, truncates the
   log after k and forgets later checkpoints; the record's head follows.
+- Close(s): wherever s is (on a worker, parked, nowhere): its placement goes and its record
+  says CLOSED. The reclaimer (``services/session/reclaim.py``) closes through it too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from services.session.store import SessionStore
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.durable import CheckpointCatalog, ControlLog
 from windflow.common.events import EventBus
-from windflow.errors import NotFound, OutOfRange, WindflowError
+from windflow.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable, WindflowError
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
@@ -48,7 +50,7 @@ class Orchestrator:
         self._router = internal_pb2_grpc.RouterStub(self._router_channel)
         self._workers: dict[str, grpc.aio.Channel] = {}
 
-    def _worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
+    def worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
         channel = self._workers.get(address)
         if channel is None:
             channel = self._workers[address] = grpc_util.channel(address)
@@ -61,12 +63,15 @@ class Orchestrator:
         return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
 
     async def head(self, session: pb.Session) -> int:
-        """Frames the session has made: from its worker when live, else from its record."""
+        """Frames the session has made: from its worker when live, from its placement when
+        parked, else from its record."""
         placement = await self._placement(session.session_id)
         if placement is None:
             return int(session.head_frame)
+        if placement.parked:
+            return int(placement.parked_head)
         status = await grpc_util.call(
-            self._worker(placement.worker_address).GetSessionStatus(
+            self.worker(placement.worker_address).GetSessionStatus(
                 internal_pb2.GetSessionStatusRequest(session_id=session.session_id),
                 timeout=self._timeout,
             )
@@ -147,8 +152,10 @@ class Orchestrator:
         placement = await self._placement(session.session_id)
         if placement is None:
             raise NotFound(f"session {session.session_id} is not live on any worker")
+        if placement.parked:
+            placement = await self.unpark(session.session_id, placement)
         status = await grpc_util.call(
-            self._worker(placement.worker_address).Rewind(
+            self.worker(placement.worker_address).Rewind(
                 pb.RewindRequest(session_id=session.session_id, to_frame=request.to_frame),
                 timeout=self._timeout,
             )
@@ -162,6 +169,70 @@ class Orchestrator:
             detail=f"to {request.to_frame}",
         )
         return await self.describe(session)
+
+    async def unpark(
+        self, session_id: str, placement: internal_pb2.PlacementRecord
+    ) -> internal_pb2.PlacementRecord:
+        """Restore a parked session on a worker (the router's Recover of a parked
+        placement), at its head; its new placement."""
+        placed = await grpc_util.call(
+            self._router.Recover(
+                internal_pb2.RecoverRequest(session_id=session_id, epoch=placement.epoch),
+                timeout=self._timeout,
+                metadata=telemetry.inject_metadata(),
+            )
+        )
+        return internal_pb2.PlacementRecord(
+            worker_id=placed.worker_id,
+            worker_address=placed.worker_address,
+            epoch=placed.epoch,
+            spec=placement.spec,
+            region=placed.region,
+        )
+
+    async def close(self, session_id: str, *, if_idle_s: float = 0.0, epoch: int = 0) -> pb.Session:
+        """Close ``session_id``: its worker lets it go, its placement goes, its record says
+        CLOSED. With ``if_idle_s`` (the reclaimer), only a session no client ever attached
+        to that has waited that long on its worker at ``epoch``, and only if its placement
+        is still the one read (else FAILED_PRECONDITION: it is in use or moved)."""
+        session = await self.store.get(session_id)
+        if session.state == pb.SESSION_STATE_CLOSED:
+            return session
+        kvs = etcd.kv(self.store.etcd)
+        key = names.placement_key(session_id)
+        current = await kvs.get(key)
+        if current.kvs:
+            placement = internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
+            if placement.parked:
+                session.head_frame = placement.parked_head
+            else:
+                try:
+                    status = await grpc_util.call(
+                        self.worker(placement.worker_address).CloseSession(
+                            internal_pb2.CloseWorkerSessionRequest(
+                                session_id=session_id, if_idle_s=if_idle_s, epoch=epoch
+                            ),
+                            timeout=self._timeout,
+                        )
+                    )
+                    session.head_frame = status.head_frame
+                except (NotFound, Unavailable):
+                    # not on its worker, or its worker is gone: nothing holds it. (Any other
+                    # failure is the caller's to retry: the placement stays, so that the
+                    # worker's actor is not left behind holding a slot.)
+                    pass
+            if if_idle_s > 0:
+                gone = await kvs.txn(
+                    compare=[kvs.txn_compare_version(key, current.kvs[0].version)],
+                    success=[kvs.txn_op_delete(key)],
+                )
+                if not gone.succeeded:
+                    raise FailedPrecondition(f"session {session_id} moved while it was closed")
+            else:
+                await kvs.delete(key)
+        session.state = pb.SESSION_STATE_CLOSED
+        await self.store.update(session)
+        return session
 
     async def aclose(self) -> None:
         await self._router_channel.close()

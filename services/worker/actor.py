@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from opentelemetry import context as otel_context
 
 from services.worker.models.base import Control, SessionState, WorldModel
+from windflow.access.usage import UsageMeter
 from windflow.common import telemetry
 from windflow.errors import InvalidArgument, ResourceExhausted, WindflowError
 from windflow.v1 import windflow_pb2 as pb
@@ -50,6 +51,7 @@ class SessionActor:
         out_queue: int,
         max_pending_controls: int,
         now: float,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.session_id = session_id
         self.spec = spec
@@ -90,6 +92,16 @@ class SessionActor:
         self.last_sent = state.frame_index - 1
         self.last_acked = state.frame_index - 1
         self.attached = False
+        self.ever_attached = False
+        """A client stream attached to it here (or on a worker before: a recovery or a
+        migration sets it): what tells a session abandoned before its first attach (closed
+        by the reclaimer) from a detached one (parked)."""
+        self.idle_since = now
+        """When (monotonic) it was opened here or its stream last detached."""
+        self.meter = meter or UsageMeter(session_id, spec.model_id, spec.fps, "")
+        """Its frames sent, second by second, for billing (windflow/access/usage.py)."""
+        self.parking = False
+        """Being checkpointed to be let go (``WorkerRuntime.park``): attaches are refused."""
         self.trace_context: otel_context.Context | None = None
         """Trace context of the attached stream's session span (parent of frame spans)."""
         self._idle = asyncio.Event()
@@ -246,12 +258,18 @@ class SessionActor:
 
     def attach(self, window: int) -> None:
         self.attached = True
+        self.ever_attached = True
         self.window = window or self._default_window
         self.last_sent = self.last_acked = self.next_frame - 1
 
-    def detach(self) -> None:
+    def detach(self, now: float) -> None:
         self.attached = False
+        self.idle_since = now
         self.out.clear()
+
+    def idle_s(self, now: float) -> float:
+        """How long it has been without a client stream (0 while one is attached)."""
+        return 0.0 if self.attached else max(0.0, now - self.idle_since)
 
     def ack(self, frame_index: int) -> None:
         if frame_index > self.last_acked:

@@ -281,15 +281,7 @@ class Journal:
 
     async def _upload(self, actor: SessionActor, frame_index: int, blob: bytes) -> None:
         try:
-            name = self.store.object_name(actor.session_id, frame_index)
-            await self.store.put(name, blob)
-            checkpoint = pb.Checkpoint(
-                frame_index=frame_index,
-                object_name=name,
-                size=len(blob),
-                model_version=actor.model.info.version,
-            )
-            if not await self.catalog.add(actor.session_id, checkpoint, epoch=actor.epoch):
+            if not await self.save_checkpoint(actor, frame_index, blob):
                 log.warning(
                     "checkpoint of %s at %d fenced off (placement moved)",
                     actor.session_id,
@@ -299,6 +291,22 @@ class Journal:
             log.exception("checkpoint of %s at %d failed", actor.session_id, frame_index)
         finally:
             actor.checkpoint_busy = False
+
+    async def save_checkpoint(self, actor: SessionActor, frame_index: int, blob: bytes) -> bool:
+        """Store a snapshot taken before ``frame_index`` and record it in the session's
+        catalog; False if the placement moved off the actor's epoch meanwhile."""
+        name = self.store.object_name(actor.session_id, frame_index)
+        await self.store.put(name, blob)
+        checkpoint = pb.Checkpoint(
+            frame_index=frame_index,
+            object_name=name,
+            size=len(blob),
+            model_version=actor.model.info.version,
+        )
+        return await self.catalog.add(actor.session_id, checkpoint, epoch=actor.epoch)
+
+    async def checkpoint_frames(self, session_id: str) -> set[int]:
+        return {c.frame_index for c in await self.catalog.list(session_id)}
 
     # ---- restore ----
 

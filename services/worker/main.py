@@ -11,11 +11,13 @@ import grpc
 
 from services.worker.config import WorkerConfig
 from services.worker.journal import Journal
+from services.worker.metering import UsagePublisher
 from services.worker.model_host import ModelHost, exit_worker
 from services.worker.models.base import WorldModel
 from services.worker.models.registry import load_model
 from services.worker.runtime import WorkerRuntime
 from services.worker.servicer import WorkerServicer
+from windflow.access.usage import UsageLog
 from windflow.common import etcd, grpc_util, lifecycle, names, telemetry
 from windflow.common.durable import (
     CheckpointCatalog,
@@ -83,6 +85,10 @@ async def run(config: WorkerConfig) -> int:
         memory_budget_bytes=int(config.memory_snapshot_mb * 2**20),
     )
     runtime = WorkerRuntime(config, models, on_change, journal)
+    usage_log = UsageLog(js)
+    await usage_log.ensure()
+    runtime.usage = UsagePublisher(usage_log)
+    runtime.usage.start()
     server = ServiceServer(config.listen)
     server.add(
         internal_pb2_grpc.add_WorkerServicer_to_server,
@@ -129,6 +135,7 @@ async def run(config: WorkerConfig) -> int:
         await bus.publish(names.SUBJECT_WORKER_DOWN, worker_id=config.worker_id, detail="stopped")
         await server.aclose()
         await runtime.aclose()
+        await runtime.usage.aclose()
         for host in hosts:
             await asyncio.to_thread(host.close)
         await bus.aclose()

@@ -416,6 +416,7 @@ class Migrations:
             incoming.session_id, incoming.spec, incoming.model, state, incoming.epoch
         )
         actor.awaiting_commit = True
+        actor.ever_attached = True  # a live session (reclaiming parks it, never closes it)
         rt.durable().sync_logged(actor, entries)
         incoming.actor = actor
         rt.engine.add(actor)

@@ -20,9 +20,11 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
 from services.worker.journal import Journal, applied_at, replay_steps
 from services.worker.messages import event, stream_error
+from services.worker.metering import UsagePublisher
 from services.worker.migration import Migrations
 from services.worker.models.base import SessionState, WorldModel
 from services.worker.replay import BatchedReplay
+from windflow.access.usage import UsageMeter
 from windflow.common import names, telemetry
 from windflow.common.durable import Fenced, StoredEntry, controls_by_frame
 from windflow.common.frames import encode_frame
@@ -87,6 +89,8 @@ class WorkerRuntime:
         """Background work it owns (a detached session's HEAD entry)."""
         self.address = ""
         self.started_ms = int(time.time() * 1000)
+        self.usage: UsagePublisher | None = None
+        """Where the sessions' usage records go (None: not metered)."""
 
     def start(self) -> asyncio.Task[None]:
         if self.config.recheck_idle_s > 0:
@@ -225,6 +229,8 @@ class WorkerRuntime:
                     )
         finally:
             self._opening -= 1
+        # a recovered session had its chance to attach: reclaiming parks it, never closes it
+        actor.ever_attached = recovery
         self.engine.add(actor)
         log.info(
             "opened session %s at frame %d (%s, %.1f fps, %d steps)",
@@ -280,7 +286,12 @@ class WorkerRuntime:
             out_queue=self.config.out_queue,
             max_pending_controls=self.config.max_pending_controls,
             now=time.monotonic(),
+            meter=UsageMeter(session_id, spec.model_id, spec.fps, self.config.worker_id),
         )
+
+    def bill(self, records: list[internal_pb2.UsageRecord]) -> None:
+        if self.usage is not None:
+            self.usage.submit(records)
 
     async def _memory_of(self, source_id: str, frame: int) -> dict[int, SessionState]:
         """In-memory snapshots of a session on this worker usable to restore ``frame``;
@@ -313,9 +324,37 @@ class WorkerRuntime:
             fps=1.0 / actor.interval,
             deadline_misses=self.engine.quality.misses(session_id),
             epoch=actor.epoch,
+            ever_attached=actor.ever_attached,
+            idle_s=actor.idle_s(time.monotonic()),
         )
 
-    def close_session(self, session_id: str) -> internal_pb2.SessionStatus:
+    def statuses(self) -> list[internal_pb2.SessionStatus]:
+        return [self.status(session_id) for session_id in list(self.engine.sessions)]
+
+    def _check_idle(self, actor: SessionActor, epoch: int, min_idle_s: float) -> None:
+        """Refuse to reclaim ``actor`` unless it is here at ``epoch`` and has been without
+        a client for ``min_idle_s`` (the reclaimer's view may be a moment old)."""
+        if epoch and actor.epoch != epoch:
+            raise FailedPrecondition(
+                f"session {actor.session_id} is here at epoch {actor.epoch}, not {epoch}"
+            )
+        idle = actor.idle_s(time.monotonic())
+        if actor.attached or actor.parking or idle < min_idle_s:
+            raise FailedPrecondition(
+                f"session {actor.session_id} is in use (attached {actor.attached}, idle "
+                f"{idle:.1f} s of {min_idle_s:.1f} s)"
+            )
+
+    def close_session(
+        self, session_id: str, *, if_idle_s: float = 0.0, epoch: int = 0
+    ) -> internal_pb2.SessionStatus:
+        """Close ``session_id``; with ``if_idle_s``, only if no client ever attached to it
+        and it has waited that long (the reclaimer's close), else FAILED_PRECONDITION."""
+        if if_idle_s > 0:
+            waiting = self.actor(session_id)
+            self._check_idle(waiting, epoch, if_idle_s)
+            if waiting.ever_attached:
+                raise FailedPrecondition(f"session {session_id} was attached: it is parked")
         status = self.status(session_id)
         actor = self.engine.remove(session_id)
         if actor is not None:
@@ -339,6 +378,8 @@ class WorkerRuntime:
             raise InvalidArgument("the first message on a stream must be Attach")
         session_id = first.attach.session_id
         actor = self.actor(session_id)
+        if actor.parking:
+            raise Unavailable(f"session {session_id} is being parked; it resumes once parked")
         if first.attach.window > 64:
             raise InvalidArgument(f"window {first.attach.window} is outside 1..64")
         refused: list[tuple[pb.Control, WindflowError]] = []
@@ -364,6 +405,11 @@ class WorkerRuntime:
         self._generation += 1
         generation = self._generation
         self._attach_owner[session_id] = generation  # a newer stream takes the session over
+        self.bill(actor.meter.flush())  # (a stream taken over: its frames so far)
+        given = dict(metadata)
+        actor.meter.attached(
+            str(given.get(names.METADATA_TENANT, "")), str(given.get(names.METADATA_TOKEN_ID, ""))
+        )
         actor.attach(first.attach.window)
         actor.due = max(actor.due, time.monotonic())
         self.engine.wake()
@@ -412,6 +458,7 @@ class WorkerRuntime:
                         message.frame.latency.send_ms = (
                             sent - message.frame.timestamps.encoded_us
                         ) / 1000.0
+                        self.bill(actor.meter.add(message.frame, actor.epoch))
                     yield message
                 if actor.closed and not actor.out:
                     if actor.lost is not None:
@@ -435,13 +482,48 @@ class WorkerRuntime:
                 await reader
             if self._attach_owner.get(session_id) == generation:
                 del self._attach_owner[session_id]
-                actor.detach()
+                self.bill(actor.meter.flush())
+                actor.detach(time.monotonic())
                 if self.journal is not None and not actor.closed:
                     task = asyncio.create_task(
                         self._mark_head(actor), name=f"mark-head:{session_id}"
                     )
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
+
+    async def park(self, request: internal_pb2.ParkSessionRequest) -> internal_pb2.SessionStatus:
+        """Checkpoint a detached session at its head and let it go: its slot is free, and
+        a restore of its log's head (the next attach, anywhere) starts from that checkpoint
+        with nothing to replay. Refused (FAILED_PRECONDITION) while a client is attached,
+        or before ``min_idle_s`` without one; an attach meanwhile is refused (UNAVAILABLE:
+        its gateway asks the router, which restores it once it is parked)."""
+        actor = self.actor(request.session_id)
+        self._check_idle(actor, request.epoch, request.min_idle_s)
+        journal = self.durable()
+        actor.parking = True
+        try:
+            await self.hold(actor)
+            await actor.wait_uploaded()
+            frame = actor.next_frame
+            if frame > 0 and frame not in await journal.checkpoint_frames(actor.session_id):
+                state = actor.state
+                blob = await self.engine.in_step_thread(lambda: actor.model.snapshot(state))
+                await journal.save_checkpoint(actor, frame, blob)
+        except BaseException:
+            actor.parking = False
+            self.release(actor)
+            raise
+        status = self.status(request.session_id)
+        self.engine.remove(request.session_id)
+        self._on_change()
+        log.info(
+            "parked session %s at frame %d (idle %.1f s)",
+            request.session_id,
+            status.head_frame,
+            status.idle_s,
+            extra={"session_id": request.session_id},
+        )
+        return status
 
     async def _mark_head(self, actor: SessionActor) -> None:
         """Once a detached session's last frames are settled, record its head in its log

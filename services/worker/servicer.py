@@ -50,7 +50,19 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
     async def CloseSession(
         self, request: internal_pb2.CloseWorkerSessionRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.SessionStatus:
-        return self._runtime.close_session(request.session_id)
+        return self._runtime.close_session(
+            request.session_id, if_idle_s=request.if_idle_s, epoch=request.epoch
+        )
+
+    async def ListSessions(
+        self, request: internal_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.ListSessionsResponse:
+        return internal_pb2.ListSessionsResponse(sessions=self._runtime.statuses())
+
+    async def ParkSession(
+        self, request: internal_pb2.ParkSessionRequest, context: grpc.aio.ServicerContext
+    ) -> internal_pb2.SessionStatus:
+        return await self._runtime.park(request)
 
     async def FetchState(
         self, request: internal_pb2.FetchStateRequest, context: grpc.aio.ServicerContext

@@ -72,9 +72,12 @@ class Mesh:
         regions: dict[str, str] | None = None,
         routers: int = 1,
         router_args: tuple[str, ...] = (),
+        session_args: tuple[str, ...] = (),
+        gateway_args: tuple[str, ...] = (),
     ) -> None:
         """``regions``: worker name -> its ``--region`` (others: the default);
-        ``router_args``: appended to every router replica's command line."""
+        ``router_args``, ``session_args``, ``gateway_args``: appended to the command line
+        of every router replica, the session service and the gateway."""
         self.state_dir = state_dir
         self._regions = regions or {}
         self.log_dir = state_dir / "logs"
@@ -92,6 +95,8 @@ class Mesh:
         }
         self._worker_args = worker_args
         self._router_args = router_args
+        self._session_args = session_args
+        self._gateway_args = gateway_args
         self._env = env
         self.procs: dict[str, ManagedProcess] = {}
         self.closed_at: float | None = None
@@ -137,9 +142,10 @@ class Mesh:
                 self.router,
                 "--session-service",
                 self.addresses["session"],
+                *self._gateway_args,
             )
         elif name == "session":
-            argv = (*SERVE, name, *common, "--router", self.router)
+            argv = (*SERVE, name, *common, "--router", self.router, *self._session_args)
         else:  # a router replica
             argv = (
                 *SERVE,

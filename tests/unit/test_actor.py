@@ -149,8 +149,17 @@ def test_not_ready_unless_attached() -> None:
     assert not a.ready
     a.attach(0)
     assert a.ready
-    a.detach()
+    a.detach(now=5.0)
     assert not a.ready
+
+
+def test_idle_time_counts_from_open_or_detach_never_while_attached() -> None:
+    a = actor()  # opened at now=0
+    assert (a.idle_s(4.0), a.ever_attached) == (4.0, False)
+    a.attach(0)
+    assert (a.idle_s(9.0), a.ever_attached) == (0.0, True)
+    a.detach(now=10.0)
+    assert a.idle_s(12.5) == 2.5
 
 
 def test_control_waiting_only_for_the_next_frame() -> None:

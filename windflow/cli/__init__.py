@@ -19,6 +19,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "windflow.cli.demo",
     "windflow.cli.state",
     "windflow.cli.mesh",
+    "windflow.cli.keys",
+    "windflow.cli.usage",
     "windflow.cli.models",
     "windflow.cli.kernels",
     "windflow.cli.bench",

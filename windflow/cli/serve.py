@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from services.session.config import ReclaimPolicy
 from windflow.common import env
 
 if TYPE_CHECKING:
@@ -51,6 +52,31 @@ def register(sub: Any) -> None:
     _common(session)
     session.add_argument(
         "--router", required=True, help="router host:port (replicas: comma-separated)"
+    )
+    reclaim = ReclaimPolicy()
+    session.add_argument(
+        "--close-unattached-s",
+        type=float,
+        default=reclaim.unattached_s,
+        help="close a session no client attached to within this (0: never)",
+    )
+    session.add_argument(
+        "--park-after-s",
+        type=float,
+        default=reclaim.park_after_s,
+        help="park a session without a client this long: checkpointed, slot freed (0: never)",
+    )
+    session.add_argument(
+        "--park-retention-s",
+        type=float,
+        default=reclaim.parked_retention_s,
+        help="close a session parked this long (0: never)",
+    )
+    session.add_argument(
+        "--reclaim-every-s",
+        type=float,
+        default=reclaim.every_s,
+        help="how often idle sessions are looked for (0: no reclaiming)",
     )
     session.set_defaults(func=_run_session)
 
@@ -186,6 +212,12 @@ def _run_session(args: argparse.Namespace) -> int:
         nats=args.nats,
         router=args.router,
         listen=args.listen,
+        reclaim=ReclaimPolicy(
+            every_s=args.reclaim_every_s,
+            unattached_s=args.close_unattached_s,
+            park_after_s=args.park_after_s,
+            parked_retention_s=args.park_retention_s,
+        ),
         otlp_endpoint=args.otlp_endpoint,
     )
     return asyncio.run(run(config))

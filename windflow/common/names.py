@@ -25,6 +25,35 @@ def session_record_key(session_id: str) -> str:
     return f"{SESSIONS_PREFIX}{session_id}/record"
 
 
+ACCESS_PREFIX = f"{ETCD_PREFIX}/access/"
+"""API keys and token signing keys (``windflow.access``). The ``root`` argument of the
+functions below exists so tests sharing one etcd can keep to a prefix of their own."""
+
+
+def api_keys_prefix(root: str = ACCESS_PREFIX) -> str:
+    return f"{root}keys/"
+
+
+def api_key_key(key_id: str, root: str = ACCESS_PREFIX) -> str:
+    """A tenant's API key record (its SHA-256, never the secret)."""
+    return f"{api_keys_prefix(root)}{key_id}"
+
+
+def signing_keys_prefix(root: str = ACCESS_PREFIX) -> str:
+    return f"{root}signing/"
+
+
+def signing_key_key(kid: str, root: str = ACCESS_PREFIX) -> str:
+    """A token signing key (Ed25519; the private half until it is retired)."""
+    return f"{signing_keys_prefix(root)}{kid}"
+
+
+# ---- gRPC metadata the gateway gives a worker leg (the stream's verified token) ----
+METADATA_TENANT = "windflow-tenant"
+METADATA_TOKEN_ID = "windflow-token-id"
+METADATA_STOP_AT = "windflow-stop-at"
+"""The first frame the leg may not make: where the token's streaming budget ends."""
+
 # ---- NATS subjects: windflow.v1.<area>.<event> ----
 SUBJECT_PREFIX = "windflow.v1"
 SUBJECT_SESSION_CREATED = f"{SUBJECT_PREFIX}.session.created"
@@ -33,6 +62,9 @@ SUBJECT_SESSION_CLOSED = f"{SUBJECT_PREFIX}.session.closed"
 SUBJECT_SESSION_RECOVERED = f"{SUBJECT_PREFIX}.session.recovered"
 SUBJECT_SESSION_FORKED = f"{SUBJECT_PREFIX}.session.forked"
 SUBJECT_SESSION_REWOUND = f"{SUBJECT_PREFIX}.session.rewound"
+SUBJECT_SESSION_PARKED = f"{SUBJECT_PREFIX}.session.parked"
+SUBJECT_SESSION_RECLAIMED = f"{SUBJECT_PREFIX}.session.reclaimed"
+"""A session closed by the reclaimer (never attached, or parked past its retention)."""
 SUBJECT_MIGRATION = f"{SUBJECT_PREFIX}.migration"
 """Live migration hand-offs: ``<this>.<step>``, step one of MIGRATION_STEPS."""
 MIGRATION_STEPS = ("prepare", "ready", "cutover", "done", "aborted")

@@ -70,6 +70,10 @@ class StackConfig:
     """Command prefix that runs one service; the service kind and its flags follow."""
     worker_args: tuple[str, ...] = ()
     """Extra flags for every worker (e.g. ``("--models", "windflow-world")``)."""
+    session_args: tuple[str, ...] = ()
+    """Extra flags for the session service (e.g. its reclaiming limits)."""
+    gateway_args: tuple[str, ...] = ()
+    """Extra flags for every gateway (e.g. ``--insecure``)."""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     """Restart budget and backoff of every child (etcd and NATS included)."""
     ready_timeout_s: float = 120.0
@@ -194,10 +198,13 @@ class Stack:
                     self._service_spec("router", self._region_args(), name=name)
                     for name in self.router_names
                 ),
-                self._service_spec("session", ("--router", router)),
+                self._service_spec("session", ("--router", router, *self.config.session_args)),
             ],
             *([workers] if workers else []),
-            [self._service_spec("gateway", upstreams, name=name) for name in self.gateway_names],
+            [
+                self._service_spec("gateway", (*upstreams, *self.config.gateway_args), name=name)
+                for name in self.gateway_names
+            ],
         ]
 
     def _region_args(self) -> tuple[str, ...]:

@@ -793,15 +793,24 @@ class CloseWorkerSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    IF_IDLE_S_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    if_idle_s: _builtins.float
+    """The reclaimer's close: only if no client ever attached to it and it has been here
+    this long (else FAILED_PRECONDITION), at this epoch (0: any).
+    """
+    epoch: _builtins.int
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        if_idle_s: _builtins.float = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "if_idle_s", b"if_idle_s", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -819,6 +828,8 @@ class SessionStatus(_message.Message):
     FPS_FIELD_NUMBER: _builtins.int
     DEADLINE_MISSES_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    EVER_ATTACHED_FIELD_NUMBER: _builtins.int
+    IDLE_S_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     head_frame: _builtins.int
     dropped: _builtins.int
@@ -829,6 +840,12 @@ class SessionStatus(_message.Message):
     deadline_misses: _builtins.int
     epoch: _builtins.int
     """the placement epoch the worker holds the session at"""
+    ever_attached: _builtins.bool
+    """For reclaiming (docs/access.md): a client stream attached to it on some worker once
+    (a recovered or migrated session counts as attached), and how long it has been
+    without one (since it detached, or since it opened; 0 while attached).
+    """
+    idle_s: _builtins.float
     def __init__(
         self,
         *,
@@ -840,14 +857,77 @@ class SessionStatus(_message.Message):
         fps: _builtins.float = ...,
         deadline_misses: _builtins.int = ...,
         epoch: _builtins.int = ...,
+        ever_attached: _builtins.bool = ...,
+        idle_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "epoch", b"epoch", "fps", b"fps", "head_frame", b"head_frame", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "epoch", b"epoch", "ever_attached", b"ever_attached", "fps", b"fps", "head_frame", b"head_frame", "idle_s", b"idle_s", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionStatus: _TypeAlias = SessionStatus  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionStatus]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class ParkSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    MIN_IDLE_S_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    epoch: _builtins.int
+    min_idle_s: _builtins.float
+    """refused (FAILED_PRECONDITION) if detached for less, or attached"""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        min_idle_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "min_idle_s", b"min_idle_s", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParkSessionRequest: _TypeAlias = ParkSessionRequest  # noqa: Y015
 
 @_typing.final
 class LogEntry(_message.Message):
@@ -1009,6 +1089,9 @@ class PlacementRecord(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     CUTOVER_FRAME_FIELD_NUMBER: _builtins.int
     FROM_WORKER_ID_FIELD_NUMBER: _builtins.int
+    PARKED_FIELD_NUMBER: _builtins.int
+    PARKED_HEAD_FIELD_NUMBER: _builtins.int
+    PARKED_UNIX_MS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     worker_address: _builtins.str
     epoch: _builtins.int
@@ -1019,6 +1102,12 @@ class PlacementRecord(_message.Message):
     made every frame before it). 0: a placement or crash recovery.
     """
     from_worker_id: _builtins.str
+    parked: _builtins.bool
+    """Parked (docs/access.md): on no worker (worker_id empty), checkpointed at parked_head;
+    the next attach re-places it (a recovery at epoch + 1).
+    """
+    parked_head: _builtins.int
+    parked_unix_ms: _builtins.int
     @_builtins.property
     def spec(self) -> _windflow_pb2.SessionSpec:
         """what a re-placement (crash recovery) needs to reopen it"""
@@ -1033,10 +1122,13 @@ class PlacementRecord(_message.Message):
         region: _builtins.str = ...,
         cutover_frame: _builtins.int = ...,
         from_worker_id: _builtins.str = ...,
+        parked: _builtins.bool = ...,
+        parked_head: _builtins.int = ...,
+        parked_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutover_frame", b"cutover_frame", "epoch", b"epoch", "from_worker_id", b"from_worker_id", "region", b"region", "spec", b"spec", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutover_frame", b"cutover_frame", "epoch", b"epoch", "from_worker_id", b"from_worker_id", "parked", b"parked", "parked_head", b"parked_head", "parked_unix_ms", b"parked_unix_ms", "region", b"region", "spec", b"spec", "worker_address", b"worker_address", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1113,3 +1205,75 @@ class Headroom(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Headroom: _TypeAlias = Headroom  # noqa: Y015
+
+@_typing.final
+class UsageRecord(_message.Message):
+    """---- usage: JetStream stream WINDFLOW_USAGE, subject windflow.v1.usage.<session> ----
+
+    What one worker streamed of one second of a session: frames [first_frame, end_frame),
+    all within second `second` (frames [second * frames_per_second, + frames_per_second)).
+    Published with Nats-Msg-Id <session>.<second>.<first_frame>.<end_frame>; the ledger
+    counts the union of frames per session, so a retry, a crash recovery or a migration's
+    overlap never bills a frame twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    SECOND_FIELD_NUMBER: _builtins.int
+    FRAMES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    FIRST_FRAME_FIELD_NUMBER: _builtins.int
+    END_FRAME_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    COMPUTE_MS_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    tenant: _builtins.str
+    token_id: _builtins.str
+    """the jti of the token the stream was attached with"""
+    model_id: _builtins.str
+    second: _builtins.int
+    frames_per_second: _builtins.int
+    """the session's fps, rounded up"""
+    first_frame: _builtins.int
+    end_frame: _builtins.int
+    steps: _builtins.int
+    """denoising steps over those frames"""
+    bytes_out: _builtins.int
+    """encoded frame bytes"""
+    compute_ms: _builtins.float
+    """its share of the step time of the batches it was in"""
+    worker_id: _builtins.str
+    epoch: _builtins.int
+    unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        token_id: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        second: _builtins.int = ...,
+        frames_per_second: _builtins.int = ...,
+        first_frame: _builtins.int = ...,
+        end_frame: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
+        compute_ms: _builtins.float = ...,
+        worker_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_out", b"bytes_out", "compute_ms", b"compute_ms", "end_frame", b"end_frame", "epoch", b"epoch", "first_frame", b"first_frame", "frames_per_second", b"frames_per_second", "model_id", b"model_id", "second", b"second", "session_id", b"session_id", "steps", b"steps", "tenant", b"tenant", "token_id", b"token_id", "unix_ms", b"unix_ms", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015

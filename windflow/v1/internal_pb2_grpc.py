@@ -283,6 +283,11 @@ class SessionStoreStub:
                 request_serializer=windflow_dot_v1_dot_internal__pb2.ListRecordsRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_internal__pb2.ListRecordsResponse.FromString,
                 _registered_method=True)
+        self.Close = channel.unary_unary(
+                '/windflow.v1.SessionStore/Close',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class SessionStoreServicer:
@@ -326,6 +331,14 @@ class SessionStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Close(self, request, context):
+        """Close a session wherever it is (on a worker, parked, or nowhere): its placement goes
+        and its record says CLOSED. Closing a closed session returns it as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -358,6 +371,11 @@ def add_SessionStoreServicer_to_server(servicer, server):
                     servicer.ListRecords,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.ListRecordsRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_internal__pb2.ListRecordsResponse.SerializeToString,
+            ),
+            'Close': grpc.unary_unary_rpc_method_handler(
+                    servicer.Close,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.CloseSessionRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -534,6 +552,33 @@ class SessionStore:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Close(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.SessionStore/Close',
+            windflow_dot_v1_dot_windflow__pb2.CloseSessionRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerStub:
     """---- worker: hosts session actors ----
@@ -595,6 +640,16 @@ class WorkerStub:
                 '/windflow.v1.Worker/SetDraining',
                 request_serializer=windflow_dot_v1_dot_internal__pb2.SetDrainingRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_internal__pb2.SetDrainingResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/windflow.v1.Worker/ListSessions',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.ParkSession = channel.unary_unary(
+                '/windflow.v1.Worker/ParkSession',
+                request_serializer=windflow_dot_v1_dot_internal__pb2.ParkSessionRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_internal__pb2.SessionStatus.FromString,
                 _registered_method=True)
 
 
@@ -670,6 +725,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """Every session it holds, with their idle times (the session service's reclaimer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ParkSession(self, request, context):
+        """Checkpoint a detached session at its head and let it go (its slot is free). The
+        caller then marks its placement parked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -722,6 +792,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SetDraining,
                     request_deserializer=windflow_dot_v1_dot_internal__pb2.SetDrainingRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_internal__pb2.SetDrainingResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.ListSessionsRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'ParkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ParkSession,
+                    request_deserializer=windflow_dot_v1_dot_internal__pb2.ParkSessionRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_internal__pb2.SessionStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -996,6 +1076,60 @@ class Worker:
             '/windflow.v1.Worker/SetDraining',
             windflow_dot_v1_dot_internal__pb2.SetDrainingRequest.SerializeToString,
             windflow_dot_v1_dot_internal__pb2.SetDrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Worker/ListSessions',
+            windflow_dot_v1_dot_internal__pb2.ListSessionsRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ParkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Worker/ParkSession',
+            windflow_dot_v1_dot_internal__pb2.ParkSessionRequest.SerializeToString,
+            windflow_dot_v1_dot_internal__pb2.SessionStatus.FromString,
             options,
             channel_credentials,
             insecure,

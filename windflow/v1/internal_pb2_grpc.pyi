@@ -134,6 +134,10 @@ class SessionStoreStub:
     GetRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetRecordRequest, _internal_pb2.SessionRecord]
     UpdateRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]
     ListRecords: _grpc.UnaryUnaryMultiCallable[_internal_pb2.ListRecordsRequest, _internal_pb2.ListRecordsResponse]
+    Close: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.CloseSessionRequest, _windflow_pb2.Session]
+    """Close a session wherever it is (on a worker, parked, or nowhere): its placement goes
+    and its record says CLOSED. Closing a closed session returns it as it is.
+    """
 
 @_typing.type_check_only
 class SessionStoreAsyncStub(SessionStoreStub):
@@ -146,6 +150,10 @@ class SessionStoreAsyncStub(SessionStoreStub):
     GetRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetRecordRequest, _internal_pb2.SessionRecord]  # type: ignore[assignment]
     UpdateRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]  # type: ignore[assignment]
     ListRecords: _aio.UnaryUnaryMultiCallable[_internal_pb2.ListRecordsRequest, _internal_pb2.ListRecordsResponse]  # type: ignore[assignment]
+    Close: _aio.UnaryUnaryMultiCallable[_windflow_pb2.CloseSessionRequest, _windflow_pb2.Session]  # type: ignore[assignment]
+    """Close a session wherever it is (on a worker, parked, or nowhere): its placement goes
+    and its record says CLOSED. Closing a closed session returns it as it is.
+    """
 
 class SessionStoreServicer(metaclass=_abc_1.ABCMeta):
     """---- session service: the durable metadata of sessions ----"""
@@ -192,6 +200,16 @@ class SessionStoreServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_internal_pb2.ListRecordsResponse, _abc.Awaitable[_internal_pb2.ListRecordsResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def Close(
+        self,
+        request: _windflow_pb2.CloseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]:
+        """Close a session wherever it is (on a worker, parked, or nowhere): its placement goes
+        and its record says CLOSED. Closing a closed session returns it as it is.
+        """
+
 def add_SessionStoreServicer_to_server(servicer: SessionStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class WorkerStub:
@@ -220,6 +238,12 @@ class WorkerStub:
     """
     SetDraining: _grpc.UnaryUnaryMultiCallable[_internal_pb2.SetDrainingRequest, _internal_pb2.SetDrainingResponse]
     """Take no new session (a drain) or take them again."""
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_internal_pb2.ListSessionsRequest, _internal_pb2.ListSessionsResponse]
+    """Every session it holds, with their idle times (the session service's reclaimer)."""
+    ParkSession: _grpc.UnaryUnaryMultiCallable[_internal_pb2.ParkSessionRequest, _internal_pb2.SessionStatus]
+    """Checkpoint a detached session at its head and let it go (its slot is free). The
+    caller then marks its placement parked.
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -245,6 +269,12 @@ class WorkerAsyncStub(WorkerStub):
     """
     SetDraining: _aio.UnaryUnaryMultiCallable[_internal_pb2.SetDrainingRequest, _internal_pb2.SetDrainingResponse]  # type: ignore[assignment]
     """Take no new session (a drain) or take them again."""
+    ListSessions: _aio.UnaryUnaryMultiCallable[_internal_pb2.ListSessionsRequest, _internal_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """Every session it holds, with their idle times (the session service's reclaimer)."""
+    ParkSession: _aio.UnaryUnaryMultiCallable[_internal_pb2.ParkSessionRequest, _internal_pb2.SessionStatus]  # type: ignore[assignment]
+    """Checkpoint a detached session at its head and let it go (its slot is free). The
+    caller then marks its placement parked.
+    """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     """---- worker: hosts session actors ----"""
@@ -327,5 +357,23 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_internal_pb2.SetDrainingResponse, _abc.Awaitable[_internal_pb2.SetDrainingResponse]]:
         """Take no new session (a drain) or take them again."""
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _internal_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.ListSessionsResponse, _abc.Awaitable[_internal_pb2.ListSessionsResponse]]:
+        """Every session it holds, with their idle times (the session service's reclaimer)."""
+
+    @_abc_1.abstractmethod
+    def ParkSession(
+        self,
+        request: _internal_pb2.ParkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_internal_pb2.SessionStatus, _abc.Awaitable[_internal_pb2.SessionStatus]]:
+        """Checkpoint a detached session at its head and let it go (its slot is free). The
+        caller then marks its placement parked.
+        """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

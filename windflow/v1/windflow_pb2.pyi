@@ -80,6 +80,10 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     SESSION_STATE_STREAMING: _SessionState.ValueType  # 2
     SESSION_STATE_CLOSED: _SessionState.ValueType  # 3
     SESSION_STATE_FAILED: _SessionState.ValueType  # 4
+    SESSION_STATE_PARKED: _SessionState.ValueType  # 5
+    """detached too long: checkpointed at its head and off every worker (no slot held); the
+    next Attach restores it wherever there is room, at the next frame (docs/access.md)
+    """
 
 class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper): ...
 
@@ -88,7 +92,85 @@ SESSION_STATE_PLACED: SessionState.ValueType  # 1
 SESSION_STATE_STREAMING: SessionState.ValueType  # 2
 SESSION_STATE_CLOSED: SessionState.ValueType  # 3
 SESSION_STATE_FAILED: SessionState.ValueType  # 4
+SESSION_STATE_PARKED: SessionState.ValueType  # 5
+"""detached too long: checkpointed at its head and off every worker (no slot held); the
+next Attach restores it wherever there is room, at the next frame (docs/access.md)
+"""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
+@_typing.final
+class CreateTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_FIELD_NUMBER: _builtins.int
+    BUDGET_S_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    max_sessions: _builtins.int
+    """live sessions of its tenant it may hold at once; 0: no cap"""
+    budget_s: _builtins.float
+    """streaming seconds it may spend (all its sessions); 0: no cap"""
+    ttl_s: _builtins.float
+    """lifetime; 0: 3600"""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """models it may create sessions of; empty: any"""
+
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """regions it may place sessions in; empty: any"""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        regions: _abc.Iterable[_builtins.str] | None = ...,
+        max_sessions: _builtins.int = ...,
+        budget_s: _builtins.float = ...,
+        ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_s", b"budget_s", "max_sessions", b"max_sessions", "models", b"models", "regions", b"regions", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTokenRequest: _TypeAlias = CreateTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    KID_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """an EdDSA-signed JWT"""
+    token_id: _builtins.str
+    """its jti: the ledger counts its usage under it"""
+    tenant: _builtins.str
+    expires_unix_ms: _builtins.int
+    kid: _builtins.str
+    """the signing key that signed it"""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        token_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        expires_unix_ms: _builtins.int = ...,
+        kid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix_ms", b"expires_unix_ms", "kid", b"kid", "tenant", b"tenant", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTokenResponse: _TypeAlias = CreateTokenResponse  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
@@ -256,6 +338,8 @@ class Session(_message.Message):
     PARENT_SESSION_ID_FIELD_NUMBER: _builtins.int
     FORKED_AT_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    PARKED_UNIX_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: Global___SessionState.ValueType
     worker_id: _builtins.str
@@ -270,6 +354,10 @@ class Session(_message.Message):
     forked_at: _builtins.int
     region: _builtins.str
     """where it runs now (its worker's region)"""
+    tenant: _builtins.str
+    """who owns it (the token that created it)"""
+    parked_unix_ms: _builtins.int
+    """SESSION_STATE_PARKED: since when"""
     @_builtins.property
     def spec(self) -> Global___SessionSpec:
         """as resolved (defaults filled in)"""
@@ -296,10 +384,12 @@ class Session(_message.Message):
         parent_session_id: _builtins.str = ...,
         forked_at: _builtins.int = ...,
         region: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        parked_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "placement_epoch", b"placement_epoch", "region", b"region", "session_id", b"session_id", "spec", b"spec", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "parked_unix_ms", b"parked_unix_ms", "placement_epoch", b"placement_epoch", "region", b"region", "session_id", b"session_id", "spec", b"spec", "state", b"state", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -839,6 +929,13 @@ class SessionEvent(_message.Message):
         """live migration to another worker (from_worker_id -> worker_id, in region): frame
         frame_index is the first the new worker makes; no frame is lost or repeated
         """
+        KIND_BUDGET_WARNING: SessionEvent._Kind.ValueType  # 9
+        """the token's streaming budget is 80% or 95% used (message says which)"""
+        KIND_BUDGET_EXHAUSTED: SessionEvent._Kind.ValueType  # 10
+        """the budget is spent: no frame from frame_index on is made under this token; the
+        session is checkpointed there and the stream ends RESOURCE_EXHAUSTED. Attach again
+        with a new token (resume_from = frame_index) and it goes on with nothing lost.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: SessionEvent.Kind.ValueType  # 0
@@ -854,6 +951,13 @@ class SessionEvent(_message.Message):
     KIND_MIGRATED: SessionEvent.Kind.ValueType  # 8
     """live migration to another worker (from_worker_id -> worker_id, in region): frame
     frame_index is the first the new worker makes; no frame is lost or repeated
+    """
+    KIND_BUDGET_WARNING: SessionEvent.Kind.ValueType  # 9
+    """the token's streaming budget is 80% or 95% used (message says which)"""
+    KIND_BUDGET_EXHAUSTED: SessionEvent.Kind.ValueType  # 10
+    """the budget is spent: no frame from frame_index on is made under this token; the
+    session is checkpointed there and the stream ends RESOURCE_EXHAUSTED. Attach again
+    with a new token (resume_from = frame_index) and it goes on with nothing lost.
     """
 
     KIND_FIELD_NUMBER: _builtins.int

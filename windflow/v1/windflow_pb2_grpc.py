@@ -406,3 +406,87 @@ class Windflow:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AccessStub:
+    """Session tokens (docs/access.md). A tenant's API key (metadata "authorization: Bearer
+    wfk_...") mints short-lived, scoped session tokens; every Windflow call carries one
+    ("authorization: Bearer <token>"). UNAUTHENTICATED: a missing, malformed, forged,
+    expired or revoked credential; PERMISSION_DENIED: a token used outside its scope.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateToken = channel.unary_unary(
+                '/windflow.v1.Access/CreateToken',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+
+
+class AccessServicer:
+    """Session tokens (docs/access.md). A tenant's API key (metadata "authorization: Bearer
+    wfk_...") mints short-lived, scoped session tokens; every Windflow call carries one
+    ("authorization: Bearer <token>"). UNAUTHENTICATED: a missing, malformed, forged,
+    expired or revoked credential; PERMISSION_DENIED: a token used outside its scope.
+    """
+
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AccessServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.CreateTokenRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.CreateTokenResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'windflow.v1.Access', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('windflow.v1.Access', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Access:
+    """Session tokens (docs/access.md). A tenant's API key (metadata "authorization: Bearer
+    wfk_...") mints short-lived, scoped session tokens; every Windflow call carries one
+    ("authorization: Bearer <token>"). UNAUTHENTICATED: a missing, malformed, forged,
+    expired or revoked credential; PERMISSION_DENIED: a token used outside its scope.
+    """
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Access/CreateToken',
+            windflow_dot_v1_dot_windflow__pb2.CreateTokenRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

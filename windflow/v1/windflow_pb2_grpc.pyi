@@ -157,3 +157,43 @@ class WindflowServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_WindflowServicer_to_server(servicer: WindflowServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AccessStub:
+    """Session tokens (docs/access.md). A tenant's API key (metadata "authorization: Bearer
+    wfk_...") mints short-lived, scoped session tokens; every Windflow call carries one
+    ("authorization: Bearer <token>"). UNAUTHENTICATED: a missing, malformed, forged,
+    expired or revoked credential; PERMISSION_DENIED: a token used outside its scope.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AccessAsyncStub: ...
+    CreateToken: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.CreateTokenRequest, _windflow_pb2.CreateTokenResponse]
+
+@_typing.type_check_only
+class AccessAsyncStub(AccessStub):
+    """Session tokens (docs/access.md). A tenant's API key (metadata "authorization: Bearer
+    wfk_...") mints short-lived, scoped session tokens; every Windflow call carries one
+    ("authorization: Bearer <token>"). UNAUTHENTICATED: a missing, malformed, forged,
+    expired or revoked credential; PERMISSION_DENIED: a token used outside its scope.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateToken: _aio.UnaryUnaryMultiCallable[_windflow_pb2.CreateTokenRequest, _windflow_pb2.CreateTokenResponse]  # type: ignore[assignment]
+
+class AccessServicer(metaclass=_abc_1.ABCMeta):
+    """Session tokens (docs/access.md). A tenant's API key (metadata "authorization: Bearer
+    wfk_...") mints short-lived, scoped session tokens; every Windflow call carries one
+    ("authorization: Bearer <token>"). UNAUTHENTICATED: a missing, malformed, forged,
+    expired or revoked credential; PERMISSION_DENIED: a token used outside its scope.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateToken(
+        self,
+        request: _windflow_pb2.CreateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.CreateTokenResponse, _abc.Awaitable[_windflow_pb2.CreateTokenResponse]]: ...
+
+def add_AccessServicer_to_server(servicer: AccessServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
