@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from windflow.common import grpc_util
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Per-tenant limits, whatever its tokens say (0: none)."""
+
+    max_sessions: int = 64
+    """Live sessions at once (parked and closed ones do not count)."""
+    creates_per_s: float = 10.0
+    """Sessions created (and forked) per second, in bursts of up to twice that."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,4 +34,8 @@ class GatewayConfig:
     """How long a stream may wait for its session to be recovered on another worker."""
     rpc_timeout_s: float = 15.0
     """Deadline for the gateway's unary calls to other services."""
+    insecure: bool = False
+    """Serve without authentication: no token, no tenants, no budgets (local use only)."""
+    quotas: Quotas = field(default_factory=Quotas)
+    """Per-tenant limits on live sessions and on session creations per second."""
     otlp_endpoint: str | None = None

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from opentelemetry import context as otel_context
 
+from services.gateway.access import Budget
 from windflow.common import grpc_util, names, telemetry
 from windflow.common.controls import PendingControls
 from windflow.errors import Internal, NotFound, ResourceExhausted, Unavailable
@@ -49,8 +50,22 @@ class StreamProxy:
         recover_timeout_s: float,
         moved: Callable[[str, int], Awaitable[internal_pb2.PlacementRecord | None]] | None = None,
         on_end: Callable[[str, int], None] | None = None,
+        tenant: str = "",
+        token_id: str = "",
+        budget: Budget | None = None,
+        token_usage: Callable[[str], Awaitable[float]] | None = None,
     ) -> None:
+        """``tenant``, ``token_id``: whom the worker bills the frames to; ``budget``: the
+        frames the stream's token may still deliver (None: no cap), checked against the
+        token's ledger (``token_usage``) every second of frames, so that the token's other
+        streams count too (docs/access.md)."""
         self.session_id = first.attach.session_id
+        self._tenant = tenant
+        self._token_id = token_id
+        self._budget = budget
+        self._token_usage = token_usage
+        self._since_ledger = 0
+        """Frames forwarded since the ledger was last asked."""
         self._on_end = on_end
         """Told, when the client's stream ends, the frame after the last one it received
         (``GatewayService`` records it: ``DeliveredHeads``)."""
@@ -170,9 +185,7 @@ class StreamProxy:
             del attach.controls[:]
             attach.controls.extend(self._controls.to_resend(self.last_forwarded))
         self._leg_ready.clear()
-        call = self._worker(self.placement.worker_address).Attach(
-            metadata=telemetry.inject_metadata(self.trace_context)
-        )
+        call = self._worker(self.placement.worker_address).Attach(metadata=self._leg_metadata())
         self._call = call
         try:
             await call.write(pb.ClientMessage(attach=attach))
@@ -212,6 +225,51 @@ class StreamProxy:
         if self._leg_moved:
             raise Unavailable(
                 f"session {self.session_id} moved off worker {self.placement.worker_id}"
+            )
+
+    def _leg_metadata(self) -> list[tuple[str, str]]:
+        """A worker leg's call metadata: the trace, whom to bill, where the budget ends."""
+        metadata = telemetry.inject_metadata(self.trace_context)
+        metadata += [
+            (names.METADATA_TENANT, self._tenant),
+            (names.METADATA_TOKEN_ID, self._token_id),
+        ]
+        if self._budget is not None:
+            metadata.append((names.METADATA_BUDGET_FRAMES, str(max(1, self._budget.frames_left))))
+        return metadata
+
+    async def _spend(self) -> AsyncIterator[pb.ServerMessage]:
+        """One frame forwarded against the budget: its warnings; once a second of frames,
+        the ledger's figure for the token (its other streams included): spent, the stream
+        ends here (KIND_BUDGET_EXHAUSTED, then RESOURCE_EXHAUSTED). The worker itself stops
+        the stream exactly where this stream's own share runs out."""
+        budget = self._budget
+        if budget is None:
+            return
+        for warning in budget.delivered(1):
+            warning.frame_index = self.last_forwarded + 1
+            yield pb.ServerMessage(event=warning)
+        self._since_ledger += 1
+        if self._token_usage is None or self._since_ledger < max(1, round(budget.fps)):
+            return
+        self._since_ledger = 0
+        try:
+            used = await self._token_usage(budget.token_id)
+        except Exception:  # the ledger unreadable: the worker's own cap still holds
+            log.warning("session %s: the token's usage could not be read", self.session_id)
+            return
+        if budget.ledger_says(used):
+            at = self.last_forwarded + 1
+            yield pb.ServerMessage(
+                event=pb.SessionEvent(
+                    kind=pb.SessionEvent.KIND_BUDGET_EXHAUSTED,
+                    message=f"the token's streaming budget ({budget.budget_s:g} s) is spent",
+                    frame_index=at,
+                )
+            )
+            raise ResourceExhausted(
+                f"the token's streaming budget is spent; attach with a new token and "
+                f"resume_from={at} to go on"
             )
 
     async def _follow(self, call: grpc.aio.StreamStreamCall, epoch: int) -> None:
@@ -296,6 +354,8 @@ class StreamProxy:
             yield message
             if span is not None:
                 span.end()
+            async for notice in self._spend():
+                yield notice
 
     async def _recover(self, *, resume: bool) -> None:
         """Ask the router where the session is now (the same worker, when it still holds

@@ -18,8 +18,10 @@ import grpc
 from etcd3aio import Etcd3Client
 from opentelemetry import trace
 
+from services.gateway.access import Access
 from services.gateway.config import GatewayConfig
 from services.gateway.proxy import StreamProxy
+from windflow.access.tokens import Claims
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.durable import DeliveredHeads
 from windflow.common.specs import resolve_spec
@@ -46,9 +48,10 @@ interval, and a dead worker's detached sessions move when its lease (3 s) ends."
 
 
 class GatewayService:
-    def __init__(self, config: GatewayConfig, client: Etcd3Client) -> None:
+    def __init__(self, config: GatewayConfig, client: Etcd3Client, access: Access) -> None:
         self.config = config
         self._etcd = client
+        self.access = access
         self._router_channel = grpc_util.channel(config.router)
         self._store_channel = grpc_util.channel(config.session_service)
         self._router = internal_pb2_grpc.RouterStub(self._router_channel)
@@ -61,27 +64,32 @@ class GatewayService:
     def _worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
         return internal_pb2_grpc.WorkerStub(self._worker_channels.get(address))
 
-    async def list_models(self) -> list[pb.ModelInfo]:
+    async def list_models(self, claims: Claims | None = None) -> list[pb.ModelInfo]:
+        """The models some live worker serves (those the caller's token grants)."""
         seen: dict[str, pb.ModelInfo] = {}
         for worker in await etcd.list_workers(self._etcd):
             for model in worker.models:
-                seen.setdefault(model.model_id, model)
+                if claims is None or claims.allows_model(model.model_id):
+                    seen.setdefault(model.model_id, model)
         return [seen[k] for k in sorted(seen)]
 
-    async def create_session(self, spec: pb.SessionSpec) -> pb.Session:
+    async def create_session(self, spec: pb.SessionSpec, claims: Claims | None) -> pb.Session:
         with tracer.start_as_current_span(names.SPAN_CREATE_SESSION) as span:
+            self.access.scope_spec(claims, spec)
             models = {m.model_id: m for m in await self.list_models()}
             model = models.get(spec.model_id)
             if model is None:
                 known = ", ".join(sorted(models)) or "none"
                 raise NotFound(f"unknown model {spec.model_id!r}; served now: {known}")
             resolved = resolve_spec(spec, model)
+            await self.access.admit(claims)
             session = pb.Session(
                 session_id=uuid.uuid4().hex,
                 spec=resolved,
                 state=pb.SESSION_STATE_UNSPECIFIED,
                 created_unix_ms=int(time.time() * 1000),
                 model=model,
+                tenant=self.access.tenant(claims),
             )
             span.set_attribute("windflow.session_id", session.session_id)
             timeout = self.config.rpc_timeout_s
@@ -109,6 +117,7 @@ class GatewayService:
             session.placement_epoch = placement.epoch
             session.region = placement.region
             await self._update(session)
+            await self.access.mark(session, names.TENANT_LIVE)
             return session
 
     async def _update(self, session: pb.Session) -> None:
@@ -118,7 +127,9 @@ class GatewayService:
             )
         )
 
-    async def _record(self, session_id: str) -> pb.Session:
+    async def _record(self, session_id: str, claims: Claims | None) -> pb.Session:
+        """The session's record, if the caller's tenant owns it (else NOT_FOUND, as for a
+        session that does not exist)."""
         if not session_id:
             raise InvalidArgument("session_id is empty")
         record = await grpc_util.call(
@@ -127,6 +138,7 @@ class GatewayService:
                 timeout=self.config.rpc_timeout_s,
             )
         )
+        self.access.check_owner(claims, record.session)
         return record.session
 
     async def _placement(self, session_id: str) -> internal_pb2.PlacementRecord:
@@ -135,8 +147,8 @@ class GatewayService:
             raise NotFound(f"session {session_id!r} is not placed on any worker")
         return internal_pb2.PlacementRecord.FromString(response.kvs[0].value)
 
-    async def get_session(self, session_id: str) -> pb.Session:
-        session = await self._record(session_id)
+    async def get_session(self, session_id: str, claims: Claims | None) -> pb.Session:
+        session = await self._record(session_id, claims)
         if session.state not in (pb.SESSION_STATE_PLACED, pb.SESSION_STATE_STREAMING):
             return session
         # The head comes from the worker holding the session. While it moves (the
@@ -174,9 +186,8 @@ class GatewayService:
             )
             return session
 
-    async def close_session(self, session_id: str) -> pb.Session:
-        if not session_id:
-            raise InvalidArgument("session_id is empty")
+    async def close_session(self, session_id: str, claims: Claims | None) -> pb.Session:
+        await self._record(session_id, claims)
         return await grpc_util.call(
             self._store.Close(
                 pb.CloseSessionRequest(session_id=session_id), timeout=self.config.rpc_timeout_s
@@ -184,7 +195,7 @@ class GatewayService:
         )
 
     async def stream(
-        self, requests: AsyncIterator[pb.ClientMessage]
+        self, requests: AsyncIterator[pb.ClientMessage], claims: Claims | None
     ) -> AsyncIterator[pb.ServerMessage]:
         try:
             first = await anext(requests)
@@ -193,12 +204,14 @@ class GatewayService:
         if not first.HasField("attach"):
             raise InvalidArgument("the first message on a stream must be Attach")
         session_id = first.attach.session_id
-        session = await self._record(session_id)
+        session = await self._record(session_id, claims)
         if session.state in (pb.SESSION_STATE_CLOSED, pb.SESSION_STATE_FAILED):
             raise FailedPrecondition(f"session {session_id!r} is closed")
+        self.access.check_model(claims, session.spec.model_id)
+        budget = await self.access.budget(claims, session.spec.fps)
         placement = await self._placement(session_id)
         if placement.parked:
-            placement = await self._unpark(session_id, placement, first.attach)
+            placement = await self._unpark(session, placement, first.attach)
         proxy = StreamProxy(
             first,
             placement,
@@ -207,6 +220,10 @@ class GatewayService:
             recover_timeout_s=self.config.recover_timeout_s,
             moved=self.placement_moved,
             on_end=self._note_delivered,
+            tenant=self.access.tenant(claims),
+            token_id="" if claims is None else claims.jti,
+            budget=budget,
+            token_usage=self.access.ledger.token_seconds,
         )
         # An explicit span, not the "current" one: this generator resumes in other contexts.
         span = tracer.start_span(
@@ -221,10 +238,11 @@ class GatewayService:
             span.end()
 
     async def _unpark(
-        self, session_id: str, parked: internal_pb2.PlacementRecord, attach: pb.Attach
+        self, session: pb.Session, parked: internal_pb2.PlacementRecord, attach: pb.Attach
     ) -> internal_pb2.PlacementRecord:
         """Restore a parked session on a worker with room (the router's Recover of a parked
         placement): at the client's resume point, else at the head it was parked at."""
+        session_id = session.session_id
         t0 = time.perf_counter()
         await grpc_util.call(
             self._router.Recover(
@@ -239,6 +257,7 @@ class GatewayService:
             )
         )
         placement = await self._placement(session_id)
+        await self.access.mark(session, names.TENANT_LIVE)
         log.info(
             "session %s unparked on %s in %.0f ms",
             session_id,
@@ -286,14 +305,24 @@ class GatewayService:
                     return record
         return None
 
-    async def fork(self, request: pb.ForkRequest) -> pb.Session:
-        return await grpc_util.call(self._store.Fork(request, timeout=self.config.rpc_timeout_s))
+    async def fork(self, request: pb.ForkRequest, claims: Claims | None) -> pb.Session:
+        """A new session of the parent's tenant (it counts against its quotas)."""
+        await self._record(request.session_id, claims)
+        await self.access.admit(claims)
+        child: pb.Session = await grpc_util.call(
+            self._store.Fork(request, timeout=self.config.rpc_timeout_s)
+        )
+        await self.access.mark(child, names.TENANT_LIVE)
+        return child
 
-    async def rewind(self, request: pb.RewindRequest) -> pb.Session:
+    async def rewind(self, request: pb.RewindRequest, claims: Claims | None) -> pb.Session:
+        await self._record(request.session_id, claims)
         return await grpc_util.call(self._store.Rewind(request, timeout=self.config.rpc_timeout_s))
 
-    async def replay(self, request: pb.ReplayRequest) -> AsyncIterator[pb.Frame]:
-        session = await self.get_session(request.session_id)
+    async def replay(
+        self, request: pb.ReplayRequest, claims: Claims | None
+    ) -> AsyncIterator[pb.Frame]:
+        session = await self.get_session(request.session_id, claims)
         if not 0 <= request.from_frame <= request.to_frame <= session.head_frame:
             raise OutOfRange(
                 f"replay range [{request.from_frame}, {request.to_frame}) is outside the "

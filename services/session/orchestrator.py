@@ -106,6 +106,7 @@ class Orchestrator:
             parent_session_id=parent.session_id,
             forked_at=at,
             head_frame=at,
+            tenant=parent.tenant,
         )
         await self.store.create(child)
         inherited = [c for c in await self.catalog.list(parent.session_id) if c.frame_index <= at]
@@ -232,6 +233,8 @@ class Orchestrator:
                 await kvs.delete(key)
         session.state = pb.SESSION_STATE_CLOSED
         await self.store.update(session)
+        if session.tenant:
+            await kvs.delete(names.tenant_session_key(session.tenant, session_id))
         return session
 
     async def aclose(self) -> None:

@@ -165,6 +165,7 @@ class Reclaimer:
             record = internal_pb2.PlacementRecord.FromString(current.kvs[0].value)
             if (record.worker_id, record.epoch) != (worker.worker_id, status.epoch):
                 return  # moved since the worker listed it
+            t0 = time.perf_counter()
             try:
                 parked = await grpc_util.call(
                     self._orchestrator.worker(worker.address).ParkSession(
@@ -191,15 +192,21 @@ class Reclaimer:
                 compare=[kvs.txn_compare_version(key, current.kvs[0].version)],
                 success=[kvs.txn_op_put(key, mark.SerializeToString())],
             )
+        took_ms = (time.perf_counter() - t0) * 1000
         if not swapped.succeeded:
             # an attach came back meanwhile and the router restored it: it lives there
             log.info("session %s moved while it was parked; it stays where it went", session_id)
             return
         done.parked.append(session_id)
+        session = await self._orchestrator.store.get(session_id)
+        if session.tenant:  # (a parked session is not counted against its tenant's quota)
+            await kvs.put(names.tenant_session_key(session.tenant, session_id), names.TENANT_PARKED)
         log.info(
-            "parked session %s at frame %d: no client for %.0f s (worker %s freed a slot)",
+            "parked session %s at frame %d in %.1f ms: no client for %.0f s (worker %s "
+            "freed a slot)",
             session_id,
             parked.head_frame,
+            took_ms,
             parked.idle_s,
             worker.worker_id,
         )

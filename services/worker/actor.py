@@ -100,6 +100,9 @@ class SessionActor:
         """When (monotonic) it was opened here or its stream last detached."""
         self.meter = meter or UsageMeter(session_id, spec.model_id, spec.fps, "")
         """Its frames sent, second by second, for billing (windflow/access/usage.py)."""
+        self.budget_stop: int | None = None
+        """The attached stream's token may not have this frame or later made (its
+        streaming budget ends there); None: no cap."""
         self.parking = False
         """Being checkpointed to be let go (``WorkerRuntime.park``): attaches are refused."""
         self.trace_context: otel_context.Context | None = None
@@ -264,6 +267,7 @@ class SessionActor:
 
     def detach(self, now: float) -> None:
         self.attached = False
+        self.budget_stop = None
         self.idle_since = now
         self.out.clear()
 
@@ -282,6 +286,8 @@ class SessionActor:
         if not self.attached or self.closed or self.restoring or self.awaiting_commit:
             return False
         if self.stop_at is not None and self.head >= self.stop_at:
+            return False
+        if self.budget_stop is not None and self.head >= self.budget_stop:
             return False
         if self.inflight >= self.pipeline:
             return False

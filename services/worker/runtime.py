@@ -411,6 +411,9 @@ class WorkerRuntime:
             str(given.get(names.METADATA_TENANT, "")), str(given.get(names.METADATA_TOKEN_ID, ""))
         )
         actor.attach(first.attach.window)
+        budget = given.get(names.METADATA_BUDGET_FRAMES)
+        if budget is not None:
+            actor.budget_stop = actor.next_frame + max(0, int(budget))
         actor.due = max(actor.due, time.monotonic())
         self.engine.wake()
         reader = asyncio.create_task(
@@ -464,6 +467,13 @@ class WorkerRuntime:
                     if actor.lost is not None:
                         raise actor.lost  # not a close: the gateway recovers the session
                     return
+                stop = actor.budget_stop
+                if stop is not None and actor.last_sent >= stop - 1 and not actor.out:
+                    yield await self._budget_spent(actor, stop)
+                    raise ResourceExhausted(
+                        f"the token's streaming budget ends at frame {stop}; attach with a "
+                        f"new token and resume_from={stop} to go on"
+                    )
                 if self._draining:
                     raise Unavailable(
                         f"worker {self.config.worker_id} is shutting down; the session "
@@ -499,16 +509,10 @@ class WorkerRuntime:
         its gateway asks the router, which restores it once it is parked)."""
         actor = self.actor(request.session_id)
         self._check_idle(actor, request.epoch, request.min_idle_s)
-        journal = self.durable()
         actor.parking = True
         try:
             await self.hold(actor)
-            await actor.wait_uploaded()
-            frame = actor.next_frame
-            if frame > 0 and frame not in await journal.checkpoint_frames(actor.session_id):
-                state = actor.state
-                blob = await self.engine.in_step_thread(lambda: actor.model.snapshot(state))
-                await journal.save_checkpoint(actor, frame, blob)
+            await self._checkpoint_head(actor)
         except BaseException:
             actor.parking = False
             self.release(actor)
@@ -524,6 +528,41 @@ class WorkerRuntime:
             extra={"session_id": request.session_id},
         )
         return status
+
+    async def _checkpoint_head(self, actor: SessionActor) -> None:
+        """A durable checkpoint at a held actor's next frame (unless there is one): a
+        restore there (parked, or a budget that ran out) replays nothing."""
+        journal = self.durable()
+        await actor.wait_uploaded()
+        frame = actor.next_frame
+        if frame > 0 and frame not in await journal.checkpoint_frames(actor.session_id):
+            state = actor.state
+            blob = await self.engine.in_step_thread(lambda: actor.model.snapshot(state))
+            await journal.save_checkpoint(actor, frame, blob)
+
+    async def _budget_spent(self, actor: SessionActor, stop: int) -> pb.ServerMessage:
+        """The stream's token may have no frame from ``stop`` on: checkpoint the session
+        there (it stays, detached once the stream ends) and say so."""
+        if self.journal is not None:
+            await self.hold(actor)
+            try:
+                await self._checkpoint_head(actor)
+            except WindflowError as err:  # the log still brings it back there
+                log.warning("session %s: no checkpoint at %d: %s", actor.session_id, stop, err)
+            finally:
+                self.release(actor)
+        log.info(
+            "session %s: its token's budget ends at frame %d; stream ended",
+            actor.session_id,
+            stop,
+            extra={"session_id": actor.session_id},
+        )
+        return event(
+            pb.SessionEvent.KIND_BUDGET_EXHAUSTED,
+            "the token's streaming budget is spent; the session is checkpointed here",
+            stop,
+            actor.steps,
+        )
 
     async def _mark_head(self, actor: SessionActor) -> None:
         """Once a detached session's last frames are settled, record its head in its log

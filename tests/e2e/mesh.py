@@ -74,10 +74,13 @@ class Mesh:
         router_args: tuple[str, ...] = (),
         session_args: tuple[str, ...] = (),
         gateway_args: tuple[str, ...] = (),
+        secure: bool = False,
     ) -> None:
         """``regions``: worker name -> its ``--region`` (others: the default);
         ``router_args``, ``session_args``, ``gateway_args``: appended to the command line
-        of every router replica, the session service and the gateway."""
+        of every router replica, the session service and the gateway; ``secure``: the
+        gateway authenticates (else ``--insecure``: these tests are about state, and
+        tests/e2e/test_access.py about access)."""
         self.state_dir = state_dir
         self._regions = regions or {}
         self.log_dir = state_dir / "logs"
@@ -96,7 +99,7 @@ class Mesh:
         self._worker_args = worker_args
         self._router_args = router_args
         self._session_args = session_args
-        self._gateway_args = gateway_args
+        self._gateway_args = (*(() if secure else ("--insecure",)), *gateway_args)
         self._env = env
         self.procs: dict[str, ManagedProcess] = {}
         self.closed_at: float | None = None

@@ -94,7 +94,10 @@ async def _assert_exact(
 
 async def test_gateway_killed_mid_stream_resumes_through_the_other(stack: Stack) -> None:
     first, second = stack.gateway_addresses
-    async with Client([first, second]) as client, Client(second) as other:
+    async with (
+        Client([first, second], token=stack.token) as client,
+        Client(second, token=stack.token) as other,
+    ):
         info = await client.create_session(DEFAULT_MODEL, **SPEC)  # type: ignore[arg-type]
         killed: list[int] = []
 
@@ -120,7 +123,7 @@ async def test_gateway_killed_mid_stream_resumes_through_it_once_restarted(
     """A client that knows one gateway only: the stream waits for the supervisor to bring
     it back on its port (backoff, then start-up: seconds) and resumes there."""
     second = stack.gateway_addresses[1]
-    async with Client(second) as client:
+    async with Client(second, token=stack.token) as client:
         info = await client.create_session(DEFAULT_MODEL, **SPEC)  # type: ignore[arg-type]
         killed: list[int] = []
 

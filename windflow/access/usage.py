@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -286,13 +287,23 @@ class Ledger:
                 max_ack_pending=batch * 4,
             ),
         )
+        try:
+            await self._consume(subscription, idle_wait_s, batch)
+        finally:
+            # (a subscription left behind holds a NATS drain up for its whole timeout)
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _consume(self, subscription: Any, idle_wait_s: float, batch: int) -> None:
         while True:
             try:
                 messages = await subscription.fetch(batch, timeout=idle_wait_s)
             except nats.errors.TimeoutError:
                 continue
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("usage ledger: fetch failed (%s); again", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS restarting, a slow server: never give up
+                log.warning("usage ledger: fetch failed (%r); again", exc)
                 await asyncio.sleep(idle_wait_s)
                 continue
             for message in messages:

@@ -235,6 +235,8 @@ class Cluster:
                 *upstreams,
                 "--session-service",
                 self.addresses["session"],
+                # the harness checks state under faults; access is tested on its own
+                "--insecure",
             )
         elif name == "session":
             argv = (*SERVE, name, *common, "--router", self.addresses["router"])

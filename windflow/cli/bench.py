@@ -12,6 +12,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "windflow.cli.bench_runtime",
     "windflow.cli.bench_chaos",
     "windflow.cli.bench_migrate",
+    "windflow.cli.bench_access",
 )
 
 

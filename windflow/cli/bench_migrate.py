@@ -266,7 +266,7 @@ class Bench:
     async def gateway_kill(self, frames: int) -> float:
         """Phase 5: the largest gap (ms) of streams whose gateway was SIGKILLed."""
         gateways = self.stack.gateway_addresses
-        async with Client(gateways) as client:
+        async with Client(gateways, token=self.stack.token) as client:
             streams = [await self.play(client, frames) for _ in range(2)]
             await asyncio.gather(*(s.at(40) for s in streams))
             os.kill(self.stack.supervisor.pids()["gateway"], signal.SIGKILL)
@@ -315,7 +315,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     async with grpc_util.channel(stack.router_addresses) as channel:
         router = internal_pb2_grpc.RouterStub(channel)
         bench = Bench(stack, args, router)
-        async with Client(stack.gateway_address) as client:
+        async with Client(stack.gateway_address, token=stack.token) as client:
             print("bench migrate: reference run", file=sys.stderr)
             await bench.reference_run(client, max(frames, 200))
             print("bench migrate: single moves", file=sys.stderr)

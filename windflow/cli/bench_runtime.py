@@ -326,7 +326,7 @@ async def stack_phases(
         *extra_worker_args,
     )
     config = StackConfig(state_dir=state_dir / "a", workers=1, worker_args=worker_args)
-    async with Stack(config) as stack, Client(stack.gateway_address) as client:
+    async with Stack(config) as stack, Client(stack.gateway_address, token=stack.token) as client:
         # a) one session, native fps, fixed quality, no controls (a frame with a control
         # waiting may start early, which would flatter the latency from its deadline)
         [s] = await _open(client, model, 1, quality="fixed", steps=base.steps)
@@ -457,7 +457,7 @@ async def stack_phases(
         workers=1,
         worker_args=("--models", model, "--capacity", "64", *extra_worker_args),
     )
-    async with Stack(config) as stack, Client(stack.gateway_address) as client:
+    async with Stack(config) as stack, Client(stack.gateway_address, token=stack.token) as client:
         res["overload"] = await _overload(client, model, base, seconds, warm)
     return res
 

@@ -100,7 +100,7 @@ def _recovered(events: Any) -> bool:
 async def measure(gateway: str, args: argparse.Namespace, stack: Stack | None) -> dict[str, Any]:
     rng = random.Random(args.seed)
     n = args.frames
-    async with Client(gateway) as client:
+    async with Client(gateway, token=stack.token if stack is not None else None) as client:
         reference_info = await client.create_session(args.model, seed=args.seed, **SPEC)
         controls = _script(len(reference_info.model.actions), n)
         reference = [d for _, d, _ in await _stream(client, reference_info, controls, n)]

@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
 async def _demo(args: argparse.Namespace, state_dir: Path) -> int:
     async with Stack(StackConfig(state_dir=state_dir, workers=args.workers)) as stack:
         print(f"windflow demo: stack ready, gateway {stack.gateway_address}", flush=True)
-        summary = await play_from_args(stack.gateway_address, args)
+        summary = await play_from_args(stack.gateway_address, args, stack.token)
         print_summary(summary, args.json)
     return 0
 

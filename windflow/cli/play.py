@@ -128,8 +128,10 @@ async def play(
     seed: int = 0,
     size: tuple[int, int] = (0, 0),
     fmt: str = "jpeg",
+    token: str | None = None,
 ) -> PlaySummary:
-    async with Client(gateway) as client:
+    """``token``: the session token (default: $WINDFLOW_TOKEN)."""
+    async with Client(gateway, token=token) as client:
         models = await client.list_models()
         if not models:
             raise SystemExit("the gateway serves no models (no live worker)")
@@ -222,10 +224,13 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=_main)
 
 
-async def play_from_args(gateway: str, args: argparse.Namespace) -> PlaySummary:
+async def play_from_args(
+    gateway: str, args: argparse.Namespace, token: str | None = None
+) -> PlaySummary:
     """``play`` with the options ``add_play_arguments`` declared."""
     return await play(
         gateway,
+        token=token,
         model=args.model,
         frames=args.frames,
         fps=args.fps,

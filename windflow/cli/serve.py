@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from services.gateway.config import Quotas
 from services.session.config import ReclaimPolicy
 from windflow.common import env
 
@@ -174,6 +175,24 @@ def register(sub: Any) -> None:
         "--router", required=True, help="router host:port (replicas: comma-separated)"
     )
     gateway.add_argument("--session-service", required=True, help="session service host:port")
+    gateway.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no authentication: any caller may do anything (local use only)",
+    )
+    quotas = Quotas()
+    gateway.add_argument(
+        "--tenant-max-sessions",
+        type=int,
+        default=quotas.max_sessions,
+        help="live sessions a tenant may hold at once (0: no quota)",
+    )
+    gateway.add_argument(
+        "--tenant-creates-per-s",
+        type=float,
+        default=quotas.creates_per_s,
+        help="sessions a tenant may create per second, in bursts of twice that (0: no quota)",
+    )
     gateway.set_defaults(func=_run_gateway)
 
 
@@ -275,6 +294,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
         router=args.router,
         session_service=args.session_service,
         listen=args.listen,
+        insecure=args.insecure,
+        quotas=Quotas(
+            max_sessions=args.tenant_max_sessions, creates_per_s=args.tenant_creates_per_s
+        ),
         otlp_endpoint=args.otlp_endpoint,
     )
     return asyncio.run(run(config))

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
+from services.session.config import ReclaimPolicy
 from windflow.infra import BinaryNotFound, Stack, StackConfig, StackFailed
 from windflow.infra.stack import DEFAULT_SERVICE_COMMAND
 
@@ -77,6 +78,25 @@ def register(sub: Any) -> None:
         help="the first gateway's port (default: a free one; the others always get free ones)",
     )
     parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no authentication: any caller may do anything (default: a development key "
+        "and token are made, the token written to <state dir>/token)",
+    )
+    reclaim = ReclaimPolicy()
+    parser.add_argument(
+        "--close-unattached-s",
+        type=float,
+        default=reclaim.unattached_s,
+        help="close a session no client attached to within this (0: never; default %(default)s)",
+    )
+    parser.add_argument(
+        "--park-after-s",
+        type=float,
+        default=reclaim.park_after_s,
+        help="park a session without a client this long (0: never; default %(default)s)",
+    )
+    parser.add_argument(
         "--service-command",
         default=shlex.join(DEFAULT_SERVICE_COMMAND),
         help="command that runs one service; the kind and its flags are appended "
@@ -100,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
         gateway_port=args.port,
         region=args.region,
         service_command=tuple(shlex.split(args.service_command)),
+        insecure=args.insecure,
+        session_args=(
+            "--close-unattached-s",
+            str(args.close_unattached_s),
+            "--park-after-s",
+            str(args.park_after_s),
+        ),
     )
     code = asyncio.run(run_stack(config))
     if temporary:
@@ -137,6 +164,7 @@ async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
             print(f"windflow: {exc}", file=sys.stderr, flush=True)
             return EXIT_STACK_FAILED
         print(ready_line(stack), file=out, flush=True)
+        print(access_line(stack), file=sys.stderr, flush=True)
         running = asyncio.create_task(stack.wait(), name="up:stack")
         await asyncio.wait({stopped, running}, return_when=asyncio.FIRST_COMPLETED)
         if running.done() and (failure := stack.failure) is not None:
@@ -166,6 +194,20 @@ def ready_line(stack: Stack) -> str:
         f"routers={stack.router_addresses} "
         f"({config.workers} worker{'s' if config.workers != 1 else ''}, "
         f"state in {config.state_dir})"
+    )
+
+
+def access_line(stack: Stack) -> str:
+    """How clients authenticate to the stack (loudly, when they need not)."""
+    if stack.config.insecure:
+        return (
+            "windflow: WARNING: INSECURE: the gateways authenticate no one; any caller may "
+            "create, attach to, fork or close any session (--insecure)"
+        )
+    token = stack.config.state_dir / "token"
+    return (
+        f"windflow: a development token (tenant dev) is in {token}; clients read it from "
+        f"WINDFLOW_TOKEN: export WINDFLOW_TOKEN=$(cat {token})"
     )
 
 

@@ -36,6 +36,11 @@ FAULTS = EnvVar(
     " unset = none",
 )
 FAULTS_SEED = EnvVar("WINDFLOW_FAULTS_SEED", "seed of probabilistic fault rules (default 0)")
+TOKEN = EnvVar(
+    "WINDFLOW_TOKEN",
+    "the session token the SDK and `windflow play` send (`windflow up` writes one to "
+    "<state dir>/token)",
+)
 
 ALL: tuple[EnvVar, ...] = (
     OTLP_ENDPOINT,
@@ -46,4 +51,5 @@ ALL: tuple[EnvVar, ...] = (
     STEP_THREADS,
     FAULTS,
     FAULTS_SEED,
+    TOKEN,
 )

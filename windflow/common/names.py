@@ -25,6 +25,21 @@ def session_record_key(session_id: str) -> str:
     return f"{SESSIONS_PREFIX}{session_id}/record"
 
 
+TENANTS_PREFIX = f"{ETCD_PREFIX}/tenants/"
+TENANT_LIVE = b"live"
+TENANT_PARKED = b"parked"
+
+
+def tenant_sessions_prefix(tenant: str) -> str:
+    return f"{TENANTS_PREFIX}{tenant}/sessions/"
+
+
+def tenant_session_key(tenant: str, session_id: str) -> str:
+    """A tenant's session, while it is not closed: TENANT_LIVE or TENANT_PARKED (what the
+    gateway counts against the tenant's concurrent-session quota: the live ones)."""
+    return f"{tenant_sessions_prefix(tenant)}{session_id}"
+
+
 ACCESS_PREFIX = f"{ETCD_PREFIX}/access/"
 """API keys and token signing keys (``windflow.access``). The ``root`` argument of the
 functions below exists so tests sharing one etcd can keep to a prefix of their own."""
@@ -51,8 +66,8 @@ def signing_key_key(kid: str, root: str = ACCESS_PREFIX) -> str:
 # ---- gRPC metadata the gateway gives a worker leg (the stream's verified token) ----
 METADATA_TENANT = "windflow-tenant"
 METADATA_TOKEN_ID = "windflow-token-id"
-METADATA_STOP_AT = "windflow-stop-at"
-"""The first frame the leg may not make: where the token's streaming budget ends."""
+METADATA_BUDGET_FRAMES = "windflow-budget-frames"
+"""Frames the leg may still make for the stream's token (absent: no cap)."""
 
 # ---- NATS subjects: windflow.v1.<area>.<event> ----
 SUBJECT_PREFIX = "windflow.v1"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from windflow.access.dev import dev_token
 from windflow.infra.errors import StackFailed
 from windflow.infra.etcd import EtcdServer
 from windflow.infra.nats import NatsServer
@@ -73,7 +74,10 @@ class StackConfig:
     session_args: tuple[str, ...] = ()
     """Extra flags for the session service (e.g. its reclaiming limits)."""
     gateway_args: tuple[str, ...] = ()
-    """Extra flags for every gateway (e.g. ``--insecure``)."""
+    """Extra flags for every gateway (e.g. its tenant quotas)."""
+    insecure: bool = False
+    """Gateways without authentication (``--insecure``); else the stack makes a
+    development key and token (``token``, ``<state dir>/token``)."""
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     """Restart budget and backoff of every child (etcd and NATS included)."""
     ready_timeout_s: float = 120.0
@@ -126,6 +130,8 @@ class Stack:
         }
         """Listen address of each service, by child name."""
         self.supervisor = Supervisor(self._stages(), self.log_dir, name="windflow stack")
+        self.token = ""
+        """The development tenant's session token, once started (empty: ``insecure``)."""
 
     @property
     def gateway_address(self) -> str:
@@ -164,6 +170,8 @@ class Stack:
             config.state_dir,
         )
         await self.supervisor.start()
+        if not config.insecure:
+            self.token = await dev_token(self.etcd.endpoint, config.state_dir)
 
     async def wait(self) -> None:
         """Wait until the stack has stopped; raise ``StackFailed`` if it failed."""
@@ -202,10 +210,13 @@ class Stack:
             ],
             *([workers] if workers else []),
             [
-                self._service_spec("gateway", (*upstreams, *self.config.gateway_args), name=name)
+                self._service_spec("gateway", (*upstreams, *self._gateway_args()), name=name)
                 for name in self.gateway_names
             ],
         ]
+
+    def _gateway_args(self) -> tuple[str, ...]:
+        return (*(("--insecure",) if self.config.insecure else ()), *self.config.gateway_args)
 
     def _region_args(self) -> tuple[str, ...]:
         return () if self.config.region is None else ("--region", self.config.region)

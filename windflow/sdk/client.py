@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from windflow.common import grpc_util, telemetry
+from windflow.common import env, grpc_util, telemetry
 from windflow.common.frames import decode_frame
 from windflow.errors import FailedPrecondition, ResourceExhausted, Unavailable, WindflowError
 from windflow.sdk.resume import (
@@ -98,6 +98,7 @@ class Session:
         window: int = 8,
         gateways: Sequence[tuple[str, windflow_pb2_grpc.WindflowStub]] = (),
         resume_timeout_s: float = RESUME_TIMEOUT_S,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """``gateways``: (address, stub) of every gateway a resume may go through, in
         order, ``stub``'s first (default: ``stub`` alone)."""
@@ -109,6 +110,8 @@ class Session:
             (i for i, (_, candidate) in enumerate(self._gateways) if candidate is stub), 0
         )
         self.resume_timeout_s = resume_timeout_s
+        self._metadata = metadata
+        """The call metadata of every stream it opens (the session token)."""
         self.resumes = 0
         """Times the stream was resumed after its gateway went away."""
         self._controls = PendingControls()
@@ -165,7 +168,7 @@ class Session:
             self._positioned = True
         for control in initial:
             self._controls.sent(control)
-        self._call = self._stub.Stream()
+        self._call = self._stub.Stream(metadata=self._metadata)
         await self._write(pb.ClientMessage(attach=attach))
 
     async def _write(self, message: pb.ClientMessage, *, quiet: bool = False) -> None:
@@ -363,7 +366,7 @@ class Session:
         outage.attempts += 1
         self._gateway = (self._gateway + 1) % len(self._gateways)
         _, stub = self._gateways[self._gateway]
-        call = stub.Stream()
+        call = stub.Stream(metadata=self._metadata)
         async with self._writing:  # after the writes under way: their controls count
             if self._closed:
                 call.cancel()
@@ -446,8 +449,15 @@ class Client:
         *,
         timeout_s: float = 30.0,
         resume_timeout_s: float = RESUME_TIMEOUT_S,
+        token: str | None = None,
     ) -> None:
+        """``token``: the session token every call carries (default: $WINDFLOW_TOKEN;
+        none against a gateway run with ``--insecure``)."""
         self.addresses = parse_addresses(address)
+        token = env.TOKEN.get() if token is None else token
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self.address = self.addresses[0]
         self.resume_timeout_s = resume_timeout_s
         self._timeout = timeout_s
@@ -475,7 +485,9 @@ class Client:
 
     async def _unary(self, method: object, request: object) -> object:
         try:
-            return await method(request, timeout=self._timeout)  # type: ignore[operator]
+            return await method(  # type: ignore[operator]
+                request, timeout=self._timeout, metadata=self.metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise grpc_util.error_from_rpc(exc) from exc
 
@@ -561,7 +573,8 @@ class Client:
     ) -> AsyncIterator[ReceivedFrame]:
         """Frames [from_frame, to_frame) re-rendered from checkpoints and the control log."""
         call = self.stub.Replay(
-            pb.ReplayRequest(session_id=session_id, from_frame=from_frame, to_frame=to_frame)
+            pb.ReplayRequest(session_id=session_id, from_frame=from_frame, to_frame=to_frame),
+            metadata=self.metadata,
         )
         try:
             async for frame in call:
@@ -588,6 +601,7 @@ class Client:
             window=window,
             gateways=list(zip(self.addresses, self._stubs, strict=True)),
             resume_timeout_s=self.resume_timeout_s,
+            metadata=self.metadata,
         )
         await live.start(controls, resume_from=resume_from)
         return live
