@@ -81,6 +81,37 @@ async def new_session(client: Client, seed: int = 1) -> pb.Session:
     )
 
 
+async def until_refused(mesh: Mesh, token: str, within_s: float = 10.0) -> None:
+    """Wait until the gateway refuses ``token`` (a revocation or a retirement travels to
+    it through an etcd watch)."""
+    deadline = time.monotonic() + within_s
+    async with Client(mesh.gateway, token=token) as client:
+        while True:
+            try:
+                await client.list_models()
+            except errors.Unauthenticated:
+                return
+            assert time.monotonic() < deadline, "the gateway still accepts the token"
+            await asyncio.sleep(0.1)
+
+
+async def refused_stream(
+    client: Client,
+    session: pb.Session,
+    error: type[errors.WindflowError],
+    resume_from: int | None = None,
+) -> None:
+    """The stream of ``session`` ends with ``error`` (from its Attach's write, when the
+    gateway refuses it before that lands, or from its first read)."""
+    live = None
+    with pytest.raises(error):
+        live = await client.attach(session, resume_from=resume_from)
+        async for _ in live.frames(limit=1):
+            pass
+    if live is not None:
+        await live.aclose()
+
+
 def forge(token: str, **changes: object) -> str:
     """``token`` with claims changed and its signature kept (tampered)."""
     header, payload, signature = token.split(".")
@@ -117,7 +148,7 @@ async def test_bad_tokens_are_unauthenticated_and_health_stays_open(
         "not yet valid": early,
         "revoked": revoked,
     }
-    await asyncio.sleep(0.5)  # the gateway's view sees the revocation through its watch
+    await until_refused(mesh, revoked)  # the gateway's view sees it through its watch
     for name, token in bad.items():
         async with Client(mesh.gateway, token=token) as client:
             with pytest.raises(errors.Unauthenticated):
@@ -126,16 +157,12 @@ async def test_bad_tokens_are_unauthenticated_and_health_stays_open(
                 await new_session(client)
             with pytest.raises(errors.Unauthenticated):
                 await client.get_session("0" * 32)
-            live = await client.attach(pb.Session(session_id="0" * 32))
-            with pytest.raises(errors.Unauthenticated):
-                async for _ in live.frames(limit=1):
-                    pass
-            await live.aclose()
+            await refused_stream(client, pb.Session(session_id="0" * 32), errors.Unauthenticated)
             assert name
     # a retired signing key's tokens stop working; a new one signs meanwhile
     await store.rotate_signing_key()
     await store.retire_signing_key(signing.kid)
-    await asyncio.sleep(0.5)
+    await until_refused(mesh, good)
     async with Client(mesh.gateway, token=good) as client:
         with pytest.raises(errors.Unauthenticated, match="retired"):
             await client.list_models()
@@ -220,11 +247,7 @@ async def test_another_tenants_session_does_not_exist(mesh: Mesh, store: AccessS
             with pytest.raises(errors.NotFound):
                 async for _ in theirs.replay(target, 0, 2):
                     pass
-            stream = await theirs.attach(pb.Session(session_id=target))
-            with pytest.raises(errors.NotFound):
-                async for _ in stream.frames(limit=1):
-                    pass
-            await stream.aclose()
+            await refused_stream(theirs, pb.Session(session_id=target), errors.NotFound)
     async with Client(mesh.gateway, token=owner) as mine:
         # nothing changed: the owner's session goes on where it was
         got = await mine.get_session(session.session_id)
@@ -269,11 +292,7 @@ async def test_budget_stops_at_a_frame_and_a_new_token_resumes_bit_exactly(
     # resumes with nothing lost
     assert await billed(Ledger(etcd_client), claims.jti, budget_s) == pytest.approx(budget_s)
     async with Client(mesh.gateway, token=limited) as client:
-        again = await client.attach(session, resume_from=stop)
-        with pytest.raises(errors.ResourceExhausted):
-            async for _ in again.frames(limit=1):
-                pass
-        await again.aclose()
+        await refused_stream(client, session, errors.ResourceExhausted, resume_from=stop)
     fresh = await token_for(store, "budget")
     async with Client(mesh.gateway, token=fresh) as client:
         live = await client.attach(session, resume_from=stop)

@@ -156,7 +156,7 @@ class FakeStub:
         self.calls = list(calls)
         self.made: list[FakeCall] = []
 
-    def Stream(self) -> FakeCall:
+    def Stream(self, metadata: object = None) -> FakeCall:
         call = self.calls.pop(0) if self.calls else FakeCall([], grpc.StatusCode.UNAVAILABLE)
         self.made.append(call)
         return call

@@ -298,7 +298,7 @@ class Ledger:
         while True:
             try:
                 messages = await subscription.fetch(batch, timeout=idle_wait_s)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):  # nothing came: ask again
                 continue
             except asyncio.CancelledError:
                 raise
