@@ -23,7 +23,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.proxy import StreamProxy
 from windflow.access.tokens import Claims
 from windflow.common import etcd, grpc_util, names, telemetry
-from windflow.common.durable import DeliveredHeads
+from windflow.common.durable import DeliveredHeads, reach
 from windflow.common.specs import resolve_spec
 from windflow.errors import (
     FailedPrecondition,
@@ -163,6 +163,7 @@ class GatewayService:
                     session.head_frame = placement.parked_head
                     session.parked_unix_ms = placement.parked_unix_ms
                     session.worker_id = ""
+                    await self._reach(session)
                     return session
                 session.worker_id = placement.worker_id
                 session.placement_epoch = placement.epoch
@@ -184,7 +185,21 @@ class GatewayService:
             session.state = (
                 pb.SESSION_STATE_STREAMING if status.attached else pb.SESSION_STATE_PLACED
             )
+            await self._reach(session)
             return session
+
+    async def _reach(self, session: pb.Session) -> None:
+        """``session.reach`` from its checkpoints and the head just read, with the replay
+        time at the step cost a worker serving its model measured (its headroom)."""
+        frame_ms = 0.0
+        for worker in await etcd.list_workers(self._etcd):
+            for room in worker.headroom:
+                if room.model_id == session.spec.model_id and room.steps == session.spec.steps:
+                    frame_ms = max(frame_ms, room.frame_ms)
+        del session.reach[:]
+        session.reach.extend(
+            reach([c.frame_index for c in session.checkpoints], int(session.head_frame), frame_ms)
+        )
 
     async def close_session(self, session_id: str, claims: Claims | None) -> pb.Session:
         await self._record(session_id, claims)

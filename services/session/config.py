@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -27,6 +28,21 @@ class ReclaimPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """What sessions keep of their past (services/session/retention.py)."""
+
+    every_s: float = 60.0
+    """How often sessions are thinned and closed ones deleted (0: never)."""
+    recent_s: float = 300.0
+    """Every checkpoint this far (in the session's own seconds of frames) before its head
+    stays."""
+    tiers: tuple[tuple[float, float], ...] = ((3600.0, 60.0), (math.inf, 600.0))
+    """Further back: (up to this far back, one checkpoint per this many seconds)."""
+    closed_retention_s: float = 24 * 3600.0
+    """A closed session's state goes this long after it closed (0: never)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionServiceConfig:
     etcd: str
     """etcd client address, host:port."""
@@ -37,4 +53,5 @@ class SessionServiceConfig:
     listen: str = "127.0.0.1:0"
     reclaim: ReclaimPolicy = field(default_factory=ReclaimPolicy)
     """When abandoned sessions are closed or parked (services/session/reclaim.py)."""
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     otlp_endpoint: str | None = None

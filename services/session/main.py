@@ -10,10 +10,11 @@ import grpc
 from services.session.config import SessionServiceConfig
 from services.session.orchestrator import Orchestrator
 from services.session.reclaim import Reclaimer
+from services.session.retention import Retention
 from services.session.store import SessionStore
 from windflow.access.usage import Ledger
 from windflow.common import etcd, lifecycle, telemetry
-from windflow.common.durable import CheckpointCatalog, ControlLog
+from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlLog
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
 from windflow.v1 import internal_pb2, internal_pb2_grpc
@@ -85,6 +86,15 @@ async def run(config: SessionServiceConfig) -> int:
     log.info("session service serving on %s", address)
     serving = asyncio.create_task(server.wait(), name="session-server")
     background = [asyncio.create_task(Ledger(client, bus.jetstream()).run(), name="usage-ledger")]
+    if config.retention.every_s > 0:
+        retention = Retention(
+            client,
+            control_log,
+            CheckpointCatalog(client),
+            CheckpointStore(bus.jetstream()),
+            config.retention,
+        )
+        background.append(asyncio.create_task(retention.run(), name="retention"))
     if config.reclaim.enabled:
         reclaimer = Reclaimer(orchestrator, bus, config.reclaim)
         background.append(asyncio.create_task(reclaimer.run(), name="reclaimer"))

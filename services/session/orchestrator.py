@@ -21,7 +21,7 @@ import grpc
 
 from services.session.store import SessionStore
 from windflow.common import etcd, grpc_util, names, telemetry
-from windflow.common.durable import CheckpointCatalog, ControlLog
+from windflow.common.durable import CheckpointCatalog, ControlLog, reach
 from windflow.common.events import EventBus
 from windflow.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable, WindflowError
 from windflow.v1 import internal_pb2, internal_pb2_grpc
@@ -88,9 +88,13 @@ class Orchestrator:
         return head
 
     async def describe(self, session: pb.Session) -> pb.Session:
-        """The record plus its checkpoints and log length."""
+        """The record plus its checkpoints, log length and reach (from the record's head;
+        the gateway's GetSession sets it again from the live head)."""
         session.checkpoints.extend(await self.catalog.list(session.session_id))
         session.log_length = await self.log.length(session.session_id)
+        session.reach.extend(
+            reach([c.frame_index for c in session.checkpoints], int(session.head_frame))
+        )
         return session
 
     async def fork(self, request: pb.ForkRequest) -> pb.Session:
@@ -232,6 +236,7 @@ class Orchestrator:
             else:
                 await kvs.delete(key)
         session.state = pb.SESSION_STATE_CLOSED
+        session.closed_unix_ms = int(time.time() * 1000)
         await self.store.update(session)
         if session.tenant:
             await kvs.delete(names.tenant_session_key(session.tenant, session_id))

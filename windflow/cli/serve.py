@@ -7,7 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from services.gateway.config import Quotas
-from services.session.config import ReclaimPolicy
+from services.session.config import ReclaimPolicy, RetentionPolicy
 from windflow.common import env
 
 if TYPE_CHECKING:
@@ -78,6 +78,26 @@ def register(sub: Any) -> None:
         type=float,
         default=reclaim.every_s,
         help="how often idle sessions are looked for (0: no reclaiming)",
+    )
+    retention = RetentionPolicy()
+    session.add_argument(
+        "--closed-retention-s",
+        type=float,
+        default=retention.closed_retention_s,
+        help="delete a closed session's checkpoints, log and record this long after (0: never)",
+    )
+    session.add_argument(
+        "--keep-recent-s",
+        type=float,
+        default=retention.recent_s,
+        help="keep every checkpoint of this many seconds before a session's head; older "
+        "ones are thinned (one a minute to an hour back, then one every ten minutes)",
+    )
+    session.add_argument(
+        "--retention-every-s",
+        type=float,
+        default=retention.every_s,
+        help="how often checkpoints are thinned and closed sessions deleted (0: never)",
     )
     session.set_defaults(func=_run_session)
 
@@ -236,6 +256,11 @@ def _run_session(args: argparse.Namespace) -> int:
             unattached_s=args.close_unattached_s,
             park_after_s=args.park_after_s,
             parked_retention_s=args.park_retention_s,
+        ),
+        retention=RetentionPolicy(
+            every_s=args.retention_every_s,
+            recent_s=args.keep_recent_s,
+            closed_retention_s=args.closed_retention_s,
         ),
         otlp_endpoint=args.otlp_endpoint,
     )

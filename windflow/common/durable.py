@@ -206,6 +206,13 @@ class ControlLog:
         await self._js.publish_async_completed()
         return len(entries)
 
+    async def purge(self, session_id: str) -> None:
+        """Delete the session's whole log (a closed session past its retention)."""
+        try:
+            await self._js.purge_stream(LOG_STREAM, subject=log_subject(session_id))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"purging the control log of {session_id}: {exc}") from exc
+
     async def length(self, session_id: str) -> int:
         info = await self._js.stream_info(LOG_STREAM, subjects_filter=log_subject(session_id))
         subjects = info.state.subjects or {}
@@ -226,6 +233,28 @@ def log_head(entries: Sequence[StoredEntry], checkpoint_frames: Sequence[int] = 
         else:
             head = max(head, entry.frame_index)
     return head
+
+
+def reach(checkpoints: Sequence[int], head: int, frame_ms: float = 0.0) -> list[pb.Reach]:
+    """For frames [0, head]: ranges with the most frames a fork or replay in them replays
+    (from the nearest checkpoint at or before, or the seed)."""
+    starts = sorted({0, *(c for c in checkpoints if 0 < c <= head)})
+    out: list[pb.Reach] = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else head + 1
+        worst = end - 1 - start
+        if out and out[-1].max_replay_frames == worst and out[-1].to_frame == start:
+            out[-1].to_frame = end
+            continue
+        out.append(
+            pb.Reach(
+                from_frame=start,
+                to_frame=end,
+                max_replay_frames=worst,
+                max_replay_ms=worst * frame_ms,
+            )
+        )
+    return out
 
 
 def controls_by_frame(entries: Sequence[StoredEntry]) -> list[internal_pb2.LogEntry]:
@@ -343,6 +372,10 @@ class CheckpointCatalog:
                 if name in wanted:
                     found.add(name)
         return found
+
+    async def forget(self, session_id: str, frame: int) -> None:
+        """Drop one checkpoint from the catalog (retention thinning); its object stays."""
+        await etcd.kv(self._etcd).delete(f"{self._prefix(session_id)}{frame:012d}")
 
     async def drop_all(self, session_id: str) -> None:
         prefix = self._prefix(session_id).encode()

@@ -340,6 +340,8 @@ class Session(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     PARKED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    REACH_FIELD_NUMBER: _builtins.int
+    CLOSED_UNIX_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     state: Global___SessionState.ValueType
     worker_id: _builtins.str
@@ -358,6 +360,8 @@ class Session(_message.Message):
     """who owns it (the token that created it)"""
     parked_unix_ms: _builtins.int
     """SESSION_STATE_PARKED: since when"""
+    closed_unix_ms: _builtins.int
+    """SESSION_STATE_CLOSED: since when (its state is"""
     @_builtins.property
     def spec(self) -> Global___SessionSpec:
         """as resolved (defaults filled in)"""
@@ -367,6 +371,13 @@ class Session(_message.Message):
     @_builtins.property
     def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]:
         """oldest first"""
+
+    @_builtins.property
+    def reach(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reach]:
+        """Which frames a fork or replay can reach, and how fast: frames [0, head] in ranges, each
+        with the most frames a fork or replay there replays (from the nearest checkpoint; old
+        checkpoints are thinned, docs/access.md). GetSession fills it.
+        """
 
     def __init__(
         self,
@@ -386,14 +397,46 @@ class Session(_message.Message):
         region: _builtins.str = ...,
         tenant: _builtins.str = ...,
         parked_unix_ms: _builtins.int = ...,
+        reach: _abc.Iterable[Global___Reach] | None = ...,
+        closed_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "parked_unix_ms", b"parked_unix_ms", "placement_epoch", b"placement_epoch", "region", b"region", "session_id", b"session_id", "spec", b"spec", "state", b"state", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "closed_unix_ms", b"closed_unix_ms", "created_unix_ms", b"created_unix_ms", "forked_at", b"forked_at", "head_frame", b"head_frame", "log_length", b"log_length", "model", b"model", "parent_session_id", b"parent_session_id", "parked_unix_ms", b"parked_unix_ms", "placement_epoch", b"placement_epoch", "reach", b"reach", "region", b"region", "session_id", b"session_id", "spec", b"spec", "state", b"state", "tenant", b"tenant", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class Reach(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_FRAME_FIELD_NUMBER: _builtins.int
+    TO_FRAME_FIELD_NUMBER: _builtins.int
+    MAX_REPLAY_FRAMES_FIELD_NUMBER: _builtins.int
+    MAX_REPLAY_MS_FIELD_NUMBER: _builtins.int
+    from_frame: _builtins.int
+    to_frame: _builtins.int
+    """exclusive"""
+    max_replay_frames: _builtins.int
+    max_replay_ms: _builtins.float
+    """at the step cost a worker serving the model measured; 0: none"""
+    def __init__(
+        self,
+        *,
+        from_frame: _builtins.int = ...,
+        to_frame: _builtins.int = ...,
+        max_replay_frames: _builtins.int = ...,
+        max_replay_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_frame", b"from_frame", "max_replay_frames", b"max_replay_frames", "max_replay_ms", b"max_replay_ms", "to_frame", b"to_frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reach: _TypeAlias = Reach  # noqa: Y015
 
 @_typing.final
 class Checkpoint(_message.Message):
