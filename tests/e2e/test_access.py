@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.worker.models.registry import DEFAULT_MODEL
 from tests.e2e.mesh import Mesh
-from windflow import errors
+from windflow import cli, errors
 from windflow.access import tokens
 from windflow.access.keys import AccessStore
 from windflow.access.usage import Ledger
@@ -351,3 +353,14 @@ async def test_usage_is_billed_once_across_a_worker_kill(
     assert abs(usage.seconds - len(seen) / fps) <= 1.0, (usage.frames, len(seen))
     assert usage.tenant == "metered" and set(usage.tokens) == {claims.jti}
     assert await ledger.token_seconds(claims.jti) == pytest.approx(usage.seconds)
+    # windflow usage prints the same, per session and per tenant
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = await asyncio.to_thread(
+            cli.main, ["usage", "--etcd", mesh.etcd.endpoint, "--tenant", "metered", "--json"]
+        )
+    printed = json.loads(out.getvalue())
+    assert code == 0
+    assert [(r["session_id"], r["seconds"]) for r in printed["sessions"]] == [
+        (session.session_id, round(usage.seconds, 3))
+    ]
+    assert printed["tenants"] == {"metered": round(usage.seconds, 3)}

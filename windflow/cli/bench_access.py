@@ -247,17 +247,12 @@ async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
         return await measure(stack, args)
 
 
-def _table(result: dict[str, Any]) -> str:
-    width = max(len(k) for k in result)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in result.items())
-
-
 def _main(args: argparse.Namespace) -> int:
     return bench_results.run_stack_bench(
         "access",
         args,
         lambda state_dir: _run(args, state_dir),
-        _table,
+        bench_results.key_value_table,
         lambda r: bool(
             r["metering_exact"]
             and r["unpark_resumed_at_next_frame"]

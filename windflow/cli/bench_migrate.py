@@ -358,11 +358,6 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _table(result: dict[str, Any]) -> str:
-    width = max(len(k) for k in result)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in result.items())
-
-
 async def _run(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
     config = StackConfig(
         state_dir=state_dir,
@@ -381,7 +376,7 @@ def _main(args: argparse.Namespace) -> int:
         "migrate",
         args,
         lambda state_dir: _run(args, state_dir),
-        _table,
+        bench_results.key_value_table,
         lambda r: bool(
             r["bit_exact"]
             and not r["dropped_frames"]

@@ -96,6 +96,12 @@ def stack_worker_args(args: Any) -> tuple[str, ...]:
     return ("--models", args.model, "--lease-ttl", "2", "--heartbeat", "0.5", *args.worker_arg)
 
 
+def key_value_table(result: dict[str, Any]) -> str:
+    """A result as one ``key  value`` line per key, the values aligned."""
+    width = max(len(k) for k in result)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in result.items())
+
+
 def run_stack_bench(
     bench: str,
     args: Any,

@@ -14,12 +14,14 @@ import asyncio
 import itertools
 import json
 import random
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from windflow.errors import Unauthenticated, WindflowError
 from windflow.sdk import Client, ReceivedFrame
 
 
@@ -243,6 +245,15 @@ async def play_from_args(
 
 
 def _main(args: argparse.Namespace) -> int:
-    summary = asyncio.run(play_from_args(args.gateway, args))
+    try:
+        summary = asyncio.run(play_from_args(args.gateway, args))
+    except WindflowError as err:
+        hint = (
+            " (windflow up wrote a token: export WINDFLOW_TOKEN=$(cat <state dir>/token))"
+            if isinstance(err, Unauthenticated)
+            else ""
+        )
+        print(f"windflow play: {err.code}: {err.message}{hint}", file=sys.stderr)
+        return 1
     print_summary(summary, args.json)
     return 0
