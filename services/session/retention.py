@@ -39,6 +39,12 @@ def keep(frames: Sequence[int], head: int, fps: float, policy: RetentionPolicy) 
     """The checkpoint frames to keep of ``frames`` (pure): all in the recent window; in
     each older tier, the oldest in each span of its spacing (stable: thinning again keeps
     the same ones)."""
+    spans = [max(1, round(spacing_s * fps)) for _, spacing_s in policy.tiers]
+    oldest: list[dict[int, int]] = [{} for _ in spans]  # per tier: span index -> oldest frame
+    for frame in frames:
+        for tier, span in enumerate(spans):
+            bucket = frame // span
+            oldest[tier][bucket] = min(frame, oldest[tier].get(bucket, frame))
     kept = set()
     recent = policy.recent_s * fps
     for frame in frames:
@@ -46,12 +52,9 @@ def keep(frames: Sequence[int], head: int, fps: float, policy: RetentionPolicy) 
         if age <= recent:
             kept.add(frame)
             continue
-        for reach_s, spacing_s in policy.tiers:
+        for tier, (reach_s, _) in enumerate(policy.tiers):
             if age <= reach_s * fps:
-                span = max(1, round(spacing_s * fps))
-                bucket = frame // span
-                first = min(f for f in frames if f // span == bucket)
-                if frame == first:
+                if oldest[tier][frame // spans[tier]] == frame:
                     kept.add(frame)
                 break
     return kept
