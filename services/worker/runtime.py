@@ -23,6 +23,7 @@ from services.worker.messages import event, stream_error
 from services.worker.metering import UsagePublisher
 from services.worker.migration import Migrations
 from services.worker.models.base import SessionState, WorldModel
+from services.worker.reclaiming import Reclaiming
 from services.worker.replay import BatchedReplay
 from windflow.access.usage import UsageMeter
 from windflow.common import names, telemetry
@@ -84,6 +85,7 @@ class WorkerRuntime:
         self.cordoned = False
         """Takes no new session (a drain by live migration: ``set_draining``)."""
         self.migrations = Migrations(self)
+        self.reclaiming = Reclaiming(self)
         self._recheck: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         """Background work it owns (a detached session's HEAD entry)."""
@@ -331,30 +333,13 @@ class WorkerRuntime:
     def statuses(self) -> list[internal_pb2.SessionStatus]:
         return [self.status(session_id) for session_id in list(self.engine.sessions)]
 
-    def _check_idle(self, actor: SessionActor, epoch: int, min_idle_s: float) -> None:
-        """Refuse to reclaim ``actor`` unless it is here at ``epoch`` and has been without
-        a client for ``min_idle_s`` (the reclaimer's view may be a moment old)."""
-        if epoch and actor.epoch != epoch:
-            raise FailedPrecondition(
-                f"session {actor.session_id} is here at epoch {actor.epoch}, not {epoch}"
-            )
-        idle = actor.idle_s(time.monotonic())
-        if actor.attached or actor.parking or idle < min_idle_s:
-            raise FailedPrecondition(
-                f"session {actor.session_id} is in use (attached {actor.attached}, idle "
-                f"{idle:.1f} s of {min_idle_s:.1f} s)"
-            )
-
     def close_session(
         self, session_id: str, *, if_idle_s: float = 0.0, epoch: int = 0
     ) -> internal_pb2.SessionStatus:
         """Close ``session_id``; with ``if_idle_s``, only if no client ever attached to it
         and it has waited that long (the reclaimer's close), else FAILED_PRECONDITION."""
         if if_idle_s > 0:
-            waiting = self.actor(session_id)
-            self._check_idle(waiting, epoch, if_idle_s)
-            if waiting.ever_attached:
-                raise FailedPrecondition(f"session {session_id} was attached: it is parked")
+            self.reclaiming.check_unattached(self.actor(session_id), epoch, if_idle_s)
         status = self.status(session_id)
         actor = self.engine.remove(session_id)
         if actor is not None:
@@ -469,7 +454,7 @@ class WorkerRuntime:
                     return
                 stop = actor.budget_stop
                 if stop is not None and actor.last_sent >= stop - 1 and not actor.out:
-                    yield await self._budget_spent(actor, stop)
+                    yield await self.reclaiming.budget_spent(actor, stop)
                     raise ResourceExhausted(
                         f"the token's streaming budget ends at frame {stop}; attach with a "
                         f"new token and resume_from={stop} to go on"
@@ -500,69 +485,6 @@ class WorkerRuntime:
                     )
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-
-    async def park(self, request: internal_pb2.ParkSessionRequest) -> internal_pb2.SessionStatus:
-        """Checkpoint a detached session at its head and let it go: its slot is free, and
-        a restore of its log's head (the next attach, anywhere) starts from that checkpoint
-        with nothing to replay. Refused (FAILED_PRECONDITION) while a client is attached,
-        or before ``min_idle_s`` without one; an attach meanwhile is refused (UNAVAILABLE:
-        its gateway asks the router, which restores it once it is parked)."""
-        actor = self.actor(request.session_id)
-        self._check_idle(actor, request.epoch, request.min_idle_s)
-        actor.parking = True
-        try:
-            await self.hold(actor)
-            await self._checkpoint_head(actor)
-        except BaseException:
-            actor.parking = False
-            self.release(actor)
-            raise
-        status = self.status(request.session_id)
-        self.engine.remove(request.session_id)
-        self._on_change()
-        log.info(
-            "parked session %s at frame %d (idle %.1f s)",
-            request.session_id,
-            status.head_frame,
-            status.idle_s,
-            extra={"session_id": request.session_id},
-        )
-        return status
-
-    async def _checkpoint_head(self, actor: SessionActor) -> None:
-        """A durable checkpoint at a held actor's next frame (unless there is one): a
-        restore there (parked, or a budget that ran out) replays nothing."""
-        journal = self.durable()
-        await actor.wait_uploaded()
-        frame = actor.next_frame
-        if frame > 0 and frame not in await journal.checkpoint_frames(actor.session_id):
-            state = actor.state
-            blob = await self.engine.in_step_thread(lambda: actor.model.snapshot(state))
-            await journal.save_checkpoint(actor, frame, blob)
-
-    async def _budget_spent(self, actor: SessionActor, stop: int) -> pb.ServerMessage:
-        """The stream's token may have no frame from ``stop`` on: checkpoint the session
-        there (it stays, detached once the stream ends) and say so."""
-        if self.journal is not None:
-            await self.hold(actor)
-            try:
-                await self._checkpoint_head(actor)
-            except WindflowError as err:  # the log still brings it back there
-                log.warning("session %s: no checkpoint at %d: %s", actor.session_id, stop, err)
-            finally:
-                self.release(actor)
-        log.info(
-            "session %s: its token's budget ends at frame %d; stream ended",
-            actor.session_id,
-            stop,
-            extra={"session_id": actor.session_id},
-        )
-        return event(
-            pb.SessionEvent.KIND_BUDGET_EXHAUSTED,
-            "the token's streaming budget is spent; the session is checkpointed here",
-            stop,
-            actor.steps,
-        )
 
     async def _mark_head(self, actor: SessionActor) -> None:
         """Once a detached session's last frames are settled, record its head in its log

@@ -62,7 +62,7 @@ class WorkerServicer(internal_pb2_grpc.WorkerServicer):
     async def ParkSession(
         self, request: internal_pb2.ParkSessionRequest, context: grpc.aio.ServicerContext
     ) -> internal_pb2.SessionStatus:
-        return await self._runtime.park(request)
+        return await self._runtime.reclaiming.park(request)
 
     async def FetchState(
         self, request: internal_pb2.FetchStateRequest, context: grpc.aio.ServicerContext
