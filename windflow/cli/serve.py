@@ -21,6 +21,26 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC trace collector")
 
 
+def add_reclaim_arguments(parser: argparse.ArgumentParser) -> ReclaimPolicy:
+    """The reclaiming limits a user sets (``windflow serve session``, ``windflow up``);
+    returns the defaults."""
+    reclaim = ReclaimPolicy()
+    parser.add_argument(
+        "--close-unattached-s",
+        type=float,
+        default=reclaim.unattached_s,
+        help="close a session no client attached to within this (0: never; default %(default)s)",
+    )
+    parser.add_argument(
+        "--park-after-s",
+        type=float,
+        default=reclaim.park_after_s,
+        help="park a session without a client this long: checkpointed, slot freed, back on "
+        "its next attach (0: never; default %(default)s)",
+    )
+    return reclaim
+
+
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser("serve", help="run one service")
     services = parser.add_subparsers(dest="service", required=True)
@@ -54,19 +74,7 @@ def register(sub: Any) -> None:
     session.add_argument(
         "--router", required=True, help="router host:port (replicas: comma-separated)"
     )
-    reclaim = ReclaimPolicy()
-    session.add_argument(
-        "--close-unattached-s",
-        type=float,
-        default=reclaim.unattached_s,
-        help="close a session no client attached to within this (0: never)",
-    )
-    session.add_argument(
-        "--park-after-s",
-        type=float,
-        default=reclaim.park_after_s,
-        help="park a session without a client this long: checkpointed, slot freed (0: never)",
-    )
+    reclaim = add_reclaim_arguments(session)
     session.add_argument(
         "--park-retention-s",
         type=float,

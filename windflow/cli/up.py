@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.session.config import ReclaimPolicy
+from windflow.cli.serve import add_reclaim_arguments
 from windflow.infra import BinaryNotFound, Stack, StackConfig, StackFailed
 from windflow.infra.stack import DEFAULT_SERVICE_COMMAND
 
@@ -83,19 +83,7 @@ def register(sub: Any) -> None:
         help="no authentication: any caller may do anything (default: a development key "
         "and token are made, the token written to <state dir>/token)",
     )
-    reclaim = ReclaimPolicy()
-    parser.add_argument(
-        "--close-unattached-s",
-        type=float,
-        default=reclaim.unattached_s,
-        help="close a session no client attached to within this (0: never; default %(default)s)",
-    )
-    parser.add_argument(
-        "--park-after-s",
-        type=float,
-        default=reclaim.park_after_s,
-        help="park a session without a client this long (0: never; default %(default)s)",
-    )
+    add_reclaim_arguments(parser)
     parser.add_argument(
         "--service-command",
         default=shlex.join(DEFAULT_SERVICE_COMMAND),
