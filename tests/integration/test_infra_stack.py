@@ -50,6 +50,7 @@ async def test_stack_wires_every_service_and_stops_clean(
         region="eu-test",
         service_command=(sys.executable, str(fake_service_program)),
         restart=RestartPolicy(max_restarts=0),
+        bridge=False,  # (the fake service answers gRPC health, not the bridge's HTTP)
     )
     stack = Stack(config)
     async with stack:
@@ -88,8 +89,9 @@ def _contains(argv: list[str], part: list[str]) -> bool:
 
 
 def _start_up(*args: str) -> subprocess.Popen[str]:
+    """``windflow up`` with fake services (so no browser bridge: it answers HTTP)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "windflow", "up", *args],
+        [sys.executable, "-m", "windflow", "up", "--no-bridge", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

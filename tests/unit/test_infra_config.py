@@ -83,7 +83,9 @@ def test_stack_gateways_names_ports_and_ready_line(tmp_path: Path) -> None:
     port = free_port()
     stack = Stack(StackConfig(state_dir=tmp_path, workers=1, gateways=3, gateway_port=port))
     assert stack.gateway_names == ["gateway", "gateway-2", "gateway-3"]
-    assert stack.supervisor.names[-3:] == stack.gateway_names  # the last stage, in order
+    # the gateways' stage, in order, then the browser bridge, a client of theirs
+    assert stack.supervisor.names[-4:] == [*stack.gateway_names, "bridge"]
+    assert stack.bridge_url is not None and stack.bridge_url.startswith("http://127.0.0.1:")
     addresses = stack.gateway_addresses
     assert addresses[0] == stack.gateway_address == f"127.0.0.1:{port}"
     assert len(set(addresses)) == 3 and all(a.startswith("127.0.0.1:") for a in addresses)

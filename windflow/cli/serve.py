@@ -223,6 +223,20 @@ def register(sub: Any) -> None:
     )
     gateway.set_defaults(func=_run_gateway)
 
+    bridge = services.add_parser("bridge", help="HTTP and WebSocket for browsers")
+    _common(bridge)
+    bridge.add_argument(
+        "--gateway", required=True, help="the gateway host:port (several: comma-separated)"
+    )
+    bridge.set_defaults(func=_run_bridge)
+
+
+def _run_bridge(args: argparse.Namespace) -> int:
+    from services.bridge.config import BridgeConfig
+    from services.bridge.main import run
+
+    return asyncio.run(run(BridgeConfig(gateway=args.gateway, listen=args.listen)))
+
 
 def _need(args: argparse.Namespace) -> None:
     if not args.etcd or not args.nats:

@@ -83,6 +83,12 @@ def register(sub: Any) -> None:
         help="no authentication: any caller may do anything (default: a development key "
         "and token are made, the token written to <state dir>/token)",
     )
+    parser.add_argument(
+        "--no-bridge",
+        dest="bridge",
+        action="store_false",
+        help="no browser bridge (HTTP and WebSocket; on by default)",
+    )
     add_reclaim_arguments(parser)
     parser.add_argument(
         "--service-command",
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         region=args.region,
         service_command=tuple(shlex.split(args.service_command)),
         insecure=args.insecure,
+        bridge=args.bridge,
         session_args=(
             "--close-unattached-s",
             str(args.close_unattached_s),
@@ -191,11 +198,15 @@ def access_line(stack: Stack) -> str:
         return (
             "windflow: WARNING: INSECURE: the gateways authenticate no one; any caller may "
             "create, attach to, fork or close any session (--insecure)"
+            + (f"; play in a browser at {stack.bridge_url}" if stack.bridge_url else "")
         )
     token = stack.config.state_dir / "token"
+    page = (
+        f"; play in a browser at {stack.bridge_url}?token={stack.token}" if stack.bridge_url else ""
+    )
     return (
         f"windflow: a development token (tenant dev) is in {token}; clients read it from "
-        f"WINDFLOW_TOKEN: export WINDFLOW_TOKEN=$(cat {token})"
+        f"WINDFLOW_TOKEN: export WINDFLOW_TOKEN=$(cat {token}){page}"
     )
 
 

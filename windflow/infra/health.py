@@ -7,6 +7,7 @@ calls it repeatedly until it returns ``True`` or the child's ready timeout passe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -41,3 +42,32 @@ class GrpcHealthProbe:
 
     def __repr__(self) -> str:
         return f"GrpcHealthProbe({self.address!r}, service={self.service!r})"
+
+
+class HttpHealthProbe:
+    """Ready when ``GET path`` on ``host:port`` answers 200 (the browser bridge's
+    ``/healthz``, which says 200 once it serves)."""
+
+    def __init__(self, address: str, *, path: str = "/healthz", timeout_s: float = 1.0) -> None:
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.path = path
+        self.timeout_s = timeout_s
+
+    async def __call__(self) -> bool:
+        request = f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n"
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                try:
+                    writer.write(request.encode())
+                    await writer.drain()
+                    status = await reader.readline()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return False
+        return status.split(b" ")[1:2] == [b"200"]
+
+    def __repr__(self) -> str:
+        return f"HttpHealthProbe({self.host}:{self.port}{self.path})"

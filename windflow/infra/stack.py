@@ -23,6 +23,7 @@ budget the whole stack stops and ``wait()`` raises ``StackFailed``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from types import TracebackType
 from windflow.access.dev import dev_token
 from windflow.infra.errors import StackFailed
 from windflow.infra.etcd import EtcdServer
+from windflow.infra.health import HttpHealthProbe
 from windflow.infra.nats import NatsServer
 from windflow.infra.ports import LOOPBACK, address, free_ports
 from windflow.infra.procs import ChildSpec, RestartPolicy
@@ -75,6 +77,8 @@ class StackConfig:
     """Extra flags for the session service (e.g. its reclaiming limits)."""
     gateway_args: tuple[str, ...] = ()
     """Extra flags for every gateway (e.g. its tenant quotas)."""
+    bridge: bool = True
+    """Run the browser bridge (``bridge``, HTTP and WebSocket on ``bridge_url``)."""
     insecure: bool = False
     """Gateways without authentication (``--insecure``); else the stack makes a
     development key and token (``token``, ``<state dir>/token``)."""
@@ -104,7 +108,7 @@ class Stack:
         self.log_dir = config.state_dir / "logs"
         self.etcd = EtcdServer(config.state_dir, restart=config.restart)
         self.nats = NatsServer(config.state_dir, restart=config.restart)
-        session_port, *ports = free_ports(1 + config.routers + config.workers)
+        session_port, bridge_port, *ports = free_ports(2 + config.routers + config.workers)
         router_ports, worker_ports = ports[: config.routers], ports[config.routers :]
         self.router_names = [_replica("router", i) for i in range(1, config.routers + 1)]
         gateway_ports = free_ports(config.gateways, config.host)  # distinct ones
@@ -119,6 +123,7 @@ class Stack:
                 for name, port in zip(self.router_names, router_ports, strict=True)
             },
             "session": address(LOOPBACK, session_port),
+            **({"bridge": address(config.host, bridge_port)} if config.bridge else {}),
             **{
                 f"worker-{i}": address(LOOPBACK, port)
                 for i, port in enumerate(worker_ports, start=1)
@@ -137,6 +142,12 @@ class Stack:
     def gateway_address(self) -> str:
         """``host:port`` of the public API (the first gateway's)."""
         return self.addresses["gateway"]
+
+    @property
+    def bridge_url(self) -> str | None:
+        """Where a person plays in a browser (None: no bridge)."""
+        where = self.addresses.get("bridge")
+        return None if where is None else f"http://{where}/"
 
     @property
     def gateway_addresses(self) -> list[str]:
@@ -213,7 +224,14 @@ class Stack:
                 self._service_spec("gateway", (*upstreams, *self._gateway_args()), name=name)
                 for name in self.gateway_names
             ],
+            *([[self._bridge_spec()]] if self.config.bridge else []),
         ]
+
+    def _bridge_spec(self) -> ChildSpec:
+        gateways = ",".join(self.gateway_addresses).replace("0.0.0.0:", f"{LOOPBACK}:")
+        spec = self._service_spec("bridge", ("--gateway", gateways))
+        listen = self.addresses["bridge"].replace("0.0.0.0:", f"{LOOPBACK}:", 1)
+        return dataclasses.replace(spec, ready_probe=HttpHealthProbe(listen))
 
     def _gateway_args(self) -> tuple[str, ...]:
         return (*(("--insecure",) if self.config.insecure else ()), *self.config.gateway_args)
