@@ -25,6 +25,7 @@ from windflow.access.tokens import Claims, bearer
 from windflow.access.usage import Ledger
 from windflow.common import etcd, names
 from windflow.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -152,15 +153,31 @@ class Access:
             )
 
     async def live_sessions(self, tenant: str) -> int:
+        """The tenant's sessions that are not closed and not parked: its index, then their
+        placements in one transaction (parked is what the placement says, so an unpark,
+        whoever does it, counts at once)."""
+        kvs = etcd.kv(self._etcd)
         prefix = names.tenant_sessions_prefix(tenant).encode()
-        reply = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
-        return sum(1 for item in reply.kvs if item.value == names.TENANT_LIVE)
+        index = await kvs.get(prefix, prefix_range_end(prefix), keys_only=True)
+        if not index.kvs:
+            return 0
+        ids = [item.key.decode()[len(prefix) :] for item in index.kvs]
+        reads = await kvs.txn(
+            compare=[], success=[kvs.txn_op_get(names.placement_key(i)) for i in ids]
+        )
+        live = 0
+        for response in reads.responses:
+            for item in response.response_range.kvs:
+                if not internal_pb2.PlacementRecord.FromString(item.value).parked:
+                    live += 1
+        return live
 
-    async def mark(self, session: pb.Session, state: bytes) -> None:
-        """Record a session of a tenant live or parked (``names.tenant_session_key``)."""
+    async def register(self, session: pb.Session) -> None:
+        """Index a new session under its tenant (``names.tenant_session_key``; the session
+        service removes it when the session closes)."""
         if session.tenant:
             await etcd.kv(self._etcd).put(
-                names.tenant_session_key(session.tenant, session.session_id), state
+                names.tenant_session_key(session.tenant, session.session_id), b""
             )
 
     # ---- budgets ----

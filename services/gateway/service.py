@@ -117,7 +117,7 @@ class GatewayService:
             session.placement_epoch = placement.epoch
             session.region = placement.region
             await self._update(session)
-            await self.access.mark(session, names.TENANT_LIVE)
+            await self.access.register(session)
             return session
 
     async def _update(self, session: pb.Session) -> None:
@@ -226,7 +226,7 @@ class GatewayService:
         budget = await self.access.budget(claims, session.spec.fps)
         placement = await self._placement(session_id)
         if placement.parked:
-            placement = await self._unpark(session, placement, first.attach)
+            placement = await self._unpark(session_id, placement, first.attach)
         proxy = StreamProxy(
             first,
             placement,
@@ -253,11 +253,10 @@ class GatewayService:
             span.end()
 
     async def _unpark(
-        self, session: pb.Session, parked: internal_pb2.PlacementRecord, attach: pb.Attach
+        self, session_id: str, parked: internal_pb2.PlacementRecord, attach: pb.Attach
     ) -> internal_pb2.PlacementRecord:
         """Restore a parked session on a worker with room (the router's Recover of a parked
         placement): at the client's resume point, else at the head it was parked at."""
-        session_id = session.session_id
         t0 = time.perf_counter()
         await grpc_util.call(
             self._router.Recover(
@@ -272,7 +271,6 @@ class GatewayService:
             )
         )
         placement = await self._placement(session_id)
-        await self.access.mark(session, names.TENANT_LIVE)
         log.info(
             "session %s unparked on %s in %.0f ms",
             session_id,
@@ -327,7 +325,7 @@ class GatewayService:
         child: pb.Session = await grpc_util.call(
             self._store.Fork(request, timeout=self.config.rpc_timeout_s)
         )
-        await self.access.mark(child, names.TENANT_LIVE)
+        await self.access.register(child)
         return child
 
     async def rewind(self, request: pb.RewindRequest, claims: Claims | None) -> pb.Session:

@@ -17,14 +17,10 @@ class ReclaimPolicy:
     """A session no client attached to within this is closed."""
     park_after_s: float = 60.0
     """A session without a client this long is parked (checkpointed, slot freed)."""
-    parked_retention_s: float = 24 * 3600.0
-    """A session parked this long is closed."""
 
     @property
     def enabled(self) -> bool:
-        return self.every_s > 0 and (
-            self.unattached_s > 0 or self.park_after_s > 0 or self.parked_retention_s > 0
-        )
+        return self.every_s > 0 and (self.unattached_s > 0 or self.park_after_s > 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +34,8 @@ class RetentionPolicy:
     stays."""
     tiers: tuple[tuple[float, float], ...] = ((3600.0, 60.0), (math.inf, 600.0))
     """Further back: (up to this far back, one checkpoint per this many seconds)."""
+    parked_retention_s: float = 24 * 3600.0
+    """A session parked this long is closed (0: never)."""
     closed_retention_s: float = 24 * 3600.0
     """A closed session's state goes this long after it closed (0: never)."""
 

@@ -87,13 +87,7 @@ async def run(config: SessionServiceConfig) -> int:
     serving = asyncio.create_task(server.wait(), name="session-server")
     background = [asyncio.create_task(Ledger(client, bus.jetstream()).run(), name="usage-ledger")]
     if config.retention.every_s > 0:
-        retention = Retention(
-            client,
-            control_log,
-            CheckpointCatalog(client),
-            CheckpointStore(bus.jetstream()),
-            config.retention,
-        )
+        retention = Retention(orchestrator, CheckpointStore(bus.jetstream()), bus, config.retention)
         background.append(asyncio.create_task(retention.run(), name="retention"))
     if config.reclaim.enabled:
         reclaimer = Reclaimer(orchestrator, bus, config.reclaim)

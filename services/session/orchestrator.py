@@ -17,8 +17,6 @@ import logging
 import time
 import uuid
 
-import grpc
-
 from services.session.store import SessionStore
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.durable import CheckpointCatalog, ControlLog, reach
@@ -48,13 +46,10 @@ class Orchestrator:
         self._timeout = rpc_timeout_s
         self._router_channel = grpc_util.channel(router_address)
         self._router = internal_pb2_grpc.RouterStub(self._router_channel)
-        self._workers: dict[str, grpc.aio.Channel] = {}
+        self._workers = grpc_util.Channels()
 
     def worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
-        channel = self._workers.get(address)
-        if channel is None:
-            channel = self._workers[address] = grpc_util.channel(address)
-        return internal_pb2_grpc.WorkerStub(channel)
+        return internal_pb2_grpc.WorkerStub(self._workers.get(address))
 
     async def _placement(self, session_id: str) -> internal_pb2.PlacementRecord | None:
         response = await etcd.kv(self.store.etcd).get(names.placement_key(session_id))
@@ -244,5 +239,4 @@ class Orchestrator:
 
     async def aclose(self) -> None:
         await self._router_channel.close()
-        for channel in self._workers.values():
-            await channel.close()
+        await self._workers.aclose()

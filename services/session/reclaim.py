@@ -10,7 +10,8 @@ off):
   is marked parked at epoch + 1 (fencing that worker). The next attach, through any
   gateway, asks the router to recover it: a restore of that checkpoint wherever there is
   room, at the next frame, bit for bit (docs/access.md);
-- a session parked for ``parked_retention_s`` is closed.
+
+(A session parked for too long is closed by the retention round: ``retention.py``.)
 
 Every step is conditional on what was read: the worker refuses a session that was
 attached meanwhile (FAILED_PRECONDITION) and each placement write compares the key's
@@ -24,8 +25,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from etcd3aio import prefix_range_end
 
 from services.session.config import ReclaimPolicy
 from services.session.orchestrator import Orchestrator
@@ -45,8 +44,6 @@ class ReclaimRound:
     closed: list[str] = field(default_factory=list)
     """Never attached within the limit."""
     parked: list[str] = field(default_factory=list)
-    expired: list[str] = field(default_factory=list)
-    """Parked past the retention time, closed."""
 
 
 def verdict(status: internal_pb2.SessionStatus, policy: ReclaimPolicy) -> str | None:
@@ -82,11 +79,9 @@ class Reclaimer:
 
     async def run(self) -> None:
         log.info(
-            "reclaiming: close never attached after %.0f s, park detached after %.0f s, "
-            "close parked after %.0f s (0: never)",
+            "reclaiming: close never attached after %.0f s, park detached after %.0f s (0: never)",
             self.policy.unattached_s,
             self.policy.park_after_s,
-            self.policy.parked_retention_s,
         )
         while True:
             await asyncio.sleep(self.policy.every_s)
@@ -101,12 +96,9 @@ class Reclaimer:
         done = ReclaimRound()
         workers = await etcd.list_workers(self._etcd)
         await asyncio.gather(*(self._worker_round(w, done) for w in workers))
-        if self.policy.parked_retention_s > 0:
-            await self._expire_parked(done)
         for mine, total in (
             (done.closed, self.total.closed),
             (done.parked, self.total.parked),
-            (done.expired, self.total.expired),
         ):
             total.extend(mine)
         return done
@@ -198,9 +190,6 @@ class Reclaimer:
             log.info("session %s moved while it was parked; it stays where it went", session_id)
             return
         done.parked.append(session_id)
-        session = await self._orchestrator.store.get(session_id)
-        if session.tenant:  # (a parked session is not counted against its tenant's quota)
-            await kvs.put(names.tenant_session_key(session.tenant, session_id), names.TENANT_PARKED)
         log.info(
             "parked session %s at frame %d in %.1f ms: no client for %.0f s (worker %s "
             "freed a slot)",
@@ -218,26 +207,6 @@ class Reclaimer:
             model_id=record.spec.model_id,
             detail=f"at frame {parked.head_frame}",
         )
-
-    async def _expire_parked(self, done: ReclaimRound) -> None:
-        prefix = names.SESSIONS_PREFIX.encode()
-        response = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
-        horizon_ms = (self._clock() - self.policy.parked_retention_s) * 1000
-        for item in response.kvs:
-            if not item.key.endswith(b"/placement"):
-                continue
-            record = internal_pb2.PlacementRecord.FromString(item.value)
-            if not record.parked or record.parked_unix_ms > horizon_ms:
-                continue
-            session_id = item.key.decode()[len(names.SESSIONS_PREFIX) :].split("/")[0]
-            try:
-                await self._orchestrator.close(session_id)
-            except WindflowError as err:
-                log.warning("parked session %s not closed: %s", session_id, err.message)
-                continue
-            done.expired.append(session_id)
-            log.info("closed session %s: parked longer than its retention", session_id)
-            await self._publish(session_id, "parked past its retention")
 
     async def _publish(self, session_id: str, detail: str) -> None:
         await self._bus.publish(

@@ -10,9 +10,10 @@ writes about 3.7 KB per frame; a Wan-size snapshot is gigabytes):
 - further back, one per ``spacing_s`` of frames in each tier (``TIERS``: one a minute up
   to an hour back, then one every ten minutes);
 
-and a closed session's whole state (its checkpoints, log and record) goes once it has been
-closed for ``closed_retention_s``. A checkpoint object a fork still names (forks share
-their parent's objects) is never deleted: only this session's catalog entry goes.
+a session parked for ``parked_retention_s`` is closed, and a closed session's whole state
+(its checkpoints, log and record) goes once it has been closed for ``closed_retention_s``.
+A checkpoint object a fork still names (forks share their parent's objects) is never
+deleted: only this session's catalog entry goes.
 
 ``windflow.common.durable.reach`` says, from the checkpoints left, how many frames a fork or
 replay at any frame replays at most (``Session.reach``).
@@ -21,15 +22,21 @@ replay at any frame replays at most (``Session.reach``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
-from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio import prefix_range_end
 
 from services.session.config import RetentionPolicy
+from services.session.orchestrator import Orchestrator
 from windflow.common import etcd, names
-from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlLog
+from windflow.common.durable import CheckpointStore
+from windflow.common.events import EventBus
+from windflow.errors import WindflowError
+from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -60,24 +67,55 @@ def keep(frames: Sequence[int], head: int, fps: float, policy: RetentionPolicy) 
     return kept
 
 
+@dataclass(slots=True)
+class Scan:
+    """The sessions prefix as one range read showed it: what a round decides on."""
+
+    records: list[pb.Session] = field(default_factory=list)
+    parked: dict[str, internal_pb2.PlacementRecord] = field(default_factory=dict)
+    checkpoints: dict[str, list[pb.Checkpoint]] = field(default_factory=dict)
+    """Each session's catalog, oldest first."""
+    naming: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Catalog entries naming each checkpoint object (a fork's share its parent's)."""
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[bytes, bytes]]) -> Scan:
+        scan = cls()
+        for key, value in items:
+            session_id, _, kind = key.decode()[len(names.SESSIONS_PREFIX) :].partition("/")
+            if kind == "record":
+                scan.records.append(pb.Session.FromString(value))
+            elif kind == "placement":
+                placement = internal_pb2.PlacementRecord.FromString(value)
+                if placement.parked:
+                    scan.parked[session_id] = placement
+            elif kind.startswith("checkpoints/"):
+                checkpoint = pb.Checkpoint.FromString(value)
+                scan.checkpoints.setdefault(session_id, []).append(checkpoint)
+                scan.naming[checkpoint.object_name] += 1
+        for catalog in scan.checkpoints.values():
+            catalog.sort(key=lambda c: c.frame_index)
+        return scan
+
+
 class Retention:
-    """Thins live sessions' checkpoints and deletes closed sessions' state, a round every
-    ``policy.every_s``. Lifecycle: ``run()`` until cancelled."""
+    """Thins live sessions' checkpoints, closes sessions parked too long and deletes closed
+    sessions' state, a round every ``policy.every_s``, each from one read of the sessions
+    prefix. Lifecycle: ``run()`` until cancelled."""
 
     def __init__(
         self,
-        client: Etcd3Client,
-        control_log: ControlLog,
-        catalog: CheckpointCatalog,
-        store: CheckpointStore,
+        orchestrator: Orchestrator,
+        objects: CheckpointStore,
+        bus: EventBus,
         policy: RetentionPolicy,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._etcd = client
-        self._log = control_log
-        self._catalog = catalog
-        self._store = store
+        self._orchestrator = orchestrator
+        self._etcd = orchestrator.store.etcd
+        self._objects = objects
+        self._bus = bus
         self.policy = policy
         self._clock = clock
 
@@ -85,68 +123,86 @@ class Retention:
         while True:
             await asyncio.sleep(self.policy.every_s)
             try:
-                thinned, deleted = await self.round()
+                thinned, expired, deleted = await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("retention round failed; the next in %.0f s", self.policy.every_s)
                 continue
-            if thinned or deleted:
+            if thinned or expired or deleted:
                 log.info(
-                    "retention: %d checkpoints thinned, %d closed sessions deleted",
+                    "retention: %d checkpoints thinned, %d parked sessions closed, %d closed "
+                    "sessions deleted",
                     thinned,
+                    expired,
                     deleted,
                 )
 
-    async def round(self) -> tuple[int, int]:
-        """(checkpoints thinned, closed sessions deleted)."""
+    async def round(self) -> tuple[int, int, int]:
+        """(checkpoints thinned, parked sessions closed, closed sessions deleted)."""
         prefix = names.SESSIONS_PREFIX.encode()
         reply = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
-        records = [
-            pb.Session.FromString(item.value) for item in reply.kvs if item.key.endswith(b"/record")
-        ]
-        thinned = deleted = 0
-        horizon_ms = (self._clock() - self.policy.closed_retention_s) * 1000
-        for session in records:
+        scan = Scan.of((item.key, item.value) for item in reply.kvs)
+        now_ms = self._clock() * 1000
+        thinned = expired = deleted = 0
+        for session in scan.records:
+            session_id = session.session_id
             if session.state == pb.SESSION_STATE_CLOSED:
-                if (
-                    self.policy.closed_retention_s > 0
-                    and session.closed_unix_ms
-                    and session.closed_unix_ms < horizon_ms
-                ):
-                    await self.delete(session.session_id)
+                closed_for_s = (now_ms - session.closed_unix_ms) / 1000
+                if 0 < self.policy.closed_retention_s < closed_for_s and session.closed_unix_ms:
+                    await self.delete(session_id, scan)
                     deleted += 1
                 continue
-            thinned += await self.thin(session)
-        return thinned, deleted
+            parked = scan.parked.get(session_id)
+            parked_for_s = 0.0 if parked is None else (now_ms - parked.parked_unix_ms) / 1000
+            if 0 < self.policy.parked_retention_s < parked_for_s:
+                await self.expire(session_id)
+                expired += 1
+                continue
+            thinned += await self.thin(session, scan)
+        return thinned, expired, deleted
 
-    async def thin(self, session: pb.Session) -> int:
-        checkpoints = await self._catalog.list(session.session_id)
+    async def thin(self, session: pb.Session, scan: Scan) -> int:
+        checkpoints = scan.checkpoints.get(session.session_id, [])
         frames = [c.frame_index for c in checkpoints]
         head = max([int(session.head_frame), *frames], default=0)
         fps = session.spec.fps or session.model.fps or 1.0
         kept = keep(frames, head, fps, self.policy)
         drop = [c for c in checkpoints if c.frame_index not in kept]
-        if not drop:
-            return 0
+        catalog = self._orchestrator.catalog
         for checkpoint in drop:
-            await self._catalog.forget(session.session_id, checkpoint.frame_index)
-        await self._delete_objects([c.object_name for c in drop])
+            await catalog.forget(session.session_id, checkpoint.frame_index)
+        await self._delete_objects(drop, scan)
         return len(drop)
 
-    async def delete(self, session_id: str) -> None:
+    async def expire(self, session_id: str) -> None:
+        """Close a session parked longer than its retention."""
+        try:
+            await self._orchestrator.close(session_id)
+        except WindflowError as err:
+            log.warning("parked session %s not closed: %s", session_id, err.message)
+            return
+        log.info("closed session %s: parked longer than its retention", session_id)
+        await self._bus.publish(
+            names.SUBJECT_SESSION_RECLAIMED,
+            session_id=session_id,
+            detail="parked past its retention",
+        )
+
+    async def delete(self, session_id: str, scan: Scan) -> None:
         """Everything of a closed session: its checkpoints (the objects no fork names),
         its log, where its clients left it, its record."""
-        checkpoints = await self._catalog.list(session_id)
-        await self._catalog.drop_all(session_id)
-        await self._delete_objects([c.object_name for c in checkpoints])
-        await self._log.purge(session_id)
+        checkpoints = scan.checkpoints.get(session_id, [])
+        await self._orchestrator.catalog.drop_all(session_id)
+        await self._delete_objects(checkpoints, scan)
+        await self._orchestrator.log.purge(session_id)
         prefix = f"{names.SESSIONS_PREFIX}{session_id}/".encode()
         await etcd.kv(self._etcd).delete(prefix, prefix_range_end(prefix))
         log.info("deleted closed session %s (%d checkpoints)", session_id, len(checkpoints))
 
-    async def _delete_objects(self, object_names: list[str]) -> None:
-        shared = await self._catalog.referenced(object_names)
-        for name in object_names:
-            if name not in shared:
-                await self._store.delete(name)
+    async def _delete_objects(self, dropped: Sequence[pb.Checkpoint], scan: Scan) -> None:
+        """Delete the objects of catalog entries just dropped that no other entry names."""
+        for checkpoint in dropped:
+            scan.naming[checkpoint.object_name] -= 1
+            if scan.naming[checkpoint.object_name] <= 0:
+                await self._objects.delete(checkpoint.object_name)

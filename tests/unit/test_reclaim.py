@@ -38,5 +38,5 @@ def test_a_rule_at_zero_is_off() -> None:
     off = ReclaimPolicy(unattached_s=0.0, park_after_s=0.0)
     assert verdict(status(idle=1e9), off) is None
     assert verdict(status(ever=True, idle=1e9), off) is None
-    assert not ReclaimPolicy(unattached_s=0, park_after_s=0, parked_retention_s=0).enabled
+    assert not ReclaimPolicy(unattached_s=0, park_after_s=0).enabled
     assert not ReclaimPolicy(every_s=0).enabled

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from etcd3aio import Etcd3Client
 
 from services.worker.models.registry import DEFAULT_MODEL
@@ -121,7 +122,7 @@ async def measure_metering(
                         internal_pb2.MigrateRequest(session_id=moved.session_id, reason="bench")
                     )
                     break
-                except Exception:
+                except grpc.aio.AioRpcError:  # (no other worker is back yet)
                     await asyncio.sleep(0.2)
             async for frame in live.frames(limit=round(seconds * FPS)):
                 seen.append(frame.index)

@@ -76,18 +76,18 @@ def register(sub: Any) -> None:
     )
     reclaim = add_reclaim_arguments(session)
     session.add_argument(
-        "--park-retention-s",
-        type=float,
-        default=reclaim.parked_retention_s,
-        help="close a session parked this long (0: never)",
-    )
-    session.add_argument(
         "--reclaim-every-s",
         type=float,
         default=reclaim.every_s,
         help="how often idle sessions are looked for (0: no reclaiming)",
     )
     retention = RetentionPolicy()
+    session.add_argument(
+        "--park-retention-s",
+        type=float,
+        default=retention.parked_retention_s,
+        help="close a session parked this long (0: never)",
+    )
     session.add_argument(
         "--closed-retention-s",
         type=float,
@@ -105,7 +105,8 @@ def register(sub: Any) -> None:
         "--retention-every-s",
         type=float,
         default=retention.every_s,
-        help="how often checkpoints are thinned and closed sessions deleted (0: never)",
+        help="how often checkpoints are thinned, sessions parked too long closed and closed "
+        "ones deleted (0: never)",
     )
     session.set_defaults(func=_run_session)
 
@@ -277,11 +278,11 @@ def _run_session(args: argparse.Namespace) -> int:
             every_s=args.reclaim_every_s,
             unattached_s=args.close_unattached_s,
             park_after_s=args.park_after_s,
-            parked_retention_s=args.park_retention_s,
         ),
         retention=RetentionPolicy(
             every_s=args.retention_every_s,
             recent_s=args.keep_recent_s,
+            parked_retention_s=args.park_retention_s,
             closed_retention_s=args.closed_retention_s,
         ),
         otlp_endpoint=args.otlp_endpoint,

@@ -26,8 +26,6 @@ def session_record_key(session_id: str) -> str:
 
 
 TENANTS_PREFIX = f"{ETCD_PREFIX}/tenants/"
-TENANT_LIVE = b"live"
-TENANT_PARKED = b"parked"
 
 
 def tenant_sessions_prefix(tenant: str) -> str:
@@ -35,8 +33,8 @@ def tenant_sessions_prefix(tenant: str) -> str:
 
 
 def tenant_session_key(tenant: str, session_id: str) -> str:
-    """A tenant's session, while it is not closed: TENANT_LIVE or TENANT_PARKED (what the
-    gateway counts against the tenant's concurrent-session quota: the live ones)."""
+    """A tenant's session, while it is not closed (empty value): the gateway counts those
+    whose placement is not parked against the tenant's concurrent-session quota."""
     return f"{tenant_sessions_prefix(tenant)}{session_id}"
 
 
