@@ -146,13 +146,18 @@ class StreamProxy:
                     resume = self._attached
                     yield pb.ServerMessage(event=self._moved_event(previous, started))
         finally:
-            if self._on_end is not None and self._attached:
+            if self._on_end is not None and self._attached and not self.spectating:
                 self._on_end(self.session_id, self.last_forwarded + 1)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             if self._call is not None:
                 self._call.cancel()
+
+    @property
+    def spectating(self) -> bool:
+        """The stream's role now (a Handover moves it: KIND_ROLE_CHANGED)."""
+        return self._attach.role == pb.ROLE_SPECTATOR
 
     def _moved_event(
         self, previous: internal_pb2.PlacementRecord, started: float
@@ -179,7 +184,8 @@ class StreamProxy:
     async def _leg(self, resume: bool) -> AsyncIterator[pb.ServerMessage]:
         attach = pb.Attach()
         attach.CopyFrom(self._attach)
-        if resume:
+        if resume and not self.spectating:
+            # (a spectator sees the session's frames as they are made: it attaches afresh)
             attach.resume = True
             attach.resume_from = self.last_forwarded + 1
             del attach.controls[:]
@@ -325,6 +331,10 @@ class StreamProxy:
                     # frame resumes there (not at frame 0)
                     self._attached = True
                     self.last_forwarded = message.event.frame_index - 1
+                elif message.event.kind == pb.SessionEvent.KIND_ROLE_CHANGED:
+                    # a recovery re-attaches it in its role now
+                    self._attach.role = message.event.role
+                    del self._attach.controls[:]
                 elif message.HasField("error") and message.error.HasField("control"):
                     self._controls.refused(message.error.control)  # never re-sent
                 yield message
@@ -354,6 +364,8 @@ class StreamProxy:
             yield message
             if span is not None:
                 span.end()
+            if self.spectating:
+                continue  # (a spectator's frames are not billed: the controller's are)
             async for notice in self._spend():
                 yield notice
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from opentelemetry import context as otel_context
 
 from services.worker.models.base import Control, SessionState, WorldModel
+from services.worker.viewers import Viewer, role_event
 from windflow.access.usage import UsageMeter
 from windflow.common import telemetry
 from windflow.errors import InvalidArgument, ResourceExhausted, WindflowError
@@ -92,6 +93,12 @@ class SessionActor:
         self.last_sent = state.frame_index - 1
         self.last_acked = state.frame_index - 1
         self.attached = False
+        """A controller's stream is attached (the session is made only while one is)."""
+        self.viewers: dict[str, Viewer] = {}
+        """The streams attached to it here, controller and spectators, by viewer id."""
+        self._controller = ""
+        self._uncontrolled = asyncio.Event()
+        self._uncontrolled.set()
         self.ever_attached = False
         """A client stream attached to it here (or on a worker before: a recovery or a
         migration sets it): what tells a session abandoned before its first attach (closed
@@ -316,8 +323,50 @@ class SessionActor:
         self._pending.clear()
         self.last_sent = self.last_acked = state.frame_index - 1
 
+    @property
+    def controller(self) -> str:
+        """The controller's viewer id ("" while none is attached)."""
+        return self._controller
+
+    @controller.setter
+    def controller(self, viewer_id: str) -> None:
+        self._controller = viewer_id
+        if viewer_id:
+            self._uncontrolled.clear()
+        else:
+            self._uncontrolled.set()
+
+    async def wait_uncontrolled(self) -> None:
+        await self._uncontrolled.wait()
+
+    @property
+    def spectators(self) -> list[Viewer]:
+        return [v for v in self.viewers.values() if v.spectating]
+
+    def notify(self) -> None:
+        """Wake every stream of the session (it closed, moved, or its worker drains)."""
+        self.frame_available.set()
+        for viewer in self.viewers.values():
+            viewer.wake.set()
+
+    def announce_roles(self, why: str) -> None:
+        """Tell every viewer who controls the session now, and its own role."""
+        spectators = len(self.spectators)
+        for viewer in self.viewers.values():
+            message = role_event(viewer, self.controller, spectators, self.next_frame, why)
+            if viewer.viewer_id == self.controller:
+                self.out.append(message)
+                self.frame_available.set()
+            else:
+                viewer.put(message)
+
     def push(self, message: pb.ServerMessage) -> None:
-        """Queue an outbound message; frames over the bound follow the output policy."""
+        """Queue an outbound message; frames over the bound follow the output policy.
+        Frames and events go to every spectator as well (errors are the controller's)."""
+        if not message.HasField("error"):
+            for viewer in self.viewers.values():
+                if viewer.spectating:
+                    viewer.put(message)
         if message.HasField("frame"):
             frames = sum(1 for m in self.out if m.HasField("frame"))
             while frames >= self._out_capacity:

@@ -185,7 +185,7 @@ class StepEngine:
         if actor is not None:
             self.frames_dropped_closed += actor.dropped
             actor.closed = True
-            actor.frame_available.set()
+            actor.notify()
         return actor
 
     def drop(self, session_id: str, reason: WindflowError) -> SessionActor | None:

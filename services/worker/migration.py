@@ -212,7 +212,7 @@ class Migrations:
         actor.lost = Unavailable(
             f"session {actor.session_id} migrated to worker {to_worker} at frame {frame}"
         )
-        actor.frame_available.set()
+        actor.notify()
         rt.changed()
         log.info(
             "session %s handed off to %s at frame %d",

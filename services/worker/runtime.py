@@ -25,6 +25,7 @@ from services.worker.migration import Migrations
 from services.worker.models.base import SessionState, WorldModel
 from services.worker.reclaiming import Reclaiming
 from services.worker.replay import BatchedReplay
+from services.worker.viewers import SPECTATOR_WINDOW, Viewer, new_viewer_id
 from windflow.access.usage import UsageMeter
 from windflow.common import names, telemetry
 from windflow.common.durable import Fenced, StoredEntry, controls_by_frame
@@ -35,6 +36,7 @@ from windflow.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
     WindflowError,
@@ -53,6 +55,9 @@ stop at the first CLAIM that lands, and its frames at its placement check)."""
 COMMIT_WAIT_S = 15.0
 """How long a stream attaching to a session migrating here waits for its commit (a
 migration's own time to live is shorter: ``migration.INCOMING_TTL_S``)."""
+CONTROLLER_WAIT_S = 0.5
+"""How long a second controller's attach waits for the attached one to leave (a stream
+ending as the next begins) before it is refused."""
 
 
 class WorkerRuntime:
@@ -79,8 +84,6 @@ class WorkerRuntime:
             journal.replayer = BatchedReplay(self.engine.in_step_thread, self.engine.max_batch)
         self._opening = 0
         self._on_change = on_change
-        self._generation = 0
-        self._attach_owner: dict[str, int] = {}
         self._draining = False
         self.cordoned = False
         """Takes no new session (a drain by live migration: ``set_draining``)."""
@@ -355,6 +358,8 @@ class WorkerRuntime:
         requests: AsyncIterator[pb.ClientMessage],
         metadata: Sequence[tuple[str, str | bytes]] = (),
     ) -> AsyncIterator[pb.ServerMessage]:
+        """One client stream of a session, as its controller or as a spectator
+        (``services/worker/viewers.py``); a Handover moves it from one role to the other."""
         try:
             first = await anext(requests)
         except StopAsyncIteration:
@@ -367,6 +372,24 @@ class WorkerRuntime:
             raise Unavailable(f"session {session_id} is being parked; it resumes once parked")
         if first.attach.window > 64:
             raise InvalidArgument(f"window {first.attach.window} is outside 1..64")
+        given = dict(metadata)
+        budget = given.get(names.METADATA_BUDGET_FRAMES)
+        viewer = Viewer(
+            new_viewer_id(),
+            pb.ROLE_SPECTATOR if first.attach.role == pb.ROLE_SPECTATOR else pb.ROLE_CONTROLLER,
+            window=first.attach.window,
+            tenant=str(given.get(names.METADATA_TENANT, "")),
+            token_id=str(given.get(names.METADATA_TOKEN_ID, "")),
+            budget_frames=None if budget is None else max(0, int(budget)),
+        )
+        if viewer.spectating:
+            if first.attach.controls:
+                raise PermissionDenied("a spectator sends no controls (Attach.controls)")
+            if first.attach.resume:
+                raise InvalidArgument(
+                    "a spectator cannot resume (Attach.resume): it sees the session's frames "
+                    "as they are made"
+                )
         refused: list[tuple[pb.Control, WindflowError]] = []
         if actor.awaiting_commit:
             # migrated here, the placement moved, the claim not done yet: a gateway that
@@ -376,33 +399,26 @@ class WorkerRuntime:
                 raise actor.lost or Unavailable(
                     f"session {session_id}'s migration to {self.config.worker_id} was aborted"
                 )
-        if first.attach.resume:
-            await self._bring_to(actor, first.attach.resume_from)
-            if self.engine.sessions.get(session_id) is not actor:
-                # dropped or replaced while it was brought to the frame (moved away,
-                # closed): the gateway follows it (a chaos run saw a KeyError here)
-                raise actor.lost or Unavailable(
-                    f"session {session_id} left worker {self.config.worker_id} while resuming"
-                )
-            refused = actor.resume_controls(list(first.attach.controls))
-        else:
-            actor.add_controls(list(first.attach.controls))  # all or none: refused, no attach
-        self._generation += 1
-        generation = self._generation
-        self._attach_owner[session_id] = generation  # a newer stream takes the session over
-        self.bill(actor.meter.flush())  # (a stream taken over: its frames so far)
-        given = dict(metadata)
-        actor.meter.attached(
-            str(given.get(names.METADATA_TENANT, "")), str(given.get(names.METADATA_TOKEN_ID, ""))
-        )
-        actor.attach(first.attach.window)
-        budget = given.get(names.METADATA_BUDGET_FRAMES)
-        if budget is not None:
-            actor.budget_stop = actor.next_frame + max(0, int(budget))
-        actor.due = max(actor.due, time.monotonic())
-        self.engine.wake()
+        if not viewer.spectating:
+            if actor.controller and not first.attach.resume:
+                await self._controller_gone(actor)
+            if first.attach.resume:
+                await self._bring_to(actor, first.attach.resume_from)
+                if self.engine.sessions.get(session_id) is not actor:
+                    # dropped or replaced while it was brought to the frame (moved away,
+                    # closed): the gateway follows it (a chaos run saw a KeyError here)
+                    raise actor.lost or Unavailable(
+                        f"session {session_id} left worker {self.config.worker_id} while resuming"
+                    )
+                refused = actor.resume_controls(list(first.attach.controls))
+            else:
+                actor.add_controls(list(first.attach.controls))  # all or none: refused, no attach
+        actor.viewers[viewer.viewer_id] = viewer
+        if not viewer.spectating:
+            # (a resume takes the role over from a stream still attached: its client again)
+            self._take_control(actor, viewer)
         reader = asyncio.create_task(
-            self._read_client(actor, requests), name=f"client-reader:{session_id}"
+            self._read_client(actor, viewer, requests), name=f"client-reader:{session_id}"
         )
         span = tracer.start_span(
             names.SPAN_WORKER_SESSION,
@@ -410,81 +426,200 @@ class WorkerRuntime:
             attributes={
                 "windflow.session_id": session_id,
                 "windflow.worker": self.config.worker_id,
+                "windflow.role": pb.Role.Name(viewer.role),
             },
         )
-        actor.trace_context = trace.set_span_in_context(span)
+        if not viewer.spectating:
+            actor.trace_context = trace.set_span_in_context(span)
         try:
-            yield pb.ServerMessage(
-                event=pb.SessionEvent(
-                    kind=pb.SessionEvent.KIND_ATTACHED,
-                    message=(
-                        f"attached on worker {self.config.worker_id} (region {self.config.region})"
-                    ),
-                    frame_index=actor.next_frame,
-                    steps=actor.steps,
-                    fps=1.0 / actor.interval,
-                    level=self.engine.quality.level(session_id)[0],
-                )
+            attached = event(
+                pb.SessionEvent.KIND_ATTACHED,
+                f"attached on worker {self.config.worker_id} (region {self.config.region})"
+                + (" as a spectator" if viewer.spectating else ""),
+                actor.next_frame,
+                actor.steps,
             )
+            attached.event.fps = 1.0 / actor.interval
+            attached.event.level = self.engine.quality.level(session_id)[0]
+            attached.event.viewer_id = viewer.viewer_id
+            attached.event.role = viewer.role
+            attached.event.spectators = len(actor.spectators)
+            yield attached
             for control, err in refused:
                 yield stream_error(err, control.frame_index, control)
-            while self._attach_owner.get(session_id) == generation:
-                while actor.can_send() and self._attach_owner.get(session_id) == generation:
-                    held = not actor.ready
-                    message = actor.pop()
-                    if held and actor.ready:
-                        # A PAUSE session whose queue was full may go on. Its reader held
-                        # it back, not the worker: its deadlines start again from now
-                        # (the frames it could not make meanwhile are no deadline misses
-                        # for the quality governor). And nothing else wakes a step loop
-                        # that found no session ready.
-                        actor.due = max(actor.due, time.monotonic())
-                        self.engine.wake()
-                    if message.HasField("frame"):
-                        sent = telemetry.now_us()
-                        message.frame.timestamps.worker_sent_us = sent
-                        message.frame.latency.send_ms = (
-                            sent - message.frame.timestamps.encoded_us
-                        ) / 1000.0
-                        self.bill(actor.meter.add(message.frame, actor.epoch))
-                    yield message
-                if actor.closed and not actor.out:
-                    if actor.lost is not None:
-                        raise actor.lost  # not a close: the gateway recovers the session
-                    return
-                stop = actor.budget_stop
-                if stop is not None and actor.last_sent >= stop - 1 and not actor.out:
-                    yield await self.reclaiming.budget_spent(actor, stop)
-                    raise ResourceExhausted(
-                        f"the token's streaming budget ends at frame {stop}; attach with a "
-                        f"new token and resume_from={stop} to go on"
-                    )
-                if self._draining:
-                    raise Unavailable(
-                        f"worker {self.config.worker_id} is shutting down; the session "
-                        "continues on another worker"
-                    )
-                if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                    return
-                actor.frame_available.clear()
-                if actor.can_send() or (actor.closed and not actor.out):
-                    continue
-                await actor.frame_available.wait()
+            while True:
+                if viewer.spectating:
+                    async for message in self._spectate(actor, viewer, reader):
+                        yield message
+                    if viewer.spectating or actor.controller != viewer.viewer_id:
+                        return  # the session ended, or the stream did
+                else:
+                    async for message in self._control(actor, viewer, reader):
+                        yield message
+                    if not viewer.spectating:
+                        return  # ended, or another stream of its client took it over
         finally:
             span.end()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            if self._attach_owner.get(session_id) == generation:
-                del self._attach_owner[session_id]
-                self.bill(actor.meter.flush())
-                actor.detach(time.monotonic())
-                if self.journal is not None and not actor.closed:
-                    task = asyncio.create_task(
-                        self._mark_head(actor), name=f"mark-head:{session_id}"
-                    )
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+            if actor.viewers.get(viewer.viewer_id) is viewer:
+                del actor.viewers[viewer.viewer_id]
+            if actor.controller == viewer.viewer_id:
+                self._release_control(actor)
+            elif viewer.spectating and actor.viewers and not actor.closed:
+                actor.announce_roles(f"spectator {viewer.viewer_id} left")
+
+    async def _controller_gone(self, actor: SessionActor) -> None:
+        """A second controller's attach: wait a moment for the one attached to leave (its
+        stream may be ending as this one starts), else FAILED_PRECONDITION."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(actor.wait_uncontrolled(), CONTROLLER_WAIT_S)
+        if actor.controller:
+            raise FailedPrecondition(
+                f"session {actor.session_id} already has a controller (viewer "
+                f"{actor.controller}); attach as a spectator (Attach.role = ROLE_SPECTATOR) "
+                "and ask it for a Handover, or resume your own stream (Attach.resume)"
+            )
+
+    def _take_control(self, actor: SessionActor, viewer: Viewer) -> None:
+        """Make ``viewer`` the session's controller: its acks pace the session, its token
+        is billed for its frames and caps them (a stream still controlling loses the role
+        to it and ends: a resume)."""
+        actor.controller = viewer.viewer_id
+        viewer.role = pb.ROLE_CONTROLLER
+        self.bill(actor.meter.flush())  # (the frames of the stream it takes over from)
+        actor.meter.attached(viewer.tenant, viewer.token_id)
+        actor.attach(viewer.window)
+        actor.out.clear()  # (the previous controller's: the new one saw them as a spectator)
+        actor.budget_stop = (
+            None if viewer.budget_frames is None else actor.next_frame + viewer.budget_frames
+        )
+        actor.due = max(actor.due, time.monotonic())
+        viewer.wake.set()  # (a spectator's stream, waiting as one)
+        actor.frame_available.set()  # (the previous controller's)
+        self.engine.wake()
+
+    def _release_control(self, actor: SessionActor) -> None:
+        """The controller's stream ended: the session stops being made, and its head is
+        recorded once its last frames are settled; its spectators are told."""
+        actor.controller = ""
+        self.bill(actor.meter.flush())
+        actor.detach(time.monotonic())
+        if self.journal is not None and not actor.closed:
+            task = asyncio.create_task(self._mark_head(actor), name=f"mark-head:{actor.session_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if actor.viewers and not actor.closed:
+            actor.announce_roles("the controller left")
+
+    def handover(self, actor: SessionActor, viewer: Viewer, to: str) -> None:
+        """A Handover from ``viewer``: to the spectator ``to`` (from the controller), or to
+        itself (a spectator, while no controller is attached)."""
+        if not viewer.spectating:
+            target = actor.viewers.get(to)
+            if target is None or not target.spectating:
+                raise NotFound(
+                    f"no spectator {to!r} is attached to session {actor.session_id} here"
+                )
+            self._take_control(actor, target)
+            viewer.role = pb.ROLE_SPECTATOR
+            actor.announce_roles(f"{viewer.viewer_id} handed control to {to}")
+            return
+        if to not in ("", viewer.viewer_id):
+            raise PermissionDenied("only the controller hands the controller role to another")
+        if actor.controller:
+            raise FailedPrecondition(
+                f"session {actor.session_id} has a controller (viewer {actor.controller}): "
+                "it hands the role over"
+            )
+        self._take_control(actor, viewer)
+        actor.announce_roles(f"{viewer.viewer_id} took control")
+
+    async def _control(
+        self, actor: SessionActor, viewer: Viewer, reader: asyncio.Task[None]
+    ) -> AsyncIterator[pb.ServerMessage]:
+        """The controller's frames, under its flow-control window, while it holds the role
+        (it ends at a handover, a take-over, or the session's end)."""
+        while actor.controller == viewer.viewer_id:
+            while actor.can_send() and actor.controller == viewer.viewer_id:
+                held = not actor.ready
+                message = actor.pop()
+                if held and actor.ready:
+                    # A PAUSE session whose queue was full may go on. Its reader held it
+                    # back, not the worker: its deadlines start again from now (the frames
+                    # it could not make meanwhile are no deadline misses for the quality
+                    # governor). And nothing else wakes a step loop that found no session
+                    # ready.
+                    actor.due = max(actor.due, time.monotonic())
+                    self.engine.wake()
+                if message.HasField("frame"):
+                    sent = telemetry.now_us()
+                    message.frame.timestamps.worker_sent_us = sent
+                    message.frame.latency.send_ms = (
+                        sent - message.frame.timestamps.encoded_us
+                    ) / 1000.0
+                    self.bill(actor.meter.add(message.frame, actor.epoch))
+                yield message
+            if actor.closed and not actor.out:
+                if actor.lost is not None:
+                    raise actor.lost  # not a close: the gateway recovers the session
+                return
+            stop = actor.budget_stop
+            if stop is not None and actor.last_sent >= stop - 1 and not actor.out:
+                yield await self.reclaiming.budget_spent(actor, stop)
+                raise ResourceExhausted(
+                    f"the token's streaming budget ends at frame {stop}; attach with a "
+                    f"new token and resume_from={stop} to go on"
+                )
+            if self._stream_over(reader):
+                return
+            actor.frame_available.clear()
+            if actor.can_send() or (actor.closed and not actor.out):
+                continue
+            if actor.controller != viewer.viewer_id:
+                return
+            await actor.frame_available.wait()
+
+    async def _spectate(
+        self, actor: SessionActor, viewer: Viewer, reader: asyncio.Task[None]
+    ) -> AsyncIterator[pb.ServerMessage]:
+        """A spectator's frames and events as the session makes them, newest first when it
+        reads slowly, while it spectates (it ends when it takes control or the session
+        ends)."""
+        viewer.start_at(actor.next_frame, viewer.window or SPECTATOR_WINDOW)
+        while viewer.spectating:
+            while (message := viewer.take()) is not None:
+                if message.HasField("frame"):
+                    sent = telemetry.now_us()
+                    message.frame.timestamps.worker_sent_us = sent
+                    message.frame.latency.send_ms = (
+                        sent - message.frame.timestamps.encoded_us
+                    ) / 1000.0
+                yield message
+                if not viewer.spectating:
+                    return
+            if actor.closed:
+                if actor.lost is not None:
+                    raise actor.lost
+                return
+            if self._stream_over(reader):
+                return
+            viewer.wake.clear()
+            if viewer.can_send() or actor.closed or not viewer.spectating:
+                continue
+            await viewer.wake.wait()
+
+    def _stream_over(self, reader: asyncio.Task[None]) -> bool:
+        """Has the client's side failed (its messages could not be read)? A worker that
+        drains ends the stream UNAVAILABLE instead (the gateway moves the session). A
+        client that only closed its side still gets its frames."""
+        if self._draining:
+            raise Unavailable(
+                f"worker {self.config.worker_id} is shutting down; the session "
+                "continues on another worker"
+            )
+        return reader.done() and not reader.cancelled() and reader.exception() is not None
 
     async def _mark_head(self, actor: SessionActor) -> None:
         """Once a detached session's last frames are settled, record its head in its log
@@ -619,11 +754,23 @@ class WorkerRuntime:
                 yield frame
 
     async def _read_client(
-        self, actor: SessionActor, requests: AsyncIterator[pb.ClientMessage]
+        self, actor: SessionActor, viewer: Viewer, requests: AsyncIterator[pb.ClientMessage]
     ) -> None:
         async for message in requests:
             kind = message.WhichOneof("msg")
             if kind == "control":
+                if viewer.spectating:
+                    viewer.put(
+                        stream_error(
+                            PermissionDenied(
+                                f"viewer {viewer.viewer_id} is a spectator: controls come "
+                                f"from the controller ({actor.controller or 'none attached'})"
+                            ),
+                            message.control.frame_index,
+                            message.control,
+                        )
+                    )
+                    continue
                 try:
                     actor.add_control(message.control)
                 except WindflowError as err:
@@ -631,10 +778,26 @@ class WorkerRuntime:
                 else:
                     self.engine.wake()  # its frame may now start early (scheduler.start_due)
             elif kind == "ack":
-                actor.ack(message.ack.frame_index)
+                if actor.controller == viewer.viewer_id:
+                    actor.ack(message.ack.frame_index)
+                elif viewer.spectating:
+                    viewer.ack(message.ack.frame_index)
+            elif kind == "handover":
+                try:
+                    self.handover(actor, viewer, message.handover.viewer_id)
+                except WindflowError as err:
+                    self._tell(actor, viewer, stream_error(err, actor.next_frame))
             else:
                 bad = InvalidArgument(f"unexpected {kind or 'empty'} message after Attach")
-                actor.push(stream_error(bad, actor.next_frame))
+                self._tell(actor, viewer, stream_error(bad, actor.next_frame))
+
+    @staticmethod
+    def _tell(actor: SessionActor, viewer: Viewer, message: pb.ServerMessage) -> None:
+        """An in-stream message for ``viewer`` alone."""
+        if viewer.spectating:
+            viewer.put(message)
+        else:
+            actor.push(message)
 
     async def drain(self, timeout_s: float = 2.0) -> None:
         """Before a graceful stop: make no more frames, deliver those made (within
@@ -651,7 +814,7 @@ class WorkerRuntime:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.engine.quiesce(), timeout_s)
         for actor in self.engine.sessions.values():
-            actor.frame_available.set()
+            actor.notify()
 
     def placed_here(self, record: internal_pb2.PlacementRecord | None, epoch: int) -> bool:
         """Does the placement ``record`` name this worker at ``epoch``?"""

@@ -99,10 +99,18 @@ class Session:
         gateways: Sequence[tuple[str, windflow_pb2_grpc.WindflowStub]] = (),
         resume_timeout_s: float = RESUME_TIMEOUT_S,
         metadata: tuple[tuple[str, str], ...] = (),
+        role: pb.Role.ValueType = pb.ROLE_CONTROLLER,
     ) -> None:
         """``gateways``: (address, stub) of every gateway a resume may go through, in
-        order, ``stub``'s first (default: ``stub`` alone)."""
+        order, ``stub``'s first (default: ``stub`` alone). ``role``: attach as the
+        session's controller, or as a read-only spectator (``Client.spectate``)."""
         self.info = info
+        self.role = role
+        """Its role now: a Handover moves it (KIND_ROLE_CHANGED)."""
+        self.viewer_id = ""
+        """Its id among the session's viewers (from KIND_ATTACHED): what a Handover names."""
+        self.controller_id = ""
+        """The session's controller's viewer id, as last announced ("" for none)."""
         self.id = info.session_id
         self._stub = stub
         self._gateways = list(gateways) or [("", stub)]
@@ -160,7 +168,9 @@ class Session:
             pb.Control(frame_index=index, action=action, client_time_us=now)
             for index, action in controls
         ]
-        attach = pb.Attach(session_id=self.id, window=self._window, controls=initial)
+        attach = pb.Attach(
+            session_id=self.id, window=self._window, controls=initial, role=self.role
+        )
         if resume_from is not None:
             attach.resume = True
             attach.resume_from = resume_from
@@ -265,6 +275,17 @@ class Session:
         index = await self.just_in_time(lead_ms)
         return await self.send(action, axes, frame_index=index)
 
+    @property
+    def spectating(self) -> bool:
+        return self.role == pb.ROLE_SPECTATOR
+
+    async def handover(self, viewer_id: str = "") -> None:
+        """Hand the controller role to the spectator ``viewer_id`` (from the controller), or
+        take it (a spectator, ``viewer_id`` its own or "", while no controller is
+        attached). The answer comes on the stream: KIND_ROLE_CHANGED, or a StreamError
+        (NOT_FOUND, FAILED_PRECONDITION, PERMISSION_DENIED) in ``errors``."""
+        await self._write(pb.ClientMessage(handover=pb.Handover(viewer_id=viewer_id)))
+
     async def send_raw(self, message: pb.ClientMessage) -> None:
         await self._write(message)
 
@@ -308,6 +329,13 @@ class Session:
                         if message.event.kind == pb.SessionEvent.KIND_ATTACHED:
                             self.next_index = max(self.next_index, message.event.frame_index)
                             self._positioned = True
+                            self.viewer_id = message.event.viewer_id
+                            if not self.spectating:
+                                self.controller_id = message.event.viewer_id
+                        if message.event.kind == pb.SessionEvent.KIND_ROLE_CHANGED:
+                            self.role = message.event.role
+                            self.controller_id = message.event.viewer_id
+                            self._acked = self.last_index  # its window starts over here
                         if message.event.kind == pb.SessionEvent.KIND_REWOUND:
                             self.next_index = message.event.frame_index
                             self._acked = message.event.frame_index - 1  # a new future
@@ -371,9 +399,11 @@ class Session:
             if self._closed:
                 call.cancel()
                 return
-            resume_from = self.next_index if self._positioned else None
+            # (a spectator attaches afresh: it sees the frames as they are made)
+            resume_from = self.next_index if self._positioned and not self.spectating else None
             attach = pb.Attach(
                 session_id=self.id,
+                role=self.role,
                 window=self._window,
                 controls=self._controls.to_resend(
                     self.next_index - 1 if resume_from is not None else -1
@@ -589,8 +619,10 @@ class Client:
         window: int = 8,
         controls: Sequence[tuple[int, int]] = (),
         resume_from: int | None = None,
+        role: pb.Role.ValueType = pb.ROLE_CONTROLLER,
     ) -> Session:
-        """Open the session's stream; ``controls`` are (frame_index, action) pairs applied
+        """Open the session's stream (as its controller, or ``role`` a spectator:
+        ``spectate``); ``controls`` are (frame_index, action) pairs applied
         atomically with the attach (see ``Attach.controls``); ``resume_from``: the stream
         starts exactly at that frame (``Attach.resume``), e.g. the one after the last a
         broken stream delivered. The stream resumes by itself when its gateway goes away
@@ -602,9 +634,16 @@ class Client:
             gateways=list(zip(self.addresses, self._stubs, strict=True)),
             resume_timeout_s=self.resume_timeout_s,
             metadata=self.metadata,
+            role=role,
         )
         await live.start(controls, resume_from=resume_from)
         return live
+
+    async def spectate(self, session: pb.Session, *, window: int = 2) -> Session:
+        """Watch a live session, read-only: its frames as they are made (the newest first
+        when this reader is slow, at most ``window`` frames in flight; it never holds the
+        session back). ``handover()`` asks for the controller role."""
+        return await self.attach(session, window=window, role=pb.ROLE_SPECTATOR)
 
     @contextlib.asynccontextmanager
     async def session(

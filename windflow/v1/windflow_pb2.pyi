@@ -98,6 +98,44 @@ next Attach restores it wherever there is room, at the next frame (docs/access.m
 """
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """ROLE_CONTROLLER"""
+    ROLE_CONTROLLER: _Role.ValueType  # 1
+    """Sends controls; its acks pace the session (flow control). A second controller's attach
+    is refused FAILED_PRECONDITION while one is attached (a resume takes the role over:
+    the same client reconnecting).
+    """
+    ROLE_SPECTATOR: _Role.ValueType  # 2
+    """Read-only: sees the session's frames as they are made (not a replay), the newest
+    first when it reads slowly (its own drops, in its frames' dropped_total). Its acks
+    pace only its own stream (window default 2): it never holds the session back, and no
+    frame is made for it alone. A control from it is refused PERMISSION_DENIED in-stream.
+    """
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """A stream's part in its session: one controller at a time, any number of spectators."""
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""ROLE_CONTROLLER"""
+ROLE_CONTROLLER: Role.ValueType  # 1
+"""Sends controls; its acks pace the session (flow control). A second controller's attach
+is refused FAILED_PRECONDITION while one is attached (a resume takes the role over:
+the same client reconnecting).
+"""
+ROLE_SPECTATOR: Role.ValueType  # 2
+"""Read-only: sees the session's frames as they are made (not a replay), the newest
+first when it reads slowly (its own drops, in its frames' dropped_total). Its acks
+pace only its own stream (window default 2): it never holds the session back, and no
+frame is made for it alone. A control from it is refused PERMISSION_DENIED in-stream.
+"""
+Global___Role: _TypeAlias = Role  # noqa: Y015
+
 @_typing.final
 class CreateTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -650,28 +688,57 @@ class ClientMessage(_message.Message):
     ATTACH_FIELD_NUMBER: _builtins.int
     CONTROL_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    HANDOVER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def attach(self) -> Global___Attach: ...
     @_builtins.property
     def control(self) -> Global___Control: ...
     @_builtins.property
     def ack(self) -> Global___Ack: ...
+    @_builtins.property
+    def handover(self) -> Global___Handover: ...
     def __init__(
         self,
         *,
         attach: Global___Attach | None = ...,
         control: Global___Control | None = ...,
         ack: Global___Ack | None = ...,
+        handover: Global___Handover | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "attach", b"attach", "control", b"control", "msg", b"msg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "attach", b"attach", "control", b"control", "handover", b"handover", "msg", b"msg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "attach", b"attach", "control", b"control", "msg", b"msg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "attach", b"attach", "control", b"control", "handover", b"handover", "msg", b"msg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["attach", "control", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["attach", "control", "ack", "handover"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___ClientMessage: _TypeAlias = ClientMessage  # noqa: Y015
+
+@_typing.final
+class Handover(_message.Message):
+    """Hand the controller role over. From the controller: to the attached spectator
+    `viewer_id`, which becomes the controller while the sender becomes a spectator. From a
+    spectator, with its own viewer_id (or none): take the role while no controller is
+    attached. Each viewer of the session gets KIND_ROLE_CHANGED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEWER_ID_FIELD_NUMBER: _builtins.int
+    viewer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        viewer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["viewer_id", b"viewer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Handover: _TypeAlias = Handover  # noqa: Y015
 
 @_typing.final
 class Attach(_message.Message):
@@ -682,6 +749,7 @@ class Attach(_message.Message):
     CONTROLS_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
     RESUME_FROM_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     window: _builtins.int
     """How many frames may be in flight unacknowledged (1..64; 0 = 8)."""
@@ -690,6 +758,7 @@ class Attach(_message.Message):
     rewinds to it), so a re-attaching client sees no gap and no repeat.
     """
     resume_from: _builtins.int
+    role: Global___Role.ValueType
     @_builtins.property
     def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Control]:
         """Controls queued atomically with the attach, before any frame is made: the way to
@@ -704,10 +773,11 @@ class Attach(_message.Message):
         controls: _abc.Iterable[Global___Control] | None = ...,
         resume: _builtins.bool = ...,
         resume_from: _builtins.int = ...,
+        role: Global___Role.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "resume", b"resume", "resume_from", b"resume_from", "session_id", b"session_id", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "resume", b"resume", "resume_from", b"resume_from", "role", b"role", "session_id", b"session_id", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -979,6 +1049,10 @@ class SessionEvent(_message.Message):
         session is checkpointed there and the stream ends RESOURCE_EXHAUSTED. Attach again
         with a new token (resume_from = frame_index) and it goes on with nothing lost.
         """
+        KIND_ROLE_CHANGED: SessionEvent._Kind.ValueType  # 11
+        """the controller role moved (Handover, or the controller left): viewer_id is the new
+        controller ("" when none), role is the receiving stream's own role now
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: SessionEvent.Kind.ValueType  # 0
@@ -1002,6 +1076,10 @@ class SessionEvent(_message.Message):
     session is checkpointed there and the stream ends RESOURCE_EXHAUSTED. Attach again
     with a new token (resume_from = frame_index) and it goes on with nothing lost.
     """
+    KIND_ROLE_CHANGED: SessionEvent.Kind.ValueType  # 11
+    """the controller role moved (Handover, or the controller left): viewer_id is the new
+    controller ("" when none), role is the receiving stream's own role now
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
@@ -1012,6 +1090,9 @@ class SessionEvent(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     FROM_WORKER_ID_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    VIEWER_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    SPECTATORS_FIELD_NUMBER: _builtins.int
     kind: Global___SessionEvent.Kind.ValueType
     message: _builtins.str
     frame_index: _builtins.int
@@ -1026,6 +1107,12 @@ class SessionEvent(_message.Message):
     """KIND_MIGRATED"""
     region: _builtins.str
     """KIND_MIGRATED, KIND_RECOVERED: the worker's region"""
+    viewer_id: _builtins.str
+    """KIND_ATTACHED: this stream's id; KIND_ROLE_CHANGED: the controller's"""
+    role: Global___Role.ValueType
+    """KIND_ATTACHED, KIND_ROLE_CHANGED: this stream's role"""
+    spectators: _builtins.int
+    """KIND_ATTACHED, KIND_ROLE_CHANGED: spectators attached"""
     def __init__(
         self,
         *,
@@ -1038,10 +1125,13 @@ class SessionEvent(_message.Message):
         worker_id: _builtins.str = ...,
         from_worker_id: _builtins.str = ...,
         region: _builtins.str = ...,
+        viewer_id: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        spectators: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frame_index", b"frame_index", "from_worker_id", b"from_worker_id", "kind", b"kind", "level", b"level", "message", b"message", "region", b"region", "steps", b"steps", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frame_index", b"frame_index", "from_worker_id", b"from_worker_id", "kind", b"kind", "level", b"level", "message", b"message", "region", b"region", "role", b"role", "spectators", b"spectators", "steps", b"steps", "viewer_id", b"viewer_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
