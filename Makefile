@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TS := clients/typescript
 
-.PHONY: venv demo test lint typecheck protos protos-check compose-lint clean
+.PHONY: venv demo test lint typecheck protos protos-check compose-lint ts ts-run clean
 
 venv: $(STAMP)
 
@@ -32,11 +33,30 @@ compose-lint:
 		docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: ok"; \
 	else echo "docker-compose not installed: skipping compose lint (CI installs it)"; fi
 
-test: venv protos-check lint typecheck compose-lint
+# The TypeScript SDK and the bridge's page (clients/typescript, docs/browser.md): generated
+# code and static/app.js up to date, tsc --noEmit, the esbuild builds, node --test against a
+# live `windflow up`. Skipped where node or npm is missing.
+ts:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory ts-run; \
+	else echo "node/npm not installed: skipping the TypeScript SDK (CI installs them)"; fi
+
+$(TS)/node_modules/.installed: $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
+	touch $@
+
+ts-run: venv $(TS)/node_modules/.installed
+	cd $(TS) && node scripts/gen.mjs --check
+	cd $(TS) && node_modules/.bin/tsc --noEmit -p .
+	cd $(TS) && node scripts/build.mjs --check
+	cd $(TS) && node scripts/build.mjs
+	cd $(TS) && node test/run.mjs
+
+test: venv protos-check lint typecheck compose-lint ts
 	$(BIN)/python -m pytest -q
 
 demo: venv
 	$(BIN)/windflow demo --out demo.mp4
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(TS)/node_modules $(TS)/dist $(TS)/build

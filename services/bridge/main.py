@@ -5,7 +5,11 @@ It is a client of ``windflow.v1`` (the gateway stays pure gRPC), on aiohttp:
 - ``GET /v1/stream`` (WebSocket): one session's stream (``services/bridge/relay.py``);
 - ``GET /v1/models``, ``POST /v1/sessions`` (a ``SessionSpec`` as JSON): ListModels and
   CreateSession, JSON in and out;
-- ``GET /`` the page, ``GET /healthz`` 200 once it serves.
+- ``GET /v1/sessions/{id}``, ``DELETE /v1/sessions/{id}``, ``POST /v1/sessions/{id}/fork``
+  (``{"atFrame": n}``), ``POST /v1/sessions/{id}/rewind`` (``{"toFrame": n}``): GetSession,
+  CloseSession, Fork and Rewind, the ``Session`` as JSON out;
+- ``GET /`` the page (``static/index.html``, its script ``/static/app.js`` built from
+  ``clients/typescript/src/page/``), ``GET /healthz`` 200 once it serves.
 
 Every call carries the caller's token to the gateway (``Authorization: Bearer ...``, or
 ``?token=`` where a browser cannot set the header); a gRPC status comes back as its HTTP
@@ -16,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
+from services.bridge import webrtc
 from services.bridge.config import BridgeConfig
 from services.bridge.relay import Relay
 from windflow.common import grpc_util, lifecycle
@@ -30,7 +38,8 @@ from windflow.v1 import windflow_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-PAGE = Path(__file__).parent / "static" / "index.html"
+STATIC = Path(__file__).parent / "static"
+PAGE = STATIC / "index.html"
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -77,29 +86,74 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return socket
 
 
-async def models(request: web.Request) -> web.Response:
+UNARY_TIMEOUT_S = 30.0
+
+
+async def _unary(
+    request: web.Request,
+    method: str,
+    ask: Message,
+    pick: Callable[[Any], Message] = lambda reply: reply,
+) -> web.Response:
+    """Call ``Windflow/<method>`` with the caller's token: the answer (``pick`` of it) as
+    JSON, or the refusal as its HTTP status."""
     try:
-        reply = await request.app[STUB].ListModels(
-            pb.ListModelsRequest(), metadata=credentials(request), timeout=15.0
+        reply = await getattr(request.app[STUB], method)(
+            ask, metadata=credentials(request), timeout=UNARY_TIMEOUT_S
         )
     except grpc.aio.AioRpcError as exc:
         return _refused(exc)
-    return web.json_response(json_format.MessageToDict(reply))
+    return web.json_response(json_format.MessageToDict(pick(reply)))
+
+
+async def _parsed(request: web.Request, ask: Message) -> web.Response | None:
+    """Fill ``ask`` from the request's JSON body; a 400 when it is not one."""
+    try:
+        json_format.Parse(await request.text() or "{}", ask)
+    except (json_format.ParseError, ValueError) as exc:  # (not UTF-8: a ValueError)
+        return web.json_response({"code": "INVALID_ARGUMENT", "message": str(exc)}, status=400)
+    return None
+
+
+async def models(request: web.Request) -> web.Response:
+    return await _unary(request, "ListModels", pb.ListModelsRequest())
 
 
 async def create_session(request: web.Request) -> web.Response:
+    """A ``SessionSpec`` as JSON in; the ``Session`` out."""
     spec = pb.SessionSpec()
-    try:
-        json_format.Parse(await request.text(), spec)
-    except json_format.ParseError as exc:
-        return web.json_response({"code": "INVALID_ARGUMENT", "message": str(exc)}, status=400)
-    try:
-        reply = await request.app[STUB].CreateSession(
-            pb.CreateSessionRequest(spec=spec), metadata=credentials(request), timeout=15.0
-        )
-    except grpc.aio.AioRpcError as exc:
-        return _refused(exc)
-    return web.json_response(json_format.MessageToDict(reply.session))
+    if (bad := await _parsed(request, spec)) is not None:
+        return bad
+    ask = pb.CreateSessionRequest(spec=spec)
+    return await _unary(request, "CreateSession", ask, lambda reply: reply.session)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    ask = pb.GetSessionRequest(session_id=request.match_info["session_id"])
+    return await _unary(request, "GetSession", ask)
+
+
+async def fork(request: web.Request) -> web.Response:
+    """A ``ForkRequest`` as JSON (``{"atFrame": n}``); the session id is the path's."""
+    ask = pb.ForkRequest()
+    if (bad := await _parsed(request, ask)) is not None:
+        return bad
+    ask.session_id = request.match_info["session_id"]
+    return await _unary(request, "Fork", ask)
+
+
+async def rewind(request: web.Request) -> web.Response:
+    """A ``RewindRequest`` as JSON (``{"toFrame": n}``); the session id is the path's."""
+    ask = pb.RewindRequest()
+    if (bad := await _parsed(request, ask)) is not None:
+        return bad
+    ask.session_id = request.match_info["session_id"]
+    return await _unary(request, "Rewind", ask)
+
+
+async def close_session(request: web.Request) -> web.Response:
+    ask = pb.CloseSessionRequest(session_id=request.match_info["session_id"])
+    return await _unary(request, "CloseSession", ask, lambda reply: reply.session)
 
 
 async def page(request: web.Request) -> web.FileResponse:
@@ -118,7 +172,13 @@ def application(config: BridgeConfig, channel: grpc.aio.Channel) -> web.Applicat
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/sessions", create_session)
+    app.router.add_get("/v1/sessions/{session_id}", get_session)
+    app.router.add_delete("/v1/sessions/{session_id}", close_session)
+    app.router.add_post("/v1/sessions/{session_id}/fork", fork)
+    app.router.add_post("/v1/sessions/{session_id}/rewind", rewind)
+    app.router.add_static("/static/", STATIC)
     app.router.add_get("/v1/stream", stream)
+    webrtc.setup(app, config)  # POST /v1/sessions/{session_id}/webrtc
     return app
 
 

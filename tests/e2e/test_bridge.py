@@ -182,3 +182,71 @@ async def test_bad_input_closes_with_a_clear_code(
         await close(stack, session)
     if close_code >= 4000:
         assert last is not None and last.error.code == close_code - 4000
+
+
+async def test_session_routes_get_fork_rewind_close(
+    stack: Stack, http: aiohttp.ClientSession
+) -> None:
+    base = stack.bridge_url
+    assert base is not None
+    auth = {"Authorization": f"Bearer {stack.token}"}
+    session = await session_for(stack)
+    async with Client(stack.gateway_address, token=stack.token) as client:
+        live = await client.attach(session)
+        async for _ in live.frames(limit=12):
+            pass
+        await live.aclose()
+    sessions = base + "v1/sessions/"
+    url = sessions + session.session_id
+    async with http.get(url, headers=auth) as reply:
+        assert reply.status == 200
+        got = await reply.json()
+        assert got["sessionId"] == session.session_id and int(got["headFrame"]) >= 12
+    async with http.post(url + "/fork", json={"atFrame": 5}, headers=auth) as reply:
+        assert reply.status == 200
+        child = await reply.json()
+        assert child["parentSessionId"] == session.session_id and child["forkedAt"] == "5"
+    async with http.post(url + "/rewind", json={"toFrame": 3}, headers=auth) as reply:
+        assert reply.status == 200
+        assert (await reply.json())["sessionId"] == session.session_id
+    async with http.get(url, headers=auth) as reply:
+        assert int((await reply.json())["headFrame"]) == 3
+    async with http.post(url + "/fork", json={"atFrame": 1_000_000}, headers=auth) as reply:
+        assert reply.status == 400  # OUT_OF_RANGE: beyond the head
+        assert (await reply.json())["code"] == "OUT_OF_RANGE"
+    for route in ("/fork", "/rewind"):
+        async with http.post(url + route, data="{not json", headers=auth) as reply:
+            assert reply.status == 400
+            assert (await reply.json())["code"] == "INVALID_ARGUMENT"
+        async with http.post(url + route, json={"frame": 1}, headers=auth) as reply:
+            assert reply.status == 400  # not a field of the request
+    async with http.get(url) as reply:
+        assert reply.status == 401  # no token
+    async with http.get(url, params={"token": "nope"}) as reply:
+        assert reply.status == 401
+    async with http.get(sessions + "f" * 32, headers=auth) as reply:
+        assert reply.status == 404
+        assert (await reply.json())["code"] == "NOT_FOUND"
+    async with http.post(sessions + "f" * 32 + "/rewind", json={}, headers=auth) as reply:
+        assert reply.status == 404
+    async with http.delete(sessions + child["sessionId"], headers=auth) as reply:
+        assert reply.status == 200
+        assert (await reply.json())["state"] == "SESSION_STATE_CLOSED"
+    async with http.delete(url, params={"token": stack.token}) as reply:
+        assert reply.status == 200
+    async with http.get(url, headers=auth) as reply:
+        assert (await reply.json())["state"] == "SESSION_STATE_CLOSED"
+
+
+async def test_the_page_and_its_script(stack: Stack, http: aiohttp.ClientSession) -> None:
+    base = stack.bridge_url
+    assert base is not None
+    async with http.get(base) as reply:
+        page = await reply.text()
+        assert '<canvas id="screen"' in page and "static/app.js" in page
+    async with http.get(base + "static/app.js") as reply:
+        assert reply.status == 200
+        assert "javascript" in reply.headers["Content-Type"]
+        assert len(await reply.read()) > 1000
+    async with http.get(base + "static/../main.py") as reply:
+        assert reply.status in (403, 404)

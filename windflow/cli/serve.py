@@ -229,14 +229,48 @@ def register(sub: Any) -> None:
     bridge.add_argument(
         "--gateway", required=True, help="the gateway host:port (several: comma-separated)"
     )
+    bridge.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a STUN/TURN server for WebRTC (stun:HOST:PORT, turn:USER:CREDENTIAL@HOST:PORT); "
+        "repeatable; none by default",
+    )
+    bridge.add_argument(
+        "--ice-loopback",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="offer 127.0.0.1 as a WebRTC host candidate: where there is no other address "
+        "(auto, the default), always, or never",
+    )
+    bridge.add_argument(
+        "--max-webrtc-peers",
+        type=int,
+        default=64,
+        help="live WebRTC peer connections at most (default %(default)s)",
+    )
     bridge.set_defaults(func=_run_bridge)
 
 
 def _run_bridge(args: argparse.Namespace) -> int:
     from services.bridge.config import BridgeConfig
     from services.bridge.main import run
+    from services.bridge.webrtc import ice_server
 
-    return asyncio.run(run(BridgeConfig(gateway=args.gateway, listen=args.listen)))
+    try:
+        for url in args.ice_server:
+            ice_server(url)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    config = BridgeConfig(
+        gateway=args.gateway,
+        listen=args.listen,
+        ice_servers=tuple(args.ice_server),
+        ice_loopback=args.ice_loopback,
+        max_webrtc_peers=args.max_webrtc_peers,
+    )
+    return asyncio.run(run(config))
 
 
 def _need(args: argparse.Namespace) -> None:

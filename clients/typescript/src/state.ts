@@ -1,0 +1,286 @@
+// What one client's view of a session stream keeps, whatever carries it (a WebSocket or a
+// WebRTC data channel): where the stream stands, the controls a resume must send again,
+// the events and in-stream errors, the role. Pure but for the clock.
+import { create, equals } from "@bufbuild/protobuf";
+import {
+  ControlSchema,
+  Role,
+  SessionEvent_Kind,
+  SessionEventSchema,
+  type Control,
+  type Frame,
+  type ServerMessage,
+  type SessionEvent,
+  type StreamError,
+} from "./gen/windflow/v1/windflow_pb";
+import { Code } from "./errors";
+
+export type RoleName = "controller" | "spectator";
+
+/** A control to send; what is left out is filled in (`StreamSession.send`). */
+export interface ControlInput {
+  /** Index into the model's `actions` (ModelInfo.actions). */
+  action?: number;
+  /** Continuous axes in [-1, 1], in the order of ModelInfo.axes. */
+  axes?: number[];
+  /** The frame it applies from; default: the next frame a control can still shape. */
+  frameIndex?: number | bigint;
+  /** The client's clock when sent (unix microseconds); default: now. The frame it first
+   * shapes echoes it (Frame.control_client_time_us): control-to-frame latency. */
+  clientTimeUs?: number | bigint;
+}
+
+/** Controls remembered for a resume (the worker holds at most 256 future ones). */
+export const MAX_REMEMBERED_CONTROLS = 1024;
+/** Keep this many events and in-stream errors (the newest). */
+export const HISTORY = 256;
+/** A frame due this soon is being made already: a control stamped now aims past it. */
+const MARGIN_US = 2_000;
+/** At most this many frames past the next one does a default stamp aim (clocks may differ). */
+const MAX_LEAD_FRAMES = 2;
+/** Times a control stamped by default and refused as in the past is stamped again. */
+const MAX_RESTAMPS = 3;
+
+/** Unix microseconds, sub-millisecond where the platform has it. */
+export function nowUs(): number {
+  const perf = globalThis.performance;
+  if (perf && typeof perf.timeOrigin === "number") {
+    return Math.round((perf.timeOrigin + perf.now()) * 1000);
+  }
+  return Date.now() * 1000;
+}
+
+/** The controls sent for frames not received yet, less those refused: what a resumed stream
+ * sends again (windflow/common/controls.py, the same rules). */
+export class PendingControls {
+  private controls: Control[] = [];
+
+  constructor(private readonly limit = MAX_REMEMBERED_CONTROLS) {}
+
+  get size(): number {
+    return this.controls.length;
+  }
+
+  sent(control: Control): void {
+    if (this.controls.length >= this.limit) this.controls.shift();
+    this.controls.push(control);
+  }
+
+  /** Forget the newest sent control equal to `control` (the server refused it). */
+  refused(control: Control): void {
+    for (let i = this.controls.length - 1; i >= 0; i--) {
+      if (equals(ControlSchema, this.controls[i]!, control)) {
+        this.controls.splice(i, 1);
+        return;
+      }
+    }
+  }
+
+  /** Frame `index` arrived: controls up to it are history. */
+  received(index: bigint): void {
+    if (this.controls.some((c) => c.frameIndex <= index)) {
+      this.controls = this.controls.filter((c) => c.frameIndex > index);
+    }
+  }
+
+  /** The session's future restarts (KIND_REWOUND): nothing sent before is sent again. */
+  rewound(): void {
+    this.controls = [];
+  }
+
+  /** Controls for frames after `after` (the last frame received), in the order sent. */
+  toResend(after: bigint): Control[] {
+    return this.controls.filter((c) => c.frameIndex > after);
+  }
+}
+
+export interface Received {
+  /** A frame to hand on (not a repeat). */
+  frame?: Frame;
+  /** A control to send again, stamped later (a default stamp that was already past). */
+  resend?: Control;
+  /** The session closed (KIND_CLOSED): the stream ends. */
+  closed?: boolean;
+}
+
+export class StreamState {
+  /** The last frame index received (-1: none yet). */
+  lastIndex = -1;
+  /** The next frame expected. */
+  nextIndex = 0;
+  /** Nothing at or below this index is handed on again (back down only at a rewind). */
+  private floor = -1n;
+  /** `nextIndex` is where the stream stands (it attached, or started at a resume_from). */
+  positioned = false;
+  /** The session's output fps (0: not known yet). */
+  fps = 0;
+  /** Deadline of the next frame on the worker's clock (unix us; 0 before a frame). */
+  nextDueUs = 0;
+  viewerId = "";
+  readonly events: SessionEvent[] = [];
+  readonly errors: StreamError[] = [];
+  readonly pending = new PendingControls();
+  /** The newest StreamError: the message of a status that ends the stream. */
+  lastError: StreamError | undefined;
+  private lastSent: Control | undefined;
+  /** clientTimeUs of controls stamped by default -> times stamped again. */
+  private readonly stamped = new Map<bigint, number>();
+  /** Controls that were stamped again after a refusal (their refusals are not errors). */
+  restamps = 0;
+
+  constructor(
+    public role: RoleName,
+    private readonly listeners: {
+      onEvent?: ((event: SessionEvent) => void) | undefined;
+      onError?: ((error: StreamError) => void) | undefined;
+    } = {},
+  ) {}
+
+  /** The frame a control sent now can still shape: the next one, or a later one when the
+   * worker is already making it by its deadline (at most MAX_LEAD_FRAMES later). */
+  aim(): number {
+    let index = this.nextIndex;
+    if (this.nextDueUs > 0 && this.fps > 0) {
+      const interval = 1e6 / this.fps;
+      const now = nowUs();
+      let due = this.nextDueUs;
+      while (now > due - MARGIN_US && index < this.nextIndex + MAX_LEAD_FRAMES) {
+        due += interval;
+        index += 1;
+      }
+    }
+    return index;
+  }
+
+  /** A Control from `input`, its frame index and client time filled in. */
+  stamp(input: ControlInput): Control {
+    const auto = input.frameIndex === undefined;
+    const control = create(ControlSchema, {
+      action: input.action ?? 0,
+      axes: input.axes ?? [],
+      frameIndex: BigInt(auto ? this.aim() : input.frameIndex!),
+      clientTimeUs: BigInt(input.clientTimeUs ?? nowUs()),
+    });
+    if (auto) {
+      this.stamped.set(control.clientTimeUs, 0);
+      if (this.stamped.size > HISTORY) this.stamped.delete(this.stamped.keys().next().value!);
+    }
+    return control;
+  }
+
+  sent(control: Control): void {
+    this.pending.sent(control);
+    this.lastSent = control;
+  }
+
+  /** The stream (re)started at `index` (an Attach's resume_from). */
+  startAt(index: number): void {
+    this.nextIndex = Math.max(this.nextIndex, index);
+    this.positioned = true;
+  }
+
+  receive(message: ServerMessage): Received {
+    const msg = message.msg;
+    switch (msg.case) {
+      case "frame": {
+        const frame = msg.value;
+        if (frame.frameIndex <= this.floor) return {}; // a repeat (a resume overlapping)
+        this.floor = frame.frameIndex;
+        this.positioned = true;
+        this.lastIndex = Number(frame.frameIndex);
+        this.nextIndex = this.lastIndex + 1;
+        this.pending.received(frame.frameIndex);
+        const ts = frame.timestamps;
+        if (ts) {
+          const next = Number(ts.nextDueUs);
+          this.nextDueUs = next || (this.fps > 0 ? Number(ts.dueUs) + 1e6 / this.fps : 0);
+        }
+        return { frame };
+      }
+      case "event": {
+        const event = msg.value;
+        if (event.fps > 0) this.fps = event.fps;
+        switch (event.kind) {
+          case SessionEvent_Kind.ATTACHED:
+            this.startAt(Number(event.frameIndex));
+            if (event.viewerId) this.viewerId = event.viewerId;
+            if (event.role !== Role.UNSPECIFIED) this.role = roleName(event.role);
+            break;
+          case SessionEvent_Kind.ROLE_CHANGED:
+            if (event.role !== Role.UNSPECIFIED) this.role = roleName(event.role);
+            break;
+          case SessionEvent_Kind.REWOUND:
+            this.nextIndex = Number(event.frameIndex);
+            this.lastIndex = this.nextIndex - 1;
+            this.floor = event.frameIndex - 1n;
+            this.positioned = true;
+            this.nextDueUs = 0;
+            this.pending.rewound();
+            break;
+        }
+        this.event(event); // (its listener sees the state after it)
+        return event.kind === SessionEvent_Kind.CLOSED ? { closed: true } : {};
+      }
+      case "error": {
+        const error = msg.value;
+        this.lastError = error;
+        const refused = error.control;
+        if (refused) {
+          const again = this.restamp(error, refused);
+          if (again) return { resend: again };
+          this.pending.refused(refused); // never sent again
+        }
+        this.errors.push(error);
+        if (this.errors.length > HISTORY) this.errors.shift();
+        this.listeners.onError?.(error);
+        return {};
+      }
+    }
+    return {};
+  }
+
+  /** A local event (KIND_RECOVERED after a resume) into the history. */
+  event(event: SessionEvent): void {
+    this.events.push(event);
+    if (this.events.length > HISTORY) this.events.shift();
+    this.listeners.onEvent?.(event);
+  }
+
+  recovered(message: string, frameIndex: number): void {
+    this.event(
+      create(SessionEventSchema, {
+        kind: SessionEvent_Kind.RECOVERED,
+        message,
+        frameIndex: BigInt(Math.max(0, frameIndex)),
+      }),
+    );
+  }
+
+  /** A control the SDK stamped itself, refused as in the past, and still the newest sent:
+   * the same control for a later frame (a later control must not be overtaken by it). */
+  private restamp(error: StreamError, refused: Control): Control | undefined {
+    if (error.code !== Code.INVALID_ARGUMENT) return undefined;
+    const tries = this.stamped.get(refused.clientTimeUs);
+    const last = this.lastSent;
+    if (tries === undefined || tries >= MAX_RESTAMPS || !last) return undefined;
+    if (!equals(ControlSchema, last, refused)) return undefined;
+    this.pending.refused(refused);
+    this.stamped.set(refused.clientTimeUs, tries + 1);
+    this.restamps += 1;
+    const index = BigInt(Math.max(Number(refused.frameIndex) + 1, this.aim()));
+    return create(ControlSchema, {
+      action: refused.action,
+      axes: [...refused.axes],
+      frameIndex: index,
+      clientTimeUs: refused.clientTimeUs,
+    });
+  }
+}
+
+export function roleName(role: Role): RoleName {
+  return role === Role.SPECTATOR ? "spectator" : "controller";
+}
+
+export function roleOf(name: RoleName | undefined): Role {
+  return name === "spectator" ? Role.SPECTATOR : Role.CONTROLLER;
+}
