@@ -554,11 +554,7 @@ class WorkerRuntime:
                     actor.due = max(actor.due, time.monotonic())
                     self.engine.wake()
                 if message.HasField("frame"):
-                    sent = telemetry.now_us()
-                    message.frame.timestamps.worker_sent_us = sent
-                    message.frame.latency.send_ms = (
-                        sent - message.frame.timestamps.encoded_us
-                    ) / 1000.0
+                    _stamp_sent(message.frame)
                     self.bill(actor.meter.add(message.frame, actor.epoch))
                 yield message
             if actor.closed and not actor.out:
@@ -591,11 +587,7 @@ class WorkerRuntime:
         while viewer.spectating:
             while (message := viewer.take()) is not None:
                 if message.HasField("frame"):
-                    sent = telemetry.now_us()
-                    message.frame.timestamps.worker_sent_us = sent
-                    message.frame.latency.send_ms = (
-                        sent - message.frame.timestamps.encoded_us
-                    ) / 1000.0
+                    _stamp_sent(message.frame)
                 yield message
                 if not viewer.spectating:
                     return
@@ -869,6 +861,13 @@ class WorkerRuntime:
         await self.engine.aclose()
         if self.journal is not None:
             await self.journal.aclose()
+
+
+def _stamp_sent(frame: pb.Frame) -> None:
+    """The frame leaves the worker now."""
+    sent = telemetry.now_us()
+    frame.timestamps.worker_sent_us = sent
+    frame.latency.send_ms = (sent - frame.timestamps.encoded_us) / 1000.0
 
 
 def _render(

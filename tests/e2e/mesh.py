@@ -7,17 +7,22 @@ processes on purpose and watch the mesh react.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from windflow.infra import (
     ChildSpec,
     EtcdServer,
     ManagedProcess,
     NatsServer,
+    Stack,
+    StackConfig,
     child_pids,
     free_ports,
 )
@@ -56,6 +61,18 @@ class StackLogs:
 
     def log_tails(self, lines: int = 30, width: int = 300) -> str:
         return log_tails(self.log_dir, lines, width)
+
+
+@contextlib.asynccontextmanager
+async def logged_stack(state_dir: Path, **config: Any) -> AsyncIterator[Stack]:
+    """A ``windflow up`` stack (``StackConfig(state_dir, **config)``) whose logs a failing
+    test's report shows."""
+    logs = StackLogs(state_dir / "logs")
+    try:
+        async with Stack(StackConfig(state_dir=state_dir, **config)) as running:
+            yield running
+    finally:
+        logs.closed()
 
 
 class Mesh:

@@ -14,8 +14,8 @@ import pytest
 import pytest_asyncio
 
 from services.worker.models.registry import DEFAULT_MODEL
-from tests.e2e.mesh import StackLogs
-from windflow.infra import Stack, StackConfig
+from tests.e2e.mesh import logged_stack
+from windflow.infra import Stack
 from windflow.sdk import Client
 from windflow.v1 import windflow_pb2 as pb
 
@@ -26,13 +26,8 @@ SPEC = {"seed": 17, "format": "rgb", "output_policy": "pause", "quality": "fixed
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state_dir = tmp_path_factory.mktemp("bridge")
-    logs = StackLogs(state_dir / "logs")
-    try:
-        async with Stack(StackConfig(state_dir=state_dir, workers=1)) as running:
-            yield running
-    finally:
-        logs.closed()
+    async with logged_stack(tmp_path_factory.mktemp("bridge"), workers=1) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -26,9 +26,9 @@ from services.bridge import webrtc
 from services.bridge.config import BridgeConfig
 from services.bridge.main import application
 from services.worker.models.registry import DEFAULT_MODEL
-from tests.e2e.mesh import StackLogs
+from tests.e2e.mesh import logged_stack
 from windflow.common import grpc_util
-from windflow.infra import Stack, StackConfig
+from windflow.infra import Stack
 from windflow.sdk import Client
 from windflow.v1 import windflow_pb2 as pb
 
@@ -47,13 +47,8 @@ BAD_FIELDS: dict[str, dict[str, Any]] = {
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     webrtc.install_loopback_candidates("auto")  # (this process's peers: the page's role)
-    state_dir = tmp_path_factory.mktemp("bridge-webrtc")
-    logs = StackLogs(state_dir / "logs")
-    try:
-        async with Stack(StackConfig(state_dir=state_dir, workers=1)) as running:
-            yield running
-    finally:
-        logs.closed()
+    async with logged_stack(tmp_path_factory.mktemp("bridge-webrtc"), workers=1) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(loop_scope="module")

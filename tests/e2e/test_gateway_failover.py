@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 from services.worker.models.registry import DEFAULT_MODEL
-from tests.e2e.mesh import StackLogs
-from windflow.infra import Stack, StackConfig
+from tests.e2e.mesh import logged_stack
+from windflow.infra import Stack
 from windflow.sdk import Client
 from windflow.sdk.client import Session
 from windflow.v1 import windflow_pb2 as pb
@@ -37,13 +37,8 @@ SPEC = {"seed": 23, "format": "rgb", "output_policy": "pause", "fps": 48.0, "qua
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state_dir = tmp_path_factory.mktemp("stack")
-    logs = StackLogs(state_dir / "logs")
-    try:
-        async with Stack(StackConfig(state_dir=state_dir, workers=1, gateways=2)) as running:
-            yield running
-    finally:
-        logs.closed()
+    async with logged_stack(tmp_path_factory.mktemp("stack"), workers=1, gateways=2) as running:
+        yield running
 
 
 def _action(index: int, actions: int) -> int:

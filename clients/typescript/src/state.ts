@@ -14,6 +14,7 @@ import {
   type StreamError,
 } from "./gen/windflow/v1/windflow_pb";
 import { Code } from "./errors";
+import type { AsyncQueue } from "./queue";
 
 export type RoleName = "controller" | "spectator";
 
@@ -283,4 +284,48 @@ export function roleName(role: Role): RoleName {
 
 export function roleOf(name: RoleName | undefined): Role {
   return name === "spectator" ? Role.SPECTATOR : Role.CONTROLLER;
+}
+
+/** What a stream of a session shows its reader, whatever carries it (`StreamSession`,
+ * `WebRTCSession`). */
+export abstract class SessionView {
+  protected constructor(
+    protected readonly state: StreamState,
+    protected readonly queue: AsyncQueue<Frame>,
+  ) {}
+
+  /** This stream's role now (a handover changes it). */
+  get role(): RoleName {
+    return this.state.role;
+  }
+
+  /** This stream's viewer id (from KIND_ATTACHED; "" before, or from an older server). */
+  get viewerId(): string {
+    return this.state.viewerId;
+  }
+
+  /** Server events, oldest first (the newest 256), and the local KIND_RECOVERED ones. */
+  get events(): readonly SessionEvent[] {
+    return this.state.events;
+  }
+
+  /** In-stream errors (refused controls ...), oldest first (the newest 256). */
+  get errors(): readonly StreamError[] {
+    return this.state.errors;
+  }
+
+  /** The last frame index received (-1: none yet). */
+  get lastIndex(): number {
+    return this.state.lastIndex;
+  }
+
+  /** The next frame expected. */
+  get nextIndex(): number {
+    return this.state.nextIndex;
+  }
+
+  /** The session's output fps as last announced (0: not yet). */
+  get fps(): number {
+    return this.state.fps;
+  }
 }

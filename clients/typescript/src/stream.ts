@@ -15,7 +15,7 @@ import {
 } from "./gen/windflow/v1/windflow_pb";
 import { Code, WindflowError, statusOfClose } from "./errors";
 import { AsyncQueue } from "./queue";
-import { StreamState, roleOf, type ControlInput, type RoleName } from "./state";
+import { SessionView, StreamState, roleOf, type ControlInput, type RoleName } from "./state";
 
 /** What the SDK needs of a WebSocket: the browser's, or the `ws` package's in Node. */
 export interface WebSocketLike {
@@ -88,14 +88,12 @@ interface Outage {
  * `resumeTimeoutMs`, then `frames()` throws UNAVAILABLE. Each resume counts in `resumes`
  * and leaves a local KIND_RECOVERED event.
  */
-export class StreamSession {
+export class StreamSession extends SessionView {
   readonly id: string;
   /** Times the stream was resumed after its socket dropped. */
   resumes = 0;
   /** The socket now (internal; tests drop it to see a resume). */
   _socket: WebSocketLike | undefined;
-  private readonly state: StreamState;
-  private readonly queue: AsyncQueue<Frame>;
   private readonly initial: ControlInput[];
   private readonly window: number;
   private readonly resumeTimeoutMs: number;
@@ -116,15 +114,17 @@ export class StreamSession {
     sessionId: string,
     options: AttachOptions = {},
   ) {
+    super(
+      new StreamState(options.role ?? "controller", {
+        onEvent: options.onEvent,
+        onError: options.onError,
+      }),
+      new AsyncQueue(options.maxBufferedFrames ?? 256),
+    );
     this.id = sessionId;
     this.window = options.window ?? 0;
     this.resumeTimeoutMs = options.resumeTimeoutMs ?? RESUME_TIMEOUT_MS;
     this.attachTimeoutMs = options.attachTimeoutMs ?? 10_000;
-    this.state = new StreamState(options.role ?? "controller", {
-      onEvent: options.onEvent,
-      onError: options.onError,
-    });
-    this.queue = new AsyncQueue(options.maxBufferedFrames ?? 256);
     this.initial = options.controls ?? [];
     if (options.resumeFrom !== undefined) this.state.startAt(Number(options.resumeFrom));
     this.resumeFrom = options.resumeFrom;
@@ -136,41 +136,6 @@ export class StreamSession {
       this.started = { resolve, reject };
       this.open();
     });
-  }
-
-  /** This stream's role now (a handover changes it). */
-  get role(): RoleName {
-    return this.state.role;
-  }
-
-  /** This stream's viewer id (from KIND_ATTACHED; "" before, or from an older server). */
-  get viewerId(): string {
-    return this.state.viewerId;
-  }
-
-  /** Server events, oldest first (the newest 256), and the local KIND_RECOVERED ones. */
-  get events(): readonly SessionEvent[] {
-    return this.state.events;
-  }
-
-  /** In-stream errors (refused controls ...), oldest first (the newest 256). */
-  get errors(): readonly StreamError[] {
-    return this.state.errors;
-  }
-
-  /** The last frame index received (-1: none yet). */
-  get lastIndex(): number {
-    return this.state.lastIndex;
-  }
-
-  /** The next frame expected. */
-  get nextIndex(): number {
-    return this.state.nextIndex;
-  }
-
-  /** The session's output fps as last announced (0: not yet). */
-  get fps(): number {
-    return this.state.fps;
   }
 
   /** Frames a slow `frames()` reader missed here (the bridge's drops are in dropped_total). */

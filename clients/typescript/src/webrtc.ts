@@ -20,7 +20,7 @@ import {
 } from "./gen/windflow/v1/windflow_pb";
 import { Code, WindflowError } from "./errors";
 import { AsyncQueue } from "./queue";
-import { StreamState, type ControlInput, type RoleName } from "./state";
+import { SessionView, StreamState, type ControlInput, type RoleName } from "./state";
 import { bytes } from "./stream";
 
 export interface WebRTCOptions {
@@ -57,14 +57,12 @@ export const DATA_CHANNEL_LABEL = "windflow";
  * `frames()` the frames' messages (without data), `send` / `handover` / `close` as on a
  * WebSocket stream. No resume of its own: on failure, attach again (e.g. over a WebSocket
  * with `resumeFrom: session.nextIndex`). */
-export class WebRTCSession {
+export class WebRTCSession extends SessionView {
   readonly id: string;
   readonly pc: RTCPeerConnection;
   readonly channel: RTCDataChannel;
   /** The remote video (its track arrives with the answer). */
   readonly stream: MediaStream;
-  private readonly state: StreamState;
-  private readonly queue: AsyncQueue<Frame>;
   private readonly options: WebRTCOptions;
   private up = false;
   private over = false;
@@ -75,6 +73,13 @@ export class WebRTCSession {
     options: WebRTCOptions,
     private readonly signal: Signal,
   ) {
+    super(
+      new StreamState(options.role ?? "controller", {
+        onEvent: options.onEvent,
+        onError: options.onError,
+      }),
+      new AsyncQueue(options.maxBufferedFrames ?? 256),
+    );
     this.id = sessionId;
     this.options = options;
     const PeerConnection =
@@ -83,12 +88,7 @@ export class WebRTCSession {
     if (!PeerConnection) {
       throw new WindflowError(Code.UNIMPLEMENTED, "no RTCPeerConnection here (a browser has one)");
     }
-    this.state = new StreamState(options.role ?? "controller", {
-      onEvent: options.onEvent,
-      onError: options.onError,
-    });
     if (options.resumeFrom !== undefined) this.state.startAt(Number(options.resumeFrom));
-    this.queue = new AsyncQueue(options.maxBufferedFrames ?? 256);
     this.pc = new PeerConnection({ iceServers: options.iceServers ?? [] });
     this.stream = new MediaStream();
     const transceiver = this.pc.addTransceiver("video", { direction: "recvonly" });
@@ -103,27 +103,6 @@ export class WebRTCSession {
     this.channel.onmessage = (event) => this.message(event.data);
   }
 
-  get role(): RoleName {
-    return this.state.role;
-  }
-  get viewerId(): string {
-    return this.state.viewerId;
-  }
-  get events(): readonly SessionEvent[] {
-    return this.state.events;
-  }
-  get errors(): readonly StreamError[] {
-    return this.state.errors;
-  }
-  get lastIndex(): number {
-    return this.state.lastIndex;
-  }
-  get nextIndex(): number {
-    return this.state.nextIndex;
-  }
-  get fps(): number {
-    return this.state.fps;
-  }
   get done(): boolean {
     return this.over;
   }

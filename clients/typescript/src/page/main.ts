@@ -4,6 +4,7 @@
 // (?spectate=SESSION_ID) and handover. The token comes from ?token= in the page's address.
 import {
   FrameFormat,
+  QualityPolicy_Mode,
   SessionEvent_Kind,
   WindflowError,
   connect,
@@ -32,6 +33,15 @@ interface PageState {
   latencyMs: number;
   dropped: number;
   status: string;
+  /** The session's output fps as its stream announced it (0: not known yet). */
+  sessionFps: number;
+  /** performance.now() when the newest WebSocket attach started, and when that stream's
+   * first frame was drawn (0: not yet). */
+  wsAttachMs: number;
+  wsFirstFrameMs: number;
+  /** The same for the newest WebRTC attach and its first video frame drawn. */
+  rtcAttachMs: number;
+  rtcFirstFrameMs: number;
 }
 
 declare global {
@@ -52,6 +62,11 @@ const state: PageState = {
   latencyMs: 0,
   dropped: 0,
   status: "",
+  sessionFps: 0,
+  wsAttachMs: 0,
+  wsFirstFrameMs: 0,
+  rtcAttachMs: 0,
+  rtcFirstFrameMs: 0,
 };
 window.windflow = state;
 
@@ -79,6 +94,10 @@ const params = new URLSearchParams(location.search);
 const token = params.get("token") ?? "";
 const spectate = params.get("spectate");
 const formatParam = params.get("format");
+/** ?fps= and ?quality=fixed|adaptive: the spec of the sessions it creates (default: the
+ * model's fps, adaptive). */
+const fpsParam = Number(params.get("fps") ?? 0);
+const qualityParam = params.get("quality");
 const client = connect({ url: new URL("./", location.href).toString(), token });
 
 const ui = {
@@ -189,6 +208,7 @@ async function play(session: Session, as: RoleName, resumeFrom?: number): Promis
   share(session.sessionId);
   say(`attaching to ${session.sessionId} as ${as === "spectator" ? "a spectator" : "the controller"}`);
   try {
+    wsStarted();
     const stream = await client.attach(session.sessionId, {
       role: as,
       ...(resumeFrom !== undefined ? { resumeFrom } : {}),
@@ -240,6 +260,8 @@ async function startWebRTC(mine: number): Promise<void> {
   say("WebRTC: connecting ...");
   let session: WebRTCSession;
   rtcStarting = true;
+  state.rtcAttachMs = performance.now();
+  state.rtcFirstFrameMs = 0;
   try {
     session = await client.attachWebRTC(info.sessionId, {
       role,
@@ -307,6 +329,7 @@ function watchVideo(session: WebRTCSession, mine: number): void {
       ctx.drawImage(video, 0, 0, ui.screen.width, ui.screen.height);
       state.videoFrames += 1;
       state.framesDrawn += 1;
+      if (state.rtcFirstFrameMs === 0) state.rtcFirstFrameMs = performance.now();
     }
     next();
   };
@@ -341,6 +364,7 @@ async function reattach(mine: number): Promise<void> {
   if (!info || mine !== generation) return;
   const from = state.lastFrameIndex + 1;
   try {
+    wsStarted();
     const stream = await client.attach(info.sessionId, {
       role,
       ...(role === "controller" ? { resumeFrom: Math.max(0, from) } : {}),
@@ -388,6 +412,8 @@ function arrived(frame: Frame, droppedHere: number): void {
     }
   }
   state.dropped = Number(frame.droppedTotal) + droppedHere;
+  const stream = active();
+  if (stream && stream.fps > 0) state.sessionFps = stream.fps;
   figures();
 }
 
@@ -417,6 +443,16 @@ function fit(width: number, height: number): void {
   if (ui.screen.height !== height) ui.screen.height = height;
 }
 
+function wsStarted(): void {
+  state.wsAttachMs = performance.now();
+  state.wsFirstFrameMs = 0;
+}
+
+function drewWebSocketFrame(): void {
+  state.framesDrawn += 1;
+  if (state.wsFirstFrameMs === 0) state.wsFirstFrameMs = performance.now();
+}
+
 let newestJpeg: Frame | undefined;
 let decoding = false;
 
@@ -433,7 +469,7 @@ function draw(frame: Frame): void {
       out[j + 3] = 255;
     }
     ctx.putImageData(image, 0, 0);
-    state.framesDrawn += 1;
+    drewWebSocketFrame();
     return;
   }
   newestJpeg = frame; // JPEG (or unspecified): decoded off the main path, newest only
@@ -452,7 +488,7 @@ async function decode(): Promise<void> {
       if (showing === "ws") {
         fit(bitmap.width, bitmap.height);
         ctx.drawImage(bitmap, 0, 0);
-        state.framesDrawn += 1;
+        drewWebSocketFrame();
       }
       bitmap.close();
     }
@@ -601,7 +637,18 @@ ui.start.addEventListener("click", async () => {
     // JPEG on the WebSocket; RGB for WebRTC (the bridge encodes frames as video anyway)
     const rgb = formatParam ? formatParam === "rgb" : ui.transport.value === "webrtc";
     const format = rgb ? FrameFormat.RGB : FrameFormat.JPEG;
-    const session = await client.createSession({ modelId: ui.model.value, format });
+    const session = await client.createSession({
+      modelId: ui.model.value,
+      format,
+      ...(fpsParam > 0 ? { fps: fpsParam } : {}),
+      ...(qualityParam === "fixed" || qualityParam === "adaptive"
+        ? {
+            quality: {
+              mode: qualityParam === "fixed" ? QualityPolicy_Mode.FIXED : QualityPolicy_Mode.ADAPTIVE,
+            },
+          }
+        : {}),
+    });
     await play(session, "controller");
   } catch (error) {
     failed("create session", error);
