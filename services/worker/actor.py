@@ -60,6 +60,9 @@ class SessionActor:
         self.state = state
         self.epoch = epoch
         self.interval = 1.0 / spec.fps
+        self.lockstep = spec.session_class == pb.SESSION_CLASS_LOCKSTEP
+        """No clock: a frame as soon as its control is in (``services/worker/scheduler.py``);
+        ``due`` is then when it last became ready, not a deadline."""
         self.due = now
         self.steps = spec.steps
         self._default_window = window
@@ -298,6 +301,8 @@ class SessionActor:
             return False
         if self.inflight >= self.pipeline:
             return False
+        if self.lockstep and not self.control_waiting:
+            return False  # its next frame waits for the control stamped for it
         owed = self.unreleased + self.inflight
         if self.spec.output_policy == pb.OUTPUT_POLICY_PAUSE:
             return len(self.out) + owed < self._out_capacity

@@ -53,7 +53,11 @@ def check(
     retry_after_s: float,
     worker_id: str,
 ) -> None:
-    """Raise ResourceExhausted (with a retry-after hint) if ``spec`` does not fit."""
+    """Raise ResourceExhausted (with a retry-after hint) if ``spec`` does not fit. A
+    lockstep session reserves no fps (it takes the step time interactive sessions leave):
+    only its session slot counts."""
+    if spec.session_class == pb.SESSION_CLASS_LOCKSTEP:
+        return
     steps = floor_steps(spec, model)
     demands = engine.quality.demands(floor=True)
     room = engine.costs.fps_headroom(demands, spec.model_id, steps, target, engine.max_batch)

@@ -209,11 +209,17 @@ class StepEngine:
         """Run blocking model work (restore, replay) in the model-step thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
+    def _batch_s(self, model_id: str, steps: int, batch: int) -> float | None:
+        ms = self.costs.batch_ms(model_id, steps, batch)
+        return None if ms is None else ms / 1000.0
+
     def _batch_horizon(self, slots: list[scheduler.Slot]) -> float:
         """Sessions due before the most urgent batch would finish join it: waiting for the
         next batch would make them later, and a bigger batch costs less per frame. So the
         horizon is the predicted time of that batch (at least the configured horizon)."""
-        urgent = min((s for s in slots if s.ready), key=lambda s: s.due, default=None)
+        urgent = min(
+            (s for s in slots if s.ready and not s.lockstep), key=lambda s: s.due, default=None
+        )
         if urgent is None:
             return self._horizon
         ms = self.costs.batch_ms(urgent.model_id, urgent.steps, self.max_batch[urgent.model_id])
@@ -278,8 +284,9 @@ class StepEngine:
                 a.session_id,
                 a.spec.model_id,
                 a.steps,
-                scheduler.start_due(a.due, a.interval, a.control_waiting),
+                a.due if a.lockstep else scheduler.start_due(a.due, a.interval, a.control_waiting),
                 a.ready,
+                a.lockstep,
             )
             for a in self.sessions.values()
         ]
@@ -303,7 +310,11 @@ class StepEngine:
             # one before is done (and not before its start time).
             at = max(now, flight[-1].end) + self._lead if flight else now + self._lead
             batches = scheduler.plan(
-                slots, at, horizon=self._batch_horizon(slots), max_batch=max_batch
+                slots,
+                at,
+                horizon=self._batch_horizon(slots),
+                max_batch=max_batch,
+                cost_s=self._batch_s,
             )
             launched = False
             for batch in batches:
@@ -449,7 +460,10 @@ class StepEngine:
         )
         next_dues = []
         for i, actor in enumerate(actors):
-            if actor.inflight == 0:
+            if actor.lockstep:
+                actor.due = finished  # (it waited from here: the longest waiting goes first)
+                next_dues.append(finished)
+            elif actor.inflight == 0:
                 actor.due = scheduler.next_due(dues[i], actor.interval, finished)
                 next_dues.append(actor.due)
             else:  # its next frame is in flight already, due where it was launched

@@ -94,6 +94,8 @@ class QualityGovernor:
         """Each session's demand at its current rung, or at its floor steps and asked fps."""
         out = []
         for sid, track in self._tracks.items():
+            if self._actors[sid].lockstep:
+                continue  # (it takes what the interactive sessions leave: no reservation)
             model_id = self._actors[sid].spec.model_id
             if floor:
                 asked = track.levels[0]
@@ -113,8 +115,8 @@ class QualityGovernor:
     ) -> None:
         for actor, due in zip(actors, dues, strict=True):
             track = self._tracks.get(actor.session_id)
-            if track is None:
-                continue
+            if track is None or actor.lockstep:
+                continue  # (a lockstep frame has no deadline)
             late = finished > due + actor.interval
             track.recent.append(late)
             while len(track.recent) > track.window:

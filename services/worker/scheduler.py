@@ -4,6 +4,15 @@ Earliest-deadline-first over the sessions' next frame deadlines; sessions of one
 one step count that are due within ``horizon`` of the earliest deadline share one batched
 model step, up to the model's max batch and its memory budget (``effective_max_batch``).
 
+Lockstep sessions (simulation: no clock, a frame as soon as its control is in) are a
+throughput class below the interactive ones: they fill the room left in the interactive
+batches of their model and step count, as long as that makes the batch at most
+``FILL_SLACK`` slower than it would be without them; and they get batches of their own only
+while no interactive frame is due, and only those predicted to end before the next
+interactive deadline. So they take what the interactive sessions leave and never make one
+late. Among themselves, the one that waited longest goes first (its ``due`` is when it
+became ready).
+
 Adaptive quality (``quality_ladder``, ``decide_quality``): each session has a ladder of
 (steps, fps) rungs; rung 0 is what it asked for, each next rung has fewer denoising steps,
 then a lower output fps. Sessions that miss deadlines step down; a session climbs back one
@@ -15,7 +24,7 @@ thresholds differ (hysteresis), so quality does not flap. See docs/runtime.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -30,6 +39,15 @@ class Slot:
     """Deadline of its next frame (monotonic seconds)."""
     ready: bool
     """Attached and allowed to produce (its output policy does not hold it back)."""
+    lockstep: bool = False
+    """A lockstep session: ``due`` is when it became ready, not a deadline."""
+
+
+FILL_SLACK = 0.25
+"""How much slower (as a share) lockstep sessions may make an interactive batch they join."""
+
+CostFn = Callable[[str, int, int], float | None]
+"""Predicted seconds of a batch of (model, steps, size); None when unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,31 +60,98 @@ class Batch:
 
 
 def plan(
-    slots: Iterable[Slot], now: float, *, horizon: float, max_batch: Mapping[str, int]
+    slots: Iterable[Slot],
+    now: float,
+    *,
+    horizon: float,
+    max_batch: Mapping[str, int],
+    cost_s: CostFn | None = None,
 ) -> list[Batch]:
-    """Batches to step now, most urgent first. Empty when nothing is due by ``now``."""
+    """Batches to step now, most urgent first. Empty when nothing is due by ``now``.
+    ``cost_s`` predicts a batch's time (lockstep sessions are placed by it; without it they
+    fill interactive batches to the max and go alone only while no interactive session is
+    ready)."""
     ready = sorted((s for s in slots if s.ready), key=lambda s: (s.due, s.session_id))
-    if not ready or ready[0].due > now:
-        return []
-    cutoff = max(now, ready[0].due) + horizon
-    groups: dict[tuple[str, int], list[Slot]] = {}
-    for slot in ready:
-        if slot.due > cutoff:
-            break
-        groups.setdefault((slot.model_id, slot.steps), []).append(slot)
+    interactive = [s for s in ready if not s.lockstep]
+    lockstep = [s for s in ready if s.lockstep]
     batches: list[Batch] = []
-    for (model_id, steps), members in groups.items():
-        size = max(1, max_batch.get(model_id, 1))
-        for i in range(0, len(members), size):
-            chunk = members[i : i + size]
-            batches.append(Batch(model_id, steps, tuple(s.session_id for s in chunk), chunk[0].due))
+    if interactive and interactive[0].due <= now:
+        cutoff = max(now, interactive[0].due) + horizon
+        groups: dict[tuple[str, int], list[Slot]] = {}
+        for slot in interactive:
+            if slot.due > cutoff:
+                break
+            groups.setdefault((slot.model_id, slot.steps), []).append(slot)
+        for (model_id, steps), members in groups.items():
+            size = max(1, max_batch.get(model_id, 1))
+            for i in range(0, len(members), size):
+                chunk = members[i : i + size]
+                ids = tuple(s.session_id for s in chunk)
+                batches.append(Batch(model_id, steps, ids, chunk[0].due))
+        batches = _fill(batches, lockstep, max_batch, cost_s)
+    elif lockstep:
+        later = interactive[0].due if interactive else math.inf
+        batches = _lockstep_alone(lockstep, now, later, max_batch, cost_s)
     batches.sort(key=lambda b: (b.due, b.session_ids))
     return batches
 
 
+def _fill(
+    batches: list[Batch], lockstep: list[Slot], max_batch: Mapping[str, int], cost_s: CostFn | None
+) -> list[Batch]:
+    """Lockstep sessions join the interactive batches of their model and step count where
+    there is room, each batch at most ``FILL_SLACK`` slower for it."""
+    waiting: dict[tuple[str, int], list[Slot]] = {}
+    for slot in lockstep:
+        waiting.setdefault((slot.model_id, slot.steps), []).append(slot)
+    out = []
+    for batch in batches:
+        queue = waiting.get((batch.model_id, batch.steps))
+        ids = list(batch.session_ids)
+        size = max(1, max_batch.get(batch.model_id, 1))
+        base = cost_s(batch.model_id, batch.steps, len(ids)) if cost_s else None
+        while queue and len(ids) < size:
+            if base is not None and cost_s is not None:
+                grown = cost_s(batch.model_id, batch.steps, len(ids) + 1)
+                if grown is None or grown > base * (1.0 + FILL_SLACK):
+                    break
+            ids.append(queue.pop(0).session_id)
+        out.append(Batch(batch.model_id, batch.steps, tuple(ids), batch.due))
+    return out
+
+
+def _lockstep_alone(
+    lockstep: list[Slot],
+    now: float,
+    next_deadline: float,
+    max_batch: Mapping[str, int],
+    cost_s: CostFn | None,
+) -> list[Batch]:
+    """Batches of lockstep sessions alone, one after the other from ``now``, each only if
+    predicted to end by ``next_deadline`` (the earliest interactive frame's)."""
+    groups: dict[tuple[str, int], list[Slot]] = {}
+    for slot in lockstep:
+        groups.setdefault((slot.model_id, slot.steps), []).append(slot)
+    out: list[Batch] = []
+    at = now
+    for (model_id, steps), members in groups.items():
+        size = max(1, max_batch.get(model_id, 1))
+        for i in range(0, len(members), size):
+            chunk = members[i : i + size]
+            if next_deadline < math.inf:
+                took = cost_s(model_id, steps, len(chunk)) if cost_s else None
+                if took is None or at + took > next_deadline:
+                    return out
+                at += took
+            out.append(Batch(model_id, steps, tuple(s.session_id for s in chunk), chunk[0].due))
+    return out
+
+
 def next_wakeup(slots: Iterable[Slot]) -> float | None:
-    """The earliest deadline among ready sessions, or None when none is ready."""
-    dues = [s.due for s in slots if s.ready]
+    """The earliest deadline among ready interactive sessions, or None when none is
+    ready. (A ready lockstep session waits for no time: ``plan`` launches it at once, or
+    it waits behind an interactive deadline, which is the wakeup.)"""
+    dues = [s.due for s in slots if s.ready and not s.lockstep]
     return min(dues) if dues else None
 
 

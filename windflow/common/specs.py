@@ -59,6 +59,16 @@ def resolve_spec(spec: pb.SessionSpec, model: pb.ModelInfo) -> pb.SessionSpec:
         out.jpeg_quality = 85
     if not 1 <= out.jpeg_quality <= 100:
         raise InvalidArgument(f"jpeg_quality {spec.jpeg_quality} is outside 1..100")
+    if out.session_class == pb.SESSION_CLASS_UNSPECIFIED:
+        out.session_class = pb.SESSION_CLASS_INTERACTIVE
+    if out.session_class not in (pb.SESSION_CLASS_INTERACTIVE, pb.SESSION_CLASS_LOCKSTEP):
+        raise InvalidArgument(f"unknown session class {spec.session_class}")
+    if out.session_class == pb.SESSION_CLASS_LOCKSTEP:
+        # no deadlines to trade quality for; and every frame a control asked for is kept
+        # (the client paces the session: it holds generation back by not reading)
+        out.quality.mode = pb.QualityPolicy.MODE_FIXED
+        if out.output_policy == pb.OUTPUT_POLICY_UNSPECIFIED:
+            out.output_policy = pb.OUTPUT_POLICY_PAUSE
     if out.output_policy == pb.OUTPUT_POLICY_UNSPECIFIED:
         out.output_policy = pb.OUTPUT_POLICY_DROP_OLDEST
     if out.output_policy not in (pb.OUTPUT_POLICY_DROP_OLDEST, pb.OUTPUT_POLICY_PAUSE):

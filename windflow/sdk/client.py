@@ -27,6 +27,7 @@ from windflow.v1 import windflow_pb2_grpc
 FORMATS = {"jpeg": pb.FRAME_FORMAT_JPEG, "rgb": pb.FRAME_FORMAT_RGB}
 POLICIES = {"drop_oldest": pb.OUTPUT_POLICY_DROP_OLDEST, "pause": pb.OUTPUT_POLICY_PAUSE}
 QUALITY = {"adaptive": pb.QualityPolicy.MODE_ADAPTIVE, "fixed": pb.QualityPolicy.MODE_FIXED}
+CLASSES = {"interactive": pb.SESSION_CLASS_INTERACTIVE, "lockstep": pb.SESSION_CLASS_LOCKSTEP}
 
 
 JIT_MARGIN_MS = 2.0
@@ -538,19 +539,25 @@ class Client:
         height: int = 0,
         jpeg_quality: int = 0,
         region: str = "",
-        output_policy: str = "drop_oldest",
+        output_policy: str = "",
         quality: str = "adaptive",
         min_steps: int = 0,
         min_fps: float = 0.0,
+        session_class: str = "interactive",
     ) -> pb.Session:
         """Create and place a session. ``quality``: "adaptive" (the worker may step it down
-        its ladder to ``min_steps`` / ``min_fps`` under load) or "fixed"."""
+        its ladder to ``min_steps`` / ``min_fps`` under load) or "fixed". ``output_policy``:
+        "drop_oldest", "pause", or "" for the class's default (drop_oldest for an
+        interactive session, pause for a lockstep one). ``session_class``: "interactive" or
+        "lockstep" (no clock: a frame as soon as its control is in; docs/simulation.md)."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}")
-        if output_policy not in POLICIES:
+        if output_policy and output_policy not in POLICIES:
             raise ValueError(f"output_policy must be one of {', '.join(POLICIES)}")
         if quality not in QUALITY:
             raise ValueError(f"quality must be one of {', '.join(QUALITY)}")
+        if session_class not in CLASSES:
+            raise ValueError(f"session_class must be one of {', '.join(CLASSES)}")
         spec = pb.SessionSpec(
             model_id=model_id,
             seed=seed,
@@ -561,8 +568,9 @@ class Client:
             height=height,
             jpeg_quality=jpeg_quality,
             region=region,
-            output_policy=POLICIES[output_policy],
+            output_policy=POLICIES.get(output_policy, pb.OUTPUT_POLICY_UNSPECIFIED),
             quality=pb.QualityPolicy(mode=QUALITY[quality], min_steps=min_steps, min_fps=min_fps),
+            session_class=CLASSES[session_class],
         )
         response = await self._unary(self.stub.CreateSession, pb.CreateSessionRequest(spec=spec))
         assert isinstance(response, pb.CreateSessionResponse)

@@ -69,6 +69,40 @@ OUTPUT_POLICY_PAUSE: OutputPolicy.ValueType  # 2
 """generation waits until the client catches up"""
 Global___OutputPolicy: _TypeAlias = OutputPolicy  # noqa: Y015
 
+class _SessionClass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionClass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_CLASS_UNSPECIFIED: _SessionClass.ValueType  # 0
+    """SESSION_CLASS_INTERACTIVE"""
+    SESSION_CLASS_INTERACTIVE: _SessionClass.ValueType  # 1
+    """Paced by the wall clock at its fps, with deadlines (EDF) and adaptive quality."""
+    SESSION_CLASS_LOCKSTEP: _SessionClass.ValueType  # 2
+    """No clock: frame k+1 is made as soon as its control (stamped k+1) is in and a batch has
+    room, as fast as the worker allows (simulation, offline rendering). A throughput
+    class below the interactive one: it fills the room interactive batches leave and
+    never makes an interactive frame late; it reserves no fps at admission (a session
+    slot only) and its quality is fixed. A session that sends no control makes nothing.
+    """
+
+class SessionClass(_SessionClass, metaclass=_SessionClassEnumTypeWrapper):
+    """How a session is paced."""
+
+SESSION_CLASS_UNSPECIFIED: SessionClass.ValueType  # 0
+"""SESSION_CLASS_INTERACTIVE"""
+SESSION_CLASS_INTERACTIVE: SessionClass.ValueType  # 1
+"""Paced by the wall clock at its fps, with deadlines (EDF) and adaptive quality."""
+SESSION_CLASS_LOCKSTEP: SessionClass.ValueType  # 2
+"""No clock: frame k+1 is made as soon as its control (stamped k+1) is in and a batch has
+room, as fast as the worker allows (simulation, offline rendering). A throughput
+class below the interactive one: it fills the room interactive batches leave and
+never makes an interactive frame late; it reserves no fps at admission (a session
+slot only) and its quality is fixed. A session that sends no control makes nothing.
+"""
+Global___SessionClass: _TypeAlias = SessionClass  # noqa: Y015
+
 class _SessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -317,6 +351,7 @@ class SessionSpec(_message.Message):
     REGION_FIELD_NUMBER: _builtins.int
     OUTPUT_POLICY_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    SESSION_CLASS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     seed: _builtins.int
     fps: _builtins.float
@@ -332,6 +367,8 @@ class SessionSpec(_message.Message):
     region: _builtins.str
     """preferred worker region; empty = any"""
     output_policy: Global___OutputPolicy.ValueType
+    session_class: Global___SessionClass.ValueType
+    """Interactive (the default: a frame every 1/fps) or lockstep (docs/simulation.md)."""
     @_builtins.property
     def quality(self) -> Global___QualityPolicy:
         """How the worker may trade quality for deadlines; unset = adaptive with the defaults."""
@@ -350,10 +387,11 @@ class SessionSpec(_message.Message):
         region: _builtins.str = ...,
         output_policy: Global___OutputPolicy.ValueType = ...,
         quality: Global___QualityPolicy | None = ...,
+        session_class: Global___SessionClass.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quality", b"quality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "fps", b"fps", "height", b"height", "jpeg_quality", b"jpeg_quality", "model_id", b"model_id", "output_policy", b"output_policy", "quality", b"quality", "region", b"region", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "fps", b"fps", "height", b"height", "jpeg_quality", b"jpeg_quality", "model_id", b"model_id", "output_policy", b"output_policy", "quality", b"quality", "region", b"region", "seed", b"seed", "session_class", b"session_class", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
