@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import time
 
 from etcd3aio import Etcd3Client, prefix_range_end
@@ -17,9 +19,34 @@ log = logging.getLogger(__name__)
 
 
 async def connect(endpoint: str) -> Etcd3Client:
-    client = Etcd3Client([endpoint], rpc_max_attempts=5)
+    """A client of etcd at ``endpoint`` (``host:port``, or several, comma-separated). A
+    host may be a name (a Kubernetes Service, a compose service): it is resolved here, as
+    the client dials IPv4 literals only; OSError names a host that does not resolve."""
+    client = Etcd3Client(await resolve(endpoint), rpc_max_attempts=5)
     await client.connect()
     return client
+
+
+async def resolve(endpoint: str) -> list[str]:
+    """``host:port`` items with each host name replaced by its IPv4 addresses."""
+    loop = asyncio.get_running_loop()
+    out: list[str] = []
+    for item in (part.strip() for part in endpoint.split(",")):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            try:
+                infos = await loop.getaddrinfo(host, None, family=socket.AF_INET)
+            except OSError as exc:
+                raise OSError(f"etcd endpoint {item!r}: {host!r} does not resolve: {exc}") from exc
+            for address in dict.fromkeys(info[4][0] for info in infos):
+                out.append(f"{address}:{port}")
+        else:
+            out.append(item)
+    return out
 
 
 def kv(client: Etcd3Client) -> KVService:
