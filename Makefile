@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TS := clients/typescript
 
-.PHONY: venv demo test lint typecheck protos protos-check compose-lint ts ts-run clean
+.PHONY: venv demo test lint typecheck protos protos-check compose-lint k8s-lint ts ts-run clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,18 @@ compose-lint:
 		docker-compose -f docker-compose.yml config -q && echo "docker-compose.yml: ok"; \
 	else echo "docker-compose not installed: skipping compose lint (CI installs it)"; fi
 
+# deploy/k8s (docs/operations.md, "Kubernetes"), offline: yamllint --strict over every file,
+# then each kustomization rendered (windflow/ops/k8s.py: kustomize is not on PyPI) and
+# validated by kubernetes-validate --strict against the schemas it bundles; `check` also
+# fails on a kind without a schema.
+K8S_VERSION := 1.33.0
+k8s-lint: venv
+	$(BIN)/yamllint --strict -c deploy/k8s/.yamllint.yaml deploy/k8s
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+		$(BIN)/python -m windflow.ops.k8s render --out "$$out" && \
+		$(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) "$$out"/*.yaml
+	$(BIN)/python -m windflow.ops.k8s check --kubernetes-version $(K8S_VERSION)
+
 # The TypeScript SDK and the bridge's page (clients/typescript, docs/browser.md): generated
 # code and static/app.js up to date, tsc --noEmit, the esbuild builds, node --test against a
 # live `windflow up`. Skipped where node or npm is missing.
@@ -52,7 +64,7 @@ ts-run: venv $(TS)/node_modules/.installed
 	cd $(TS) && node scripts/build.mjs
 	cd $(TS) && node test/run.mjs
 
-test: venv protos-check lint typecheck compose-lint ts
+test: venv protos-check lint typecheck compose-lint k8s-lint ts
 	$(BIN)/python -m pytest -q
 
 demo: venv
