@@ -24,6 +24,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "windflow.cli.models",
     "windflow.cli.kernels",
     "windflow.cli.bench",
+    "windflow.cli.profile",
+    "windflow.cli.plan",
 )
 
 
