@@ -117,6 +117,17 @@ def test_quorums_of_three(docs: list[dict[str, Any]]) -> None:
     assert mounts["data"] == "/data"  # JetStream's store on the member's volume
 
 
+def test_windflow_streams_are_replicated_across_the_nats_members(
+    docs: list[dict[str, Any]],
+) -> None:
+    """Every Windflow container creates its JetStream streams and buckets with 3 replicas
+    (WINDFLOW_JETSTREAM_REPLICAS), so losing one NATS member loses no log."""
+    for doc in _workloads(docs):
+        for container in filter(_is_windflow, _containers(doc)):
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("WINDFLOW_JETSTREAM_REPLICAS") == "3", doc["metadata"]["name"]
+
+
 def test_replicated_stateless_services(docs: list[dict[str, Any]]) -> None:
     deployments = _of(docs, "Deployment")
     assert set(deployments) == {"router", "gateway", "bridge", "session"}

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, DiscardPolicy, Header, StorageType
 from nats.js.object_store import ObjectStore
 
-from windflow.common import etcd, faults, names
+from windflow.common import env, etcd, faults, names
 from windflow.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
@@ -61,6 +61,19 @@ LOG_DUPLICATE_WINDOW_S = 120.0
 _STORE_LIMIT = 10077  # JetStream: "maximum messages per subject exceeded", "maximum bytes ..."
 
 
+def stream_replicas() -> int:
+    """Replicas of the streams and buckets this process creates
+    (``WINDFLOW_JETSTREAM_REPLICAS``); ValueError names the variable when it is bad."""
+    raw = env.JETSTREAM_REPLICAS.get("1") or "1"
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 5:
+        raise ValueError(f"{env.JETSTREAM_REPLICAS.name}={raw!r}: expected 1..5 replicas")
+    return count
+
+
 class ControlLog:
     def __init__(self, js: JetStreamContext) -> None:
         self._js = js
@@ -87,6 +100,7 @@ class ControlLog:
                     discard=DiscardPolicy.NEW,
                     discard_new_per_subject=True,
                     duplicate_window=LOG_DUPLICATE_WINDOW_S,
+                    num_replicas=stream_replicas(),
                 )
             except nats.js.errors.BadRequestError:
                 await self._js.stream_info(LOG_STREAM)  # created concurrently
@@ -194,15 +208,21 @@ class ControlLog:
     async def copy(self, source: str, target: str, before_frame: int) -> int:
         """Write ``source``'s control entries for frames < ``before_frame`` as ``target``'s
         log (which must be empty). Returns the number of entries copied."""
+        return await self.copy_many(source, [target], before_frame)
+
+    async def copy_many(self, source: str, targets: Sequence[str], before_frame: int) -> int:
+        """``copy`` to each of ``targets``, reading ``source`` once and waiting for every
+        write at once. Returns the number of entries each got."""
         entries = [
-            item.entry
+            item.entry.SerializeToString()
             for item in await self.read(source)
             if item.entry.kind == internal_pb2.LogEntry.KIND_CONTROL
             and item.entry.frame_index < before_frame
         ]
-        subject = log_subject(target)
-        for entry in entries:  # pipelined; the server keeps their order
-            await self._js.publish_async(subject, entry.SerializeToString())
+        for target in targets:
+            subject = log_subject(target)
+            for entry in entries:  # pipelined; the server keeps their order
+                await self._js.publish_async(subject, entry)
         await self._js.publish_async_completed()
         return len(entries)
 
@@ -277,7 +297,7 @@ class CheckpointStore:
                     self._store = await self._js.object_store(CHECKPOINT_BUCKET)
                 except nats.js.errors.BucketNotFoundError:
                     self._store = await self._js.create_object_store(
-                        CHECKPOINT_BUCKET, storage=StorageType.FILE
+                        CHECKPOINT_BUCKET, storage=StorageType.FILE, replicas=stream_replicas()
                     )
             return self._store
 

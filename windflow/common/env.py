@@ -24,6 +24,11 @@ OTLP_ENDPOINT = EnvVar(
     "OTLP/gRPC collector address for traces; unset = spans are recorded nowhere",
 )
 OTEL_SERVICE_NAME = EnvVar("OTEL_SERVICE_NAME", "service name attached to exported spans")
+JETSTREAM_REPLICAS = EnvVar(
+    "WINDFLOW_JETSTREAM_REPLICAS",
+    "replicas of the JetStream streams and buckets Windflow creates (1..5, default 1; 3 on a "
+    "3-member NATS cluster, as deploy/k8s sets)",
+)
 ETCD_ENDPOINT = EnvVar("WINDFLOW_ETCD", "etcd client address host:port for `windflow serve`")
 NATS_URL = EnvVar("WINDFLOW_NATS", "NATS URL nats://host:port for `windflow serve`")
 REGION = EnvVar("WINDFLOW_REGION", "region of this service (workers and router)")
