@@ -26,3 +26,7 @@ class BridgeConfig:
     """Live WebRTC peer connections at most; an offer beyond is refused 429."""
     webrtc_connect_timeout_s: float = 15.0
     """A peer connection not connected this long after its answer is closed."""
+    metrics_listen: str = ""
+    """Where ``GET /metrics`` (Prometheus) is served, host:port; empty: nowhere."""
+    otlp_endpoint: str | None = None
+    """OTLP/gRPC collector its metrics go to (traces: none from the bridge)."""

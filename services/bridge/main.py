@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 from services.bridge import webrtc
 from services.bridge.config import BridgeConfig
 from services.bridge.relay import Relay
-from windflow.common import grpc_util, lifecycle
+from windflow.common import grpc_util, lifecycle, metrics
 from windflow.v1 import windflow_pb2 as pb
 from windflow.v1 import windflow_pb2_grpc
 
@@ -52,6 +52,7 @@ HTTP_STATUS = {
 }
 STUB: web.AppKey[windflow_pb2_grpc.WindflowStub] = web.AppKey("stub")
 MAX_BYTES: web.AppKey[int] = web.AppKey("max_message_bytes")
+RELAYS: web.AppKey[set[Relay]] = web.AppKey("relays")
 
 
 def credentials(request: web.Request) -> list[tuple[str, str]]:
@@ -82,7 +83,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
         credentials(request),
         json_mode=request.query.get("format") == "json",
     )
-    await relay.run()
+    relays = request.app[RELAYS]
+    relays.add(relay)
+    try:
+        await relay.run()
+    finally:
+        relays.discard(relay)
     return socket
 
 
@@ -179,10 +185,20 @@ def application(config: BridgeConfig, channel: grpc.aio.Channel) -> web.Applicat
     app.router.add_static("/static/", STATIC)
     app.router.add_get("/v1/stream", stream)
     webrtc.setup(app, config)  # POST /v1/sessions/{session_id}/webrtc
+    app[RELAYS] = set()
+    metrics.get().bridge_connections.add(
+        lambda: [
+            (len(app[RELAYS]), {"transport": "websocket"}),
+            (len(app[webrtc.PEERS]), {"transport": "webrtc"}),
+        ]
+    )
     return app
 
 
 async def run(config: BridgeConfig) -> int:
+    exporting = await metrics.start(
+        "windflow-bridge", listen=config.metrics_listen, otlp_endpoint=config.otlp_endpoint
+    )
     channel = grpc_util.channel(config.gateway, max_send_bytes=config.max_message_bytes)
     runner = web.AppRunner(application(config, channel), access_log=None)
     await runner.setup()
@@ -198,3 +214,4 @@ async def run(config: BridgeConfig) -> int:
         forever.cancel()
         await runner.cleanup()
         await channel.close()
+        await exporting.aclose()

@@ -31,6 +31,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
+from windflow.common import metrics
 from windflow.v1 import windflow_pb2 as pb
 from windflow.v1 import windflow_pb2_grpc
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 CLOSE_STATUS_BASE = 4000
 """Close code of a socket whose stream ended with a gRPC status: this + the code."""
+
+
+WEBSOCKET = {"transport": "websocket"}
 
 
 class Outbound:
@@ -58,6 +62,7 @@ class Outbound:
         if message.HasField("frame"):
             if self._frame is not None:
                 self.dropped += 1
+                metrics.get().bridge_frames_dropped.add(1, WEBSOCKET)
             self._frame = message
         else:
             self._others.append(message)

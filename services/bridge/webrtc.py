@@ -63,6 +63,7 @@ from PIL import Image
 
 from services.bridge import main as bridge
 from services.bridge.config import BridgeConfig
+from windflow.common import metrics
 from windflow.v1 import windflow_pb2 as pb
 from windflow.v1 import windflow_pb2_grpc
 
@@ -147,6 +148,9 @@ def video_frame(frame: pb.Frame) -> av.VideoFrame:
         return av.VideoFrame.from_image(image.convert("RGB"))
 
 
+WEBRTC = {"transport": "webrtc"}
+
+
 class FrameTrack(MediaStreamTrack):
     """The session's frames as a video track: ``recv()`` returns the newest frame only
     (older ones are dropped, counted in ``dropped``), paced: never two within half a frame
@@ -171,6 +175,7 @@ class FrameTrack(MediaStreamTrack):
     def put(self, frame: pb.Frame) -> None:
         if self._pending is not None:
             self.dropped += 1
+            metrics.get().bridge_frames_dropped.add(1, WEBRTC)
         self._pending = frame
         self._arrived.set()
 

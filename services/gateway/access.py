@@ -23,7 +23,7 @@ from services.gateway.config import Quotas
 from windflow.access.keys import AccessView
 from windflow.access.tokens import Claims, bearer
 from windflow.access.usage import Ledger
-from windflow.common import etcd, names
+from windflow.common import etcd, metrics, names
 from windflow.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
@@ -74,6 +74,12 @@ class Access:
         self._creates = RateLimiter(quotas.creates_per_s, 2 * quotas.creates_per_s, clock)
         self.refused: collections.Counter[str] = collections.Counter()
         """Calls refused, by reason ("missing token", "expired", "scope: model" ...)."""
+        self._metrics = metrics.get()
+        for reason in ("tenant_sessions", "create_rate", "budget"):
+            self._metrics.quota_refusals.add(0, {"reason": reason})
+        self._metrics.auth_refusals.add(
+            lambda: [(n, {"reason": reason}) for reason, n in list(self.refused.items())]
+        )
 
     @property
     def secure(self) -> bool:
@@ -126,26 +132,30 @@ class Access:
         if not claims.allows_region(spec.region):
             raise self._deny("region", f"this token does not grant region {spec.region!r}")
 
-    async def admit(self, claims: Claims | None) -> None:
-        """One more session for the caller's tenant (a create or a fork): the token's
-        session cap (PERMISSION_DENIED), the tenant's quotas (RESOURCE_EXHAUSTED with a
-        retry-after)."""
+    async def admit(self, claims: Claims | None, count: int = 1) -> None:
+        """``count`` more sessions for the caller's tenant (a create, a fork, or ForkMany's
+        forks): the token's session cap (PERMISSION_DENIED), the tenant's quotas
+        (RESOURCE_EXHAUSTED with a retry-after; one call is one create for the rate)."""
         if claims is None:
             return
         live = await self.live_sessions(claims.tenant)
-        if claims.max_sessions and live >= claims.max_sessions:
+        more = f" and asks for {count} more" if count > 1 else ""
+        if claims.max_sessions and live + count > claims.max_sessions:
             raise self._deny(
                 "session limit",
                 f"this token allows {claims.max_sessions} live sessions; tenant "
-                f"{claims.tenant!r} has {live}",
+                f"{claims.tenant!r} has {live}{more}",
             )
-        if self.quotas.max_sessions and live >= self.quotas.max_sessions:
+        if self.quotas.max_sessions and live + count > self.quotas.max_sessions:
+            self._metrics.quota_refusals.add(1, {"reason": "tenant_sessions"})
             raise ResourceExhausted(
-                f"tenant {claims.tenant!r} has {live} live sessions, its quota",
+                f"tenant {claims.tenant!r} has {live} live sessions{more}: its quota is "
+                f"{self.quotas.max_sessions}",
                 retry_after_s=5.0,
             )
         wait = self._creates.take(claims.tenant)
         if wait > 0:
+            self._metrics.quota_refusals.add(1, {"reason": "create_rate"})
             raise ResourceExhausted(
                 f"tenant {claims.tenant!r} creates sessions faster than "
                 f"{self.quotas.creates_per_s:g} per second",
@@ -190,6 +200,7 @@ class Access:
         used = await self.ledger.token_seconds(claims.jti)
         budget = Budget(claims.jti, claims.budget_s, used, fps)
         if budget.frames_left <= 0:
+            self._metrics.quota_refusals.add(1, {"reason": "budget"})
             raise ResourceExhausted(
                 f"the token's streaming budget is spent ({used:.1f} of {claims.budget_s:g} s); "
                 "attach with a new token to go on"

@@ -39,3 +39,5 @@ class GatewayConfig:
     quotas: Quotas = field(default_factory=Quotas)
     """Per-tenant limits on live sessions and on session creations per second."""
     otlp_endpoint: str | None = None
+    metrics_listen: str = ""
+    """Where ``GET /metrics`` (Prometheus) is served, host:port; empty: nowhere."""

@@ -13,7 +13,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.service import GatewayService
 from windflow.access.keys import AccessStore, AccessView
 from windflow.access.tokens import Claims, bearer
-from windflow.common import etcd, lifecycle, telemetry
+from windflow.common import etcd, lifecycle, metrics, telemetry
 from windflow.common.grpc_util import ServiceServer
 from windflow.v1 import windflow_pb2 as pb
 from windflow.v1 import windflow_pb2_grpc
@@ -55,6 +55,11 @@ class WindflowServicer(windflow_pb2_grpc.WindflowServicer):
 
     async def Fork(self, request: pb.ForkRequest, context: grpc.aio.ServicerContext) -> pb.Session:
         return await self._service.fork(request, self._caller(context))
+
+    async def ForkMany(
+        self, request: pb.ForkManyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForkManyResponse:
+        return await self._service.fork_many(request, self._caller(context))
 
     async def Rewind(
         self, request: pb.RewindRequest, context: grpc.aio.ServicerContext
@@ -111,6 +116,9 @@ class AccessServicer(windflow_pb2_grpc.AccessServicer):
 
 async def run(config: GatewayConfig) -> int:
     telemetry.setup("windflow-gateway", config.otlp_endpoint)
+    exporting = await metrics.start(
+        "windflow-gateway", listen=config.metrics_listen, otlp_endpoint=config.otlp_endpoint
+    )
     client = await etcd.connect(config.etcd)
     view = None
     if config.insecure:
@@ -147,4 +155,5 @@ async def run(config: GatewayConfig) -> int:
         if view is not None:
             await view.aclose()
         await client.close()
+        await exporting.aclose()
         telemetry.shutdown()

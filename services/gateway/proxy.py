@@ -20,7 +20,7 @@ import grpc
 from opentelemetry import context as otel_context
 
 from services.gateway.access import Budget
-from windflow.common import grpc_util, names, telemetry
+from windflow.common import grpc_util, metrics, names, telemetry
 from windflow.common.controls import PendingControls
 from windflow.errors import Internal, NotFound, ResourceExhausted, Unavailable
 from windflow.v1 import internal_pb2, internal_pb2_grpc
@@ -144,7 +144,12 @@ class StreamProxy:
                         await self._recover(resume=self._attached)
                     self.recoveries += 1
                     resume = self._attached
-                    yield pb.ServerMessage(event=self._moved_event(previous, started))
+                    moved = self._moved_event(previous, started)
+                    kind = (
+                        "migrated" if moved.kind == pb.SessionEvent.KIND_MIGRATED else "recovered"
+                    )
+                    metrics.get().stream_recoveries.add(1, {"kind": kind})
+                    yield pb.ServerMessage(event=moved)
         finally:
             if self._on_end is not None and self._attached and not self.spectating:
                 self._on_end(self.session_id, self.last_forwarded + 1)

@@ -22,7 +22,7 @@ from services.gateway.access import Access
 from services.gateway.config import GatewayConfig
 from services.gateway.proxy import StreamProxy
 from windflow.access.tokens import Claims
-from windflow.common import etcd, grpc_util, names, telemetry
+from windflow.common import etcd, grpc_util, metrics, names, telemetry
 from windflow.common.durable import DeliveredHeads, reach
 from windflow.common.specs import resolve_spec
 from windflow.errors import (
@@ -60,6 +60,11 @@ class GatewayService:
         self._heads = DeliveredHeads(client)
         self._background: set[asyncio.Task[None]] = set()
         """Writes it owns that no caller waits for (where a stream's client left it)."""
+        self._metrics = metrics.get()
+        self._metrics.streams_active.add(0)  # (every series shows from the start)
+        self._metrics.sessions_created.add(0)
+        for kind in ("recovered", "migrated"):
+            self._metrics.stream_recoveries.add(0, {"kind": kind})
 
     def _worker(self, address: str) -> internal_pb2_grpc.WorkerStub:
         return internal_pb2_grpc.WorkerStub(self._worker_channels.get(address))
@@ -118,6 +123,7 @@ class GatewayService:
             session.region = placement.region
             await self._update(session)
             await self.access.register(session)
+            self._metrics.sessions_created.add(1)
             return session
 
     async def _update(self, session: pb.Session) -> None:
@@ -246,10 +252,13 @@ class GatewayService:
             attributes={"windflow.session_id": session_id, "windflow.worker": placement.worker_id},
         )
         proxy.trace_context = trace.set_span_in_context(span)
+        streams = self._metrics.streams_active
+        streams.add(1)
         try:
             async for message in proxy.run(requests):
                 yield message
         finally:
+            streams.add(-1)
             span.end()
 
     async def _unpark(
@@ -326,7 +335,22 @@ class GatewayService:
             self._store.Fork(request, timeout=self.config.rpc_timeout_s)
         )
         await self.access.register(child)
+        self._metrics.sessions_created.add(1)
         return child
+
+    async def fork_many(
+        self, request: pb.ForkManyRequest, claims: Claims | None
+    ) -> pb.ForkManyResponse:
+        """``count`` forks at once, each a session of the parent's tenant (all count
+        against its quotas, checked before any is made)."""
+        await self._record(request.session_id, claims)
+        await self.access.admit(claims, count=max(1, request.count))
+        reply: pb.ForkManyResponse = await grpc_util.call(
+            self._store.ForkMany(request, timeout=self.config.rpc_timeout_s)
+        )
+        for child in reply.sessions:
+            await self.access.register(child)
+        return reply
 
     async def rewind(self, request: pb.RewindRequest, claims: Claims | None) -> pb.Session:
         await self._record(request.session_id, claims)

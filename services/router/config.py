@@ -37,3 +37,5 @@ class RouterConfig:
     rebalance_cooldown_s: float = 30.0
     """A session moved by rebalancing (or whose move failed) stays at least this long."""
     otlp_endpoint: str | None = None
+    metrics_listen: str = ""
+    """Where ``GET /metrics`` (Prometheus) is served, host:port; empty: nowhere."""

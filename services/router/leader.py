@@ -20,9 +20,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from etcd3aio import Etcd3Client
-from etcd3aio.concurrency import Election
-from etcd3aio.kv import Compare
+from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio.concurrency import _ELECTION_PREFIX, Election
+from etcd3aio.kv import Compare, SortOrder, SortTarget
 
 from windflow.common import etcd
 from windflow.errors import Unavailable
@@ -179,3 +179,16 @@ class Leadership:
             with contextlib.suppress(Exception):
                 await election.__aexit__(None, None, None)  # resign: a follower takes over now
         self._step_down()
+
+
+async def candidates(client: Etcd3Client) -> list[str]:
+    """The addresses of the router replicas campaigning now, the leader first (the election
+    key with the lowest create revision leads)."""
+    prefix = f"{_ELECTION_PREFIX}/{ELECTION}/".encode()
+    response = await etcd.kv(client).get(
+        prefix,
+        prefix_range_end(prefix),
+        sort_order=SortOrder.ASCEND,
+        sort_target=SortTarget.CREATE,
+    )
+    return [item.value.decode() for item in response.kvs]

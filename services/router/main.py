@@ -16,7 +16,7 @@ from services.router.config import RouterConfig
 from services.router.leader import Leadership
 from services.router.rebalance import RebalanceParams, Rebalancer
 from services.router.service import RouterService
-from windflow.common import etcd, grpc_util, lifecycle, telemetry
+from windflow.common import etcd, grpc_util, lifecycle, metrics, telemetry
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
 from windflow.errors import Unavailable
@@ -91,6 +91,9 @@ class RouterServicer(internal_pb2_grpc.RouterServicer):
 
 async def run(config: RouterConfig) -> int:
     telemetry.setup("windflow-router", config.otlp_endpoint)
+    exporting = await metrics.start(
+        "windflow-router", listen=config.metrics_listen, otlp_endpoint=config.otlp_endpoint
+    )
     client = await etcd.connect(config.etcd)
     bus = EventBus(config.nats, "router")
     await bus.connect()
@@ -131,4 +134,5 @@ async def run(config: RouterConfig) -> int:
         await service.aclose()
         await bus.aclose()
         await client.close()
+        await exporting.aclose()
         telemetry.shutdown()

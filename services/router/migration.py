@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from services.router.placement import WorkerView, choose_target
-from windflow.common import etcd, grpc_util, names, telemetry
+from windflow.common import etcd, grpc_util, metrics, names, telemetry
 from windflow.errors import FailedPrecondition, NotFound, Unavailable, WindflowError
 from windflow.v1 import internal_pb2
 
@@ -54,6 +54,8 @@ class Migrator:
         self._service = service
         self._moving: set[str] = set()
         """Sessions with a migration under way (a second one is refused)."""
+        self._aborted: set[str] = set()
+        """Sessions whose migration under way was aborted (for its outcome's count)."""
 
     async def migrate(self, request: internal_pb2.MigrateRequest) -> internal_pb2.MigrationResult:
         session_id = request.session_id
@@ -62,14 +64,21 @@ class Migrator:
         if session_id in self._moving:
             raise FailedPrecondition(f"session {session_id} is already migrating")
         self._moving.add(session_id)
+        outcome = "refused"
         try:
             with tracer.start_as_current_span(
                 names.SPAN_ROUTER_MIGRATE, attributes={"windflow.session_id": session_id}
             ):
                 async with self._service.session_lock(session_id):
-                    return await self._migrate(request)
+                    result = await self._migrate(request)
+            outcome = "done"
+            return result
         finally:
+            if session_id in self._aborted:
+                outcome = "aborted"
+            self._aborted.discard(session_id)
             self._moving.discard(session_id)
+            metrics.get().migrations.add(1, {"outcome": outcome})
 
     async def _migrate(self, request: internal_pb2.MigrateRequest) -> internal_pb2.MigrationResult:
         service = self._service
@@ -243,6 +252,7 @@ class Migrator:
         does the same if it cannot be reached."""
         service = self._service
         session_id = result.session_id
+        self._aborted.add(session_id)
         target = service.workers.get(result.to_worker_id)
         if target is not None:
             service.workers[target.worker_id] = dataclasses.replace(

@@ -22,7 +22,7 @@ from services.router.config import RouterConfig
 from services.router.leader import Leadership
 from services.router.migration import Migrator
 from services.router.placement import Demand, WorkerView, choose_worker
-from windflow.common import etcd, grpc_util, names, telemetry
+from windflow.common import etcd, grpc_util, metrics, names, telemetry
 from windflow.common.events import EventBus
 from windflow.errors import (
     FailedPrecondition,
@@ -65,9 +65,11 @@ def _view(info: internal_pb2.WorkerInfo) -> WorkerView:
 
 
 def demand_of(spec: pb.SessionSpec) -> Demand:
+    """What placing ``spec`` takes from a worker: its fps at its floor, or for a lockstep
+    session none (it takes the step time interactive sessions leave: a slot only)."""
     return Demand(
         model_id=spec.model_id,
-        fps=spec.fps,
+        fps=0.0 if spec.session_class == pb.SESSION_CLASS_LOCKSTEP else spec.fps,
         steps=spec.steps,
         min_steps=spec.quality.min_steps,
         adaptive=spec.quality.mode != pb.QualityPolicy.MODE_FIXED,
@@ -88,6 +90,20 @@ class RouterService:
         self.migrator = Migrator(self)
         self.leadership: Leadership | None = None
         """This replica's part in the router election (None: it runs alone and leads)."""
+        self._metrics = metrics.get()
+        self._metrics.router_leader.add(lambda: [(1.0 if self.leads() else 0.0, {})])
+        self._metrics.workers.add(self._worker_counts)
+        for outcome in ("placed", "failed"):  # (every series shows from the start)
+            self._metrics.placements.add(0, {"outcome": outcome})
+            for kind in ("crash", "unpark"):
+                self._metrics.recoveries.add(0, {"kind": kind, "outcome": outcome})
+        for outcome in ("done", "aborted", "refused"):
+            self._metrics.migrations.add(0, {"outcome": outcome})
+
+    def _worker_counts(self) -> list[tuple[float, metrics.Attributes]]:
+        draining = sum(1 for w in list(self.workers.values()) if w.draining)
+        live = len(self.workers) - draining
+        return [(live, {"state": "live"}), (draining, {"state": "draining"})]
 
     async def start(self) -> None:
         prefix = names.WORKERS_PREFIX.encode()
@@ -191,7 +207,13 @@ class RouterService:
             names.SPAN_ROUTER_PLACE, attributes={"windflow.session_id": request.session_id}
         ):
             async with self.session_lock(request.session_id):
-                return await self._place(request)
+                try:
+                    placement = await self._place(request)
+                except BaseException:
+                    self._metrics.placements.add(1, {"outcome": "failed"})
+                    raise
+                self._metrics.placements.add(1, {"outcome": "placed"})
+                return placement
 
     @contextlib.asynccontextmanager
     async def session_lock(self, session_id: str) -> AsyncIterator[None]:
@@ -310,17 +332,23 @@ class RouterService:
                 record.worker_id,
                 "gone" if exclude else "alive, without it",
             )
-        placement = await self._place(
-            internal_pb2.PlaceRequest(
-                session_id=session_id,
-                spec=record.spec,
-                restore=resume_from is not None,
-                restore_to=resume_from or 0,
-            ),
-            restore_latest=resume_from is None,
-            recovery=True,
-            exclude=exclude,
-        )
+        kind = "unpark" if record.parked else "crash"
+        try:
+            placement = await self._place(
+                internal_pb2.PlaceRequest(
+                    session_id=session_id,
+                    spec=record.spec,
+                    restore=resume_from is not None,
+                    restore_to=resume_from or 0,
+                ),
+                restore_latest=resume_from is None,
+                recovery=True,
+                exclude=exclude,
+            )
+        except BaseException:
+            self._metrics.recoveries.add(1, {"kind": kind, "outcome": "failed"})
+            raise
+        self._metrics.recoveries.add(1, {"kind": kind, "outcome": "placed"})
         await self.bus.publish(
             names.SUBJECT_SESSION_RECOVERED,
             session_id=session_id,

@@ -53,3 +53,5 @@ class SessionServiceConfig:
     """When abandoned sessions are closed or parked (services/session/reclaim.py)."""
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     otlp_endpoint: str | None = None
+    metrics_listen: str = ""
+    """Where ``GET /metrics`` (Prometheus) is served, host:port; empty: nowhere."""

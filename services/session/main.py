@@ -13,7 +13,7 @@ from services.session.reclaim import Reclaimer
 from services.session.retention import Retention
 from services.session.store import SessionStore
 from windflow.access.usage import Ledger
-from windflow.common import etcd, lifecycle, telemetry
+from windflow.common import etcd, lifecycle, metrics, telemetry
 from windflow.common.durable import CheckpointCatalog, CheckpointStore, ControlLog
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
@@ -30,6 +30,11 @@ class SessionStoreServicer(internal_pb2_grpc.SessionStoreServicer):
 
     async def Fork(self, request: pb.ForkRequest, context: grpc.aio.ServicerContext) -> pb.Session:
         return await self._orchestrator.fork(request)
+
+    async def ForkMany(
+        self, request: pb.ForkManyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForkManyResponse:
+        return pb.ForkManyResponse(sessions=await self._orchestrator.fork_many(request))
 
     async def Rewind(
         self, request: pb.RewindRequest, context: grpc.aio.ServicerContext
@@ -66,6 +71,9 @@ class SessionStoreServicer(internal_pb2_grpc.SessionStoreServicer):
 
 async def run(config: SessionServiceConfig) -> int:
     telemetry.setup("windflow-session", config.otlp_endpoint)
+    exporting = await metrics.start(
+        "windflow-session", listen=config.metrics_listen, otlp_endpoint=config.otlp_endpoint
+    )
     client = await etcd.connect(config.etcd)
     bus = EventBus(config.nats, "session")
     await bus.connect()
@@ -103,4 +111,5 @@ async def run(config: SessionServiceConfig) -> int:
         await orchestrator.aclose()
         await bus.aclose()
         await client.close()
+        await exporting.aclose()
         telemetry.shutdown()

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -21,11 +22,21 @@ from services.session.store import SessionStore
 from windflow.common import etcd, grpc_util, names, telemetry
 from windflow.common.durable import CheckpointCatalog, ControlLog, reach
 from windflow.common.events import EventBus
-from windflow.errors import FailedPrecondition, NotFound, OutOfRange, Unavailable, WindflowError
+from windflow.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+    WindflowError,
+)
 from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+MAX_FORK_MANY = 64
+"""Forks one ForkMany call makes at most."""
 
 
 class Orchestrator:
@@ -93,27 +104,61 @@ class Orchestrator:
         return session
 
     async def fork(self, request: pb.ForkRequest) -> pb.Session:
+        (child,) = await self.fork_many(
+            pb.ForkManyRequest(session_id=request.session_id, at_frame=request.at_frame, count=1)
+        )
+        return child
+
+    async def fork_many(self, request: pb.ForkManyRequest) -> list[pb.Session]:
+        """``count`` forks of one session at one frame: records, logs (the parent's read
+        once) and catalogs written together, then placed together (beside the parent where
+        there is room: its in-memory ring restores them). All or none: a fork that could
+        not be placed fails the call, and the others are closed."""
+        if not 1 <= request.count <= MAX_FORK_MANY:
+            raise InvalidArgument(f"count {request.count} is outside 1..{MAX_FORK_MANY}")
         parent = await self.store.get(request.session_id)
         await self._check_range(parent, request.at_frame, "fork")
         at = request.at_frame
-        child = pb.Session(
-            session_id=uuid.uuid4().hex,
-            spec=parent.spec,
-            model=parent.model,
-            state=pb.SESSION_STATE_UNSPECIFIED,
-            created_unix_ms=int(time.time() * 1000),
-            parent_session_id=parent.session_id,
-            forked_at=at,
-            head_frame=at,
-            tenant=parent.tenant,
-        )
-        await self.store.create(child)
+        now_ms = int(time.time() * 1000)
+        children = [
+            pb.Session(
+                session_id=uuid.uuid4().hex,
+                spec=parent.spec,
+                model=parent.model,
+                state=pb.SESSION_STATE_UNSPECIFIED,
+                created_unix_ms=now_ms,
+                parent_session_id=parent.session_id,
+                forked_at=at,
+                head_frame=at,
+                tenant=parent.tenant,
+            )
+            for _ in range(request.count)
+        ]
+        await asyncio.gather(*(self.store.create(child) for child in children))
         inherited = [c for c in await self.catalog.list(parent.session_id) if c.frame_index <= at]
         copy = asyncio.create_task(
-            self.log.copy(parent.session_id, child.session_id, before_frame=at)
+            self.log.copy_many(parent.session_id, [c.session_id for c in children], before_frame=at)
         )
-        await asyncio.gather(*(self.catalog.put(child.session_id, c) for c in inherited))
+        await asyncio.gather(
+            *(self.catalog.put(child.session_id, c) for child in children for c in inherited)
+        )
         copied = await copy
+        placed = await asyncio.gather(
+            *(self._place_fork(child, parent, at) for child in children), return_exceptions=True
+        )
+        failed = [p for p in placed if isinstance(p, BaseException)]
+        if failed:
+            for child, outcome in zip(children, placed, strict=True):
+                if not isinstance(outcome, BaseException):
+                    with contextlib.suppress(WindflowError):
+                        await self.close(child.session_id)
+            raise failed[0]
+        for child in children:
+            child.checkpoints.extend(inherited)
+            child.log_length = copied
+        return children
+
+    async def _place_fork(self, child: pb.Session, parent: pb.Session, at: int) -> None:
         try:
             placement = await grpc_util.call(
                 self._router.Place(
@@ -142,9 +187,6 @@ class Orchestrator:
             worker_id=placement.worker_id,
             detail=f"from {parent.session_id} at {at}",
         )
-        child.checkpoints.extend(inherited)
-        child.log_length = copied
-        return child
 
     async def rewind(self, request: pb.RewindRequest) -> pb.Session:
         session = await self.store.get(request.session_id)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from services.session.config import ReclaimPolicy
 from services.session.orchestrator import Orchestrator
-from windflow.common import etcd, grpc_util, names
+from windflow.common import etcd, grpc_util, metrics, names
 from windflow.common.events import EventBus
 from windflow.errors import FailedPrecondition, NotFound, Unavailable, WindflowError
 from windflow.v1 import internal_pb2
@@ -76,6 +76,8 @@ class Reclaimer:
         self._limit = asyncio.Semaphore(CONCURRENCY)
         self.total = ReclaimRound()
         """Everything reclaimed since start (for logs and tests)."""
+        for action in ("closed", "parked"):  # (every series shows from the start)
+            metrics.get().sessions_reclaimed.add(0, {"action": action})
 
     async def run(self) -> None:
         log.info(
@@ -134,6 +136,7 @@ class Reclaimer:
                 log.info("session %s not reclaimed: %s", status.session_id, err.message)
                 return
         done.closed.append(status.session_id)
+        metrics.get().sessions_reclaimed.add(1, {"action": "closed"})
         log.info(
             "closed session %s: no client attached within %.0f s",
             status.session_id,
@@ -190,6 +193,7 @@ class Reclaimer:
             log.info("session %s moved while it was parked; it stays where it went", session_id)
             return
         done.parked.append(session_id)
+        metrics.get().sessions_reclaimed.add(1, {"action": "parked"})
         log.info(
             "parked session %s at frame %d in %.1f ms: no client for %.0f s (worker %s "
             "freed a slot)",

@@ -32,7 +32,7 @@ from etcd3aio import prefix_range_end
 
 from services.session.config import RetentionPolicy
 from services.session.orchestrator import Orchestrator
-from windflow.common import etcd, names
+from windflow.common import etcd, metrics, names
 from windflow.common.durable import CheckpointStore
 from windflow.common.events import EventBus
 from windflow.errors import WindflowError
@@ -97,6 +97,16 @@ class Scan:
             catalog.sort(key=lambda c: c.frame_index)
         return scan
 
+    def by_state(self) -> dict[str, int]:
+        """Records by state (``placed``, ``streaming``, ``closed`` ...; ``parked`` where the
+        placement is parked, whatever the record says)."""
+        counts: collections.Counter[str] = collections.Counter()
+        for record in self.records:
+            parked = record.session_id in self.parked and record.state != pb.SESSION_STATE_CLOSED
+            name = "parked" if parked else pb.SessionState.Name(record.state)
+            counts[name.removeprefix("SESSION_STATE_").lower()] += 1
+        return dict(counts)
+
 
 class Retention:
     """Thins live sessions' checkpoints, closes sessions parked too long and deletes closed
@@ -118,6 +128,12 @@ class Retention:
         self._bus = bus
         self.policy = policy
         self._clock = clock
+        self.by_state: dict[str, int] = {}
+        """Session records by state ("parked" for a parked placement), as of the last
+        round (the metrics ``windflow_session_records`` and ``windflow_sessions_parked``)."""
+        m = metrics.get()
+        m.session_records.add(lambda: [(n, {"state": s}) for s, n in self.by_state.items()])
+        m.sessions_parked.add(lambda: [(self.by_state.get("parked", 0), {})])
 
     async def run(self) -> None:
         while True:
@@ -143,6 +159,7 @@ class Retention:
         prefix = names.SESSIONS_PREFIX.encode()
         reply = await etcd.kv(self._etcd).get(prefix, prefix_range_end(prefix))
         scan = Scan.of((item.key, item.value) for item in reply.kvs)
+        self.by_state = scan.by_state()
         now_ms = self._clock() * 1000
         thinned = expired = deleted = 0
         for session in scan.records:

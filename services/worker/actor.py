@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import collections
 import logging
+import time
 from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
@@ -255,9 +256,35 @@ class SessionActor:
         return control
 
     @property
+    def pending_controls(self) -> int:
+        """Controls queued for future frames (the metrics' ``controls_pending``)."""
+        return len(self._pending_idx)
+
+    @property
     def control_waiting(self) -> bool:
         """Has a control stamped for the next frame (or earlier) arrived, not yet applied?"""
         return bool(self._pending_idx) and self._pending_idx[0] <= self.next_frame
+
+    @property
+    def expecting_control(self) -> bool:
+        """A lockstep session idle until its next control comes (what a batch being
+        gathered waits a moment for)."""
+        return (
+            self.lockstep
+            and self.attached
+            and not self.closed
+            and self.inflight == 0
+            and not self.control_waiting
+        )
+
+    @property
+    def control_arrived(self) -> float:
+        """When (monotonic) the first waiting control arrived (a lockstep session's place
+        in line); its due when none waits."""
+        if not self._pending:
+            return self.due
+        age_s = max(0, telemetry.now_us() - self._pending[0][2]) / 1e6
+        return time.monotonic() - age_s
 
     def take_control(self) -> AppliedControl:
         """The control for the next frame: the latest one stamped at or before it."""

@@ -70,6 +70,8 @@ class WorkerConfig:
     one runs, when batches run back to back (its controls are then taken a batch
     earlier); 1: one at a time. A model in the worker's process always takes one."""
     otlp_endpoint: str | None = None
+    metrics_listen: str = ""
+    """Where ``GET /metrics`` (Prometheus) is served, host:port; empty: nowhere."""
     fps_admission: bool = True
     """Admit a session only if the predicted step-thread utilization, every session at its
     quality floor, stays under ``target_utilization`` (False: session slots only)."""

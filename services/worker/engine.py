@@ -284,9 +284,12 @@ class StepEngine:
                 a.session_id,
                 a.spec.model_id,
                 a.steps,
-                a.due if a.lockstep else scheduler.start_due(a.due, a.interval, a.control_waiting),
+                a.control_arrived
+                if a.lockstep
+                else scheduler.start_due(a.due, a.interval, a.control_waiting),
                 a.ready,
                 a.lockstep,
+                a.expecting_control,
             )
             for a in self.sessions.values()
         ]
@@ -327,7 +330,7 @@ class StepEngine:
                     launched = True
             if launched:
                 continue
-            wakeup = scheduler.next_wakeup(slots)
+            wakeup = scheduler.next_wakeup(slots, now)
             self._wake.clear()
             if flight and flight[0].reply.done():
                 continue

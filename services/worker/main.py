@@ -18,7 +18,7 @@ from services.worker.models.registry import load_model
 from services.worker.runtime import WorkerRuntime
 from services.worker.servicer import WorkerServicer
 from windflow.access.usage import UsageLog
-from windflow.common import etcd, grpc_util, lifecycle, names, telemetry
+from windflow.common import etcd, grpc_util, lifecycle, metrics, names, telemetry
 from windflow.common.durable import (
     CheckpointCatalog,
     CheckpointStore,
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 async def run(config: WorkerConfig) -> int:
     telemetry.setup(f"windflow-worker-{config.worker_id}", config.otlp_endpoint)
+    exporting = await metrics.start(
+        f"windflow-worker-{config.worker_id}",
+        listen=config.metrics_listen,
+        otlp_endpoint=config.otlp_endpoint,
+    )
     sys.setswitchinterval(config.gil_switch_interval_ms / 1000.0)
     keep_freed_memory()  # model steps reuse their buffers instead of faulting in fresh pages
     models: dict[str, WorldModel] = {}
@@ -140,6 +145,7 @@ async def run(config: WorkerConfig) -> int:
             await asyncio.to_thread(host.close)
         await bus.aclose()
         await client.close()
+        await exporting.aclose()
         telemetry.shutdown()
 
 

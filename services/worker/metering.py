@@ -34,6 +34,11 @@ class UsagePublisher:
         self.published = 0
         self.lost = 0
 
+    @property
+    def queued(self) -> int:
+        """Records waiting to be published."""
+        return len(self._queue)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-publisher")
 

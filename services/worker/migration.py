@@ -35,7 +35,7 @@ import grpc
 
 from services.worker.actor import SessionActor
 from services.worker.models.base import SessionState, WorldModel
-from windflow.common import grpc_util, telemetry
+from windflow.common import grpc_util, metrics, telemetry
 from windflow.common.durable import Fenced, StoredEntry, controls_by_frame
 from windflow.common.specs import model_info_to_proto, resolve_spec
 from windflow.errors import (
@@ -209,6 +209,7 @@ class Migrations:
     def _leave(self, actor: SessionActor, to_worker: str, frame: int) -> None:
         rt = self._runtime
         rt.engine.remove(actor.session_id)
+        metrics.get().worker_migrations.add(1, {"direction": "out"})
         actor.lost = Unavailable(
             f"session {actor.session_id} migrated to worker {to_worker} at frame {frame}"
         )
@@ -475,6 +476,7 @@ class Migrations:
                     raise
         self._forget(incoming, keep_actor=True)
         actor.awaiting_commit = False
+        metrics.get().worker_migrations.add(1, {"direction": "in"})
         actor.due = max(actor.due, time.monotonic())
         rt.engine.wake()
         rt.changed()

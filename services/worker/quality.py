@@ -70,6 +70,9 @@ class QualityGovernor:
         self._actors: dict[str, SessionActor] = {}
         self.deadline_misses = 0
         self.quality_changes = 0
+        self.misses_by_model: collections.Counter[str] = collections.Counter()
+        self.changes_by_direction: collections.Counter[str] = collections.Counter()
+        """Rung changes by direction, "down" and "up" (the metrics)."""
 
     def add(self, actor: SessionActor) -> None:
         levels = ladder_for(actor.spec, actor.model.info.steps)
@@ -124,6 +127,7 @@ class QualityGovernor:
             if late:
                 track.misses += 1
                 self.deadline_misses += 1
+                self.misses_by_model[actor.spec.model_id] += 1
             slack = finished <= due + self.params.slack_fraction * actor.interval
             track.slack_streak = track.slack_streak + 1 if slack else 0
         self._decide(finished)
@@ -168,6 +172,7 @@ class QualityGovernor:
         actor.interval = 1.0 / level.fps
         self.quality_changes += 1
         direction = "down" if change.reason == "deadline" else "up"
+        self.changes_by_direction[direction] += 1
         message = (
             f"quality {direction} ({change.reason}): {before.steps} -> {level.steps} steps, "
             f"{before.fps:g} -> {level.fps:g} fps"

@@ -7,6 +7,7 @@ The gRPC servicer only translates to and from this class. Lifecycle: construct -
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -27,7 +28,7 @@ from services.worker.reclaiming import Reclaiming
 from services.worker.replay import BatchedReplay
 from services.worker.viewers import SPECTATOR_WINDOW, Viewer, new_viewer_id
 from windflow.access.usage import UsageMeter
-from windflow.common import names, telemetry
+from windflow.common import metrics, names, telemetry
 from windflow.common.durable import Fenced, StoredEntry, controls_by_frame
 from windflow.common.frames import encode_frame
 from windflow.common.specs import model_info_to_proto, resolve_spec
@@ -96,6 +97,49 @@ class WorkerRuntime:
         self.started_ms = int(time.time() * 1000)
         self.usage: UsagePublisher | None = None
         """Where the sessions' usage records go (None: not metered)."""
+        self.delivered: collections.Counter[str] = collections.Counter()
+        """Frames sent to sessions' controllers, by model."""
+        self._metrics = metrics.get()
+        self._model_attrs = {model_id: {"model": model_id} for model_id in self.models}
+        """Each model's metric attributes, built once (the per-frame path reuses them)."""
+        if self._metrics.live:
+            self._observe(self._metrics)
+
+    def _observe(self, m: metrics.Metrics) -> None:
+        """The figures the metrics read at collection time: they cost nothing per frame."""
+
+        def by_model(count: Callable[[SessionActor], bool]) -> list[tuple[float, dict[str, str]]]:
+            tally = collections.Counter(
+                a.spec.model_id for a in list(self.engine.sessions.values()) if count(a)
+            )
+            return [(tally[mid], attrs) for mid, attrs in self._model_attrs.items()]
+
+        m.sessions_active.add(lambda: by_model(lambda a: True))
+        m.sessions_attached.add(lambda: by_model(lambda a: a.attached))
+        m.frames_delivered.add(
+            lambda: [(self.delivered[mid], attrs) for mid, attrs in self._model_attrs.items()]
+        )
+        quality = self.engine.quality
+        m.deadline_misses.add(
+            lambda: [(quality.misses_by_model[mid], a) for mid, a in self._model_attrs.items()]
+        )
+        m.quality_changes.add(
+            lambda: [(quality.changes_by_direction[d], {"direction": d}) for d in ("down", "up")]
+        )
+        m.frames_dropped.add(lambda: [(self.engine.frames_dropped, {})])
+        m.worker_utilization.add(lambda: [(quality.utilization() or 0.0, {})])
+
+        def queues() -> list[tuple[float, dict[str, str]]]:
+            actors = list(self.engine.sessions.values())
+            return [
+                (sum(len(a.out) for a in actors), {"queue": "frames_out"}),
+                (sum(a.pending_controls for a in actors), {"queue": "controls_pending"}),
+                (self.usage.queued if self.usage else 0, {"queue": "usage_records"}),
+            ]
+
+        m.queue_depth.add(queues)
+        for reason in ("full", "fps", "draining", "stopping"):
+            m.admission_refusals.add(0, {"reason": reason})
 
     def start(self) -> asyncio.Task[None]:
         if self.config.recheck_idle_s > 0:
@@ -177,8 +221,10 @@ class WorkerRuntime:
                 f"model {request.spec.model_id!r} is not loaded on worker {self.config.worker_id}"
             )
         if self._draining:
+            self._metrics.admission_refusals.add(1, {"reason": "stopping"})
             raise Unavailable(f"worker {self.config.worker_id} is shutting down")
         if self.cordoned:
+            self._metrics.admission_refusals.add(1, {"reason": "draining"})
             raise Unavailable(f"worker {self.config.worker_id} is draining")
         info = model_info_to_proto(model.info)
         existing = self.engine.sessions.get(request.session_id)
@@ -198,6 +244,7 @@ class WorkerRuntime:
                 ),
             )
         if self.occupied >= self.config.capacity:
+            self._metrics.admission_refusals.add(1, {"reason": "full"})
             raise ResourceExhausted(
                 f"worker {self.config.worker_id} is full ({self.config.capacity} sessions)",
                 retry_after_s=1.0,
@@ -207,14 +254,18 @@ class WorkerRuntime:
         # quality governor steps it down if the worker cannot keep its fps.
         recovery = request.recovery or request.restore_latest
         if self.config.fps_admission and not recovery:
-            admission.check(
-                self.engine,
-                spec,
-                info,
-                self.config.target_utilization,
-                self.config.admission_retry_after_s,
-                self.config.worker_id,
-            )
+            try:
+                admission.check(
+                    self.engine,
+                    spec,
+                    info,
+                    self.config.target_utilization,
+                    self.config.admission_retry_after_s,
+                    self.config.worker_id,
+                )
+            except ResourceExhausted:
+                self._metrics.admission_refusals.add(1, {"reason": "fps"})
+                raise
         self._opening += 1
         try:
             for attempt in range(1, CLAIM_ATTEMPTS + 1):
@@ -297,6 +348,11 @@ class WorkerRuntime:
     def bill(self, records: list[internal_pb2.UsageRecord]) -> None:
         if self.usage is not None:
             self.usage.submit(records)
+        for record in records:
+            self._metrics.usage_seconds.add(
+                (record.end_frame - record.first_frame) / max(1, record.frames_per_second),
+                self._model_attrs.get(record.model_id) or {"model": record.model_id},
+            )
 
     async def _memory_of(self, source_id: str, frame: int) -> dict[int, SessionState]:
         """In-memory snapshots of a session on this worker usable to restore ``frame``;
@@ -331,6 +387,7 @@ class WorkerRuntime:
             epoch=actor.epoch,
             ever_attached=actor.ever_attached,
             idle_s=actor.idle_s(time.monotonic()),
+            level=self.engine.quality.level(session_id)[0],
         )
 
     def statuses(self) -> list[internal_pb2.SessionStatus]:
@@ -470,6 +527,21 @@ class WorkerRuntime:
             elif viewer.spectating and actor.viewers and not actor.closed:
                 actor.announce_roles(f"spectator {viewer.viewer_id} left")
 
+    def _frame_sent(self, model_id: str, frame: pb.Frame) -> None:
+        """A frame sent to its session's controller, into the metrics: a count, and when
+        live its latency from its due time (and from its control's arrival, for the first
+        frame a control applies to): ~10 us with the OpenTelemetry SDK."""
+        self.delivered[model_id] += 1
+        if not self._metrics.live:
+            return
+        attrs = self._model_attrs.get(model_id) or {"model": model_id}
+        ts = frame.timestamps
+        sent = ts.worker_sent_us
+        self._metrics.frame_latency_ms.record(max(0.0, (sent - ts.due_us) / 1000.0), attrs)
+        if ts.control_received_us:
+            ms = max(0.0, (sent - ts.control_received_us) / 1000.0)
+            self._metrics.control_to_frame_ms.record(ms, attrs)
+
     async def _controller_gone(self, actor: SessionActor) -> None:
         """A second controller's attach: wait a moment for the one attached to leave (its
         stream may be ending as this one starts), else FAILED_PRECONDITION."""
@@ -556,6 +628,7 @@ class WorkerRuntime:
                 if message.HasField("frame"):
                     _stamp_sent(message.frame)
                     self.bill(actor.meter.add(message.frame, actor.epoch))
+                    self._frame_sent(actor.spec.model_id, message.frame)
                 yield message
             if actor.closed and not actor.out:
                 if actor.lost is not None:
@@ -752,6 +825,7 @@ class WorkerRuntime:
             kind = message.WhichOneof("msg")
             if kind == "control":
                 if viewer.spectating:
+                    self._metrics.controls_refused.add(1, {"code": "PERMISSION_DENIED"})
                     viewer.put(
                         stream_error(
                             PermissionDenied(
@@ -766,6 +840,7 @@ class WorkerRuntime:
                 try:
                     actor.add_control(message.control)
                 except WindflowError as err:
+                    self._metrics.controls_refused.add(1, {"code": err.code})
                     actor.push(stream_error(err, message.control.frame_index, message.control))
                 else:
                     self.engine.wake()  # its frame may now start early (scheduler.start_due)

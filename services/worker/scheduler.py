@@ -24,7 +24,7 @@ thresholds differ (hysteresis), so quality does not flap. See docs/runtime.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -40,11 +40,20 @@ class Slot:
     ready: bool
     """Attached and allowed to produce (its output policy does not hold it back)."""
     lockstep: bool = False
-    """A lockstep session: ``due`` is when it became ready, not a deadline."""
+    """A lockstep session: ``due`` is when its next frame's control arrived, not a
+    deadline."""
+    expecting: bool = False
+    """(Lockstep, not ready) idle until its next control comes: a batch being gathered
+    waits a moment for it."""
 
 
 FILL_SLACK = 0.25
 """How much slower (as a share) lockstep sessions may make an interactive batch they join."""
+LOCKSTEP_GATHER_S = 0.005
+"""How long a lockstep batch short of the max waits, from its oldest control's arrival, for
+the controls of the other lockstep sessions of its model that are expecting one: a vector
+of environments sends its N controls together, and one batch of N costs far less than
+several smaller ones. (A session alone, or whose peers are all ready, waits for nothing.)"""
 
 CostFn = Callable[[str, int, int], float | None]
 """Predicted seconds of a batch of (model, steps, size); None when unknown."""
@@ -71,9 +80,11 @@ def plan(
     ``cost_s`` predicts a batch's time (lockstep sessions are placed by it; without it they
     fill interactive batches to the max and go alone only while no interactive session is
     ready)."""
+    slots = list(slots)
     ready = sorted((s for s in slots if s.ready), key=lambda s: (s.due, s.session_id))
     interactive = [s for s in ready if not s.lockstep]
     lockstep = [s for s in ready if s.lockstep]
+    expecting = {(s.model_id, s.steps) for s in slots if s.expecting and not s.ready}
     batches: list[Batch] = []
     if interactive and interactive[0].due <= now:
         cutoff = max(now, interactive[0].due) + horizon
@@ -91,7 +102,7 @@ def plan(
         batches = _fill(batches, lockstep, max_batch, cost_s)
     elif lockstep:
         later = interactive[0].due if interactive else math.inf
-        batches = _lockstep_alone(lockstep, now, later, max_batch, cost_s)
+        batches = _lockstep_alone(lockstep, now, later, max_batch, cost_s, expecting)
     batches.sort(key=lambda b: (b.due, b.session_ids))
     return batches
 
@@ -126,9 +137,12 @@ def _lockstep_alone(
     next_deadline: float,
     max_batch: Mapping[str, int],
     cost_s: CostFn | None,
+    expecting: Collection[tuple[str, int]] = (),
 ) -> list[Batch]:
-    """Batches of lockstep sessions alone, one after the other from ``now``, each only if
-    predicted to end by ``next_deadline`` (the earliest interactive frame's)."""
+    """Batches of lockstep sessions alone, one after the other from ``now``: the largest
+    each that is predicted to end by ``next_deadline`` (the earliest interactive frame's).
+    A group short of a full batch, with peers ``expecting`` a control, waits for them
+    while its oldest control arrived less than ``LOCKSTEP_GATHER_S`` ago."""
     groups: dict[tuple[str, int], list[Slot]] = {}
     for slot in lockstep:
         groups.setdefault((slot.model_id, slot.steps), []).append(slot)
@@ -136,22 +150,56 @@ def _lockstep_alone(
     at = now
     for (model_id, steps), members in groups.items():
         size = max(1, max_batch.get(model_id, 1))
-        for i in range(0, len(members), size):
-            chunk = members[i : i + size]
+        if (
+            len(members) < size
+            and (model_id, steps) in expecting
+            and now < members[0].due + LOCKSTEP_GATHER_S
+        ):
+            continue  # more are on their way (``next_wakeup`` comes back for them)
+        while members:
+            n = min(size, len(members))
             if next_deadline < math.inf:
-                took = cost_s(model_id, steps, len(chunk)) if cost_s else None
-                if took is None or at + took > next_deadline:
+                n = _fits(model_id, steps, n, next_deadline - at, cost_s)
+                if n == 0:
                     return out
-                at += took
+                took = cost_s(model_id, steps, n) if cost_s else None
+                at += took or 0.0
+            chunk, members = members[:n], members[n:]
             out.append(Batch(model_id, steps, tuple(s.session_id for s in chunk), chunk[0].due))
     return out
 
 
-def next_wakeup(slots: Iterable[Slot]) -> float | None:
-    """The earliest deadline among ready interactive sessions, or None when none is
-    ready. (A ready lockstep session waits for no time: ``plan`` launches it at once, or
-    it waits behind an interactive deadline, which is the wakeup.)"""
-    dues = [s.due for s in slots if s.ready and not s.lockstep]
+def _fits(model_id: str, steps: int, most: int, left_s: float, cost_s: CostFn | None) -> int:
+    """The most sessions (up to ``most``) whose batch is predicted to take at most
+    ``left_s``; 0 when none, or when nothing predicts it."""
+    if cost_s is None:
+        return 0
+    for n in range(most, 0, -1):
+        took = cost_s(model_id, steps, n)
+        if took is not None and took <= left_s:
+            return n
+    return 0
+
+
+def next_wakeup(slots: Iterable[Slot], now: float | None = None) -> float | None:
+    """The earliest deadline among ready interactive sessions, or when a lockstep batch
+    being gathered stops waiting (after ``now``), or None when there is neither. (A ready
+    lockstep session otherwise waits for no time: ``plan`` launches it at once, or it
+    waits behind an interactive deadline, which is the wakeup.)"""
+    slots = list(slots)
+    expecting = {(s.model_id, s.steps) for s in slots if s.expecting and not s.ready}
+    dues = []
+    for s in slots:
+        if not s.ready:
+            continue
+        if not s.lockstep:
+            dues.append(s.due)
+        elif (
+            now is not None
+            and (s.model_id, s.steps) in expecting
+            and s.due + LOCKSTEP_GATHER_S > now
+        ):
+            dues.append(s.due + LOCKSTEP_GATHER_S)
     return min(dues) if dues else None
 
 

@@ -113,6 +113,8 @@ class Mesh:
             "gateway": f"127.0.0.1:{ports[2]}",
             **{f"worker-{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports[3:])},
         }
+        self.metrics: dict[str, str] = {}
+        """Where each service serves ``GET /metrics``, by name (a port picked at its launch)."""
         self._worker_args = worker_args
         self._router_args = router_args
         self._session_args = session_args
@@ -132,6 +134,8 @@ class Mesh:
         return self.addresses["gateway"]
 
     def _spec(self, name: str) -> ChildSpec:
+        if name not in self.metrics:
+            self.metrics[name] = f"127.0.0.1:{free_ports(1)[0]}"
         common = (
             "--listen",
             self.addresses[name],
@@ -139,6 +143,8 @@ class Mesh:
             self.etcd.endpoint,
             "--nats",
             self.nats.url,
+            "--metrics-listen",
+            self.metrics[name],
         )
         if name.startswith("worker-"):
             region = ("--region", self._regions[name]) if name in self._regions else ()

@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from services.worker.models.registry import DEFAULT_MODEL
 from tests.e2e.mesh import Mesh
+from windflow import errors
 from windflow.sdk import Client, ReceivedFrame, Session
 from windflow.v1 import windflow_pb2 as pb
 
@@ -25,7 +26,9 @@ SIM: dict[str, object] = {"fps": FPS, "steps": 1, "session_class": "lockstep", "
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    async with Mesh(tmp_path_factory.mktemp("lockstep"), workers=1) as m:
+    async with Mesh(
+        tmp_path_factory.mktemp("lockstep"), workers=1, worker_args=("--capacity", "64")
+    ) as m:
         yield m
 
 
@@ -152,3 +155,46 @@ async def test_an_interactive_session_keeps_its_fps_beside_busy_lockstep_ones(
         await reader.aclose()
         await player.aclose()
         await client.close_session(info.session_id)
+
+
+async def test_rollouts_by_fork_many_are_bit_exact_with_fresh_sessions(client: Client) -> None:
+    n_actions = 5
+    history = [(k * 7) % n_actions for k in range(10)]
+    info = await client.create_session(DEFAULT_MODEL, seed=11, **SIM)  # type: ignore[arg-type]
+    live = await client.attach(info, controls=list(enumerate(history)))
+    try:
+        made = [f async for f in live.frames(limit=len(history))]
+        assert [f.index for f in made] == list(range(10))
+    finally:
+        await live.aclose()
+    scripts = [[(b + k) % n_actions for k in range(6)] for b in range(16)]
+    started = time.monotonic()
+    branches = await client.fork_many(info.session_id, 10, 16)
+    fork_ms = (time.monotonic() - started) * 1000
+    assert len({b.session_id for b in branches}) == 16
+    assert all(b.parent_session_id == info.session_id and b.forked_at == 10 for b in branches)
+    for branch in branches:
+        await client.close_session(branch.session_id)
+    results = await client.rollouts(info.session_id, 10, scripts)
+    assert [len(r) for r in results] == [6] * 16
+    # each branch equals a fresh session given the same history and script
+    for script, frames in list(zip(scripts, results, strict=True))[:3]:
+        fresh = await client.create_session(DEFAULT_MODEL, seed=11, **SIM)  # type: ignore[arg-type]
+        whole = list(enumerate([*history, *script]))
+        stream = await client.attach(fresh, controls=whole)
+        try:
+            again = [f async for f in stream.frames(limit=len(whole))]
+        finally:
+            await stream.aclose()
+            await client.close_session(fresh.session_id)
+        assert [f.frame.data for f in again[10:]] == [f.frame.data for f in frames]
+        assert [f.frame.action for f in frames] == script
+    assert fork_ms < 5000, f"16 forks took {fork_ms:.0f} ms"  # (bench sim measures it)
+    # refusals: a count outside 1..64, a frame beyond the head
+    with pytest.raises(errors.InvalidArgument):
+        await client.fork_many(info.session_id, 10, 0)
+    with pytest.raises(errors.InvalidArgument):
+        await client.fork_many(info.session_id, 10, 65)
+    with pytest.raises(errors.OutOfRange):
+        await client.fork_many(info.session_id, 11, 2)
+    await client.close_session(info.session_id)

@@ -121,3 +121,19 @@ def test_migration_targets_and_why_not() -> None:
     # the last worker of a model: it stays, and the error says so
     with pytest.raises(FailedPrecondition, match="the session stays on src"):
         choose_target([worker("src", 1), worker("x", 0, models=("n",))], "m", "src")
+
+
+def test_a_lockstep_session_reserves_no_fps_only_a_slot() -> None:
+    from services.router.service import demand_of
+    from windflow.v1 import windflow_pb2 as pb
+
+    spec = pb.SessionSpec(model_id="m", fps=24.0, steps=2, session_class=pb.SESSION_CLASS_LOCKSTEP)
+    demand = demand_of(spec)
+    assert demand.fps == 0.0
+    tight = WorkerView("w2", "a2", "r", frozenset({"m"}), 8, 0, {("m", 1): 5.0, ("m", 2): 2.0})
+    for _ in range(8):  # (a slot each, whatever the fps)
+        assert tight.fits(demand)
+        tight = tight.admit(demand)
+    assert tight.headroom[("m", 1)] == pytest.approx(5.0)
+    with pytest.raises(ResourceExhausted):
+        choose_worker([tight], "m", demand=demand)

@@ -4,7 +4,16 @@ longest waiting first, and never set a wakeup."""
 
 from __future__ import annotations
 
-from services.worker.scheduler import FILL_SLACK, CostFn, Slot, next_wakeup, plan
+import pytest
+
+from services.worker.scheduler import (
+    FILL_SLACK,
+    LOCKSTEP_GATHER_S,
+    CostFn,
+    Slot,
+    next_wakeup,
+    plan,
+)
 
 MAX = {"m": 4}
 
@@ -64,3 +73,36 @@ def test_without_interactive_sessions_lockstep_runs_freely() -> None:
 def test_a_lockstep_session_sets_no_wakeup() -> None:
     assert next_wakeup([sim("a", 0.0)]) is None
     assert next_wakeup([sim("a", 0.0), player("p", 2.0)]) == 2.0
+
+
+def test_the_largest_batch_that_ends_before_the_deadline_goes() -> None:
+    sims = [sim(f"s{i:02d}", 0.5 + i * 1e-4) for i in range(32)]
+    cost = linear(0.002, 0.004)  # 16 sessions: 36 ms; 15: 34 ms
+    batches = plan(
+        [player("p", 1.034), *sims], now=1.0, horizon=0.01, max_batch={"m": 16}, cost_s=cost
+    )
+    assert [len(b.session_ids) for b in batches] == [15]
+    assert batches[0].session_ids == tuple(f"s{i:02d}" for i in range(15))
+
+
+def expecting(sid: str) -> Slot:
+    return Slot(sid, "m", 2, 0.0, False, lockstep=True, expecting=True)
+
+
+def test_lockstep_controls_arriving_together_are_gathered_into_one_batch() -> None:
+    # three controls just came (their due: when), a fourth session expects one: wait for
+    # it, a moment at most
+    fresh = [sim(f"s{i}", 1.0 - 0.0005) for i in range(3)]
+    waiting = [*fresh, expecting("s3")]
+    assert plan(waiting, now=1.0, horizon=0.01, max_batch=MAX) == []
+    assert next_wakeup(waiting, now=1.0) == pytest.approx(1.0 - 0.0005 + LOCKSTEP_GATHER_S)
+    # its control comes: the full batch goes at once
+    full = [*fresh, sim("s3", 1.0)]
+    assert [len(b.session_ids) for b in plan(full, now=1.0, horizon=0.01, max_batch=MAX)] == [4]
+    # with no one else expecting a control, what is there goes at once
+    assert [len(b.session_ids) for b in plan(fresh, now=1.0, horizon=0.01, max_batch=MAX)] == [3]
+    # the oldest has waited the gathering time: what is there goes
+    later = 1.0 - 0.0005 + LOCKSTEP_GATHER_S
+    went = plan(waiting, now=later, horizon=0.01, max_batch=MAX)
+    assert [len(b.session_ids) for b in went] == [3]
+    assert next_wakeup(waiting, now=later) is None

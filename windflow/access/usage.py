@@ -35,7 +35,8 @@ from etcd3aio import Etcd3Client, prefix_range_end
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
-from windflow.common import etcd, names
+from windflow.common import etcd, metrics, names
+from windflow.common.durable import stream_replicas
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
@@ -247,6 +248,7 @@ class UsageLog:
                     subjects=[USAGE_SUBJECTS],
                     storage=StorageType.FILE,
                     duplicate_window=USAGE_DUPLICATE_WINDOW_S,
+                    num_replicas=stream_replicas(),
                 )
             except nats.js.errors.BadRequestError:
                 await self._js.stream_info(USAGE_STREAM)  # made concurrently
@@ -352,6 +354,10 @@ class Ledger:
             )
             if done.succeeded:
                 self.applied += 1
+                if added:
+                    metrics.get().usage_billed_seconds.add(
+                        added / usage.fps, {"model": usage.model_id}
+                    )
                 return added
 
     async def _total(self, key: str, name: str) -> TotalUsage:

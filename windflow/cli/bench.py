@@ -13,6 +13,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "windflow.cli.bench_chaos",
     "windflow.cli.bench_migrate",
     "windflow.cli.bench_access",
+    "windflow.cli.bench_sim",
     "windflow.cli.bench_browser",
 )
 

@@ -18,7 +18,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:0", help="gRPC listen address host:port")
     parser.add_argument("--etcd", default=env.ETCD_ENDPOINT.get(), help="etcd host:port")
     parser.add_argument("--nats", default=env.NATS_URL.get(), help="NATS URL nats://host:port")
-    parser.add_argument("--otlp-endpoint", default=None, help="OTLP/gRPC trace collector")
+    parser.add_argument(
+        "--otlp-endpoint", default=None, help="OTLP/gRPC collector of traces and metrics"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (empty, the default: off)",
+    )
 
 
 def add_reclaim_arguments(parser: argparse.ArgumentParser) -> ReclaimPolicy:
@@ -269,6 +277,8 @@ def _run_bridge(args: argparse.Namespace) -> int:
         ice_servers=tuple(args.ice_server),
         ice_loopback=args.ice_loopback,
         max_webrtc_peers=args.max_webrtc_peers,
+        metrics_listen=args.metrics_listen,
+        otlp_endpoint=args.otlp_endpoint,
     )
     return asyncio.run(run(config))
 
@@ -294,6 +304,7 @@ def _run_router(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         rebalance_every_s=args.rebalance_every_s,
         rebalance_cooldown_s=args.rebalance_cooldown_s,
+        metrics_listen=args.metrics_listen,
     )
     return asyncio.run(run(config))
 
@@ -320,6 +331,7 @@ def _run_session(args: argparse.Namespace) -> int:
             closed_retention_s=args.closed_retention_s,
         ),
         otlp_endpoint=args.otlp_endpoint,
+        metrics_listen=args.metrics_listen,
     )
     return asyncio.run(run(config))
 
@@ -362,6 +374,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         memory_budget_mb=args.memory_budget_mb,
         router=args.router,
         drain_deadline_s=args.drain_deadline_s,
+        metrics_listen=args.metrics_listen,
     )
 
 
@@ -381,5 +394,6 @@ def _run_gateway(args: argparse.Namespace) -> int:
             max_sessions=args.tenant_max_sessions, creates_per_s=args.tenant_creates_per_s
         ),
         otlp_endpoint=args.otlp_endpoint,
+        metrics_listen=args.metrics_listen,
     )
     return asyncio.run(run(config))

@@ -160,6 +160,7 @@ async def run_stack(config: StackConfig, *, out: TextIO = sys.stdout) -> int:
             return EXIT_STACK_FAILED
         print(ready_line(stack), file=out, flush=True)
         print(access_line(stack), file=sys.stderr, flush=True)
+        print(metrics_line(stack), file=sys.stderr, flush=True)
         running = asyncio.create_task(stack.wait(), name="up:stack")
         await asyncio.wait({stopped, running}, return_when=asyncio.FIRST_COMPLETED)
         if running.done() and (failure := stack.failure) is not None:
@@ -189,6 +190,15 @@ def ready_line(stack: Stack) -> str:
         f"routers={stack.router_addresses} "
         f"({config.workers} worker{'s' if config.workers != 1 else ''}, "
         f"state in {config.state_dir})"
+    )
+
+
+def metrics_line(stack: Stack) -> str:
+    """Where each service serves Prometheus metrics (``GET /metrics``)."""
+    where = " ".join(f"{name}={addr}" for name, addr in stack.metrics_addresses.items())
+    return (
+        f"windflow: metrics: {where} (GET /metrics on each; every address is in "
+        f"{stack.config.state_dir / 'services.json'})"
     )
 
 

@@ -21,9 +21,12 @@ class EnvVar:
 
 OTLP_ENDPOINT = EnvVar(
     "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTLP/gRPC collector address for traces; unset = spans are recorded nowhere",
+    "OTLP/gRPC collector address for traces and metrics; unset = spans are recorded nowhere "
+    "and metrics are only served on --metrics-listen",
 )
-OTEL_SERVICE_NAME = EnvVar("OTEL_SERVICE_NAME", "service name attached to exported spans")
+OTEL_SERVICE_NAME = EnvVar(
+    "OTEL_SERVICE_NAME", "service name attached to exported spans and metrics"
+)
 JETSTREAM_REPLICAS = EnvVar(
     "WINDFLOW_JETSTREAM_REPLICAS",
     "replicas of the JetStream streams and buckets Windflow creates (1..5, default 1; 3 on a "

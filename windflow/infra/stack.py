@@ -12,9 +12,11 @@ last so that "ready" means the whole mesh serves, and they are the first to stop
 clients are cut off before the workers they stream from. Gateways hold no session state
 (a stream is proxied to the worker holding its session), so any number of them serve the
 same sessions: children ``gateway`` (the first, on ``gateway_port``), ``gateway-2`` ...
-Each service is started as ``<service_command> <kind> --listen ... --etcd ... --nats ...``
-(by default ``python -m windflow serve``) and counts as ready when its gRPC health says
-SERVING.
+Each service is started as ``<service_command> <kind> --listen ... --etcd ... --nats ...
+--metrics-listen ...`` (by default ``python -m windflow serve``) and counts as ready when
+its gRPC health says SERVING. Every service serves Prometheus metrics on a loopback port of
+its own (``metrics_addresses``); ``start`` writes every address to
+``<state dir>/services.json``.
 
 Supervision is the ``Supervisor``'s: a dead child is reported and restarted on the same
 ports (etcd and NATS keep their data dirs), within ``StackConfig.restart``; past that
@@ -24,6 +26,7 @@ budget the whole stack stops and ``wait()`` raises ``StackFailed``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -134,6 +137,12 @@ class Stack:
             },
         }
         """Listen address of each service, by child name."""
+        self.metrics_addresses: dict[str, str] = {
+            name: address(LOOPBACK, port)
+            for name, port in zip(self.addresses, free_ports(len(self.addresses)), strict=True)
+        }
+        """Where each service serves ``GET /metrics`` (Prometheus), by child name (always
+        on loopback)."""
         self.supervisor = Supervisor(self._stages(), self.log_dir, name="windflow stack")
         self.token = ""
         """The development tenant's session token, once started (empty: ``insecure``)."""
@@ -183,6 +192,19 @@ class Stack:
         await self.supervisor.start()
         if not config.insecure:
             self.token = await dev_token(self.etcd.endpoint, config.state_dir)
+        (config.state_dir / "services.json").write_text(json.dumps(self.describe(), indent=2))
+
+    def describe(self) -> dict[str, object]:
+        """Every address of the stack (what ``<state dir>/services.json`` holds): etcd,
+        NATS, and each service's gRPC (or HTTP) listen address and metrics endpoint."""
+        return {
+            "etcd": self.etcd_endpoint,
+            "nats": self.nats_url,
+            "services": {
+                name: {"listen": listen, "metrics": self.metrics_addresses[name]}
+                for name, listen in self.addresses.items()
+            },
+        }
 
     async def wait(self) -> None:
         """Wait until the stack has stopped; raise ``StackFailed`` if it failed."""
@@ -266,6 +288,7 @@ class Stack:
             "--listen", listen,
             "--etcd", self.etcd.endpoint,
             "--nats", self.nats.url,
+            "--metrics-listen", self.metrics_addresses[child],
             *extra,
         )  # fmt: skip
         # A gateway bound to all interfaces is still health-checked over loopback.

@@ -598,6 +598,51 @@ class Client:
         assert isinstance(response, pb.Session)
         return response
 
+    async def fork_many(self, session_id: str, at_frame: int, count: int) -> list[pb.Session]:
+        """``count`` forks of ``session_id`` at frame ``at_frame``, in one call (all made or
+        none): branches from one state for search and evaluation."""
+        response = await self._unary(
+            self.stub.ForkMany,
+            pb.ForkManyRequest(session_id=session_id, at_frame=at_frame, count=count),
+        )
+        assert isinstance(response, pb.ForkManyResponse)
+        return list(response.sessions)
+
+    async def rollouts(
+        self,
+        session_id: str,
+        at_frame: int,
+        actions: Sequence[Sequence[int]],
+        *,
+        keep: bool = False,
+    ) -> list[list[ReceivedFrame]]:
+        """Run each action sequence from frame ``at_frame`` of ``session_id`` on a branch of
+        its own (``fork_many``; lockstep sessions run as fast as the worker batches them)
+        and return each branch's frames, ``actions[i][k]`` applied to frame ``at_frame + k``.
+        The branches are closed afterwards unless ``keep``."""
+        branches = await self.fork_many(session_id, at_frame, len(actions))
+
+        async def run(branch: pb.Session, script: Sequence[int]) -> list[ReceivedFrame]:
+            live = await self.attach(
+                branch, controls=[(at_frame + k, a) for k, a in enumerate(script)]
+            )
+            try:
+                return [frame async for frame in live.frames(limit=len(script))]
+            finally:
+                await live.aclose()
+
+        try:
+            return list(
+                await asyncio.gather(
+                    *(run(b, script) for b, script in zip(branches, actions, strict=True))
+                )
+            )
+        finally:
+            if not keep:
+                for branch in branches:
+                    with contextlib.suppress(WindflowError):
+                        await self.close_session(branch.session_id)
+
     async def rewind(self, session_id: str, to_frame: int) -> pb.Session:
         """``session_id`` continues from ``to_frame``; its later log is truncated."""
         response = await self._unary(

@@ -830,6 +830,7 @@ class SessionStatus(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     EVER_ATTACHED_FIELD_NUMBER: _builtins.int
     IDLE_S_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     head_frame: _builtins.int
     dropped: _builtins.int
@@ -846,6 +847,8 @@ class SessionStatus(_message.Message):
     without one (since it detached, or since it opened; 0 while attached).
     """
     idle_s: _builtins.float
+    level: _builtins.int
+    """its rung on the quality ladder (0: the quality it asked for)"""
     def __init__(
         self,
         *,
@@ -859,10 +862,11 @@ class SessionStatus(_message.Message):
         epoch: _builtins.int = ...,
         ever_attached: _builtins.bool = ...,
         idle_s: _builtins.float = ...,
+        level: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "epoch", b"epoch", "ever_attached", b"ever_attached", "fps", b"fps", "head_frame", b"head_frame", "idle_s", b"idle_s", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "deadline_misses", b"deadline_misses", "dropped", b"dropped", "epoch", b"epoch", "ever_attached", b"ever_attached", "fps", b"fps", "head_frame", b"head_frame", "idle_s", b"idle_s", "level", b"level", "session_id", b"session_id", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -258,6 +258,11 @@ class SessionStoreStub:
                 request_serializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
                 _registered_method=True)
+        self.ForkMany = channel.unary_unary(
+                '/windflow.v1.SessionStore/ForkMany',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.ForkManyRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkManyResponse.FromString,
+                _registered_method=True)
         self.Rewind = channel.unary_unary(
                 '/windflow.v1.SessionStore/Rewind',
                 request_serializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
@@ -296,6 +301,12 @@ class SessionStoreServicer:
     """
 
     def Fork(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkMany(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -346,6 +357,11 @@ def add_SessionStoreServicer_to_server(servicer, server):
                     servicer.Fork,
                     request_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
+            ),
+            'ForkMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkMany,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkManyRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.ForkManyResponse.SerializeToString,
             ),
             'Rewind': grpc.unary_unary_rpc_method_handler(
                     servicer.Rewind,
@@ -407,6 +423,33 @@ class SessionStore:
             '/windflow.v1.SessionStore/Fork',
             windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
             windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.SessionStore/ForkMany',
+            windflow_dot_v1_dot_windflow__pb2.ForkManyRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.ForkManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

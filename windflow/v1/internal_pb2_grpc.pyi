@@ -129,6 +129,7 @@ class SessionStoreStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SessionStoreAsyncStub: ...
     Fork: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]
+    ForkMany: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.ForkManyRequest, _windflow_pb2.ForkManyResponse]
     Rewind: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]
     CreateRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]
     GetRecord: _grpc.UnaryUnaryMultiCallable[_internal_pb2.GetRecordRequest, _internal_pb2.SessionRecord]
@@ -145,6 +146,7 @@ class SessionStoreAsyncStub(SessionStoreStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Fork: _aio.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]  # type: ignore[assignment]
+    ForkMany: _aio.UnaryUnaryMultiCallable[_windflow_pb2.ForkManyRequest, _windflow_pb2.ForkManyResponse]  # type: ignore[assignment]
     Rewind: _aio.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]  # type: ignore[assignment]
     CreateRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.SessionRecord, _internal_pb2.SessionRecord]  # type: ignore[assignment]
     GetRecord: _aio.UnaryUnaryMultiCallable[_internal_pb2.GetRecordRequest, _internal_pb2.SessionRecord]  # type: ignore[assignment]
@@ -164,6 +166,13 @@ class SessionStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _windflow_pb2.ForkRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]: ...
+
+    @_abc_1.abstractmethod
+    def ForkMany(
+        self,
+        request: _windflow_pb2.ForkManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.ForkManyResponse, _abc.Awaitable[_windflow_pb2.ForkManyResponse]]: ...
 
     @_abc_1.abstractmethod
     def Rewind(

@@ -64,6 +64,11 @@ class WindflowStub:
                 request_serializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
                 response_deserializer=windflow_dot_v1_dot_windflow__pb2.Session.FromString,
                 _registered_method=True)
+        self.ForkMany = channel.unary_unary(
+                '/windflow.v1.Windflow/ForkMany',
+                request_serializer=windflow_dot_v1_dot_windflow__pb2.ForkManyRequest.SerializeToString,
+                response_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkManyResponse.FromString,
+                _registered_method=True)
         self.Rewind = channel.unary_unary(
                 '/windflow.v1.Windflow/Rewind',
                 request_serializer=windflow_dot_v1_dot_windflow__pb2.RewindRequest.SerializeToString,
@@ -121,6 +126,15 @@ class WindflowServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkMany(self, request, context):
+        """`count` forks of one session at one frame, in one call (1..64): rollouts from a common
+        state. They share the parent's checkpoints and, placed beside it, its in-memory ring;
+        all are made or none (docs/simulation.md). Each counts against the tenant's quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rewind(self, request, context):
         """The same session continues from `to_frame`; its log after that is truncated. An
         attached stream sees KIND_REWOUND and then frames from `to_frame` on.
@@ -169,6 +183,11 @@ def add_WindflowServicer_to_server(servicer, server):
                     servicer.Fork,
                     request_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkRequest.FromString,
                     response_serializer=windflow_dot_v1_dot_windflow__pb2.Session.SerializeToString,
+            ),
+            'ForkMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkMany,
+                    request_deserializer=windflow_dot_v1_dot_windflow__pb2.ForkManyRequest.FromString,
+                    response_serializer=windflow_dot_v1_dot_windflow__pb2.ForkManyResponse.SerializeToString,
             ),
             'Rewind': grpc.unary_unary_rpc_method_handler(
                     servicer.Rewind,
@@ -343,6 +362,33 @@ class Windflow:
             '/windflow.v1.Windflow/Fork',
             windflow_dot_v1_dot_windflow__pb2.ForkRequest.SerializeToString,
             windflow_dot_v1_dot_windflow__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/windflow.v1.Windflow/ForkMany',
+            windflow_dot_v1_dot_windflow__pb2.ForkManyRequest.SerializeToString,
+            windflow_dot_v1_dot_windflow__pb2.ForkManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,11 @@ class WindflowStub:
     """A new session that continues from frame `at_frame` of another (same model, seed,
     spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
     """
+    ForkMany: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.ForkManyRequest, _windflow_pb2.ForkManyResponse]
+    """`count` forks of one session at one frame, in one call (1..64): rollouts from a common
+    state. They share the parent's checkpoints and, placed beside it, its in-memory ring;
+    all are made or none (docs/simulation.md). Each counts against the tenant's quotas.
+    """
     Rewind: _grpc.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]
     """The same session continues from `to_frame`; its log after that is truncated. An
     attached stream sees KIND_REWOUND and then frames from `to_frame` on.
@@ -75,6 +80,11 @@ class WindflowAsyncStub(WindflowStub):
     Fork: _aio.UnaryUnaryMultiCallable[_windflow_pb2.ForkRequest, _windflow_pb2.Session]  # type: ignore[assignment]
     """A new session that continues from frame `at_frame` of another (same model, seed,
     spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
+    """
+    ForkMany: _aio.UnaryUnaryMultiCallable[_windflow_pb2.ForkManyRequest, _windflow_pb2.ForkManyResponse]  # type: ignore[assignment]
+    """`count` forks of one session at one frame, in one call (1..64): rollouts from a common
+    state. They share the parent's checkpoints and, placed beside it, its in-memory ring;
+    all are made or none (docs/simulation.md). Each counts against the tenant's quotas.
     """
     Rewind: _aio.UnaryUnaryMultiCallable[_windflow_pb2.RewindRequest, _windflow_pb2.Session]  # type: ignore[assignment]
     """The same session continues from `to_frame`; its log after that is truncated. An
@@ -134,6 +144,17 @@ class WindflowServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_windflow_pb2.Session, _abc.Awaitable[_windflow_pb2.Session]]:
         """A new session that continues from frame `at_frame` of another (same model, seed,
         spec and control log up to there). OUT_OF_RANGE beyond the head or below 0.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkMany(
+        self,
+        request: _windflow_pb2.ForkManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_windflow_pb2.ForkManyResponse, _abc.Awaitable[_windflow_pb2.ForkManyResponse]]:
+        """`count` forks of one session at one frame, in one call (1..64): rollouts from a common
+        state. They share the parent's checkpoints and, placed beside it, its in-memory ring;
+        all are made or none (docs/simulation.md). Each counts against the tenant's quotas.
         """
 
     @_abc_1.abstractmethod

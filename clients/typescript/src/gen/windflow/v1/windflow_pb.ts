@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file windflow/v1/windflow.proto.
  */
 export const file_windflow_v1_windflow: GenFile = /*@__PURE__*/
-  fileDesc("Chp3aW5kZmxvdy92MS93aW5kZmxvdy5wcm90bxILd2luZGZsb3cudjEibAoSQ3JlYXRlVG9rZW5SZXF1ZXN0Eg4KBm1vZGVscxgBIAMoCRIPCgdyZWdpb25zGAIgAygJEhQKDG1heF9zZXNzaW9ucxgDIAEoDRIQCghidWRnZXRfcxgEIAEoAhINCgV0dGxfcxgFIAEoAiJsChNDcmVhdGVUb2tlblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEhAKCHRva2VuX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIXCg9leHBpcmVzX3VuaXhfbXMYBCABKAMSCwoDa2lkGAUgASgJIrQBCglNb2RlbEluZm8SEAoIbW9kZWxfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SCwoDZnBzGAYgASgCEg8KB2FjdGlvbnMYByADKAkSDAoEYXhlcxgIIAMoCRINCgVzdGVwcxgJIAMoDRIVCg1kZWZhdWx0X3N0ZXBzGAogASgNIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IjwKEkxpc3RNb2RlbHNSZXNwb25zZRImCgZtb2RlbHMYASADKAsyFi53aW5kZmxvdy52MS5Nb2RlbEluZm8iyQIKC1Nlc3Npb25TcGVjEhAKCG1vZGVsX2lkGAEgASgJEgwKBHNlZWQYAiABKAQSCwoDZnBzGAMgASgCEg0KBXN0ZXBzGAQgASgNEigKBmZvcm1hdBgFIAEoDjIYLndpbmRmbG93LnYxLkZyYW1lRm9ybWF0Eg0KBXdpZHRoGAYgASgNEg4KBmhlaWdodBgHIAEoDRIUCgxqcGVnX3F1YWxpdHkYCCABKA0SDgoGcmVnaW9uGAkgASgJEjAKDW91dHB1dF9wb2xpY3kYCiABKA4yGS53aW5kZmxvdy52MS5PdXRwdXRQb2xpY3kSKwoHcXVhbGl0eRgUIAEoCzIaLndpbmRmbG93LnYxLlF1YWxpdHlQb2xpY3kSMAoNc2Vzc2lvbl9jbGFzcxgVIAEoDjIZLndpbmRmbG93LnYxLlNlc3Npb25DbGFzcyLSAwoHU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEiYKBHNwZWMYAiABKAsyGC53aW5kZmxvdy52MS5TZXNzaW9uU3BlYxIoCgVzdGF0ZRgDIAEoDjIZLndpbmRmbG93LnYxLlNlc3Npb25TdGF0ZRIRCgl3b3JrZXJfaWQYBCABKAkSFwoPcGxhY2VtZW50X2Vwb2NoGAUgASgEEhIKCmhlYWRfZnJhbWUYBiABKAQSFwoPY3JlYXRlZF91bml4X21zGAcgASgDEiUKBW1vZGVsGAggASgLMhYud2luZGZsb3cudjEuTW9kZWxJbmZvEiwKC2NoZWNrcG9pbnRzGAkgAygLMhcud2luZGZsb3cudjEuQ2hlY2twb2ludBISCgpsb2dfbGVuZ3RoGAogASgEEhkKEXBhcmVudF9zZXNzaW9uX2lkGAsgASgJEhEKCWZvcmtlZF9hdBgMIAEoBBIOCgZyZWdpb24YDSABKAkSDgoGdGVuYW50GA4gASgJEhYKDnBhcmtlZF91bml4X21zGA8gASgDEiEKBXJlYWNoGBAgAygLMhIud2luZGZsb3cudjEuUmVhY2gSFgoOY2xvc2VkX3VuaXhfbXMYESABKAMiXwoFUmVhY2gSEgoKZnJvbV9mcmFtZRgBIAEoBBIQCgh0b19mcmFtZRgCIAEoBBIZChFtYXhfcmVwbGF5X2ZyYW1lcxgDIAEoBBIVCg1tYXhfcmVwbGF5X21zGAQgASgCInQKCkNoZWNrcG9pbnQSEwoLZnJhbWVfaW5kZXgYASABKAQSEwoLb2JqZWN0X25hbWUYAiABKAkSDAoEc2l6ZRgDIAEoBBIVCg1tb2RlbF92ZXJzaW9uGAQgASgJEhcKD2NyZWF0ZWRfdW5peF9tcxgFIAEoAyIzCgtGb3JrUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGF0X2ZyYW1lGAIgASgDIjUKDVJld2luZFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCgh0b19mcmFtZRgCIAEoAyJJCg1SZXBsYXlSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEgoKZnJvbV9mcmFtZRgCIAEoAxIQCgh0b19mcmFtZRgDIAEoAyI+ChRDcmVhdGVTZXNzaW9uUmVxdWVzdBImCgRzcGVjGAEgASgLMhgud2luZGZsb3cudjEuU2Vzc2lvblNwZWMiPgoVQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEiUKB3Nlc3Npb24YASABKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiKQoTQ2xvc2VTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIj0KFENsb3NlU2Vzc2lvblJlc3BvbnNlEiUKB3Nlc3Npb24YASABKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIrIBCg1DbGllbnRNZXNzYWdlEiUKBmF0dGFjaBgBIAEoCzITLndpbmRmbG93LnYxLkF0dGFjaEgAEicKB2NvbnRyb2wYAiABKAsyFC53aW5kZmxvdy52MS5Db250cm9sSAASHwoDYWNrGAMgASgLMhAud2luZGZsb3cudjEuQWNrSAASKQoIaGFuZG92ZXIYBCABKAsyFS53aW5kZmxvdy52MS5IYW5kb3ZlckgAQgUKA21zZyIdCghIYW5kb3ZlchIRCgl2aWV3ZXJfaWQYASABKAkimgEKBkF0dGFjaBISCgpzZXNzaW9uX2lkGAEgASgJEg4KBndpbmRvdxgCIAEoDRImCghjb250cm9scxgDIAMoCzIULndpbmRmbG93LnYxLkNvbnRyb2wSDgoGcmVzdW1lGAQgASgIEhMKC3Jlc3VtZV9mcm9tGAUgASgEEh8KBHJvbGUYBiABKA4yES53aW5kZmxvdy52MS5Sb2xlIlQKB0NvbnRyb2wSEwoLZnJhbWVfaW5kZXgYASABKAQSDgoGYWN0aW9uGAIgASgNEgwKBGF4ZXMYAyADKAISFgoOY2xpZW50X3RpbWVfdXMYBCABKAMiGgoDQWNrEhMKC2ZyYW1lX2luZGV4GAEgASgEIpIBCg1TZXJ2ZXJNZXNzYWdlEiMKBWZyYW1lGAEgASgLMhIud2luZGZsb3cudjEuRnJhbWVIABIqCgVldmVudBgCIAEoCzIZLndpbmRmbG93LnYxLlNlc3Npb25FdmVudEgAEikKBWVycm9yGAMgASgLMhgud2luZGZsb3cudjEuU3RyZWFtRXJyb3JIAEIFCgNtc2ci2gEKD0ZyYW1lVGltZXN0YW1wcxIOCgZkdWVfdXMYASABKAMSFgoObW9kZWxfc3RhcnRfdXMYAiABKAMSFAoMbW9kZWxfZW5kX3VzGAMgASgDEhIKCmVuY29kZWRfdXMYBCABKAMSFgoOd29ya2VyX3NlbnRfdXMYBSABKAMSFwoPZ2F0ZXdheV9zZW50X3VzGAYgASgDEhMKC25leHRfZHVlX3VzGAcgASgDEhIKCnN0ZXBwZWRfdXMYCCABKAMSGwoTY29udHJvbF9yZWNlaXZlZF91cxgJIAEoAyKEAQoQTGF0ZW5jeUJyZWFrZG93bhIQCghxdWV1ZV9tcxgBIAEoAhIQCghtb2RlbF9tcxgCIAEoAhIRCgllbmNvZGVfbXMYAyABKAISDwoHc2VuZF9tcxgEIAEoAhIUCgx0cmFuc3BvcnRfbXMYBSABKAISEgoKYmF0Y2hfc2l6ZRgGIAEoDSKrAgoFRnJhbWUSEwoLZnJhbWVfaW5kZXgYASABKAQSKAoGZm9ybWF0GAIgASgOMhgud2luZGZsb3cudjEuRnJhbWVGb3JtYXQSDQoFd2lkdGgYAyABKA0SDgoGaGVpZ2h0GAQgASgNEgwKBGRhdGEYBSABKAwSDQoFc3RlcHMYBiABKA0SDgoGYWN0aW9uGAcgASgNEh4KFmNvbnRyb2xfY2xpZW50X3RpbWVfdXMYCCABKAMSMAoKdGltZXN0YW1wcxgJIAEoCzIcLndpbmRmbG93LnYxLkZyYW1lVGltZXN0YW1wcxIuCgdsYXRlbmN5GAogASgLMh0ud2luZGZsb3cudjEuTGF0ZW5jeUJyZWFrZG93bhIVCg1kcm9wcGVkX3RvdGFsGAsgASgEIpQECgxTZXNzaW9uRXZlbnQSLAoEa2luZBgBIAEoDjIeLndpbmRmbG93LnYxLlNlc3Npb25FdmVudC5LaW5kEg8KB21lc3NhZ2UYAiABKAkSEwoLZnJhbWVfaW5kZXgYAyABKAQSDQoFc3RlcHMYBCABKA0SCwoDZnBzGBQgASgCEg0KBWxldmVsGBUgASgNEhEKCXdvcmtlcl9pZBgWIAEoCRIWCg5mcm9tX3dvcmtlcl9pZBgXIAEoCRIOCgZyZWdpb24YGCABKAkSEQoJdmlld2VyX2lkGBkgASgJEh8KBHJvbGUYGiABKA4yES53aW5kZmxvdy52MS5Sb2xlEhIKCnNwZWN0YXRvcnMYGyABKA0igQIKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhEKDUtJTkRfQVRUQUNIRUQQARIYChRLSU5EX1FVQUxJVFlfQ0hBTkdFRBACEg8KC0tJTkRfUEFVU0VEEAMSEAoMS0lORF9SRVNVTUVEEAQSDwoLS0lORF9DTE9TRUQQBRIQCgxLSU5EX1JFV09VTkQQBhISCg5LSU5EX1JFQ09WRVJFRBAHEhEKDUtJTkRfTUlHUkFURUQQCBIXChNLSU5EX0JVREdFVF9XQVJOSU5HEAkSGQoVS0lORF9CVURHRVRfRVhIQVVTVEVEEAoSFQoRS0lORF9ST0xFX0NIQU5HRUQQCyJ7CgtTdHJlYW1FcnJvchIMCgRjb2RlGAEgASgFEhEKCWNvZGVfbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEhMKC2ZyYW1lX2luZGV4GAQgASgEEiUKB2NvbnRyb2wYBSABKAsyFC53aW5kZmxvdy52MS5Db250cm9sIqMBCg1RdWFsaXR5UG9saWN5Ei0KBG1vZGUYASABKA4yHy53aW5kZmxvdy52MS5RdWFsaXR5UG9saWN5Lk1vZGUSEQoJbWluX3N0ZXBzGAIgASgNEg8KB21pbl9mcHMYAyABKAIiPwoETW9kZRIUChBNT0RFX1VOU1BFQ0lGSUVEEAASEQoNTU9ERV9BREFQVElWRRABEg4KCk1PREVfRklYRUQQAipYCgtGcmFtZUZvcm1hdBIcChhGUkFNRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBGUkFNRV9GT1JNQVRfUkdCEAESFQoRRlJBTUVfRk9STUFUX0pQRUcQAiplCgxPdXRwdXRQb2xpY3kSHQoZT1VUUFVUX1BPTElDWV9VTlNQRUNJRklFRBAAEh0KGU9VVFBVVF9QT0xJQ1lfRFJPUF9PTERFU1QQARIXChNPVVRQVVRfUE9MSUNZX1BBVVNFEAIqaAoMU2Vzc2lvbkNsYXNzEh0KGVNFU1NJT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIdChlTRVNTSU9OX0NMQVNTX0lOVEVSQUNUSVZFEAESGgoWU0VTU0lPTl9DTEFTU19MT0NLU1RFUBACKrIBCgxTZXNzaW9uU3RhdGUSHQoZU0VTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhgKFFNFU1NJT05fU1RBVEVfUExBQ0VEEAESGwoXU0VTU0lPTl9TVEFURV9TVFJFQU1JTkcQAhIYChRTRVNTSU9OX1NUQVRFX0NMT1NFRBADEhgKFFNFU1NJT05fU1RBVEVfRkFJTEVEEAQSGAoUU0VTU0lPTl9TVEFURV9QQVJLRUQQBSpFCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABITCg9ST0xFX0NPTlRST0xMRVIQARISCg5ST0xFX1NQRUNUQVRPUhACMsAECghXaW5kZmxvdxJNCgpMaXN0TW9kZWxzEh4ud2luZGZsb3cudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy53aW5kZmxvdy52MS5MaXN0TW9kZWxzUmVzcG9uc2USVgoNQ3JlYXRlU2Vzc2lvbhIhLndpbmRmbG93LnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0GiIud2luZGZsb3cudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEkQKBlN0cmVhbRIaLndpbmRmbG93LnYxLkNsaWVudE1lc3NhZ2UaGi53aW5kZmxvdy52MS5TZXJ2ZXJNZXNzYWdlKAEwARJCCgpHZXRTZXNzaW9uEh4ud2luZGZsb3cudjEuR2V0U2Vzc2lvblJlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uElMKDENsb3NlU2Vzc2lvbhIgLndpbmRmbG93LnYxLkNsb3NlU2Vzc2lvblJlcXVlc3QaIS53aW5kZmxvdy52MS5DbG9zZVNlc3Npb25SZXNwb25zZRI2CgRGb3JrEhgud2luZGZsb3cudjEuRm9ya1JlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uEjoKBlJld2luZBIaLndpbmRmbG93LnYxLlJld2luZFJlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uEjoKBlJlcGxheRIaLndpbmRmbG93LnYxLlJlcGxheVJlcXVlc3QaEi53aW5kZmxvdy52MS5GcmFtZTABMloKBkFjY2VzcxJQCgtDcmVhdGVUb2tlbhIfLndpbmRmbG93LnYxLkNyZWF0ZVRva2VuUmVxdWVzdBogLndpbmRmbG93LnYxLkNyZWF0ZVRva2VuUmVzcG9uc2ViBnByb3RvMw");
+  fileDesc("Chp3aW5kZmxvdy92MS93aW5kZmxvdy5wcm90bxILd2luZGZsb3cudjEibAoSQ3JlYXRlVG9rZW5SZXF1ZXN0Eg4KBm1vZGVscxgBIAMoCRIPCgdyZWdpb25zGAIgAygJEhQKDG1heF9zZXNzaW9ucxgDIAEoDRIQCghidWRnZXRfcxgEIAEoAhINCgV0dGxfcxgFIAEoAiJsChNDcmVhdGVUb2tlblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEhAKCHRva2VuX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIXCg9leHBpcmVzX3VuaXhfbXMYBCABKAMSCwoDa2lkGAUgASgJIrQBCglNb2RlbEluZm8SEAoIbW9kZWxfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SCwoDZnBzGAYgASgCEg8KB2FjdGlvbnMYByADKAkSDAoEYXhlcxgIIAMoCRINCgVzdGVwcxgJIAMoDRIVCg1kZWZhdWx0X3N0ZXBzGAogASgNIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IjwKEkxpc3RNb2RlbHNSZXNwb25zZRImCgZtb2RlbHMYASADKAsyFi53aW5kZmxvdy52MS5Nb2RlbEluZm8iyQIKC1Nlc3Npb25TcGVjEhAKCG1vZGVsX2lkGAEgASgJEgwKBHNlZWQYAiABKAQSCwoDZnBzGAMgASgCEg0KBXN0ZXBzGAQgASgNEigKBmZvcm1hdBgFIAEoDjIYLndpbmRmbG93LnYxLkZyYW1lRm9ybWF0Eg0KBXdpZHRoGAYgASgNEg4KBmhlaWdodBgHIAEoDRIUCgxqcGVnX3F1YWxpdHkYCCABKA0SDgoGcmVnaW9uGAkgASgJEjAKDW91dHB1dF9wb2xpY3kYCiABKA4yGS53aW5kZmxvdy52MS5PdXRwdXRQb2xpY3kSKwoHcXVhbGl0eRgUIAEoCzIaLndpbmRmbG93LnYxLlF1YWxpdHlQb2xpY3kSMAoNc2Vzc2lvbl9jbGFzcxgVIAEoDjIZLndpbmRmbG93LnYxLlNlc3Npb25DbGFzcyLSAwoHU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEiYKBHNwZWMYAiABKAsyGC53aW5kZmxvdy52MS5TZXNzaW9uU3BlYxIoCgVzdGF0ZRgDIAEoDjIZLndpbmRmbG93LnYxLlNlc3Npb25TdGF0ZRIRCgl3b3JrZXJfaWQYBCABKAkSFwoPcGxhY2VtZW50X2Vwb2NoGAUgASgEEhIKCmhlYWRfZnJhbWUYBiABKAQSFwoPY3JlYXRlZF91bml4X21zGAcgASgDEiUKBW1vZGVsGAggASgLMhYud2luZGZsb3cudjEuTW9kZWxJbmZvEiwKC2NoZWNrcG9pbnRzGAkgAygLMhcud2luZGZsb3cudjEuQ2hlY2twb2ludBISCgpsb2dfbGVuZ3RoGAogASgEEhkKEXBhcmVudF9zZXNzaW9uX2lkGAsgASgJEhEKCWZvcmtlZF9hdBgMIAEoBBIOCgZyZWdpb24YDSABKAkSDgoGdGVuYW50GA4gASgJEhYKDnBhcmtlZF91bml4X21zGA8gASgDEiEKBXJlYWNoGBAgAygLMhIud2luZGZsb3cudjEuUmVhY2gSFgoOY2xvc2VkX3VuaXhfbXMYESABKAMiXwoFUmVhY2gSEgoKZnJvbV9mcmFtZRgBIAEoBBIQCgh0b19mcmFtZRgCIAEoBBIZChFtYXhfcmVwbGF5X2ZyYW1lcxgDIAEoBBIVCg1tYXhfcmVwbGF5X21zGAQgASgCInQKCkNoZWNrcG9pbnQSEwoLZnJhbWVfaW5kZXgYASABKAQSEwoLb2JqZWN0X25hbWUYAiABKAkSDAoEc2l6ZRgDIAEoBBIVCg1tb2RlbF92ZXJzaW9uGAQgASgJEhcKD2NyZWF0ZWRfdW5peF9tcxgFIAEoAyIzCgtGb3JrUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGF0X2ZyYW1lGAIgASgDIkYKD0ZvcmtNYW55UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGF0X2ZyYW1lGAIgASgDEg0KBWNvdW50GAMgASgNIjoKEEZvcmtNYW55UmVzcG9uc2USJgoIc2Vzc2lvbnMYASADKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIjUKDVJld2luZFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCgh0b19mcmFtZRgCIAEoAyJJCg1SZXBsYXlSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEgoKZnJvbV9mcmFtZRgCIAEoAxIQCgh0b19mcmFtZRgDIAEoAyI+ChRDcmVhdGVTZXNzaW9uUmVxdWVzdBImCgRzcGVjGAEgASgLMhgud2luZGZsb3cudjEuU2Vzc2lvblNwZWMiPgoVQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEiUKB3Nlc3Npb24YASABKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiKQoTQ2xvc2VTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIj0KFENsb3NlU2Vzc2lvblJlc3BvbnNlEiUKB3Nlc3Npb24YASABKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIrIBCg1DbGllbnRNZXNzYWdlEiUKBmF0dGFjaBgBIAEoCzITLndpbmRmbG93LnYxLkF0dGFjaEgAEicKB2NvbnRyb2wYAiABKAsyFC53aW5kZmxvdy52MS5Db250cm9sSAASHwoDYWNrGAMgASgLMhAud2luZGZsb3cudjEuQWNrSAASKQoIaGFuZG92ZXIYBCABKAsyFS53aW5kZmxvdy52MS5IYW5kb3ZlckgAQgUKA21zZyIdCghIYW5kb3ZlchIRCgl2aWV3ZXJfaWQYASABKAkimgEKBkF0dGFjaBISCgpzZXNzaW9uX2lkGAEgASgJEg4KBndpbmRvdxgCIAEoDRImCghjb250cm9scxgDIAMoCzIULndpbmRmbG93LnYxLkNvbnRyb2wSDgoGcmVzdW1lGAQgASgIEhMKC3Jlc3VtZV9mcm9tGAUgASgEEh8KBHJvbGUYBiABKA4yES53aW5kZmxvdy52MS5Sb2xlIlQKB0NvbnRyb2wSEwoLZnJhbWVfaW5kZXgYASABKAQSDgoGYWN0aW9uGAIgASgNEgwKBGF4ZXMYAyADKAISFgoOY2xpZW50X3RpbWVfdXMYBCABKAMiGgoDQWNrEhMKC2ZyYW1lX2luZGV4GAEgASgEIpIBCg1TZXJ2ZXJNZXNzYWdlEiMKBWZyYW1lGAEgASgLMhIud2luZGZsb3cudjEuRnJhbWVIABIqCgVldmVudBgCIAEoCzIZLndpbmRmbG93LnYxLlNlc3Npb25FdmVudEgAEikKBWVycm9yGAMgASgLMhgud2luZGZsb3cudjEuU3RyZWFtRXJyb3JIAEIFCgNtc2ci2gEKD0ZyYW1lVGltZXN0YW1wcxIOCgZkdWVfdXMYASABKAMSFgoObW9kZWxfc3RhcnRfdXMYAiABKAMSFAoMbW9kZWxfZW5kX3VzGAMgASgDEhIKCmVuY29kZWRfdXMYBCABKAMSFgoOd29ya2VyX3NlbnRfdXMYBSABKAMSFwoPZ2F0ZXdheV9zZW50X3VzGAYgASgDEhMKC25leHRfZHVlX3VzGAcgASgDEhIKCnN0ZXBwZWRfdXMYCCABKAMSGwoTY29udHJvbF9yZWNlaXZlZF91cxgJIAEoAyKEAQoQTGF0ZW5jeUJyZWFrZG93bhIQCghxdWV1ZV9tcxgBIAEoAhIQCghtb2RlbF9tcxgCIAEoAhIRCgllbmNvZGVfbXMYAyABKAISDwoHc2VuZF9tcxgEIAEoAhIUCgx0cmFuc3BvcnRfbXMYBSABKAISEgoKYmF0Y2hfc2l6ZRgGIAEoDSKrAgoFRnJhbWUSEwoLZnJhbWVfaW5kZXgYASABKAQSKAoGZm9ybWF0GAIgASgOMhgud2luZGZsb3cudjEuRnJhbWVGb3JtYXQSDQoFd2lkdGgYAyABKA0SDgoGaGVpZ2h0GAQgASgNEgwKBGRhdGEYBSABKAwSDQoFc3RlcHMYBiABKA0SDgoGYWN0aW9uGAcgASgNEh4KFmNvbnRyb2xfY2xpZW50X3RpbWVfdXMYCCABKAMSMAoKdGltZXN0YW1wcxgJIAEoCzIcLndpbmRmbG93LnYxLkZyYW1lVGltZXN0YW1wcxIuCgdsYXRlbmN5GAogASgLMh0ud2luZGZsb3cudjEuTGF0ZW5jeUJyZWFrZG93bhIVCg1kcm9wcGVkX3RvdGFsGAsgASgEIpQECgxTZXNzaW9uRXZlbnQSLAoEa2luZBgBIAEoDjIeLndpbmRmbG93LnYxLlNlc3Npb25FdmVudC5LaW5kEg8KB21lc3NhZ2UYAiABKAkSEwoLZnJhbWVfaW5kZXgYAyABKAQSDQoFc3RlcHMYBCABKA0SCwoDZnBzGBQgASgCEg0KBWxldmVsGBUgASgNEhEKCXdvcmtlcl9pZBgWIAEoCRIWCg5mcm9tX3dvcmtlcl9pZBgXIAEoCRIOCgZyZWdpb24YGCABKAkSEQoJdmlld2VyX2lkGBkgASgJEh8KBHJvbGUYGiABKA4yES53aW5kZmxvdy52MS5Sb2xlEhIKCnNwZWN0YXRvcnMYGyABKA0igQIKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhEKDUtJTkRfQVRUQUNIRUQQARIYChRLSU5EX1FVQUxJVFlfQ0hBTkdFRBACEg8KC0tJTkRfUEFVU0VEEAMSEAoMS0lORF9SRVNVTUVEEAQSDwoLS0lORF9DTE9TRUQQBRIQCgxLSU5EX1JFV09VTkQQBhISCg5LSU5EX1JFQ09WRVJFRBAHEhEKDUtJTkRfTUlHUkFURUQQCBIXChNLSU5EX0JVREdFVF9XQVJOSU5HEAkSGQoVS0lORF9CVURHRVRfRVhIQVVTVEVEEAoSFQoRS0lORF9ST0xFX0NIQU5HRUQQCyJ7CgtTdHJlYW1FcnJvchIMCgRjb2RlGAEgASgFEhEKCWNvZGVfbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEhMKC2ZyYW1lX2luZGV4GAQgASgEEiUKB2NvbnRyb2wYBSABKAsyFC53aW5kZmxvdy52MS5Db250cm9sIqMBCg1RdWFsaXR5UG9saWN5Ei0KBG1vZGUYASABKA4yHy53aW5kZmxvdy52MS5RdWFsaXR5UG9saWN5Lk1vZGUSEQoJbWluX3N0ZXBzGAIgASgNEg8KB21pbl9mcHMYAyABKAIiPwoETW9kZRIUChBNT0RFX1VOU1BFQ0lGSUVEEAASEQoNTU9ERV9BREFQVElWRRABEg4KCk1PREVfRklYRUQQAipYCgtGcmFtZUZvcm1hdBIcChhGUkFNRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBGUkFNRV9GT1JNQVRfUkdCEAESFQoRRlJBTUVfRk9STUFUX0pQRUcQAiplCgxPdXRwdXRQb2xpY3kSHQoZT1VUUFVUX1BPTElDWV9VTlNQRUNJRklFRBAAEh0KGU9VVFBVVF9QT0xJQ1lfRFJPUF9PTERFU1QQARIXChNPVVRQVVRfUE9MSUNZX1BBVVNFEAIqaAoMU2Vzc2lvbkNsYXNzEh0KGVNFU1NJT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIdChlTRVNTSU9OX0NMQVNTX0lOVEVSQUNUSVZFEAESGgoWU0VTU0lPTl9DTEFTU19MT0NLU1RFUBACKrIBCgxTZXNzaW9uU3RhdGUSHQoZU0VTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhgKFFNFU1NJT05fU1RBVEVfUExBQ0VEEAESGwoXU0VTU0lPTl9TVEFURV9TVFJFQU1JTkcQAhIYChRTRVNTSU9OX1NUQVRFX0NMT1NFRBADEhgKFFNFU1NJT05fU1RBVEVfRkFJTEVEEAQSGAoUU0VTU0lPTl9TVEFURV9QQVJLRUQQBSpFCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABITCg9ST0xFX0NPTlRST0xMRVIQARISCg5ST0xFX1NQRUNUQVRPUhACMokFCghXaW5kZmxvdxJNCgpMaXN0TW9kZWxzEh4ud2luZGZsb3cudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy53aW5kZmxvdy52MS5MaXN0TW9kZWxzUmVzcG9uc2USVgoNQ3JlYXRlU2Vzc2lvbhIhLndpbmRmbG93LnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0GiIud2luZGZsb3cudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEkQKBlN0cmVhbRIaLndpbmRmbG93LnYxLkNsaWVudE1lc3NhZ2UaGi53aW5kZmxvdy52MS5TZXJ2ZXJNZXNzYWdlKAEwARJCCgpHZXRTZXNzaW9uEh4ud2luZGZsb3cudjEuR2V0U2Vzc2lvblJlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uElMKDENsb3NlU2Vzc2lvbhIgLndpbmRmbG93LnYxLkNsb3NlU2Vzc2lvblJlcXVlc3QaIS53aW5kZmxvdy52MS5DbG9zZVNlc3Npb25SZXNwb25zZRI2CgRGb3JrEhgud2luZGZsb3cudjEuRm9ya1JlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uEkcKCEZvcmtNYW55Ehwud2luZGZsb3cudjEuRm9ya01hbnlSZXF1ZXN0Gh0ud2luZGZsb3cudjEuRm9ya01hbnlSZXNwb25zZRI6CgZSZXdpbmQSGi53aW5kZmxvdy52MS5SZXdpbmRSZXF1ZXN0GhQud2luZGZsb3cudjEuU2Vzc2lvbhI6CgZSZXBsYXkSGi53aW5kZmxvdy52MS5SZXBsYXlSZXF1ZXN0GhIud2luZGZsb3cudjEuRnJhbWUwATJaCgZBY2Nlc3MSUAoLQ3JlYXRlVG9rZW4SHy53aW5kZmxvdy52MS5DcmVhdGVUb2tlblJlcXVlc3QaIC53aW5kZmxvdy52MS5DcmVhdGVUb2tlblJlc3BvbnNlYgZwcm90bzM");
 
 /**
  * @generated from message windflow.v1.CreateTokenRequest
@@ -514,6 +514,50 @@ export const ForkRequestSchema: GenMessage<ForkRequest> = /*@__PURE__*/
   messageDesc(file_windflow_v1_windflow, 9);
 
 /**
+ * @generated from message windflow.v1.ForkManyRequest
+ */
+export type ForkManyRequest = Message<"windflow.v1.ForkManyRequest"> & {
+  /**
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * @generated from field: int64 at_frame = 2;
+   */
+  atFrame: bigint;
+
+  /**
+   * @generated from field: uint32 count = 3;
+   */
+  count: number;
+};
+
+/**
+ * Describes the message windflow.v1.ForkManyRequest.
+ * Use `create(ForkManyRequestSchema)` to create a new message.
+ */
+export const ForkManyRequestSchema: GenMessage<ForkManyRequest> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 10);
+
+/**
+ * @generated from message windflow.v1.ForkManyResponse
+ */
+export type ForkManyResponse = Message<"windflow.v1.ForkManyResponse"> & {
+  /**
+   * @generated from field: repeated windflow.v1.Session sessions = 1;
+   */
+  sessions: Session[];
+};
+
+/**
+ * Describes the message windflow.v1.ForkManyResponse.
+ * Use `create(ForkManyResponseSchema)` to create a new message.
+ */
+export const ForkManyResponseSchema: GenMessage<ForkManyResponse> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 11);
+
+/**
  * @generated from message windflow.v1.RewindRequest
  */
 export type RewindRequest = Message<"windflow.v1.RewindRequest"> & {
@@ -533,7 +577,7 @@ export type RewindRequest = Message<"windflow.v1.RewindRequest"> & {
  * Use `create(RewindRequestSchema)` to create a new message.
  */
 export const RewindRequestSchema: GenMessage<RewindRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 10);
+  messageDesc(file_windflow_v1_windflow, 12);
 
 /**
  * @generated from message windflow.v1.ReplayRequest
@@ -562,7 +606,7 @@ export type ReplayRequest = Message<"windflow.v1.ReplayRequest"> & {
  * Use `create(ReplayRequestSchema)` to create a new message.
  */
 export const ReplayRequestSchema: GenMessage<ReplayRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 11);
+  messageDesc(file_windflow_v1_windflow, 13);
 
 /**
  * @generated from message windflow.v1.CreateSessionRequest
@@ -579,7 +623,7 @@ export type CreateSessionRequest = Message<"windflow.v1.CreateSessionRequest"> &
  * Use `create(CreateSessionRequestSchema)` to create a new message.
  */
 export const CreateSessionRequestSchema: GenMessage<CreateSessionRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 12);
+  messageDesc(file_windflow_v1_windflow, 14);
 
 /**
  * @generated from message windflow.v1.CreateSessionResponse
@@ -596,7 +640,7 @@ export type CreateSessionResponse = Message<"windflow.v1.CreateSessionResponse">
  * Use `create(CreateSessionResponseSchema)` to create a new message.
  */
 export const CreateSessionResponseSchema: GenMessage<CreateSessionResponse> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 13);
+  messageDesc(file_windflow_v1_windflow, 15);
 
 /**
  * @generated from message windflow.v1.GetSessionRequest
@@ -613,7 +657,7 @@ export type GetSessionRequest = Message<"windflow.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 14);
+  messageDesc(file_windflow_v1_windflow, 16);
 
 /**
  * @generated from message windflow.v1.CloseSessionRequest
@@ -630,7 +674,7 @@ export type CloseSessionRequest = Message<"windflow.v1.CloseSessionRequest"> & {
  * Use `create(CloseSessionRequestSchema)` to create a new message.
  */
 export const CloseSessionRequestSchema: GenMessage<CloseSessionRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 15);
+  messageDesc(file_windflow_v1_windflow, 17);
 
 /**
  * @generated from message windflow.v1.CloseSessionResponse
@@ -647,7 +691,7 @@ export type CloseSessionResponse = Message<"windflow.v1.CloseSessionResponse"> &
  * Use `create(CloseSessionResponseSchema)` to create a new message.
  */
 export const CloseSessionResponseSchema: GenMessage<CloseSessionResponse> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 16);
+  messageDesc(file_windflow_v1_windflow, 18);
 
 /**
  * @generated from message windflow.v1.ClientMessage
@@ -688,7 +732,7 @@ export type ClientMessage = Message<"windflow.v1.ClientMessage"> & {
  * Use `create(ClientMessageSchema)` to create a new message.
  */
 export const ClientMessageSchema: GenMessage<ClientMessage> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 17);
+  messageDesc(file_windflow_v1_windflow, 19);
 
 /**
  * Hand the controller role over. From the controller: to the attached spectator
@@ -710,7 +754,7 @@ export type Handover = Message<"windflow.v1.Handover"> & {
  * Use `create(HandoverSchema)` to create a new message.
  */
 export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 18);
+  messageDesc(file_windflow_v1_windflow, 20);
 
 /**
  * @generated from message windflow.v1.Attach
@@ -760,7 +804,7 @@ export type Attach = Message<"windflow.v1.Attach"> & {
  * Use `create(AttachSchema)` to create a new message.
  */
 export const AttachSchema: GenMessage<Attach> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 19);
+  messageDesc(file_windflow_v1_windflow, 21);
 
 /**
  * A control applies from frame `frame_index` on, until a later control replaces it.
@@ -797,7 +841,7 @@ export type Control = Message<"windflow.v1.Control"> & {
  * Use `create(ControlSchema)` to create a new message.
  */
 export const ControlSchema: GenMessage<Control> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 20);
+  messageDesc(file_windflow_v1_windflow, 22);
 
 /**
  * The client has consumed every frame up to and including frame_index.
@@ -816,7 +860,7 @@ export type Ack = Message<"windflow.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 21);
+  messageDesc(file_windflow_v1_windflow, 23);
 
 /**
  * @generated from message windflow.v1.ServerMessage
@@ -851,7 +895,7 @@ export type ServerMessage = Message<"windflow.v1.ServerMessage"> & {
  * Use `create(ServerMessageSchema)` to create a new message.
  */
 export const ServerMessageSchema: GenMessage<ServerMessage> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 22);
+  messageDesc(file_windflow_v1_windflow, 24);
 
 /**
  * Wall-clock timestamps (unix microseconds) along the frame path.
@@ -923,7 +967,7 @@ export type FrameTimestamps = Message<"windflow.v1.FrameTimestamps"> & {
  * Use `create(FrameTimestampsSchema)` to create a new message.
  */
 export const FrameTimestampsSchema: GenMessage<FrameTimestamps> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 23);
+  messageDesc(file_windflow_v1_windflow, 25);
 
 /**
  * @generated from message windflow.v1.LatencyBreakdown
@@ -973,7 +1017,7 @@ export type LatencyBreakdown = Message<"windflow.v1.LatencyBreakdown"> & {
  * Use `create(LatencyBreakdownSchema)` to create a new message.
  */
 export const LatencyBreakdownSchema: GenMessage<LatencyBreakdown> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 24);
+  messageDesc(file_windflow_v1_windflow, 26);
 
 /**
  * @generated from message windflow.v1.Frame
@@ -1048,7 +1092,7 @@ export type Frame = Message<"windflow.v1.Frame"> & {
  * Use `create(FrameSchema)` to create a new message.
  */
 export const FrameSchema: GenMessage<Frame> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 25);
+  messageDesc(file_windflow_v1_windflow, 27);
 
 /**
  * @generated from message windflow.v1.SessionEvent
@@ -1136,7 +1180,7 @@ export type SessionEvent = Message<"windflow.v1.SessionEvent"> & {
  * Use `create(SessionEventSchema)` to create a new message.
  */
 export const SessionEventSchema: GenMessage<SessionEvent> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 26);
+  messageDesc(file_windflow_v1_windflow, 28);
 
 /**
  * @generated from enum windflow.v1.SessionEvent.Kind
@@ -1223,7 +1267,7 @@ export enum SessionEvent_Kind {
  * Describes the enum windflow.v1.SessionEvent.Kind.
  */
 export const SessionEvent_KindSchema: GenEnum<SessionEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 26, 0);
+  enumDesc(file_windflow_v1_windflow, 28, 0);
 
 /**
  * A non-fatal error about one client message (e.g. a rejected control); the stream goes on.
@@ -1266,7 +1310,7 @@ export type StreamError = Message<"windflow.v1.StreamError"> & {
  * Use `create(StreamErrorSchema)` to create a new message.
  */
 export const StreamErrorSchema: GenMessage<StreamError> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 27);
+  messageDesc(file_windflow_v1_windflow, 29);
 
 /**
  * How the worker may trade a session's quality for its deadlines (docs/runtime.md).
@@ -1301,7 +1345,7 @@ export type QualityPolicy = Message<"windflow.v1.QualityPolicy"> & {
  * Use `create(QualityPolicySchema)` to create a new message.
  */
 export const QualityPolicySchema: GenMessage<QualityPolicy> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 28);
+  messageDesc(file_windflow_v1_windflow, 30);
 
 /**
  * @generated from enum windflow.v1.QualityPolicy.Mode
@@ -1331,7 +1375,7 @@ export enum QualityPolicy_Mode {
  * Describes the enum windflow.v1.QualityPolicy.Mode.
  */
 export const QualityPolicy_ModeSchema: GenEnum<QualityPolicy_Mode> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 28, 0);
+  enumDesc(file_windflow_v1_windflow, 30, 0);
 
 /**
  * @generated from enum windflow.v1.FrameFormat
@@ -1579,6 +1623,18 @@ export const Windflow: GenService<{
     methodKind: "unary";
     input: typeof ForkRequestSchema;
     output: typeof SessionSchema;
+  },
+  /**
+   * `count` forks of one session at one frame, in one call (1..64): rollouts from a common
+   * state. They share the parent's checkpoints and, placed beside it, its in-memory ring;
+   * all are made or none (docs/simulation.md). Each counts against the tenant's quotas.
+   *
+   * @generated from rpc windflow.v1.Windflow.ForkMany
+   */
+  forkMany: {
+    methodKind: "unary";
+    input: typeof ForkManyRequestSchema;
+    output: typeof ForkManyResponseSchema;
   },
   /**
    * The same session continues from `to_frame`; its log after that is truncated. An
