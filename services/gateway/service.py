@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 MOVE_POLL_S = 0.1
+STATUS_TIMEOUT_S = 2.0
+"""How long GetSession waits for the worker holding a session to say its head (a healthy
+one answers in milliseconds; a stalled one never): then the head delivered to its
+clients is reported."""
 """How often GetSession asks again while the session's placed worker does not hold it yet
 (a move in progress)."""
 MOVE_WAIT_S = 5.0
@@ -177,22 +181,37 @@ class GatewayService:
                 status = await grpc_util.call(
                     self._worker(placement.worker_address).GetSessionStatus(
                         internal_pb2.GetSessionStatusRequest(session_id=session_id),
-                        timeout=self.config.rpc_timeout_s,
+                        timeout=min(STATUS_TIMEOUT_S, self.config.rpc_timeout_s),
                     )
                 )
-            except (NotFound, Unavailable):
-                if time.monotonic() < deadline:
+            except (NotFound, Unavailable) as err:
+                stalled = isinstance(err.__cause__, grpc.aio.AioRpcError) and (
+                    err.__cause__.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                )
+                if not stalled and time.monotonic() < deadline:
                     await asyncio.sleep(MOVE_POLL_S)
                     continue
-                return session  # without a head: nothing holds it now
-            except WindflowError:
-                return session
+                return await self._known_head(session)  # nothing that holds it answers
+            except WindflowError:  # (its worker failing)
+                return await self._known_head(session)
             session.head_frame = status.head_frame
             session.state = (
                 pb.SESSION_STATE_STREAMING if status.attached else pb.SESSION_STATE_PLACED
             )
             await self._reach(session)
             return session
+
+    async def _known_head(self, session: pb.Session) -> pb.Session:
+        """``session`` with the head its clients were delivered up to where its worker
+        cannot say (the record's own head is only updated at a close or a rewind): never
+        behind a frame a client got."""
+        try:
+            delivered = await self._heads.get(session.session_id)
+        except Exception:  # (etcd unreachable: the record's head, as before)
+            log.warning("session %s: its delivered head could not be read", session.session_id)
+            return session
+        session.head_frame = max(session.head_frame, delivered)
+        return session
 
     async def _reach(self, session: pb.Session) -> None:
         """``session.reach`` from its checkpoints and the head just read, with the replay

@@ -323,3 +323,38 @@ async def test_a_hung_worker_loses_no_stream(tmp_path: Path) -> None:
             assert "switching legs" in mesh.log("gateway")
     finally:
         await mesh.aclose()
+
+
+async def test_get_session_on_a_stalled_worker_reports_the_delivered_head(
+    tmp_path: Path,
+) -> None:
+    """GetSession while the worker holding the session is stalled (SIGSTOP; it answers
+    nothing): the head is the one its clients were delivered up to, quickly, not the
+    record's 0 after the full RPC timeout (a chaos schedule saw a fresh attach find head 0
+    while the session's worker was stopped, then begin at frame 141)."""
+    mesh = Mesh(tmp_path, workers=1, worker_args=WORKER_ARGS)
+    try:
+        await mesh.start()
+        async with Client(mesh.gateway) as client:
+            info = await _new(client, seed=31)
+            live = await client.attach(info)
+            got = [f.index async for f in live.frames(limit=30)]
+            await live.aclose()
+            assert got == list(range(30))
+            for _ in range(50):  # the stream's end is recorded off its task
+                if (await client.get_session(info.session_id)).head_frame >= 30:
+                    break
+                await asyncio.sleep(0.1)
+            pid = mesh.procs[info.worker_id].pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = asyncio.get_running_loop().time()
+                stalled = await client.get_session(info.session_id)
+                took = asyncio.get_running_loop().time() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert stalled.head_frame >= 30
+            assert took < 5.0, f"GetSession took {took:.1f} s on a stalled worker"
+    finally:
+        await mesh.aclose()

@@ -114,7 +114,15 @@ async def test_spectators_see_the_frames_the_controller_gets_made_once(client: C
         assert [a.kind for a in attached] == [pb.SessionEvent.KIND_ATTACHED] * 4
         assert [a.role for a in attached] == [pb.ROLE_CONTROLLER] + [pb.ROLE_SPECTATOR] * 3
         assert len({a.viewer_id for a in attached}) == 4
-        assert attached[-1].spectators == 3
+        # (the three attached concurrently: each counted those there by then) a fourth,
+        # attached after, counts every spectator, itself included
+        late = await client.spectate(info)
+        try:
+            first = await anext(late.frames())
+            assert first.index > 0
+            assert late.events[0].spectators == 4
+        finally:
+            await late.aclose()
     finally:
         for w in (player, *viewers):
             await w.aclose()
