@@ -128,6 +128,29 @@ def test_windflow_streams_are_replicated_across_the_nats_members(
             assert env.get("WINDFLOW_JETSTREAM_REPLICAS") == "3", doc["metadata"]["name"]
 
 
+def test_every_service_serves_metrics_to_the_monitoring_namespace_only(
+    docs: list[dict[str, Any]],
+) -> None:
+    """Each Windflow container serves /metrics on 9464 (--metrics-listen), its pod says so
+    to Prometheus, and a NetworkPolicy lets only the `monitoring` namespace reach it."""
+    for doc in _workloads(docs):
+        template = doc["spec"]["template"]
+        for container in filter(_is_windflow, _containers(doc)):
+            assert "--metrics-listen=0.0.0.0:9464" in container["args"], doc["metadata"]["name"]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports["metrics"] == 9464
+            annotations = template["metadata"].get("annotations", {})
+            assert annotations.get("prometheus.io/scrape") == "true"
+            assert annotations.get("prometheus.io/port") == "9464"
+    policy = _of(docs, "NetworkPolicy")["metrics"]["spec"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9464}]
+    (source,) = rule["from"]
+    assert source == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+
+
 def test_replicated_stateless_services(docs: list[dict[str, Any]]) -> None:
     deployments = _of(docs, "Deployment")
     assert set(deployments) == {"router", "gateway", "bridge", "session"}
@@ -231,8 +254,8 @@ def test_network_policies(docs: list[dict[str, Any]]) -> None:
 
     covered: dict[str, list[dict[str, Any]]] = {}
     for name, policy in policies.items():
-        if name == "default-deny-ingress":
-            continue
+        if name in ("default-deny-ingress", "metrics"):
+            continue  # (metrics: every service's 9464, its own test)
         target = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
         covered[target] = policy["spec"]["ingress"]
     components = {d["metadata"]["labels"]["app.kubernetes.io/name"] for d in _workloads(docs)}
