@@ -38,6 +38,9 @@ class AppliedControl:
     """client_time_us of the control newly applied at this frame, else 0."""
     received_us: int = 0
     """When this worker read that control (wall clock, us), else 0."""
+    client_times: tuple[int, ...] = ()
+    """client_time_us of every control taken for this frame, in order (``Frame.
+    applied_client_time_us``)."""
 
 
 class SessionActor:
@@ -289,10 +292,27 @@ class SessionActor:
     def take_control(self) -> AppliedControl:
         """The control for the next frame: the latest one stamped at or before it."""
         applied_time = received = 0
+        times: list[int] = []
         while self.control_waiting:
             self._pending_idx.pop(0)
             self.current, applied_time, received = self._pending.pop(0)
-        return AppliedControl(self.current, applied_time, received)
+            if applied_time:
+                times.append(applied_time)
+        return AppliedControl(self.current, applied_time, received, tuple(times))
+
+    def receipt(self, msg: pb.Control) -> pb.ServerMessage:
+        """The receipt of an accepted control: queued for the controller ahead of the
+        frames waiting to go out (a receipt is no frame: the window does not hold it)."""
+        receipt = pb.ServerMessage(
+            receipt=pb.ControlReceipt(
+                frame_index=msg.frame_index,
+                client_time_us=msg.client_time_us,
+                received_us=telemetry.now_us(),
+            )
+        )
+        self.out.appendleft(receipt)
+        self.frame_available.set()
+        return receipt
 
     # ---- flow control and output ----
 

@@ -448,6 +448,7 @@ class WorkerRuntime:
                     "as they are made"
                 )
         refused: list[tuple[pb.Control, WindflowError]] = []
+        attach_controls = list(first.attach.controls)
         if actor.awaiting_commit:
             # migrated here, the placement moved, the claim not done yet: a gateway that
             # switched legs at once waits for it (the commit's own deadline bounds this)
@@ -467,9 +468,9 @@ class WorkerRuntime:
                     raise actor.lost or Unavailable(
                         f"session {session_id} left worker {self.config.worker_id} while resuming"
                     )
-                refused = actor.resume_controls(list(first.attach.controls))
+                refused = actor.resume_controls(attach_controls)
             else:
-                actor.add_controls(list(first.attach.controls))  # all or none: refused, no attach
+                actor.add_controls(attach_controls)  # all or none: refused, no attach
         actor.viewers[viewer.viewer_id] = viewer
         if not viewer.spectating:
             # (a resume takes the role over from a stream still attached: its client again)
@@ -502,6 +503,12 @@ class WorkerRuntime:
             attached.event.role = viewer.role
             attached.event.spectators = len(actor.spectators)
             yield attached
+            refused_ids = {id(control) for control, _ in refused}
+            for control in attach_controls:  # (taken with the attach, or refused)
+                if not viewer.spectating and id(control) not in refused_ids:
+                    receipt = actor.receipt(control)
+                    actor.out.remove(receipt)  # (sent here, before any frame)
+                    yield receipt
             for control, err in refused:
                 yield stream_error(err, control.frame_index, control)
             while True:
@@ -843,6 +850,7 @@ class WorkerRuntime:
                     self._metrics.controls_refused.add(1, {"code": err.code})
                     actor.push(stream_error(err, message.control.frame_index, message.control))
                 else:
+                    actor.receipt(message.control)
                     self.engine.wake()  # its frame may now start early (scheduler.start_due)
             elif kind == "ack":
                 if actor.controller == viewer.viewer_id:

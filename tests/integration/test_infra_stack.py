@@ -242,3 +242,42 @@ def _cmdline_or_empty(pid: int) -> list[str]:
         return _cmdline(pid)
     except OSError:
         return []
+
+
+async def test_windflow_up_serves_the_models_it_is_asked_for(
+    tmp_path: Path, fake_service_program: Path
+) -> None:
+    """``--models A,B``: every worker is started serving both; an unknown model id exits 2
+    before anything starts, naming the registered ones."""
+    command = f"{sys.executable} {fake_service_program}"
+    up = _start_up(
+        "--workers", "1", "--models", "windflow-world,wan-causal-tiny",
+        "--state-dir", str(tmp_path), "--service-command", command,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(up.stdout.readline), 60)
+        assert READY_LINE.search(line), f"no ready line: {line!r}"
+        workers = [
+            argv for argv in map(_cmdline_or_empty, _children_of(up.pid)) if "worker" in argv
+        ]
+        assert len(workers) == 1
+        assert _contains(workers[0], ["--models", "windflow-world,wan-causal-tiny"])
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(asyncio.to_thread(up.wait), 30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for stream in (up.stdout, up.stderr):
+            if stream is not None:
+                stream.close()
+    bad = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "windflow", "up", "--models", "windflow-world,nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "unknown model(s) nope" in bad.stderr and "wan-causal-tiny" in bad.stderr

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_STACK_FAILED = 1
+EXIT_USAGE = 2
 
 
 def register(sub: Any) -> None:
@@ -89,6 +90,12 @@ def register(sub: Any) -> None:
         action="store_false",
         help="no browser bridge (HTTP and WebSocket; on by default)",
     )
+    parser.add_argument(
+        "--models",
+        default="windflow-world",
+        help="comma-separated model ids every worker serves (default: %(default)s; "
+        "`windflow models` lists the registered ones)",
+    )
     add_reclaim_arguments(parser)
     parser.add_argument(
         "--service-command",
@@ -100,6 +107,17 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from services.worker.models.registry import MODEL_FACTORIES  # (no model is loaded)
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_FACTORIES]
+    if not models or unknown:
+        print(
+            f"windflow up: unknown model(s) {', '.join(unknown) or '(none given)'}; "
+            f"registered: {', '.join(sorted(MODEL_FACTORIES))}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     temporary = args.state_dir is None
     state_dir = Path(tempfile.mkdtemp(prefix="windflow-")) if temporary else args.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         service_command=tuple(shlex.split(args.service_command)),
         insecure=args.insecure,
         bridge=args.bridge,
+        worker_args=("--models", ",".join(models)),
         session_args=(
             "--close-unattached-s",
             str(args.close_unattached_s),

@@ -268,6 +268,20 @@ async def call(awaitable: Awaitable[T]) -> T:
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> WindflowError:
     """Turn a downstream RPC failure back into the matching typed error (same code)."""
+    retry_after = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            retry_after = int(value) / 1000.0
+    return error_from_status(
+        exc.code().name, exc.details() or exc.code().name, retry_after_s=retry_after
+    )
+
+
+def error_from_status(
+    code_name: str, message: str, *, retry_after_s: float | None = None
+) -> WindflowError:
+    """The typed error of a gRPC status code's name (an RPC's, or an in-stream
+    ``StreamError.code_name``); UNAVAILABLE for a code without one."""
     from windflow import errors
 
     by_code: dict[str, type[WindflowError]] = {
@@ -286,9 +300,4 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> WindflowError:
             errors.Internal,
         )
     }
-    cls = by_code.get(exc.code().name, errors.Unavailable)
-    retry_after = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
-            retry_after = int(value) / 1000.0
-    return cls(exc.details() or exc.code().name, retry_after_s=retry_after)
+    return by_code.get(code_name, errors.Unavailable)(message, retry_after_s=retry_after_s)

@@ -144,6 +144,10 @@ class Session:
         lock's waiters go next in the order they came."""
         self.events: collections.deque[pb.SessionEvent] = collections.deque(maxlen=256)
         self.errors: collections.deque[pb.StreamError] = collections.deque(maxlen=256)
+        self.receipts: collections.deque[pb.ControlReceipt] = collections.deque(maxlen=256)
+        """The server's receipts of accepted controls, newest last."""
+        self._awaiting: dict[int, asyncio.Future[pb.ControlReceipt]] = {}
+        """``send_confirmed`` calls waiting, by their control's client_time_us."""
         self.last_index = -1
         self.next_index = 0
         self.fps = float(info.spec.fps or info.model.fps)
@@ -243,6 +247,47 @@ class Session:
             )
         )
         return index
+
+    async def send_confirmed(
+        self,
+        action: int = 0,
+        axes: Sequence[float] = (),
+        frame_index: int | None = None,
+        *,
+        timeout_s: float = 5.0,
+    ) -> pb.ControlReceipt:
+        """``send``, then wait for the server's answer: its receipt (the frame the control
+        applies from), or, when it is refused, the refusal raised as its typed error. The
+        answer comes on the stream: ``frames()`` must be read meanwhile (it is what takes
+        it)."""
+        index = self.next_index if frame_index is None else frame_index
+        now = telemetry.now_us()
+        while now in self._awaiting:  # (one answer per client_time_us)
+            now += 1
+        answer: asyncio.Future[pb.ControlReceipt] = asyncio.get_running_loop().create_future()
+        self._awaiting[now] = answer
+        try:
+            await self._write(
+                pb.ClientMessage(
+                    control=pb.Control(
+                        frame_index=index, action=action, axes=list(axes), client_time_us=now
+                    )
+                )
+            )
+            return await asyncio.wait_for(answer, timeout_s)
+        finally:
+            self._awaiting.pop(now, None)
+
+    def _answered(
+        self, client_time_us: int, receipt: pb.ControlReceipt | None, error: WindflowError | None
+    ) -> None:
+        waiting = self._awaiting.get(client_time_us)
+        if waiting is None or waiting.done():
+            return
+        if error is not None:
+            waiting.set_exception(error)
+        elif receipt is not None:
+            waiting.set_result(receipt)
 
     async def just_in_time(self, lead_ms: float | None = None) -> int:
         """Wait until ``lead_ms`` before the deadline of the next frame a control can still
@@ -349,6 +394,16 @@ class Session:
                         self.errors.append(message.error)
                         if message.error.HasField("control"):
                             self._controls.refused(message.error.control)  # never re-sent
+                            self._answered(
+                                message.error.control.client_time_us,
+                                None,
+                                grpc_util.error_from_status(
+                                    message.error.code_name, message.error.message
+                                ),
+                            )
+                    elif kind == "receipt":
+                        self.receipts.append(message.receipt)
+                        self._answered(message.receipt.client_time_us, message.receipt, None)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.CANCELLED and self._closed:

@@ -928,28 +928,63 @@ class ServerMessage(_message.Message):
     FRAME_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def frame(self) -> Global___Frame: ...
     @_builtins.property
     def event(self) -> Global___SessionEvent: ...
     @_builtins.property
     def error(self) -> Global___StreamError: ...
+    @_builtins.property
+    def receipt(self) -> Global___ControlReceipt: ...
     def __init__(
         self,
         *,
         frame: Global___Frame | None = ...,
         event: Global___SessionEvent | None = ...,
         error: Global___StreamError | None = ...,
+        receipt: Global___ControlReceipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "frame", b"frame", "msg", b"msg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "frame", b"frame", "msg", b"msg", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "frame", b"frame", "msg", b"msg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "frame", b"frame", "msg", b"msg", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["frame", "event", "error"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["frame", "event", "error", "receipt"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class ControlReceipt(_message.Message):
+    """The worker took a control (the controller's stream only): it applies from frame_index
+    on. Sent as the control is accepted, ahead of frames waiting to go out; a refused
+    control gets a StreamError naming it instead. client_time_us says which control.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_INDEX_FIELD_NUMBER: _builtins.int
+    CLIENT_TIME_US_FIELD_NUMBER: _builtins.int
+    RECEIVED_US_FIELD_NUMBER: _builtins.int
+    frame_index: _builtins.int
+    client_time_us: _builtins.int
+    received_us: _builtins.int
+    """when the worker took it (unix microseconds)"""
+    def __init__(
+        self,
+        *,
+        frame_index: _builtins.int = ...,
+        client_time_us: _builtins.int = ...,
+        received_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_time_us", b"client_time_us", "frame_index", b"frame_index", "received_us", b"received_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlReceipt: _TypeAlias = ControlReceipt  # noqa: Y015
 
 @_typing.final
 class FrameTimestamps(_message.Message):
@@ -1061,6 +1096,7 @@ class Frame(_message.Message):
     TIMESTAMPS_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     DROPPED_TOTAL_FIELD_NUMBER: _builtins.int
+    APPLIED_CLIENT_TIME_US_FIELD_NUMBER: _builtins.int
     frame_index: _builtins.int
     format: Global___FrameFormat.ValueType
     width: _builtins.int
@@ -1078,6 +1114,13 @@ class Frame(_message.Message):
     def timestamps(self) -> Global___FrameTimestamps: ...
     @_builtins.property
     def latency(self) -> Global___LatencyBreakdown: ...
+    @_builtins.property
+    def applied_client_time_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """client_time_us of every control first applied in this frame, in the order sent (a
+        later one replaces an earlier one stamped for the same frame); control_client_time_us
+        is the last of them
+        """
+
     def __init__(
         self,
         *,
@@ -1092,10 +1135,11 @@ class Frame(_message.Message):
         timestamps: Global___FrameTimestamps | None = ...,
         latency: Global___LatencyBreakdown | None = ...,
         dropped_total: _builtins.int = ...,
+        applied_client_time_us: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "timestamps", b"timestamps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "control_client_time_us", b"control_client_time_us", "data", b"data", "dropped_total", b"dropped_total", "format", b"format", "frame_index", b"frame_index", "height", b"height", "latency", b"latency", "steps", b"steps", "timestamps", b"timestamps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "applied_client_time_us", b"applied_client_time_us", "control_client_time_us", b"control_client_time_us", "data", b"data", "dropped_total", b"dropped_total", "format", b"format", "frame_index", b"frame_index", "height", b"height", "latency", b"latency", "steps", b"steps", "timestamps", b"timestamps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,12 +8,13 @@ import {
   SessionEvent_Kind,
   SessionEventSchema,
   type Control,
+  type ControlReceipt,
   type Frame,
   type ServerMessage,
   type SessionEvent,
   type StreamError,
 } from "./gen/windflow/v1/windflow_pb";
-import { Code } from "./errors";
+import { Code, WindflowError } from "./errors";
 import type { AsyncQueue } from "./queue";
 
 export type RoleName = "controller" | "spectator";
@@ -128,6 +129,13 @@ export class StreamState {
   private readonly stamped = new Map<bigint, number>();
   /** Controls that were stamped again after a refusal (their refusals are not errors). */
   restamps = 0;
+  /** The server's receipts of accepted controls, oldest first (the newest 256). */
+  readonly receipts: ControlReceipt[] = [];
+  /** `sendConfirmed` calls waiting for their answer, by the control's clientTimeUs. */
+  private readonly answers = new Map<
+    bigint,
+    { resolve: (receipt: ControlReceipt) => void; reject: (error: WindflowError) => void }
+  >();
 
   constructor(
     public role: RoleName,
@@ -222,14 +230,26 @@ export class StreamState {
         this.event(event); // (its listener sees the state after it)
         return event.kind === SessionEvent_Kind.CLOSED ? { closed: true } : {};
       }
+      case "receipt": {
+        const receipt = msg.value;
+        this.receipts.push(receipt);
+        if (this.receipts.length > HISTORY) this.receipts.shift();
+        const waiting = this.answers.get(receipt.clientTimeUs);
+        this.answers.delete(receipt.clientTimeUs);
+        waiting?.resolve(receipt);
+        return {};
+      }
       case "error": {
         const error = msg.value;
         this.lastError = error;
         const refused = error.control;
         if (refused) {
           const again = this.restamp(error, refused);
-          if (again) return { resend: again };
+          if (again) return { resend: again }; // (its answer is the new stamp's, same time)
           this.pending.refused(refused); // never sent again
+          const waiting = this.answers.get(refused.clientTimeUs);
+          this.answers.delete(refused.clientTimeUs);
+          waiting?.reject(new WindflowError(error.code, error.message));
         }
         this.errors.push(error);
         if (this.errors.length > HISTORY) this.errors.shift();
@@ -238,6 +258,27 @@ export class StreamState {
       }
     }
     return {};
+  }
+
+  /** The server's answer to the control sent with `clientTimeUs`: its receipt, or its
+   * refusal as a WindflowError; TIMEOUT-like UNAVAILABLE after `timeoutMs`. */
+  answer(clientTimeUs: bigint, timeoutMs: number): Promise<ControlReceipt> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.answers.delete(clientTimeUs);
+        reject(new WindflowError(Code.UNAVAILABLE, `no answer to the control in ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.answers.set(clientTimeUs, {
+        resolve: (receipt) => {
+          clearTimeout(timer);
+          resolve(receipt);
+        },
+        reject: (error) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      });
+    });
   }
 
   /** A local event (KIND_RECOVERED after a resume) into the history. */
@@ -293,6 +334,22 @@ export abstract class SessionView {
     protected readonly state: StreamState,
     protected readonly queue: AsyncQueue<Frame>,
   ) {}
+
+  /** Send a control; returns it as sent (frame index and client time filled in). */
+  abstract send(input?: ControlInput): Control;
+
+  /** Send a control and wait for the server's answer: its receipt (the frame it applies
+   * from), or its refusal thrown as a WindflowError. The answer comes on the stream, so
+   * its frames must be read meanwhile (as `frames()` does). */
+  sendConfirmed(input: ControlInput = {}, timeoutMs = 5000): Promise<ControlReceipt> {
+    const control = this.send(input);
+    return this.state.answer(control.clientTimeUs, timeoutMs);
+  }
+
+  /** The server's receipts of accepted controls, oldest first (the newest 256). */
+  get receipts(): readonly ControlReceipt[] {
+    return this.state.receipts;
+  }
 
   /** This stream's role now (a handover changes it). */
   get role(): RoleName {

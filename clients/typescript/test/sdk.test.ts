@@ -149,6 +149,26 @@ describe("the stream", () => {
     assert.throws(() => stream.send({ action: 1 }), (e: unknown) => e instanceof WindflowError && e.codeName === "FAILED_PRECONDITION");
   });
 
+  test("sendConfirmed resolves with the receipt, and rejects a refused control", async () => {
+    const session = await newSession();
+    const stream = await client.attach(session.sessionId);
+    const reading = take(stream, 20); // (the reader takes the answers)
+    const receipt = await stream.sendConfirmed({ action: 3, frameIndex: 12 });
+    assert.equal(receipt.frameIndex, 12n);
+    assert.ok(receipt.clientTimeUs > 0n && receipt.receivedUs > 0n);
+    await assert.rejects(
+      stream.sendConfirmed({ action: 99, frameIndex: 15 }),
+      (e: unknown) => e instanceof WindflowError && e.codeName === "INVALID_ARGUMENT",
+    );
+    const frames = await reading;
+    const shaped = frames.find((f) => f.frameIndex === 12n);
+    assert.ok(shaped);
+    assert.deepEqual(shaped.appliedClientTimeUs, [receipt.clientTimeUs]);
+    assert.equal(shaped.action, 3);
+    assert.equal(stream.receipts.length, 1);
+    stream.close();
+  });
+
   test("controls queued with the attach shape frame 0", async () => {
     const session = await newSession();
     const stream = await client.attach(session.sessionId, {
