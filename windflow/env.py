@@ -374,7 +374,48 @@ def _spec_size(model: pb.ModelInfo, width: int, height: int) -> tuple[int, int]:
 # ---- the single env ----
 
 
-class WindflowEnv(gymnasium.Env[np.ndarray, Any]):
+class _MeshEnv:
+    """What a Windflow environment, single or vector, keeps of its configuration, and its
+    client of the mesh (made on first use)."""
+
+    def __init__(
+        self,
+        model: str,
+        gateway: str | Sequence[str],
+        token: str | None,
+        reward: RewardFn | None,
+        terminated: TerminatedFn | None,
+        max_episode_steps: int | None,
+        steps: int,
+        render_mode: str | None,
+        step_timeout_s: float,
+        render_modes: Sequence[str],
+    ) -> None:
+        if render_mode is not None and render_mode not in render_modes:
+            raise ValueError(f"render_mode must be None or one of {list(render_modes)}")
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError("max_episode_steps must be >= 1 or None")
+        self.model_id = model
+        self.gateway = gateway
+        self.token = token
+        self.reward_fn = reward
+        self.terminated_fn = terminated
+        self.max_episode_steps = max_episode_steps
+        self.render_mode = render_mode
+        self.step_timeout_s = step_timeout_s
+        self._steps = steps
+        self._client: Client | None = None
+        self.frames_by_batch_size: collections.Counter[int] = collections.Counter()
+        """Frames received, by the size of the worker batch that made each (diagnostics:
+        how well the worker batched the steps)."""
+
+    async def _connect(self) -> pb.ModelInfo:
+        if self._client is None:
+            self._client = Client(self.gateway, token=self.token)
+        return await _model(self._client, self.model_id)
+
+
+class WindflowEnv(_MeshEnv, gymnasium.Env[np.ndarray, Any]):
     """One lockstep session of ``model`` on the mesh behind ``gateway`` as a Gym env.
 
     ``gateway``: one address, several (a sequence or "HOST:PORT,HOST:PORT"; the stream
@@ -406,23 +447,11 @@ class WindflowEnv(gymnasium.Env[np.ndarray, Any]):
         render_mode: str | None = None,
         step_timeout_s: float = STEP_TIMEOUT_S,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}")
-        if max_episode_steps is not None and max_episode_steps < 1:
-            raise ValueError("max_episode_steps must be >= 1 or None")
-        self.model_id = model
-        self.gateway = gateway
-        self.token = token
-        self.reward_fn = reward
-        self.terminated_fn = terminated
-        self.max_episode_steps = max_episode_steps
-        self.render_mode = render_mode
-        self.step_timeout_s = step_timeout_s
-        self._steps = steps
-        self._client: Client | None = None
+        _MeshEnv.__init__(
+            self, model, gateway, token, reward, terminated, max_episode_steps, steps,
+            render_mode, step_timeout_s, self.metadata["render_modes"],
+        )  # fmt: skip
         self._episode: _Episode | None = None
-        self.frames_by_batch_size: collections.Counter[int] = collections.Counter()
-        """Frames received, by the size of the worker batch that made each (diagnostics)."""
         try:
             self.model: pb.ModelInfo = run_sync(self._connect())
         except BaseException:
@@ -436,11 +465,6 @@ class WindflowEnv(gymnasium.Env[np.ndarray, Any]):
         self._elapsed = 0
         self._done = True
         """No episode to step: before the first reset, or after one ended."""
-
-    async def _connect(self) -> pb.ModelInfo:
-        if self._client is None:
-            self._client = Client(self.gateway, token=self.token)
-        return await _model(self._client, self.model_id)
 
     @property
     def session_id(self) -> str | None:
@@ -529,7 +553,7 @@ async def _step(episode: _Episode, action: int, axes: Sequence[float]) -> np.nda
 # ---- the vector env ----
 
 
-class WindflowVectorEnv(VectorEnv[np.ndarray, Any, np.ndarray]):
+class WindflowVectorEnv(_MeshEnv, VectorEnv[np.ndarray, Any, np.ndarray]):
     """``num_envs`` lockstep sessions of ``model`` stepped together over one connection.
 
     ``step(actions)`` sends every env's control, then awaits every frame (concurrently: the
@@ -565,24 +589,11 @@ class WindflowVectorEnv(VectorEnv[np.ndarray, Any, np.ndarray]):
     ) -> None:
         if num_envs < 1:
             raise ValueError("num_envs must be >= 1")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}")
-        if max_episode_steps is not None and max_episode_steps < 1:
-            raise ValueError("max_episode_steps must be >= 1 or None")
+        _MeshEnv.__init__(
+            self, model, gateway, token, reward, terminated, max_episode_steps, steps,
+            render_mode, step_timeout_s, self.metadata["render_modes"],
+        )  # fmt: skip
         self.num_envs = num_envs
-        self.model_id = model
-        self.gateway = gateway
-        self.token = token
-        self.reward_fn = reward
-        self.terminated_fn = terminated
-        self.max_episode_steps = max_episode_steps
-        self.render_mode = render_mode
-        self.step_timeout_s = step_timeout_s
-        self._steps = steps
-        self._client: Client | None = None
-        self.frames_by_batch_size: collections.Counter[int] = collections.Counter()
-        """Frames received, by the size of the worker batch that made each (diagnostics:
-        how well the worker batched the envs' steps)."""
         self._episodes: list[_Episode | None] = [None] * num_envs
         try:
             self.model: pb.ModelInfo = run_sync(self._connect())
@@ -600,11 +611,6 @@ class WindflowVectorEnv(VectorEnv[np.ndarray, Any, np.ndarray]):
         self._elapsed = np.zeros(num_envs, dtype=np.int64)
         self._autoreset = np.zeros(num_envs, dtype=np.bool_)
         self._started = False
-
-    async def _connect(self) -> pb.ModelInfo:
-        if self._client is None:
-            self._client = Client(self.gateway, token=self.token)
-        return await _model(self._client, self.model_id)
 
     @property
     def session_ids(self) -> list[str | None]:

@@ -7,6 +7,7 @@ import {
   Role,
   SessionEvent_Kind,
   SessionEventSchema,
+  type ClientMessage,
   type Control,
   type ControlReceipt,
   type Frame,
@@ -335,8 +336,25 @@ export abstract class SessionView {
     protected readonly queue: AsyncQueue<Frame>,
   ) {}
 
-  /** Send a control; returns it as sent (frame index and client time filled in). */
-  abstract send(input?: ControlInput): Control;
+  /** Throws a WindflowError when the stream cannot take a message now. */
+  protected abstract usable(): void;
+
+  /** Hand `message` to the transport; false when it could not go now. */
+  protected abstract write(message: Omit<ClientMessage, "$typeName">): boolean;
+
+  /** Send a control; returns it as sent (frame index and client time filled in). Throws a
+   * WindflowError when the stream is over, PERMISSION_DENIED from a spectator. (A
+   * WebSocket stream being resumed sends it with the resume's Attach.) */
+  send(input: ControlInput = {}): Control {
+    this.usable();
+    if (this.state.role === "spectator") {
+      throw new WindflowError(Code.PERMISSION_DENIED, "a spectator sends no controls");
+    }
+    const control = this.state.stamp(input);
+    this.state.sent(control);
+    this.write({ msg: { case: "control", value: control } });
+    return control;
+  }
 
   /** Send a control and wait for the server's answer: its receipt (the frame it applies
    * from), or its refusal thrown as a WindflowError. The answer comes on the stream, so

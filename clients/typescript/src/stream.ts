@@ -154,20 +154,6 @@ export class StreamSession extends SessionView {
     return this.queue;
   }
 
-  /** Send a control; returns it as sent (frame index and client time filled in). Throws a
-   * WindflowError when the stream is over, PERMISSION_DENIED from a spectator. While the
-   * socket is being resumed it goes with the resume's Attach. */
-  send(input: ControlInput = {}): Control {
-    this.usable();
-    if (this.state.role === "spectator") {
-      throw new WindflowError(Code.PERMISSION_DENIED, "a spectator sends no controls");
-    }
-    const control = this.state.stamp(input);
-    this.state.sent(control);
-    this.write({ msg: { case: "control", value: control } });
-    return control;
-  }
-
   /** Hand the controller role to spectator `viewerId` (from the controller), or take it
    * (a spectator, `viewerId` its own or "", while there is no controller). */
   handover(viewerId = ""): void {
@@ -191,14 +177,14 @@ export class StreamSession extends SessionView {
     this.started = undefined;
   }
 
-  private usable(): void {
+  protected usable(): void {
     if (this.failure) throw this.failure;
     if (this.closed || this.ended) {
       throw new WindflowError(Code.FAILED_PRECONDITION, `the stream of session ${this.id} has ended`);
     }
   }
 
-  private write(message: Omit<ClientMessage, "$typeName">): boolean {
+  protected write(message: Omit<ClientMessage, "$typeName">): boolean {
     const socket = this._socket;
     if (!socket || socket !== this.attachedOn || socket.readyState !== OPEN) return false;
     socket.send(encode(create(ClientMessageSchema, message)));

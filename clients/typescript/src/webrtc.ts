@@ -150,18 +150,6 @@ export class WebRTCSession extends SessionView {
     });
   }
 
-  /** Send a control (as on a WebSocket stream; over the data channel). */
-  send(input: ControlInput = {}): Control {
-    this.usable();
-    if (this.state.role === "spectator") {
-      throw new WindflowError(Code.PERMISSION_DENIED, "a spectator sends no controls");
-    }
-    const control = this.state.stamp(input);
-    this.state.sent(control);
-    this.write({ msg: { case: "control", value: control } });
-    return control;
-  }
-
   handover(viewerId = ""): void {
     this.usable();
     this.write({ msg: { case: "handover", value: create(HandoverSchema, { viewerId }) } });
@@ -172,16 +160,17 @@ export class WebRTCSession extends SessionView {
     this.end(undefined);
   }
 
-  private usable(): void {
+  protected usable(): void {
     if (this.over) throw new WindflowError(Code.FAILED_PRECONDITION, `the WebRTC stream of ${this.id} has ended`);
     if (this.channel.readyState !== "open") {
       throw new WindflowError(Code.UNAVAILABLE, "the data channel is not open");
     }
   }
 
-  private write(message: Omit<ClientMessage, "$typeName">): void {
+  protected write(message: Omit<ClientMessage, "$typeName">): boolean {
     const data = toBinary(ClientMessageSchema, create(ClientMessageSchema, message));
     this.channel.send(data as Uint8Array<ArrayBuffer>);
+    return true;
   }
 
   private message(data: unknown): void {
