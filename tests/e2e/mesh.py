@@ -103,15 +103,19 @@ class Mesh:
         self.log_dir = state_dir / "logs"
         self.etcd = EtcdServer(state_dir)
         self.nats = NatsServer(state_dir)
-        ports = free_ports(3 + workers)
+        self._used_ports: set[int] = set()
+        """Every port handed out: none twice (gRPC binds with SO_REUSEPORT, so two
+        services given one port would share it, each answering some calls)."""
         self.routers = ["router", *(f"router-{i}" for i in range(2, routers + 1))]
         """Router replicas' names (they elect a leader; the others forward to it)."""
         self.addresses = {
-            **{name: f"127.0.0.1:{free_ports(1)[0]}" for name in self.routers[1:]},
-            "router": f"127.0.0.1:{ports[0]}",
-            "session": f"127.0.0.1:{ports[1]}",
-            "gateway": f"127.0.0.1:{ports[2]}",
-            **{f"worker-{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports[3:])},
+            name: f"127.0.0.1:{self._port()}"
+            for name in (
+                *self.routers,
+                "session",
+                "gateway",
+                *(f"worker-{i + 1}" for i in range(workers)),
+            )
         }
         self.metrics: dict[str, str] = {}
         """Where each service serves ``GET /metrics``, by name (a port picked at its launch)."""
@@ -135,7 +139,7 @@ class Mesh:
 
     def _spec(self, name: str) -> ChildSpec:
         if name not in self.metrics:
-            self.metrics[name] = f"127.0.0.1:{free_ports(1)[0]}"
+            self.metrics[name] = f"127.0.0.1:{self._port()}"
         common = (
             "--listen",
             self.addresses[name],
@@ -207,8 +211,16 @@ class Mesh:
         """Start one more worker (``worker-N``, the next free number); returns it at once,
         before it is ready: ``await proc.wait_ready()`` to wait for it."""
         name = f"worker-{sum(n.startswith('worker-') for n in self.addresses) + 1}"
-        self.addresses[name] = f"127.0.0.1:{free_ports(1)[0]}"
+        self.addresses[name] = f"127.0.0.1:{self._port()}"
         return self._launch(name)
+
+    def _port(self) -> int:
+        """A free port not handed out before by this mesh."""
+        while True:  # (besides: the kernel's; the check: a stand-in's in unit tests)
+            (port,) = free_ports(1, besides=self._used_ports)
+            if port not in self._used_ports:
+                self._used_ports.add(port)
+                return port
 
     async def __aenter__(self) -> Mesh:
         try:

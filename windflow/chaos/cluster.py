@@ -187,7 +187,8 @@ class Cluster:
     def _new_worker_name(self) -> str:
         name = f"worker-{len(self.workers) + 1}"
         self.workers.append(name)
-        self.addresses[name] = address(LOOPBACK, free_ports(1)[0])
+        taken = {int(a.rsplit(":", 1)[1]) for a in self.addresses.values()}
+        self.addresses[name] = address(LOOPBACK, free_ports(1, besides=taken)[0])
         return name
 
     async def _launch(self, name: str) -> None:

@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Collection
 
 LOOPBACK = "127.0.0.1"
 
 
-def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """Return ``count`` distinct TCP ports that were free on ``host`` a moment ago."""
+def free_ports(count: int, host: str = LOOPBACK, besides: Collection[int] = ()) -> list[int]:
+    """Return ``count`` distinct TCP ports that were free on ``host`` a moment ago, none of
+    ``besides`` (ports handed out before, to servers not bound yet: gRPC binds with
+    SO_REUSEPORT, so two servers given one port would share it, each answering some of
+    its calls)."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        while len(ports) < count:
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind((host, 0))
-            ports.append(int(sock.getsockname()[1]))
+            port = int(sock.getsockname()[1])
+            if port not in besides:  # (a refused one stays bound: not picked again here)
+                ports.append(port)
         return ports
 
 

@@ -114,7 +114,9 @@ class Stack:
         session_port, bridge_port, *ports = free_ports(2 + config.routers + config.workers)
         router_ports, worker_ports = ports[: config.routers], ports[config.routers :]
         self.router_names = [_replica("router", i) for i in range(1, config.routers + 1)]
-        gateway_ports = free_ports(config.gateways, config.host)  # distinct ones
+        gateway_ports = free_ports(  # distinct ones
+            config.gateways, config.host, besides={session_port, bridge_port, *ports}
+        )
         if config.gateway_port:
             others = [port for port in gateway_ports if port != config.gateway_port]
             gateway_ports = [config.gateway_port, *others][: config.gateways]
@@ -137,9 +139,12 @@ class Stack:
             },
         }
         """Listen address of each service, by child name."""
+        taken = {session_port, bridge_port, *ports, *gateway_ports}
         self.metrics_addresses: dict[str, str] = {
             name: address(LOOPBACK, port)
-            for name, port in zip(self.addresses, free_ports(len(self.addresses)), strict=True)
+            for name, port in zip(
+                self.addresses, free_ports(len(self.addresses), besides=taken), strict=True
+            )
         }
         """Where each service serves ``GET /metrics`` (Prometheus), by child name (always
         on loopback)."""
