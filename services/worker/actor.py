@@ -31,6 +31,12 @@ from windflow.v1 import windflow_pb2 as pb
 log = logging.getLogger(__name__)
 
 
+OUT_MESSAGES_MAX = 1024
+"""Messages (frames, events, receipts, in-stream errors) queued for a stream at most before
+its client's messages are read again: its sends then wait (gRPC flow control), so a client
+that floods a stream and never reads costs a bounded queue."""
+
+
 @dataclass(slots=True)
 class AppliedControl:
     control: Control
@@ -96,6 +102,8 @@ class SessionActor:
         """Held out of the step loop while its state is replaced (rewind, resume)."""
         self.out: collections.deque[pb.ServerMessage] = collections.deque()
         self.frame_available = asyncio.Event()
+        self.sent = asyncio.Event()
+        """Set whenever a message leaves ``out`` for the stream (``pop``)."""
         self.dropped = 0
         self.last_sent = state.frame_index - 1
         self.last_acked = state.frame_index - 1
@@ -441,6 +449,7 @@ class SessionActor:
         return self.last_sent - self.last_acked < self.window
 
     def pop(self) -> pb.ServerMessage:
+        self.sent.set()
         message = self.out.popleft()
         if message.HasField("frame"):
             self.last_sent = message.frame.frame_index

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from opentelemetry import trace
 
 from services.worker import admission
-from services.worker.actor import SessionActor
+from services.worker.actor import OUT_MESSAGES_MAX, SessionActor
 from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
 from services.worker.journal import Journal, applied_at, replay_steps
@@ -829,6 +829,7 @@ class WorkerRuntime:
         self, actor: SessionActor, viewer: Viewer, requests: AsyncIterator[pb.ClientMessage]
     ) -> None:
         async for message in requests:
+            await self._room_for(actor, viewer)
             kind = message.WhichOneof("msg")
             if kind == "control":
                 if viewer.spectating:
@@ -865,6 +866,19 @@ class WorkerRuntime:
             else:
                 bad = InvalidArgument(f"unexpected {kind or 'empty'} message after Attach")
                 self._tell(actor, viewer, stream_error(bad, actor.next_frame))
+
+    @staticmethod
+    async def _room_for(actor: SessionActor, viewer: Viewer) -> None:
+        """Wait while the queue this stream's answers go to is full (``OUT_MESSAGES_MAX``):
+        the client's own messages then wait unread."""
+        while not actor.closed:
+            spectating = viewer.spectating
+            queue, sent = (viewer.out, viewer.taken) if spectating else (actor.out, actor.sent)
+            if len(queue) < OUT_MESSAGES_MAX:
+                return
+            sent.clear()
+            with contextlib.suppress(TimeoutError):  # (a queue cleared by a role change)
+                await asyncio.wait_for(sent.wait(), 0.1)
 
     @staticmethod
     def _tell(actor: SessionActor, viewer: Viewer, message: pb.ServerMessage) -> None:

@@ -57,6 +57,8 @@ class Viewer:
     """Frames dropped from its queue because it read too slowly."""
     last_sent: int = -1
     last_acked: int = -1
+    taken: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set whenever a message leaves its queue for its stream (``take``)."""
     _frames: int = 0
 
     @property
@@ -103,6 +105,7 @@ class Viewer:
         """The next message it may be sent now (within its window), if any."""
         if not self.can_send():
             return None
+        self.taken.set()
         message = self.out.popleft()
         if message.HasField("frame"):
             self._frames -= 1
