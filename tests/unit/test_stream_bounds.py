@@ -6,7 +6,8 @@ stream errors) stay bounded; once it reads, the rest are taken."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 from services.worker.actor import OUT_MESSAGES_MAX
 from services.worker.config import WorkerConfig
@@ -39,7 +40,7 @@ async def test_a_flooding_client_that_never_reads_is_held_back() -> None:
         await runtime.open_session(
             internal_pb2.OpenSessionRequest(session_id="a", spec=spec, epoch=1)
         )
-        stream = runtime.attach(requests())
+        stream = cast(AsyncGenerator[pb.ServerMessage, None], runtime.attach(requests()))
         first = await anext(stream)
         assert first.event.kind == pb.SessionEvent.KIND_ATTACHED
         await asyncio.sleep(0.5)  # the worker reads what it will; this client reads nothing
