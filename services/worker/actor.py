@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
 
+from services.worker.messages import receipt
 from services.worker.models.base import Control, SessionState, WorldModel
 from services.worker.viewers import Viewer, role_event
 from windflow.access.usage import UsageMeter
@@ -308,19 +309,11 @@ class SessionActor:
                 times.append(applied_time)
         return AppliedControl(self.current, applied_time, received, tuple(times))
 
-    def receipt(self, msg: pb.Control) -> pb.ServerMessage:
-        """The receipt of an accepted control: queued for the controller ahead of the
-        frames waiting to go out (a receipt is no frame: the window does not hold it)."""
-        receipt = pb.ServerMessage(
-            receipt=pb.ControlReceipt(
-                frame_index=msg.frame_index,
-                client_time_us=msg.client_time_us,
-                received_us=telemetry.now_us(),
-            )
-        )
-        self.out.appendleft(receipt)
+    def confirm(self, msg: pb.Control) -> None:
+        """Queue the receipt of an accepted control for the controller, ahead of the frames
+        waiting to go out (a receipt is no frame: the window does not hold it)."""
+        self.out.appendleft(receipt(msg))
         self.frame_available.set()
-        return receipt
 
     # ---- flow control and output ----
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from windflow.common import telemetry
 from windflow.errors import WindflowError
 from windflow.v1 import windflow_pb2 as pb
 
@@ -38,4 +39,15 @@ def event(
 ) -> pb.ServerMessage:
     return pb.ServerMessage(
         event=pb.SessionEvent(kind=kind, message=message, frame_index=frame_index, steps=steps)
+    )
+
+
+def receipt(control: pb.Control) -> pb.ServerMessage:
+    """The receipt of an accepted control: taken now, applied from its frame."""
+    return pb.ServerMessage(
+        receipt=pb.ControlReceipt(
+            frame_index=control.frame_index,
+            client_time_us=control.client_time_us,
+            received_us=telemetry.now_us(),
+        )
     )

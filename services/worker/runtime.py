@@ -20,7 +20,7 @@ from services.worker.actor import OUT_MESSAGES_MAX, SessionActor
 from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
 from services.worker.journal import Journal, applied_at, replay_steps
-from services.worker.messages import event, stream_error
+from services.worker.messages import event, receipt, stream_error
 from services.worker.metering import UsagePublisher
 from services.worker.migration import Migrations
 from services.worker.models.base import SessionState, WorldModel
@@ -506,9 +506,7 @@ class WorkerRuntime:
             refused_ids = {id(control) for control, _ in refused}
             for control in attach_controls:  # (taken with the attach, or refused)
                 if not viewer.spectating and id(control) not in refused_ids:
-                    receipt = actor.receipt(control)
-                    actor.out.remove(receipt)  # (sent here, before any frame)
-                    yield receipt
+                    yield receipt(control)  # (here, before any frame)
             for control, err in refused:
                 yield stream_error(err, control.frame_index, control)
             while True:
@@ -851,7 +849,7 @@ class WorkerRuntime:
                     self._metrics.controls_refused.add(1, {"code": err.code})
                     actor.push(stream_error(err, message.control.frame_index, message.control))
                 else:
-                    actor.receipt(message.control)
+                    actor.confirm(message.control)
                     self.engine.wake()  # its frame may now start early (scheduler.start_due)
             elif kind == "ack":
                 if actor.controller == viewer.viewer_id:
