@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from services.worker.models.base import Control, ModelInfo, SessionState, WorldModel
+from services.worker.models.base import (
+    POSE_VELOCITY,
+    Control,
+    InputFrameSpec,
+    ModelInfo,
+    PoseSpec,
+    PromptSpec,
+    SessionState,
+    WorldModel,
+)
 from windflow.errors import InvalidArgument, SnapshotError
 
 
@@ -64,3 +74,62 @@ class FakeWorld(WorldModel):
 
 def load_fake(**_: object) -> FakeWorld:
     return FakeWorld()
+
+
+class RichState(SessionState):
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.frame_index = 0
+        self.acc = seed
+
+
+class FakeRich(WorldModel):
+    """Every kind of control declared (prompt, velocity pose, 8x8 input frames); frames are
+    a pure function of the history, so a replay that got any control wrong differs."""
+
+    def __init__(self) -> None:
+        self.info = ModelInfo(
+            model_id="fake-rich",
+            version="test",
+            description="unit-test fake taking every kind of control",
+            width=8,
+            height=8,
+            fps=24.0,
+            actions=("noop", "go"),
+            axes=("x",),
+            prompt=PromptSpec(max_chars=32, default="plain"),
+            pose=PoseSpec(POSE_VELOCITY, ("pitch", "yaw"), (-0.5, -0.5), (0.5, 0.5)),
+            input_frame=InputFrameSpec(width=8, height=8, fps=24.0, queue=2),
+        )
+
+    def new_state(self, seed: int) -> RichState:
+        return RichState(seed)
+
+    def step(
+        self, states: Sequence[SessionState], controls: Sequence[Control], steps: int
+    ) -> np.ndarray:
+        for c in controls:
+            self.validate_control(c)
+        out = np.zeros((len(states), 8, 8, 3), dtype=np.uint8)
+        for i, (state, control) in enumerate(zip(states, controls, strict=True)):
+            assert isinstance(state, RichState)
+            h = hashlib.sha256(repr((state.acc, control.action, control.axes)).encode())
+            h.update(repr((control.prompt, control.pose)).encode())
+            if control.frame is not None:
+                h.update(control.frame.rgb.tobytes())
+            state.acc = int.from_bytes(h.digest()[:8], "little")
+            out[i] = np.frombuffer(h.digest() * 6, np.uint8)[: 8 * 8 * 3].reshape(8, 8, 3)
+            state.frame_index += 1
+        return out
+
+    def snapshot(self, state: SessionState) -> bytes:
+        assert isinstance(state, RichState)
+        return np.array([state.seed, state.frame_index, state.acc], np.uint64).tobytes()
+
+    def restore(self, data: bytes) -> RichState:
+        if len(data) != 24:
+            raise SnapshotError("not a fake snapshot")
+        seed, index, acc = (int(v) for v in np.frombuffer(data, np.uint64))
+        state = RichState(seed)
+        state.frame_index, state.acc = index, acc
+        return state

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 from opentelemetry import context as otel_context
 
+from services.worker import controls
 from services.worker.messages import receipt
 from services.worker.models.base import Control, SessionState, WorldModel
 from services.worker.viewers import Viewer, role_event
@@ -85,9 +87,12 @@ class SessionActor:
         self._pending: list[tuple[Control, int, int]] = []
         """Waiting controls in frame order: (control, client time, received time)."""
         self.current = Control()
-        """The control in effect (sticky until a later one applies)."""
-        self.logged: tuple[int, tuple[float, ...], int] | None = None
-        """(action, axes, steps) of the newest control-log entry; None before the first."""
+        """The controls in effect (each sticky until a later one changes it)."""
+        self.input_dropped = 0
+        """Input frames dropped (newest wins): more came than the model used."""
+        self.logged: tuple[object, ...] | None = None
+        """What the newest control-log entry records (``journal.logged_key``); None
+        before the first."""
         self.log_seq = 0
         """Stream sequence of the session's newest log entry (the append fence)."""
         self.log_lock = asyncio.Lock()
@@ -218,12 +223,11 @@ class SessionActor:
 
     def add_controls(self, msgs: list[pb.Control]) -> None:
         """Queue all of ``msgs`` or, if any is refused, none of them."""
-        for msg in msgs:
-            self._check(msg)
+        checked = [self._check(msg) for msg in msgs]
         if len(self._pending) + len(msgs) > self._max_pending:
             raise ResourceExhausted(f"more than {self._max_pending} controls at once")
-        for msg in msgs:
-            self.add_control(msg)
+        for msg, control in zip(msgs, checked, strict=True):
+            self._queue(msg, control)
 
     def resume_controls(self, msgs: list[pb.Control]) -> list[tuple[pb.Control, WindflowError]]:
         """Queue the controls a resumed stream re-sends (accepted before, by this worker
@@ -253,9 +257,22 @@ class SessionActor:
         self._queue(msg, control)
 
     def _queue(self, msg: pb.Control, control: Control) -> None:
+        if control.frame is not None:
+            self._bound_inputs()
         pos = bisect.bisect_right(self._pending_idx, msg.frame_index)
         self._pending_idx.insert(pos, msg.frame_index)
         self._pending.insert(pos, (control, msg.client_time_us, telemetry.now_us()))
+
+    def _bound_inputs(self) -> None:
+        """Make room for one more waiting input frame: past the model's queue the oldest
+        waiting one goes (newest wins), counted; its control's other kinds stay."""
+        spec = self.model.info.input_frame
+        limit = max(1, spec.queue if spec is not None else 1)
+        waiting = [i for i, (c, _, _) in enumerate(self._pending) if c.frame is not None]
+        for i in waiting[: max(0, len(waiting) - limit + 1)]:
+            control, client_time, received = self._pending[i]
+            self._pending[i] = (dataclasses.replace(control, frame=None), client_time, received)
+            self.input_dropped += 1
 
     def _check(self, msg: pb.Control) -> Control:
         if msg.frame_index < self.next_frame:
@@ -263,9 +280,7 @@ class SessionActor:
                 f"control for frame {msg.frame_index} is in the past: the next frame to be "
                 f"generated is {self.next_frame}"
             )
-        control = Control(action=msg.action, axes=tuple(msg.axes))
-        self.model.validate_control(control)
-        return control
+        return controls.from_message(msg, self.model)
 
     @property
     def pending_controls(self) -> int:
@@ -302,11 +317,17 @@ class SessionActor:
         """The control for the next frame: the latest one stamped at or before it."""
         applied_time = received = 0
         times: list[int] = []
-        while self.control_waiting:
-            self._pending_idx.pop(0)
-            self.current, applied_time, received = self._pending.pop(0)
+        taken = 0
+        while taken < len(self._pending) and self._pending_idx[taken] <= self.next_frame:
+            taken += 1
+        inputs = sum(1 for c, _, _ in self._pending[:taken] if c.frame is not None)
+        if inputs > 1:  # the newest frame in applies; the ones before it are never used
+            self.input_dropped += inputs - 1
+        for control, applied_time, received in self._pending[:taken]:  # noqa: B007 (the last's)
+            self.current = controls.merge(self.current, control)
             if applied_time:
                 times.append(applied_time)
+        del self._pending[:taken], self._pending_idx[:taken]
         return AppliedControl(self.current, applied_time, received, tuple(times))
 
     def confirm(self, msg: pb.Control) -> None:

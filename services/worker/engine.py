@@ -604,6 +604,7 @@ class StepEngine:
             frame.action = controls[i].control.action
             frame.control_client_time_us = controls[i].client_time_us
             frame.applied_client_time_us.extend(controls[i].client_times)
+            frame.input_dropped_total = actor.input_dropped
             ts = frame.timestamps
             ts.due_us = int(dues[i] * 1e6) + wall_offset_us
             ts.next_due_us = int(step.next_dues[i] * 1e6) + wall_offset_us

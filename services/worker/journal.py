@@ -21,8 +21,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import numpy as np
+
 from services.worker.actor import SessionActor
-from services.worker.models.base import Control, SessionState, WorldModel
+from services.worker.controls import input_frame
+from services.worker.models.base import Control, InputFrame, SessionState, WorldModel
 from services.worker.stepping import Capture
 from windflow.common.durable import (
     CheckpointCatalog,
@@ -30,6 +33,7 @@ from windflow.common.durable import (
     ControlLog,
     DeliveredHeads,
     Fenced,
+    InputStore,
     StoredEntry,
     controls_by_frame,
     log_head,
@@ -64,6 +68,7 @@ class Replayer(Protocol):
         controls: Sequence[internal_pb2.LogEntry],
         target: int,
         default_steps: int,
+        inputs: Inputs,
     ) -> None: ...
 
 
@@ -87,15 +92,75 @@ def applied_at(
     return current
 
 
+Inputs = Mapping[str, InputFrame]
+"""Input frames by digest: what a log's entries name (``load_inputs``)."""
+
+
+def control_of(entry: internal_pb2.LogEntry | None, inputs: Inputs) -> Control:
+    """The controls a log entry says are in effect (None: before the first, none)."""
+    if entry is None:
+        return Control()
+    frame = None
+    if entry.input_digest:
+        frame = inputs.get(entry.input_digest)
+        if frame is None:
+            raise DataLoss(f"input frame {entry.input_digest[:12]} of the log was not loaded")
+    return Control(
+        entry.action,
+        tuple(entry.axes),
+        entry.prompt if entry.HasField("prompt") else None,
+        tuple(entry.pose) if entry.pose else None,
+        frame,
+    )
+
+
 def logged_input(
-    entries: Sequence[internal_pb2.LogEntry], frame: int, default_steps: int
+    entries: Sequence[internal_pb2.LogEntry],
+    frame: int,
+    default_steps: int,
+    inputs: Inputs | None = None,
 ) -> tuple[Control, int]:
     """The control and denoising steps the log says made ``frame`` (entries ordered by
     frame; before the first entry: no action, ``default_steps``)."""
     entry = applied_at(entries, frame)
     if entry is None:
         return Control(), default_steps
-    return Control(entry.action, tuple(entry.axes)), entry.steps or default_steps
+    return control_of(entry, inputs or {}), entry.steps or default_steps
+
+
+def input_digests(entries: Sequence[internal_pb2.LogEntry], from_frame: int) -> set[str]:
+    """The input frames the entries (ordered by frame) have in effect at frames from
+    ``from_frame`` on."""
+    first = applied_at(entries, from_frame)
+    return {
+        e.input_digest
+        for e in entries
+        if e.input_digest and (e.frame_index > from_frame or e is first)
+    }
+
+
+def decode_input(digest: str, width: int, height: int, data: bytes) -> InputFrame:
+    """An input frame from its stored raw RGB, checked against its digest."""
+    if len(data) != width * height * 3:
+        raise DataLoss(
+            f"input frame {digest[:12]} holds {len(data)} bytes, not {width}x{height} RGB"
+        )
+    frame = input_frame(np.frombuffer(data, np.uint8).reshape(height, width, 3))
+    if frame.digest != digest:
+        raise DataLoss(f"input frame {digest[:12]} does not match its digest")
+    return frame
+
+
+def logged_key(control: Control, steps: int) -> tuple[object, ...]:
+    """What a control-log entry records of ``control`` (the entry is due when it changes)."""
+    return (
+        control.action,
+        control.axes,
+        steps,
+        control.prompt,
+        control.pose,
+        control.frame.digest if control.frame is not None else "",
+    )
 
 
 def replay_steps(
@@ -105,13 +170,15 @@ def replay_steps(
     to_frame: int,
     default_steps: int,
     on_frame: Callable[[int, object], None] | None = None,
+    inputs: Inputs | None = None,
 ) -> None:
-    """Step ``state`` (batch of one) up to ``to_frame`` under the logged controls.
+    """Step ``state`` (batch of one) up to ``to_frame`` under the logged controls (their
+    input frames loaded in ``inputs``, ``Journal.load_inputs``).
 
     Blocking; call in the step thread. ``on_frame(index, rgb)`` sees each frame made.
     """
     while state.frame_index < to_frame:
-        control, steps = logged_input(entries, state.frame_index, default_steps)
+        control, steps = logged_input(entries, state.frame_index, default_steps, inputs)
         index = state.frame_index
         rgb = model.step([state], [control], steps)
         if on_frame is not None:
@@ -145,10 +212,13 @@ class Journal:
         memory_every: int = 2,
         memory_keep: int = 32,
         memory_budget_bytes: int = 0,
+        inputs: InputStore | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.log = log_
         self.store = store
+        self.inputs = inputs
+        """Where input frames go (None: this worker serves no model that takes them)."""
         self.catalog = catalog
         self.checkpoint_every = checkpoint_every
         self.heads = heads
@@ -163,22 +233,33 @@ class Journal:
 
     # ---- the hot path ----
 
-    @staticmethod
     def entry_for(
-        actor: SessionActor, control: Control, steps: int
+        self, actor: SessionActor, control: Control, steps: int
     ) -> internal_pb2.LogEntry | None:
-        """The log entry frame ``actor.next_frame`` needs, or None if nothing changed."""
-        key = (control.action, control.axes, steps)
+        """The log entry frame ``actor.next_frame`` needs, or None if nothing changed. A
+        new input frame starts its upload here (``append`` waits for it)."""
+        key = logged_key(control, steps)
         if actor.logged == key:
             return None
         actor.logged = key
-        return internal_pb2.LogEntry(
+        entry = internal_pb2.LogEntry(
             kind=internal_pb2.LogEntry.KIND_CONTROL,
             frame_index=actor.next_frame,
             action=control.action,
             axes=list(control.axes),
             steps=steps,
+            pose=list(control.pose or ()),
         )
+        if control.prompt is not None:
+            entry.prompt = control.prompt
+        if control.frame is not None:
+            if self.inputs is None:
+                raise FailedPrecondition("this worker keeps no input frames (no InputStore)")
+            rgb = control.frame.rgb
+            entry.input_digest = control.frame.digest
+            entry.input_height, entry.input_width = int(rgb.shape[0]), int(rgb.shape[1])
+            self.inputs.stage(control.frame.digest, rgb.tobytes())
+        return entry
 
     async def append(self, actor: SessionActor, entry: internal_pb2.LogEntry) -> None:
         """Append ``entry`` after the session's earlier appends (one at a time: each is
@@ -198,6 +279,8 @@ class Journal:
             while True:
                 attempt += 1
                 try:
+                    if entry.input_digest and self.inputs is not None:
+                        await self.inputs.stored(entry.input_digest)  # named once stored
                     actor.log_seq = await self.log.append(
                         actor.session_id, entry, actor.log_seq, msg_id
                     )
@@ -396,10 +479,32 @@ class Journal:
     ) -> None:
         """Step ``state`` to ``target`` under ``controls``: batched with other restores
         (``replayer``) or alone in the step thread."""
+        inputs = await self.load_inputs(controls, state.frame_index)
         if self.replayer is not None:
-            await self.replayer.replay(model, state, controls, target, default_steps)
+            await self.replayer.replay(model, state, controls, target, default_steps, inputs)
         else:
-            await step_thread(lambda: replay_steps(model, state, controls, target, default_steps))
+            await step_thread(
+                lambda: replay_steps(
+                    model, state, controls, target, default_steps, inputs=inputs
+                )
+            )
+
+    async def load_inputs(
+        self, controls: Sequence[internal_pb2.LogEntry], from_frame: int
+    ) -> dict[str, InputFrame]:
+        """The input frames ``controls`` (ordered by frame) have in effect from
+        ``from_frame`` on, by digest; ``DataLoss`` when one is missing."""
+        digests = input_digests(controls, from_frame)
+        if not digests:
+            return {}
+        if self.inputs is None:
+            raise FailedPrecondition("this worker keeps no input frames (no InputStore)")
+        sizes = {e.input_digest: (e.input_width, e.input_height) for e in controls}
+        out: dict[str, InputFrame] = {}
+        for digest in digests:
+            width, height = sizes[digest]
+            out[digest] = decode_input(digest, width, height, await self.inputs.get(digest))
+        return out
 
     async def claim(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
         """Take over the session's log at the actor's next frame: later appends by a
@@ -448,15 +553,17 @@ class Journal:
         )
         await self.append(actor, entry)
 
-    def sync_logged(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
+    async def sync_logged(self, actor: SessionActor, entries: Sequence[StoredEntry]) -> None:
         """Set what was last logged (and is in effect) for the actor's next frame."""
-        entry = applied_at(controls_by_frame(entries), actor.next_frame - 1)
+        controls = controls_by_frame(entries)
+        entry = applied_at(controls, actor.next_frame - 1)
         if entry is None:
             actor.logged = None
             actor.current = Control()
         else:
-            actor.current = Control(entry.action, tuple(entry.axes))
-            actor.logged = (entry.action, tuple(entry.axes), entry.steps or actor.steps)
+            inputs = await self.load_inputs([entry], 0)
+            actor.current = control_of(entry, inputs)
+            actor.logged = logged_key(actor.current, entry.steps or actor.steps)
 
     async def aclose(self) -> None:
         for task in list(self._uploads):

@@ -24,6 +24,7 @@ from windflow.common.durable import (
     CheckpointStore,
     ControlLog,
     DeliveredHeads,
+    InputStore,
 )
 from windflow.common.events import EventBus
 from windflow.common.grpc_util import ServiceServer
@@ -88,6 +89,7 @@ async def run(config: WorkerConfig) -> int:
         memory_every=config.memory_snapshot_every,
         memory_keep=config.memory_snapshots,
         memory_budget_bytes=int(config.memory_snapshot_mb * 2**20),
+        inputs=InputStore(js),
     )
     runtime = WorkerRuntime(config, models, on_change, journal)
     usage_log = UsageLog(js)

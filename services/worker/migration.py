@@ -418,7 +418,7 @@ class Migrations:
         )
         actor.awaiting_commit = True
         actor.ever_attached = True  # a live session (reclaiming parks it, never closes it)
-        rt.durable().sync_logged(actor, entries)
+        await rt.durable().sync_logged(actor, entries)
         incoming.actor = actor
         rt.engine.add(actor)
         incoming.status.frame = actor.next_frame
@@ -468,7 +468,7 @@ class Migrations:
             entries = await journal.log.read(actor.session_id)
             try:
                 await journal.claim(actor, entries)
-                journal.sync_logged(actor, entries)
+                await journal.sync_logged(actor, entries)
                 break
             except Fenced:
                 # the source appended meanwhile (a HEAD entry as its stream detached)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.worker.journal import StepThread, logged_input
+from services.worker.journal import Inputs, StepThread, logged_input
 from services.worker.models.base import Control, SessionState, WorldModel
 from windflow.v1 import internal_pb2
 
@@ -37,6 +37,7 @@ class _Job:
     controls: Sequence[internal_pb2.LogEntry]
     target: int
     default_steps: int
+    inputs: Inputs
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -54,7 +55,9 @@ def step_round(
         for i, job in enumerate(jobs):
             if i in failed or job.state.frame_index >= job.target:
                 continue
-            control, steps = logged_input(job.controls, job.state.frame_index, job.default_steps)
+            control, steps = logged_input(
+                job.controls, job.state.frame_index, job.default_steps, job.inputs
+            )
             groups.setdefault((id(job.model), steps), []).append((i, control))
         if not groups:
             break
@@ -84,12 +87,14 @@ class BatchedReplay:
         controls: Sequence[internal_pb2.LogEntry],
         target: int,
         default_steps: int,
+        inputs: Inputs,
     ) -> None:
         """Step ``state`` up to frame ``target`` under the logged ``controls`` (ordered by
-        frame), in batches shared with the other restores under way."""
+        frame; their input frames in ``inputs``), in batches shared with the other
+        restores under way."""
         if state.frame_index >= target:
             return
-        job = _Job(model, state, controls, target, default_steps)
+        job = _Job(model, state, controls, target, default_steps, inputs)
         self._jobs.append(job)
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="batched-replay")

@@ -19,7 +19,7 @@ from services.worker import admission
 from services.worker.actor import OUT_MESSAGES_MAX, SessionActor
 from services.worker.config import WorkerConfig
 from services.worker.engine import StepEngine
-from services.worker.journal import Journal, applied_at, replay_steps
+from services.worker.journal import Inputs, Journal, applied_at, replay_steps
 from services.worker.messages import event, receipt, stream_error
 from services.worker.metering import UsagePublisher
 from services.worker.migration import Migrations
@@ -273,7 +273,7 @@ class WorkerRuntime:
                 try:
                     if self.journal is not None and (entries or recovery):
                         await self.journal.claim(actor, entries)
-                        self.journal.sync_logged(actor, entries)
+                        await self.journal.sync_logged(actor, entries)
                     break
                 except Fenced:
                     # its previous owner appended between our read and our CLAIM
@@ -737,7 +737,7 @@ class WorkerRuntime:
                     self.engine.in_step_thread,
                 )
                 actor.reset_to(state)
-                journal.sync_logged(actor, entries)
+                await journal.sync_logged(actor, entries)
                 actor.due = time.monotonic()
             else:
                 await self._reset(actor, frame)
@@ -768,7 +768,7 @@ class WorkerRuntime:
         )
         actor.reset_to(restored.state)
         actor.log_seq = max((e.seq for e in restored.entries), default=0)
-        journal.sync_logged(actor, restored.entries)
+        await journal.sync_logged(actor, restored.entries)
         await journal.mark_head(actor)
         actor.due = time.monotonic()
 
@@ -813,12 +813,13 @@ class WorkerRuntime:
             to_frame=request.from_frame,
         )
         controls = controls_by_frame(restored.entries)
+        inputs = await self.durable().load_inputs(controls, request.from_frame)
         state = restored.state
         chunk = 8
         for start in range(request.from_frame, request.to_frame, chunk):
             stop = min(start + chunk, request.to_frame)
             frames = await self.engine.in_step_thread(
-                lambda stop=stop: _render(model, state, controls, stop, spec)  # type: ignore[misc]
+                lambda stop=stop: _render(model, state, controls, stop, spec, inputs)  # type: ignore[misc]
             )
             for frame in frames:
                 yield frame
@@ -971,6 +972,7 @@ def _render(
     controls: list[internal_pb2.LogEntry],
     stop: int,
     spec: pb.SessionSpec,
+    inputs: Inputs,
 ) -> list[pb.Frame]:
     """Step ``state`` up to ``stop`` under the logged controls, encoding every frame."""
     out: list[pb.Frame] = []
@@ -990,5 +992,5 @@ def _render(
             )
         )
 
-    replay_steps(model, state, controls, stop, spec.steps, keep)
+    replay_steps(model, state, controls, stop, spec.steps, keep, inputs)
     return out

@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import nats
+import numpy as np
 import pytest
 from etcd3aio import Etcd3Client
 from nats.js.api import Header
 
 from services.worker.actor import SessionActor
-from services.worker.journal import Journal
+from services.worker.journal import Journal, logged_key, replay_steps
 from services.worker.models.base import Control
-from tests.fakes import FakeWorld
+from tests.fakes import FakeRich, FakeWorld
 from windflow.common import faults, names
 from windflow.common.durable import (
     CheckpointCatalog,
@@ -26,12 +27,15 @@ from windflow.common.durable import (
     ControlLog,
     DeliveredHeads,
     Fenced,
+    InputStore,
     StoredEntry,
+    controls_by_frame,
     log_head,
     log_subject,
 )
 from windflow.errors import NotFound, ResourceExhausted
 from windflow.infra import EtcdServer, NatsServer
+from windflow.sdk.client import input_frame, make_control
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
@@ -143,8 +147,9 @@ async def test_claim_fences_the_previous_owner_and_drops_the_undelivered_future(
     assert log_head(after) == 60
     with pytest.raises(Fenced):
         await journal.append(old, control(101, 1))
-    journal.sync_logged(new, after)
-    assert new.logged == (2, (), 1)  # frame 59's control: what frame 60 continues from
+    await journal.sync_logged(new, after)
+    # frame 59's control: what frame 60 continues from
+    assert new.logged == logged_key(Control(2), 1)
     await journal.append(new, control(60, 1))  # the new owner appends after its CLAIM
 
 
@@ -272,3 +277,96 @@ async def test_a_recovery_with_no_client_restores_where_the_gateway_saw_it_left(
         await journal.heads.cap(sid, 12)  # never raised
         assert await journal.heads.get(sid) == 9
         journal.heads = None
+
+
+async def test_prompts_poses_and_input_frames_are_logged_and_replay_exactly(
+    nats_server: NatsServer, etcd_server: EtcdServer
+) -> None:
+    """Each kind of control goes into the log (input frames by digest, their pixels in the
+    object store), and a restore by a worker that never saw them (no cache) replays the
+    same frames."""
+    rng = np.random.default_rng(5)
+    pictures = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    script = {
+        0: make_control(0, 1, prompt="fox"),
+        2: make_control(2, 1, frame=input_frame(pictures[0], pb.FRAME_FORMAT_RGB)),
+        3: make_control(3, 0, pose=(0.1, -0.2)),
+        5: make_control(5, 1, frame=input_frame(pictures[1])),
+        6: make_control(6, 1, prompt="owl", frame=input_frame(pictures[2])),
+    }
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with Etcd3Client([etcd_server.endpoint]) as client:
+            js = nc.jetstream()
+
+            def make_journal() -> Journal:
+                return Journal(
+                    "worker-a",
+                    ControlLog(js),
+                    CheckpointStore(js),
+                    CheckpointCatalog(client),
+                    checkpoint_every=0,
+                    inputs=InputStore(js),
+                )
+
+            live_journal = make_journal()
+            await live_journal.log.ensure()
+            model = FakeRich()
+            sid = uuid.uuid4().hex
+            actor = SessionActor(
+                sid,
+                pb.SessionSpec(model_id="fake-rich", seed=3, fps=24.0, steps=1),
+                model,
+                model.new_state(3),
+                epoch=1,
+                window=8,
+                out_queue=4,
+                max_pending_controls=16,
+                now=0.0,
+            )
+            live = []
+            for i in range(9):
+                if i in script:
+                    actor.add_control(script[i])
+                taken = actor.take_control().control
+                entry = live_journal.entry_for(actor, taken, 1)
+                if entry is not None:
+                    await live_journal.append(actor, entry)
+                live.append(model.step([actor.state], [taken], 1)[0])
+                actor.begin_step()
+                actor.end_step()
+            entries = await live_journal.log.read(sid)
+            assert [e.entry.frame_index for e in entries] == sorted(script)
+            assert entries[-1].entry.prompt == "owl" and entries[-1].entry.input_digest
+            assert list(entries[2].entry.pose) == pytest.approx([0.1, -0.2])
+
+            # another worker: nothing cached; its restore reads the frames from the store
+            other = make_journal()
+            replayed: list[np.ndarray] = []
+            restored = await other.restore(sid, model, 3, 1, inline, to_frame=0)
+            controls = controls_by_frame(restored.entries)
+            inputs = await other.load_inputs(controls, 0)
+            assert len(inputs) == 3
+            replay_steps(
+                model,
+                restored.state,
+                controls,
+                9,
+                1,
+                lambda _, rgb: replayed.append(np.asarray(rgb)),
+                inputs,
+            )
+            assert all(np.array_equal(a, b) for a, b in zip(live, replayed, strict=True))
+
+            # a resumed actor continues with what is in effect: the newest prompt and frame
+            again = await other.restore(sid, model, 3, 1, inline, to_frame=9)
+            resumed = actor_at(9)
+            resumed.model = model
+            await other.sync_logged(resumed, again.entries)
+            assert resumed.current.prompt == "owl" and resumed.current.pose == pytest.approx(
+                (0.1, -0.2)
+            )
+            assert resumed.current.frame is not None
+            assert np.array_equal(resumed.current.frame.rgb, actor.current.frame.rgb)  # type: ignore[union-attr]
+    finally:
+        await nc.close()

@@ -60,7 +60,7 @@ async def test_batched_replays_equal_each_alone_in_fewer_steps() -> None:
     targets = {seed: 20 + 3 * seed for seed in range(6)}
     states = {seed: model.new_state(seed) for seed in targets}
     await asyncio.gather(
-        *(replayer.replay(model, states[s], log_of(s), t, 1) for s, t in targets.items())
+        *(replayer.replay(model, states[s], log_of(s), t, 1, {}) for s, t in targets.items())
     )
     batched_steps = len(model.batches)
 
@@ -79,14 +79,14 @@ async def test_a_failing_step_fails_only_its_own_restores() -> None:
     replayer = BatchedReplay(inline, {"fake-world": 1})  # each session its own batch
     ok, bad = model.new_state(0), model.new_state(1)
     results = await asyncio.gather(
-        replayer.replay(model, ok, log_of(0), 12, 1),
-        replayer.replay(model, bad, log_of(1), 12, 1),
+        replayer.replay(model, ok, log_of(0), 12, 1, {}),
+        replayer.replay(model, bad, log_of(1), 12, 1, {}),
         return_exceptions=True,
     )
     assert results[0] is None and ok.frame_index == 12
     assert isinstance(results[1], InvalidArgument)
     with pytest.raises(InvalidArgument):  # a later restore of it fails the same way
-        await replayer.replay(model, model.new_state(1), log_of(1), 5, 1)
+        await replayer.replay(model, model.new_state(1), log_of(1), 5, 1, {})
     await replayer.aclose()
 
 
@@ -97,15 +97,15 @@ async def test_a_restore_given_up_midway_does_not_stop_the_others() -> None:
     on that worker hung from then on, three sessions lost.)"""
     model = CountingWorld()
     replayer = BatchedReplay(inline, {"fake-world": 8})
-    given_up = asyncio.create_task(replayer.replay(model, model.new_state(0), log_of(0), 30, 1))
+    given_up = asyncio.create_task(replayer.replay(model, model.new_state(0), log_of(0), 30, 1, {}))
     kept = model.new_state(1)
-    finishing = asyncio.create_task(replayer.replay(model, kept, log_of(1), 30, 1))
+    finishing = asyncio.create_task(replayer.replay(model, kept, log_of(1), 30, 1, {}))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     given_up.cancel()
     async with asyncio.timeout(5):
         await finishing
         later = model.new_state(2)
-        await replayer.replay(model, later, log_of(2), 12, 1)
+        await replayer.replay(model, later, log_of(2), 12, 1, {})
     assert (kept.frame_index, later.frame_index) == (30, 12)
     await replayer.aclose()

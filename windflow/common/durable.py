@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Sequence
@@ -26,13 +27,20 @@ from nats.js.api import DeliverPolicy, DiscardPolicy, Header, StorageType
 from nats.js.object_store import ObjectStore
 
 from windflow.common import env, etcd, faults, names
-from windflow.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from windflow.errors import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from windflow.v1 import internal_pb2
 from windflow.v1 import windflow_pb2 as pb
 
 LOG_STREAM = "WINDFLOW_LOG"
 LOG_SUBJECTS = f"{names.SUBJECT_PREFIX}.log.>"
 CHECKPOINT_BUCKET = "windflow-checkpoints"
+INPUT_BUCKET = "windflow-inputs"
 _WRONG_LAST_SEQUENCE = 10071
 
 
@@ -284,9 +292,12 @@ def controls_by_frame(entries: Sequence[StoredEntry]) -> list[internal_pb2.LogEn
     return out
 
 
-class CheckpointStore:
-    def __init__(self, js: JetStreamContext) -> None:
+class _Bucket:
+    """A JetStream object store bucket, created on first use."""
+
+    def __init__(self, js: JetStreamContext, name: str) -> None:
         self._js = js
+        self._name = name
         self._store: ObjectStore | None = None
         self._lock = asyncio.Lock()
 
@@ -294,12 +305,17 @@ class CheckpointStore:
         async with self._lock:
             if self._store is None:
                 try:
-                    self._store = await self._js.object_store(CHECKPOINT_BUCKET)
+                    self._store = await self._js.object_store(self._name)
                 except nats.js.errors.BucketNotFoundError:
                     self._store = await self._js.create_object_store(
-                        CHECKPOINT_BUCKET, storage=StorageType.FILE, replicas=stream_replicas()
+                        self._name, storage=StorageType.FILE, replicas=stream_replicas()
                     )
             return self._store
+
+
+class CheckpointStore(_Bucket):
+    def __init__(self, js: JetStreamContext) -> None:
+        super().__init__(js, CHECKPOINT_BUCKET)
 
     @staticmethod
     def object_name(session_id: str, frame_index: int) -> str:
@@ -320,6 +336,85 @@ class CheckpointStore:
         except nats.js.errors.NotFoundError as exc:  # never stored, or deleted
             raise NotFound(f"checkpoint object {name!r} is missing") from exc
         return bytes(result.data or b"")
+
+
+class InputStore(_Bucket):
+    """Input frames (``Control.frame``) by digest, raw RGB: the control log names them
+    (``LogEntry.input_digest``) and replays read them back. An object is written once
+    (content-addressed: a fork's log names its parent's, a re-sent frame is one object)
+    and kept; a bounded cache in memory serves replays and restores."""
+
+    CACHE_BYTES = 64 << 20
+
+    def __init__(self, js: JetStreamContext) -> None:
+        super().__init__(js, INPUT_BUCKET)
+        self._stored: dict[str, asyncio.Task[None]] = {}
+        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._cache_bytes = 0
+
+    @staticmethod
+    def object_name(digest: str) -> str:
+        return f"input.{digest}"
+
+    def stage(self, digest: str, data: bytes) -> None:
+        """Start storing ``data`` under ``digest`` (once per digest per process; a failed
+        put is tried again by the next ``stage`` or ``stored``)."""
+        self._remember(digest, data)
+        task = self._stored.get(digest)
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            self._stored[digest] = asyncio.create_task(
+                self._put(digest, data), name=f"input-put:{digest[:12]}"
+            )
+
+    async def stored(self, digest: str) -> None:
+        """Return once ``digest`` is in the bucket (raises ``Unavailable`` when its put
+        failed: staged again, it is retried)."""
+        task = self._stored.get(digest)
+        if task is None:
+            return  # not staged here: read from the log, so stored before
+        try:
+            await asyncio.shield(task)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError) as exc:
+            data = self._cache.get(digest)
+            if data is not None:
+                del self._stored[digest]
+                self.stage(digest, data)
+            raise Unavailable(f"storing input frame {digest[:12]} failed: {exc}") from exc
+
+    async def _put(self, digest: str, data: bytes) -> None:
+        faults.hit("input.put")
+        bucket = await self._bucket()
+        name = self.object_name(digest)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            if (await bucket.get_info(name)).size == len(data):
+                return
+        await bucket.put(name, data)
+
+    async def get(self, digest: str) -> bytes:
+        """The raw RGB bytes of input frame ``digest``; ``DataLoss`` when it is missing."""
+        data = self._cache.get(digest)
+        if data is not None:
+            self._cache.move_to_end(digest)
+            return data
+        try:
+            result = await (await self._bucket()).get(self.object_name(digest))
+        except nats.js.errors.NotFoundError as exc:
+            raise DataLoss(
+                f"input frame {digest[:12]} named by the control log is missing"
+            ) from exc
+        data = bytes(result.data or b"")
+        self._remember(digest, data)
+        return data
+
+    def _remember(self, digest: str, data: bytes) -> None:
+        if digest in self._cache:
+            self._cache.move_to_end(digest)
+            return
+        self._cache[digest] = data
+        self._cache_bytes += len(data)
+        while self._cache_bytes > self.CACHE_BYTES and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
 
 
 class CheckpointCatalog:

@@ -33,6 +33,7 @@ POINTS: dict[str, str] = {
     "log.head": "a control-log append of a HEAD entry (after log.append's own rules)",
     "log.read": "a control-log read (ControlLog.read)",
     "checkpoint.put": "a checkpoint upload to the object store (CheckpointStore.put)",
+    "input.put": "an input frame's upload to the object store (InputStore stage)",
 }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from services.worker.models.base import ModelInfo
+from services.worker.controls import INPUT_FORMATS, input_max_bytes
+from services.worker.models.base import POSE_ABSOLUTE, POSE_VELOCITY, ModelInfo
 from windflow.errors import InvalidArgument
 from windflow.v1 import windflow_pb2 as pb
 
@@ -22,7 +23,38 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         axes=list(info.axes),
         steps=list(info.steps),
         default_steps=info.default_steps,
+        controls=control_schema(info),
     )
+
+
+_POSE_KINDS = {POSE_ABSOLUTE: pb.POSE_KIND_ABSOLUTE, POSE_VELOCITY: pb.POSE_KIND_VELOCITY}
+
+
+def control_schema(info: ModelInfo) -> pb.ControlSpec:
+    """Every kind of control ``info`` declares, typed (``ModelInfo.controls``)."""
+    schema = pb.ControlSpec(
+        actions=list(info.actions),
+        axes=[pb.AxisSpec(name=name, min=-1.0, max=1.0) for name in info.axes],
+    )
+    if info.prompt is not None:
+        schema.prompt.max_chars = info.prompt.max_chars
+        schema.prompt.default_prompt = info.prompt.default
+    if info.pose is not None:
+        schema.pose.kind = _POSE_KINDS[info.pose.kind]
+        schema.pose.components.extend(
+            pb.AxisSpec(name=n, min=lo, max=hi)
+            for n, lo, hi in zip(info.pose.components, info.pose.low, info.pose.high, strict=True)
+        )
+    if info.input_frame is not None:
+        spec = info.input_frame
+        schema.input_frame.width = spec.width
+        schema.input_frame.height = spec.height
+        schema.input_frame.fps = spec.fps
+        schema.input_frame.formats.extend(INPUT_FORMATS)
+        schema.input_frame.queue = spec.queue
+        schema.input_frame.policy = pb.INPUT_POLICY_NEWEST
+        schema.input_frame.max_bytes = input_max_bytes(spec)
+    return schema
 
 
 def resolve_spec(spec: pb.SessionSpec, model: pb.ModelInfo) -> pb.SessionSpec:

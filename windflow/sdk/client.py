@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from windflow.common import env, grpc_util, telemetry
-from windflow.common.frames import decode_frame
+from windflow.common.frames import decode_frame, encode_frame
 from windflow.errors import FailedPrecondition, ResourceExhausted, Unavailable, WindflowError
 from windflow.sdk.resume import (
     CHANNEL_OPTIONS,
@@ -227,25 +227,29 @@ class Session:
             raise FailedPrecondition(f"the stream of session {self.id} has ended")
 
     async def send(
-        self, action: int = 0, axes: Sequence[float] = (), frame_index: int | None = None
+        self,
+        action: int = 0,
+        axes: Sequence[float] = (),
+        frame_index: int | None = None,
+        *,
+        prompt: str | None = None,
+        pose: Sequence[float] | None = None,
+        frame: np.ndarray | pb.InputFrame | None = None,
     ) -> int:
         """Send a control for ``frame_index`` (default: the next frame not yet received).
 
+        ``prompt``, ``pose`` and ``frame`` (an input frame: uint8 RGB (H, W, 3), sent as
+        JPEG, or an ``InputFrame`` as it is) go only to a model whose
+        ``ModelInfo.controls`` declares them; each left None keeps the one in effect.
         Returns once it is written (after the messages written before it: controls are
         never dropped, and a sender faster than the stream waits); returns the frame index
-        the control was stamped with.
+        the control was stamped with. A message over the gateway's limit (a large input
+        frame) raises ResourceExhausted and is not sent.
         """
         index = self.next_index if frame_index is None else frame_index
-        await self._write(
-            pb.ClientMessage(
-                control=pb.Control(
-                    frame_index=index,
-                    action=action,
-                    axes=list(axes),
-                    client_time_us=telemetry.now_us(),
-                )
-            )
-        )
+        control = make_control(index, action, axes, prompt=prompt, pose=pose, frame=frame)
+        control.client_time_us = telemetry.now_us()
+        await self._write(pb.ClientMessage(control=control))
         return index
 
     async def send_confirmed(
@@ -254,6 +258,9 @@ class Session:
         axes: Sequence[float] = (),
         frame_index: int | None = None,
         *,
+        prompt: str | None = None,
+        pose: Sequence[float] | None = None,
+        frame: np.ndarray | pb.InputFrame | None = None,
         timeout_s: float = 5.0,
     ) -> pb.ControlReceipt:
         """``send``, then wait for the server's answer: its receipt (the frame the control
@@ -261,19 +268,15 @@ class Session:
         answer comes on the stream: ``frames()`` must be read meanwhile (it is what takes
         it)."""
         index = self.next_index if frame_index is None else frame_index
+        control = make_control(index, action, axes, prompt=prompt, pose=pose, frame=frame)
         now = telemetry.now_us()
         while now in self._awaiting:  # (one answer per client_time_us)
             now += 1
+        control.client_time_us = now
         answer: asyncio.Future[pb.ControlReceipt] = asyncio.get_running_loop().create_future()
         self._awaiting[now] = answer
         try:
-            await self._write(
-                pb.ClientMessage(
-                    control=pb.Control(
-                        frame_index=index, action=action, axes=list(axes), client_time_us=now
-                    )
-                )
-            )
+            await self._write(pb.ClientMessage(control=control))
             return await asyncio.wait_for(answer, timeout_s)
         finally:
             self._awaiting.pop(now, None)
@@ -773,3 +776,39 @@ class Client:
             if close:
                 with contextlib.suppress(WindflowError):
                     await self.close_session(info.session_id)
+
+
+INPUT_JPEG_QUALITY = 90
+
+
+def input_frame(
+    rgb: np.ndarray, fmt: pb.FrameFormat.ValueType = pb.FRAME_FORMAT_JPEG
+) -> pb.InputFrame:
+    """An input frame message from uint8 RGB (H, W, 3): JPEG (quality 90) or raw RGB."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"an input frame is uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    height, width = int(rgb.shape[0]), int(rgb.shape[1])
+    data = encode_frame(rgb, fmt, width, height, INPUT_JPEG_QUALITY)
+    return pb.InputFrame(data=data, format=fmt, width=width, height=height)
+
+
+def make_control(
+    index: int,
+    action: int = 0,
+    axes: Sequence[float] = (),
+    *,
+    prompt: str | None = None,
+    pose: Sequence[float] | None = None,
+    frame: np.ndarray | pb.InputFrame | None = None,
+) -> pb.Control:
+    """A control message; the richer kinds only where given."""
+    control = pb.Control(frame_index=index, action=action, axes=list(axes))
+    if prompt is not None:
+        control.prompt = prompt
+    if pose is not None:
+        control.pose.values.extend(pose)
+    if isinstance(frame, pb.InputFrame):
+        control.frame.CopyFrom(frame)
+    elif frame is not None:
+        control.frame.CopyFrom(input_frame(frame))
+    return control

@@ -967,14 +967,29 @@ class LogEntry(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    POSE_FIELD_NUMBER: _builtins.int
+    INPUT_DIGEST_FIELD_NUMBER: _builtins.int
+    INPUT_WIDTH_FIELD_NUMBER: _builtins.int
+    INPUT_HEIGHT_FIELD_NUMBER: _builtins.int
     kind: Global___LogEntry.Kind.ValueType
     frame_index: _builtins.int
     action: _builtins.int
     steps: _builtins.int
     worker_id: _builtins.str
     epoch: _builtins.int
+    prompt: _builtins.str
+    """the richer controls in effect from frame_index (KIND_CONTROL): absent, none was sent"""
+    input_digest: _builtins.str
+    """sha256 (hex) of the input frame in effect; its raw RGB is in the object store
+    (windflow/common/inputs.py); empty: none
+    """
+    input_width: _builtins.int
+    input_height: _builtins.int
     @_builtins.property
     def axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def pose(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -985,12 +1000,19 @@ class LogEntry(_message.Message):
         steps: _builtins.int = ...,
         worker_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        prompt: _builtins.str | None = ...,
+        pose: _abc.Iterable[_builtins.float] | None = ...,
+        input_digest: _builtins.str = ...,
+        input_width: _builtins.int = ...,
+        input_height: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "axes", b"axes", "epoch", b"epoch", "frame_index", b"frame_index", "kind", b"kind", "steps", b"steps", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "action", b"action", "axes", b"axes", "epoch", b"epoch", "frame_index", b"frame_index", "input_digest", b"input_digest", "input_height", b"input_height", "input_width", b"input_width", "kind", b"kind", "pose", b"pose", "prompt", b"prompt", "steps", b"steps", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prompt: _TypeAlias = _typing.Literal["prompt"]  # noqa: Y015
+    _WhichOneofArgType__prompt: _TypeAlias = _typing.Literal["_prompt", b"_prompt"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt) -> _WhichOneofReturnType__prompt | None: ...
 
 Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015
 

@@ -24,6 +24,47 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _PoseKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoseKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PoseKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POSE_KIND_UNSPECIFIED: _PoseKind.ValueType  # 0
+    POSE_KIND_ABSOLUTE: _PoseKind.ValueType  # 1
+    """where the camera is"""
+    POSE_KIND_VELOCITY: _PoseKind.ValueType  # 2
+    """the camera's change per frame, held until the next pose"""
+
+class PoseKind(_PoseKind, metaclass=_PoseKindEnumTypeWrapper): ...
+
+POSE_KIND_UNSPECIFIED: PoseKind.ValueType  # 0
+POSE_KIND_ABSOLUTE: PoseKind.ValueType  # 1
+"""where the camera is"""
+POSE_KIND_VELOCITY: PoseKind.ValueType  # 2
+"""the camera's change per frame, held until the next pose"""
+Global___PoseKind: _TypeAlias = PoseKind  # noqa: Y015
+
+class _InputPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InputPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INPUT_POLICY_UNSPECIFIED: _InputPolicy.ValueType  # 0
+    """treated as NEWEST"""
+    INPUT_POLICY_NEWEST: _InputPolicy.ValueType  # 1
+    """past `queue` waiting frames the oldest is dropped and counted"""
+
+class InputPolicy(_InputPolicy, metaclass=_InputPolicyEnumTypeWrapper):
+    """What happens to input frames that come faster than the model uses them."""
+
+INPUT_POLICY_UNSPECIFIED: InputPolicy.ValueType  # 0
+"""treated as NEWEST"""
+INPUT_POLICY_NEWEST: InputPolicy.ValueType  # 1
+"""past `queue` waiting frames the oldest is dropped and counted"""
+Global___InputPolicy: _TypeAlias = InputPolicy  # noqa: Y015
+
 class _FrameFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -258,6 +299,7 @@ class ModelInfo(_message.Message):
     AXES_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     DEFAULT_STEPS_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     version: _builtins.str
     description: _builtins.str
@@ -279,6 +321,10 @@ class ModelInfo(_message.Message):
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the quality ladder: allowed denoising step counts"""
 
+    @_builtins.property
+    def controls(self) -> Global___ControlSpec:
+        """every kind of control the model takes, typed"""
+
     def __init__(
         self,
         *,
@@ -292,14 +338,180 @@ class ModelInfo(_message.Message):
         axes: _abc.Iterable[_builtins.str] | None = ...,
         steps: _abc.Iterable[_builtins.int] | None = ...,
         default_steps: _builtins.int = ...,
+        controls: Global___ControlSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "axes", b"axes", "default_steps", b"default_steps", "description", b"description", "fps", b"fps", "height", b"height", "model_id", b"model_id", "steps", b"steps", "version", b"version", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "axes", b"axes", "controls", b"controls", "default_steps", b"default_steps", "description", b"description", "fps", b"fps", "height", b"height", "model_id", b"model_id", "steps", b"steps", "version", b"version", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class ControlSpec(_message.Message):
+    """What a model's controls may carry: a client builds its UI from it. A kind absent here
+    (an unset prompt, pose or input_frame) is refused with INVALID_ARGUMENT naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    AXES_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    POSE_FIELD_NUMBER: _builtins.int
+    INPUT_FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Control.action indexes it"""
+
+    @_builtins.property
+    def axes(self) -> _containers.RepeatedCompositeFieldContainer[Global___AxisSpec]:
+        """Control.axes, in this order"""
+
+    @_builtins.property
+    def prompt(self) -> Global___PromptSpec:
+        """Control.prompt"""
+
+    @_builtins.property
+    def pose(self) -> Global___PoseSpec:
+        """Control.pose"""
+
+    @_builtins.property
+    def input_frame(self) -> Global___InputFrameSpec:
+        """Control.frame"""
+
+    def __init__(
+        self,
+        *,
+        actions: _abc.Iterable[_builtins.str] | None = ...,
+        axes: _abc.Iterable[Global___AxisSpec] | None = ...,
+        prompt: Global___PromptSpec | None = ...,
+        pose: Global___PoseSpec | None = ...,
+        input_frame: Global___InputFrameSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_frame", b"input_frame", "pose", b"pose", "prompt", b"prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "axes", b"axes", "input_frame", b"input_frame", "pose", b"pose", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlSpec: _TypeAlias = ControlSpec  # noqa: Y015
+
+@_typing.final
+class AxisSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    min: _builtins.float
+    max: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "min", b"min", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AxisSpec: _TypeAlias = AxisSpec  # noqa: Y015
+
+@_typing.final
+class PromptSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CHARS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PROMPT_FIELD_NUMBER: _builtins.int
+    max_chars: _builtins.int
+    """longer prompts are refused"""
+    default_prompt: _builtins.str
+    """in effect before a session's first prompt"""
+    def __init__(
+        self,
+        *,
+        max_chars: _builtins.int = ...,
+        default_prompt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_prompt", b"default_prompt", "max_chars", b"max_chars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptSpec: _TypeAlias = PromptSpec  # noqa: Y015
+
+@_typing.final
+class PoseSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    kind: Global___PoseKind.ValueType
+    @_builtins.property
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___AxisSpec]:
+        """CameraPose.values, in this order, each in its range"""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___PoseKind.ValueType = ...,
+        components: _abc.Iterable[Global___AxisSpec] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoseSpec: _TypeAlias = PoseSpec  # noqa: Y015
+
+@_typing.final
+class InputFrameSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    FORMATS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    height: _builtins.int
+    fps: _builtins.float
+    """at most one input frame is used per frame made"""
+    queue: _builtins.int
+    """input frames waiting per session, at most"""
+    policy: Global___InputPolicy.ValueType
+    max_bytes: _builtins.int
+    """larger InputFrame.data is refused RESOURCE_EXHAUSTED"""
+    @_builtins.property
+    def formats(self) -> _containers.RepeatedScalarFieldContainer[Global___FrameFormat.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        fps: _builtins.float = ...,
+        formats: _abc.Iterable[Global___FrameFormat.ValueType] | None = ...,
+        queue: _builtins.int = ...,
+        policy: Global___InputPolicy.ValueType = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["formats", b"formats", "fps", b"fps", "height", b"height", "max_bytes", b"max_bytes", "policy", b"policy", "queue", b"queue", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputFrameSpec: _TypeAlias = InputFrameSpec  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
@@ -878,12 +1090,23 @@ class Control(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     AXES_FIELD_NUMBER: _builtins.int
     CLIENT_TIME_US_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    POSE_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
     frame_index: _builtins.int
     action: _builtins.int
     client_time_us: _builtins.int
     """the client's clock when sent; echoed in the Frame it reaches"""
+    prompt: _builtins.str
+    """The richer kinds (ModelInfo.controls says which a model takes). Each is optional: a
+    control without one leaves the one in effect (action and axes are always replaced).
+    """
     @_builtins.property
     def axes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def pose(self) -> Global___CameraPose: ...
+    @_builtins.property
+    def frame(self) -> Global___InputFrame: ...
     def __init__(
         self,
         *,
@@ -891,14 +1114,72 @@ class Control(_message.Message):
         action: _builtins.int = ...,
         axes: _abc.Iterable[_builtins.float] | None = ...,
         client_time_us: _builtins.int = ...,
+        prompt: _builtins.str | None = ...,
+        pose: Global___CameraPose | None = ...,
+        frame: Global___InputFrame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "frame", b"frame", "pose", b"pose", "prompt", b"prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt", b"_prompt", "action", b"action", "axes", b"axes", "client_time_us", b"client_time_us", "frame", b"frame", "frame_index", b"frame_index", "pose", b"pose", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__prompt: _TypeAlias = _typing.Literal["prompt"]  # noqa: Y015
+    _WhichOneofArgType__prompt: _TypeAlias = _typing.Literal["_prompt", b"_prompt"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt) -> _WhichOneofReturnType__prompt | None: ...
+
+Global___Control: _TypeAlias = Control  # noqa: Y015
+
+@_typing.final
+class CameraPose(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """one per PoseSpec component"""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "axes", b"axes", "client_time_us", b"client_time_us", "frame_index", b"frame_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Control: _TypeAlias = Control  # noqa: Y015
+Global___CameraPose: _TypeAlias = CameraPose  # noqa: Y015
+
+@_typing.final
+class InputFrame(_message.Message):
+    """A frame in (video-to-video), width x height as the model's InputFrameSpec says."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    format: Global___FrameFormat.ValueType
+    """RGB (raw, row-major) or JPEG; UNSPECIFIED is JPEG"""
+    width: _builtins.int
+    height: _builtins.int
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        format: Global___FrameFormat.ValueType = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "format", b"format", "height", b"height", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputFrame: _TypeAlias = InputFrame  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
@@ -1097,6 +1378,7 @@ class Frame(_message.Message):
     LATENCY_FIELD_NUMBER: _builtins.int
     DROPPED_TOTAL_FIELD_NUMBER: _builtins.int
     APPLIED_CLIENT_TIME_US_FIELD_NUMBER: _builtins.int
+    INPUT_DROPPED_TOTAL_FIELD_NUMBER: _builtins.int
     frame_index: _builtins.int
     format: Global___FrameFormat.ValueType
     width: _builtins.int
@@ -1110,6 +1392,10 @@ class Frame(_message.Message):
     """client_time_us of the control first applied here, or 0"""
     dropped_total: _builtins.int
     """frames dropped so far for this session (DROP_OLDEST)"""
+    input_dropped_total: _builtins.int
+    """input frames (Control.frame) this session dropped so far: more came than the model
+    used (InputFrameSpec.policy)
+    """
     @_builtins.property
     def timestamps(self) -> Global___FrameTimestamps: ...
     @_builtins.property
@@ -1136,10 +1422,11 @@ class Frame(_message.Message):
         latency: Global___LatencyBreakdown | None = ...,
         dropped_total: _builtins.int = ...,
         applied_client_time_us: _abc.Iterable[_builtins.int] | None = ...,
+        input_dropped_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "timestamps", b"timestamps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "applied_client_time_us", b"applied_client_time_us", "control_client_time_us", b"control_client_time_us", "data", b"data", "dropped_total", b"dropped_total", "format", b"format", "frame_index", b"frame_index", "height", b"height", "latency", b"latency", "steps", b"steps", "timestamps", b"timestamps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "applied_client_time_us", b"applied_client_time_us", "control_client_time_us", b"control_client_time_us", "data", b"data", "dropped_total", b"dropped_total", "format", b"format", "frame_index", b"frame_index", "height", b"height", "input_dropped_total", b"input_dropped_total", "latency", b"latency", "steps", b"steps", "timestamps", b"timestamps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

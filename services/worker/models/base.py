@@ -32,15 +32,70 @@ from windflow.errors import InvalidControl
 
 
 @dataclass(frozen=True, slots=True)
+class InputFrame:
+    """A frame in (video-to-video), decoded: uint8 RGB shaped (height, width, 3).
+
+    ``digest`` (sha256 hex of the bytes as sent) names it: controls compare by it, and the
+    control log keeps it instead of the pixels (the bytes live in the object store)."""
+
+    rgb: np.ndarray = field(compare=False, repr=False)
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
 class Control:
-    """One control for one frame: a discrete action and optional continuous axes.
+    """The controls in effect for one frame.
 
     ``action`` indexes ``ModelInfo.actions``; ``axes`` (if the model declares any) are in
-    [-1, 1], one per name in ``ModelInfo.axes``.
+    [-1, 1], one per name in ``ModelInfo.axes``. The richer kinds are None where the model
+    takes none or none was ever sent: ``prompt`` (text, ``ModelInfo.prompt``), ``pose``
+    (one value per ``ModelInfo.pose`` component) and ``frame`` (``ModelInfo.input_frame``).
+    A session's prompt, pose and input frame stay in effect until a later control changes
+    them (the runtime merges); a model sees, for each frame, everything in effect.
     """
 
     action: int = 0
     axes: tuple[float, ...] = ()
+    prompt: str | None = None
+    pose: tuple[float, ...] | None = None
+    frame: InputFrame | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSpec:
+    """The model takes a text prompt of at most ``max_chars`` characters; ``default`` is
+    the prompt in effect before a session's first one."""
+
+    max_chars: int
+    default: str = ""
+
+
+POSE_ABSOLUTE = "absolute"
+"""A pose is where the camera is (held until the next)."""
+POSE_VELOCITY = "velocity"
+"""A pose is the camera's change per frame (held until the next: a held motion)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoseSpec:
+    """The model takes a camera pose: one float per component, each within its range."""
+
+    kind: str  # POSE_ABSOLUTE or POSE_VELOCITY
+    components: tuple[str, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InputFrameSpec:
+    """The model takes frames in: ``width`` x ``height`` RGB, sent as raw RGB or JPEG, at
+    most ``fps`` of them used per second (one per frame made). At most ``queue`` wait per
+    session; past it the oldest waiting one is dropped and counted (newest wins)."""
+
+    width: int
+    height: int
+    fps: float
+    queue: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +114,9 @@ class ModelInfo:
     default_steps: int = 2
     max_batch: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt: PromptSpec | None = None
+    pose: PoseSpec | None = None
+    input_frame: InputFrameSpec | None = None
 
 
 class SessionState(abc.ABC):
@@ -119,3 +177,49 @@ class WorldModel(abc.ABC):
         for name, value in zip(self.info.axes, control.axes, strict=False):
             if not (-1.0 <= value <= 1.0) or value != value:
                 raise InvalidControl(f"axis {name!r} = {value} is outside [-1, 1]")
+        validate_rich(self.info, control)
+
+
+def validate_rich(info: ModelInfo, control: Control) -> None:
+    """The prompt, pose and input frame of ``control`` against what ``info`` declares;
+    ``InvalidControl`` names the field."""
+    model = repr(info.model_id)
+    if control.prompt is not None:
+        if info.prompt is None:
+            raise InvalidControl(f"control.prompt: model {model} takes no prompt")
+        if len(control.prompt) > info.prompt.max_chars:
+            raise InvalidControl(
+                f"control.prompt: {len(control.prompt)} characters, over the "
+                f"{info.prompt.max_chars} model {model} takes"
+            )
+    if control.pose is not None:
+        spec = info.pose
+        if spec is None:
+            raise InvalidControl(f"control.pose: model {model} takes no camera pose")
+        if len(control.pose) != len(spec.components):
+            raise InvalidControl(
+                f"control.pose: model {model} takes {len(spec.components)} values "
+                f"({', '.join(spec.components)}), got {len(control.pose)}"
+            )
+        for name, value, low, high in zip(
+            spec.components, control.pose, spec.low, spec.high, strict=True
+        ):
+            if not low <= value <= high:  # NaN fails both
+                raise InvalidControl(f"control.pose.{name} = {value} is outside [{low}, {high}]")
+    if control.frame is not None:
+        fspec = info.input_frame
+        if fspec is None:
+            raise InvalidControl(f"control.frame: model {model} takes no input frames")
+        shape = control.frame.rgb.shape
+        if shape != (fspec.height, fspec.width, 3) or control.frame.rgb.dtype != np.uint8:
+            raise InvalidControl(
+                f"control.frame: {describe_shape(shape)} {control.frame.rgb.dtype}, model "
+                f"{model} takes {fspec.width}x{fspec.height} RGB uint8"
+            )
+
+
+def describe_shape(shape: tuple[int, ...]) -> str:
+    """(H, W, 3) as 'WxH RGB'; anything else as it is."""
+    if len(shape) == 3 and shape[2] == 3:
+        return f"{shape[1]}x{shape[0]} RGB"
+    return f"shape {shape}"

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file windflow/v1/windflow.proto.
  */
 export const file_windflow_v1_windflow: GenFile = /*@__PURE__*/
-  fileDesc("Chp3aW5kZmxvdy92MS93aW5kZmxvdy5wcm90bxILd2luZGZsb3cudjEibAoSQ3JlYXRlVG9rZW5SZXF1ZXN0Eg4KBm1vZGVscxgBIAMoCRIPCgdyZWdpb25zGAIgAygJEhQKDG1heF9zZXNzaW9ucxgDIAEoDRIQCghidWRnZXRfcxgEIAEoAhINCgV0dGxfcxgFIAEoAiJsChNDcmVhdGVUb2tlblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEhAKCHRva2VuX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIXCg9leHBpcmVzX3VuaXhfbXMYBCABKAMSCwoDa2lkGAUgASgJIrQBCglNb2RlbEluZm8SEAoIbW9kZWxfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SCwoDZnBzGAYgASgCEg8KB2FjdGlvbnMYByADKAkSDAoEYXhlcxgIIAMoCRINCgVzdGVwcxgJIAMoDRIVCg1kZWZhdWx0X3N0ZXBzGAogASgNIhMKEUxpc3RNb2RlbHNSZXF1ZXN0IjwKEkxpc3RNb2RlbHNSZXNwb25zZRImCgZtb2RlbHMYASADKAsyFi53aW5kZmxvdy52MS5Nb2RlbEluZm8iyQIKC1Nlc3Npb25TcGVjEhAKCG1vZGVsX2lkGAEgASgJEgwKBHNlZWQYAiABKAQSCwoDZnBzGAMgASgCEg0KBXN0ZXBzGAQgASgNEigKBmZvcm1hdBgFIAEoDjIYLndpbmRmbG93LnYxLkZyYW1lRm9ybWF0Eg0KBXdpZHRoGAYgASgNEg4KBmhlaWdodBgHIAEoDRIUCgxqcGVnX3F1YWxpdHkYCCABKA0SDgoGcmVnaW9uGAkgASgJEjAKDW91dHB1dF9wb2xpY3kYCiABKA4yGS53aW5kZmxvdy52MS5PdXRwdXRQb2xpY3kSKwoHcXVhbGl0eRgUIAEoCzIaLndpbmRmbG93LnYxLlF1YWxpdHlQb2xpY3kSMAoNc2Vzc2lvbl9jbGFzcxgVIAEoDjIZLndpbmRmbG93LnYxLlNlc3Npb25DbGFzcyLSAwoHU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEiYKBHNwZWMYAiABKAsyGC53aW5kZmxvdy52MS5TZXNzaW9uU3BlYxIoCgVzdGF0ZRgDIAEoDjIZLndpbmRmbG93LnYxLlNlc3Npb25TdGF0ZRIRCgl3b3JrZXJfaWQYBCABKAkSFwoPcGxhY2VtZW50X2Vwb2NoGAUgASgEEhIKCmhlYWRfZnJhbWUYBiABKAQSFwoPY3JlYXRlZF91bml4X21zGAcgASgDEiUKBW1vZGVsGAggASgLMhYud2luZGZsb3cudjEuTW9kZWxJbmZvEiwKC2NoZWNrcG9pbnRzGAkgAygLMhcud2luZGZsb3cudjEuQ2hlY2twb2ludBISCgpsb2dfbGVuZ3RoGAogASgEEhkKEXBhcmVudF9zZXNzaW9uX2lkGAsgASgJEhEKCWZvcmtlZF9hdBgMIAEoBBIOCgZyZWdpb24YDSABKAkSDgoGdGVuYW50GA4gASgJEhYKDnBhcmtlZF91bml4X21zGA8gASgDEiEKBXJlYWNoGBAgAygLMhIud2luZGZsb3cudjEuUmVhY2gSFgoOY2xvc2VkX3VuaXhfbXMYESABKAMiXwoFUmVhY2gSEgoKZnJvbV9mcmFtZRgBIAEoBBIQCgh0b19mcmFtZRgCIAEoBBIZChFtYXhfcmVwbGF5X2ZyYW1lcxgDIAEoBBIVCg1tYXhfcmVwbGF5X21zGAQgASgCInQKCkNoZWNrcG9pbnQSEwoLZnJhbWVfaW5kZXgYASABKAQSEwoLb2JqZWN0X25hbWUYAiABKAkSDAoEc2l6ZRgDIAEoBBIVCg1tb2RlbF92ZXJzaW9uGAQgASgJEhcKD2NyZWF0ZWRfdW5peF9tcxgFIAEoAyIzCgtGb3JrUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGF0X2ZyYW1lGAIgASgDIkYKD0ZvcmtNYW55UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhAKCGF0X2ZyYW1lGAIgASgDEg0KBWNvdW50GAMgASgNIjoKEEZvcmtNYW55UmVzcG9uc2USJgoIc2Vzc2lvbnMYASADKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIjUKDVJld2luZFJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCgh0b19mcmFtZRgCIAEoAyJJCg1SZXBsYXlSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEgoKZnJvbV9mcmFtZRgCIAEoAxIQCgh0b19mcmFtZRgDIAEoAyI+ChRDcmVhdGVTZXNzaW9uUmVxdWVzdBImCgRzcGVjGAEgASgLMhgud2luZGZsb3cudjEuU2Vzc2lvblNwZWMiPgoVQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEiUKB3Nlc3Npb24YASABKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIicKEUdldFNlc3Npb25SZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkiKQoTQ2xvc2VTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIj0KFENsb3NlU2Vzc2lvblJlc3BvbnNlEiUKB3Nlc3Npb24YASABKAsyFC53aW5kZmxvdy52MS5TZXNzaW9uIrIBCg1DbGllbnRNZXNzYWdlEiUKBmF0dGFjaBgBIAEoCzITLndpbmRmbG93LnYxLkF0dGFjaEgAEicKB2NvbnRyb2wYAiABKAsyFC53aW5kZmxvdy52MS5Db250cm9sSAASHwoDYWNrGAMgASgLMhAud2luZGZsb3cudjEuQWNrSAASKQoIaGFuZG92ZXIYBCABKAsyFS53aW5kZmxvdy52MS5IYW5kb3ZlckgAQgUKA21zZyIdCghIYW5kb3ZlchIRCgl2aWV3ZXJfaWQYASABKAkimgEKBkF0dGFjaBISCgpzZXNzaW9uX2lkGAEgASgJEg4KBndpbmRvdxgCIAEoDRImCghjb250cm9scxgDIAMoCzIULndpbmRmbG93LnYxLkNvbnRyb2wSDgoGcmVzdW1lGAQgASgIEhMKC3Jlc3VtZV9mcm9tGAUgASgEEh8KBHJvbGUYBiABKA4yES53aW5kZmxvdy52MS5Sb2xlIlQKB0NvbnRyb2wSEwoLZnJhbWVfaW5kZXgYASABKAQSDgoGYWN0aW9uGAIgASgNEgwKBGF4ZXMYAyADKAISFgoOY2xpZW50X3RpbWVfdXMYBCABKAMiGgoDQWNrEhMKC2ZyYW1lX2luZGV4GAEgASgEIsIBCg1TZXJ2ZXJNZXNzYWdlEiMKBWZyYW1lGAEgASgLMhIud2luZGZsb3cudjEuRnJhbWVIABIqCgVldmVudBgCIAEoCzIZLndpbmRmbG93LnYxLlNlc3Npb25FdmVudEgAEikKBWVycm9yGAMgASgLMhgud2luZGZsb3cudjEuU3RyZWFtRXJyb3JIABIuCgdyZWNlaXB0GAQgASgLMhsud2luZGZsb3cudjEuQ29udHJvbFJlY2VpcHRIAEIFCgNtc2ciUgoOQ29udHJvbFJlY2VpcHQSEwoLZnJhbWVfaW5kZXgYASABKAQSFgoOY2xpZW50X3RpbWVfdXMYAiABKAMSEwoLcmVjZWl2ZWRfdXMYAyABKAMi2gEKD0ZyYW1lVGltZXN0YW1wcxIOCgZkdWVfdXMYASABKAMSFgoObW9kZWxfc3RhcnRfdXMYAiABKAMSFAoMbW9kZWxfZW5kX3VzGAMgASgDEhIKCmVuY29kZWRfdXMYBCABKAMSFgoOd29ya2VyX3NlbnRfdXMYBSABKAMSFwoPZ2F0ZXdheV9zZW50X3VzGAYgASgDEhMKC25leHRfZHVlX3VzGAcgASgDEhIKCnN0ZXBwZWRfdXMYCCABKAMSGwoTY29udHJvbF9yZWNlaXZlZF91cxgJIAEoAyKEAQoQTGF0ZW5jeUJyZWFrZG93bhIQCghxdWV1ZV9tcxgBIAEoAhIQCghtb2RlbF9tcxgCIAEoAhIRCgllbmNvZGVfbXMYAyABKAISDwoHc2VuZF9tcxgEIAEoAhIUCgx0cmFuc3BvcnRfbXMYBSABKAISEgoKYmF0Y2hfc2l6ZRgGIAEoDSLLAgoFRnJhbWUSEwoLZnJhbWVfaW5kZXgYASABKAQSKAoGZm9ybWF0GAIgASgOMhgud2luZGZsb3cudjEuRnJhbWVGb3JtYXQSDQoFd2lkdGgYAyABKA0SDgoGaGVpZ2h0GAQgASgNEgwKBGRhdGEYBSABKAwSDQoFc3RlcHMYBiABKA0SDgoGYWN0aW9uGAcgASgNEh4KFmNvbnRyb2xfY2xpZW50X3RpbWVfdXMYCCABKAMSMAoKdGltZXN0YW1wcxgJIAEoCzIcLndpbmRmbG93LnYxLkZyYW1lVGltZXN0YW1wcxIuCgdsYXRlbmN5GAogASgLMh0ud2luZGZsb3cudjEuTGF0ZW5jeUJyZWFrZG93bhIVCg1kcm9wcGVkX3RvdGFsGAsgASgEEh4KFmFwcGxpZWRfY2xpZW50X3RpbWVfdXMYDCADKAMilAQKDFNlc3Npb25FdmVudBIsCgRraW5kGAEgASgOMh4ud2luZGZsb3cudjEuU2Vzc2lvbkV2ZW50LktpbmQSDwoHbWVzc2FnZRgCIAEoCRITCgtmcmFtZV9pbmRleBgDIAEoBBINCgVzdGVwcxgEIAEoDRILCgNmcHMYFCABKAISDQoFbGV2ZWwYFSABKA0SEQoJd29ya2VyX2lkGBYgASgJEhYKDmZyb21fd29ya2VyX2lkGBcgASgJEg4KBnJlZ2lvbhgYIAEoCRIRCgl2aWV3ZXJfaWQYGSABKAkSHwoEcm9sZRgaIAEoDjIRLndpbmRmbG93LnYxLlJvbGUSEgoKc3BlY3RhdG9ycxgbIAEoDSKBAgoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASEQoNS0lORF9BVFRBQ0hFRBABEhgKFEtJTkRfUVVBTElUWV9DSEFOR0VEEAISDwoLS0lORF9QQVVTRUQQAxIQCgxLSU5EX1JFU1VNRUQQBBIPCgtLSU5EX0NMT1NFRBAFEhAKDEtJTkRfUkVXT1VORBAGEhIKDktJTkRfUkVDT1ZFUkVEEAcSEQoNS0lORF9NSUdSQVRFRBAIEhcKE0tJTkRfQlVER0VUX1dBUk5JTkcQCRIZChVLSU5EX0JVREdFVF9FWEhBVVNURUQQChIVChFLSU5EX1JPTEVfQ0hBTkdFRBALInsKC1N0cmVhbUVycm9yEgwKBGNvZGUYASABKAUSEQoJY29kZV9uYW1lGAIgASgJEg8KB21lc3NhZ2UYAyABKAkSEwoLZnJhbWVfaW5kZXgYBCABKAQSJQoHY29udHJvbBgFIAEoCzIULndpbmRmbG93LnYxLkNvbnRyb2wiowEKDVF1YWxpdHlQb2xpY3kSLQoEbW9kZRgBIAEoDjIfLndpbmRmbG93LnYxLlF1YWxpdHlQb2xpY3kuTW9kZRIRCgltaW5fc3RlcHMYAiABKA0SDwoHbWluX2ZwcxgDIAEoAiI/CgRNb2RlEhQKEE1PREVfVU5TUEVDSUZJRUQQABIRCg1NT0RFX0FEQVBUSVZFEAESDgoKTU9ERV9GSVhFRBACKlgKC0ZyYW1lRm9ybWF0EhwKGEZSQU1FX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhQKEEZSQU1FX0ZPUk1BVF9SR0IQARIVChFGUkFNRV9GT1JNQVRfSlBFRxACKmUKDE91dHB1dFBvbGljeRIdChlPVVRQVVRfUE9MSUNZX1VOU1BFQ0lGSUVEEAASHQoZT1VUUFVUX1BPTElDWV9EUk9QX09MREVTVBABEhcKE09VVFBVVF9QT0xJQ1lfUEFVU0UQAipoCgxTZXNzaW9uQ2xhc3MSHQoZU0VTU0lPTl9DTEFTU19VTlNQRUNJRklFRBAAEh0KGVNFU1NJT05fQ0xBU1NfSU5URVJBQ1RJVkUQARIaChZTRVNTSU9OX0NMQVNTX0xPQ0tTVEVQEAIqsgEKDFNlc3Npb25TdGF0ZRIdChlTRVNTSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUU0VTU0lPTl9TVEFURV9QTEFDRUQQARIbChdTRVNTSU9OX1NUQVRFX1NUUkVBTUlORxACEhgKFFNFU1NJT05fU1RBVEVfQ0xPU0VEEAMSGAoUU0VTU0lPTl9TVEFURV9GQUlMRUQQBBIYChRTRVNTSU9OX1NUQVRFX1BBUktFRBAFKkUKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEhMKD1JPTEVfQ09OVFJPTExFUhABEhIKDlJPTEVfU1BFQ1RBVE9SEAIyiQUKCFdpbmRmbG93Ek0KCkxpc3RNb2RlbHMSHi53aW5kZmxvdy52MS5MaXN0TW9kZWxzUmVxdWVzdBofLndpbmRmbG93LnYxLkxpc3RNb2RlbHNSZXNwb25zZRJWCg1DcmVhdGVTZXNzaW9uEiEud2luZGZsb3cudjEuQ3JlYXRlU2Vzc2lvblJlcXVlc3QaIi53aW5kZmxvdy52MS5DcmVhdGVTZXNzaW9uUmVzcG9uc2USRAoGU3RyZWFtEhoud2luZGZsb3cudjEuQ2xpZW50TWVzc2FnZRoaLndpbmRmbG93LnYxLlNlcnZlck1lc3NhZ2UoATABEkIKCkdldFNlc3Npb24SHi53aW5kZmxvdy52MS5HZXRTZXNzaW9uUmVxdWVzdBoULndpbmRmbG93LnYxLlNlc3Npb24SUwoMQ2xvc2VTZXNzaW9uEiAud2luZGZsb3cudjEuQ2xvc2VTZXNzaW9uUmVxdWVzdBohLndpbmRmbG93LnYxLkNsb3NlU2Vzc2lvblJlc3BvbnNlEjYKBEZvcmsSGC53aW5kZmxvdy52MS5Gb3JrUmVxdWVzdBoULndpbmRmbG93LnYxLlNlc3Npb24SRwoIRm9ya01hbnkSHC53aW5kZmxvdy52MS5Gb3JrTWFueVJlcXVlc3QaHS53aW5kZmxvdy52MS5Gb3JrTWFueVJlc3BvbnNlEjoKBlJld2luZBIaLndpbmRmbG93LnYxLlJld2luZFJlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uEjoKBlJlcGxheRIaLndpbmRmbG93LnYxLlJlcGxheVJlcXVlc3QaEi53aW5kZmxvdy52MS5GcmFtZTABMloKBkFjY2VzcxJQCgtDcmVhdGVUb2tlbhIfLndpbmRmbG93LnYxLkNyZWF0ZVRva2VuUmVxdWVzdBogLndpbmRmbG93LnYxLkNyZWF0ZVRva2VuUmVzcG9uc2ViBnByb3RvMw");
+  fileDesc("Chp3aW5kZmxvdy92MS93aW5kZmxvdy5wcm90bxILd2luZGZsb3cudjEibAoSQ3JlYXRlVG9rZW5SZXF1ZXN0Eg4KBm1vZGVscxgBIAMoCRIPCgdyZWdpb25zGAIgAygJEhQKDG1heF9zZXNzaW9ucxgDIAEoDRIQCghidWRnZXRfcxgEIAEoAhINCgV0dGxfcxgFIAEoAiJsChNDcmVhdGVUb2tlblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEhAKCHRva2VuX2lkGAIgASgJEg4KBnRlbmFudBgDIAEoCRIXCg9leHBpcmVzX3VuaXhfbXMYBCABKAMSCwoDa2lkGAUgASgJIuABCglNb2RlbEluZm8SEAoIbW9kZWxfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SCwoDZnBzGAYgASgCEg8KB2FjdGlvbnMYByADKAkSDAoEYXhlcxgIIAMoCRINCgVzdGVwcxgJIAMoDRIVCg1kZWZhdWx0X3N0ZXBzGAogASgNEioKCGNvbnRyb2xzGAsgASgLMhgud2luZGZsb3cudjEuQ29udHJvbFNwZWMiwwEKC0NvbnRyb2xTcGVjEg8KB2FjdGlvbnMYASADKAkSIwoEYXhlcxgCIAMoCzIVLndpbmRmbG93LnYxLkF4aXNTcGVjEicKBnByb21wdBgDIAEoCzIXLndpbmRmbG93LnYxLlByb21wdFNwZWMSIwoEcG9zZRgEIAEoCzIVLndpbmRmbG93LnYxLlBvc2VTcGVjEjAKC2lucHV0X2ZyYW1lGAUgASgLMhsud2luZGZsb3cudjEuSW5wdXRGcmFtZVNwZWMiMgoIQXhpc1NwZWMSDAoEbmFtZRgBIAEoCRILCgNtaW4YAiABKAISCwoDbWF4GAMgASgCIjcKClByb21wdFNwZWMSEQoJbWF4X2NoYXJzGAEgASgNEhYKDmRlZmF1bHRfcHJvbXB0GAIgASgJIloKCFBvc2VTcGVjEiMKBGtpbmQYASABKA4yFS53aW5kZmxvdy52MS5Qb3NlS2luZBIpCgpjb21wb25lbnRzGAIgAygLMhUud2luZGZsb3cudjEuQXhpc1NwZWMiswEKDklucHV0RnJhbWVTcGVjEg0KBXdpZHRoGAEgASgNEg4KBmhlaWdodBgCIAEoDRILCgNmcHMYAyABKAISKQoHZm9ybWF0cxgEIAMoDjIYLndpbmRmbG93LnYxLkZyYW1lRm9ybWF0Eg0KBXF1ZXVlGAUgASgNEigKBnBvbGljeRgGIAEoDjIYLndpbmRmbG93LnYxLklucHV0UG9saWN5EhEKCW1heF9ieXRlcxgHIAEoDSITChFMaXN0TW9kZWxzUmVxdWVzdCI8ChJMaXN0TW9kZWxzUmVzcG9uc2USJgoGbW9kZWxzGAEgAygLMhYud2luZGZsb3cudjEuTW9kZWxJbmZvIskCCgtTZXNzaW9uU3BlYxIQCghtb2RlbF9pZBgBIAEoCRIMCgRzZWVkGAIgASgEEgsKA2ZwcxgDIAEoAhINCgVzdGVwcxgEIAEoDRIoCgZmb3JtYXQYBSABKA4yGC53aW5kZmxvdy52MS5GcmFtZUZvcm1hdBINCgV3aWR0aBgGIAEoDRIOCgZoZWlnaHQYByABKA0SFAoManBlZ19xdWFsaXR5GAggASgNEg4KBnJlZ2lvbhgJIAEoCRIwCg1vdXRwdXRfcG9saWN5GAogASgOMhkud2luZGZsb3cudjEuT3V0cHV0UG9saWN5EisKB3F1YWxpdHkYFCABKAsyGi53aW5kZmxvdy52MS5RdWFsaXR5UG9saWN5EjAKDXNlc3Npb25fY2xhc3MYFSABKA4yGS53aW5kZmxvdy52MS5TZXNzaW9uQ2xhc3Mi0gMKB1Nlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRImCgRzcGVjGAIgASgLMhgud2luZGZsb3cudjEuU2Vzc2lvblNwZWMSKAoFc3RhdGUYAyABKA4yGS53aW5kZmxvdy52MS5TZXNzaW9uU3RhdGUSEQoJd29ya2VyX2lkGAQgASgJEhcKD3BsYWNlbWVudF9lcG9jaBgFIAEoBBISCgpoZWFkX2ZyYW1lGAYgASgEEhcKD2NyZWF0ZWRfdW5peF9tcxgHIAEoAxIlCgVtb2RlbBgIIAEoCzIWLndpbmRmbG93LnYxLk1vZGVsSW5mbxIsCgtjaGVja3BvaW50cxgJIAMoCzIXLndpbmRmbG93LnYxLkNoZWNrcG9pbnQSEgoKbG9nX2xlbmd0aBgKIAEoBBIZChFwYXJlbnRfc2Vzc2lvbl9pZBgLIAEoCRIRCglmb3JrZWRfYXQYDCABKAQSDgoGcmVnaW9uGA0gASgJEg4KBnRlbmFudBgOIAEoCRIWCg5wYXJrZWRfdW5peF9tcxgPIAEoAxIhCgVyZWFjaBgQIAMoCzISLndpbmRmbG93LnYxLlJlYWNoEhYKDmNsb3NlZF91bml4X21zGBEgASgDIl8KBVJlYWNoEhIKCmZyb21fZnJhbWUYASABKAQSEAoIdG9fZnJhbWUYAiABKAQSGQoRbWF4X3JlcGxheV9mcmFtZXMYAyABKAQSFQoNbWF4X3JlcGxheV9tcxgEIAEoAiJ0CgpDaGVja3BvaW50EhMKC2ZyYW1lX2luZGV4GAEgASgEEhMKC29iamVjdF9uYW1lGAIgASgJEgwKBHNpemUYAyABKAQSFQoNbW9kZWxfdmVyc2lvbhgEIAEoCRIXCg9jcmVhdGVkX3VuaXhfbXMYBSABKAMiMwoLRm9ya1JlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghhdF9mcmFtZRgCIAEoAyJGCg9Gb3JrTWFueVJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghhdF9mcmFtZRgCIAEoAxINCgVjb3VudBgDIAEoDSI6ChBGb3JrTWFueVJlc3BvbnNlEiYKCHNlc3Npb25zGAEgAygLMhQud2luZGZsb3cudjEuU2Vzc2lvbiI1Cg1SZXdpbmRSZXF1ZXN0EhIKCnNlc3Npb25faWQYASABKAkSEAoIdG9fZnJhbWUYAiABKAMiSQoNUmVwbGF5UmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJEhIKCmZyb21fZnJhbWUYAiABKAMSEAoIdG9fZnJhbWUYAyABKAMiPgoUQ3JlYXRlU2Vzc2lvblJlcXVlc3QSJgoEc3BlYxgBIAEoCzIYLndpbmRmbG93LnYxLlNlc3Npb25TcGVjIj4KFUNyZWF0ZVNlc3Npb25SZXNwb25zZRIlCgdzZXNzaW9uGAEgASgLMhQud2luZGZsb3cudjEuU2Vzc2lvbiInChFHZXRTZXNzaW9uUmVxdWVzdBISCgpzZXNzaW9uX2lkGAEgASgJIikKE0Nsb3NlU2Vzc2lvblJlcXVlc3QSEgoKc2Vzc2lvbl9pZBgBIAEoCSI9ChRDbG9zZVNlc3Npb25SZXNwb25zZRIlCgdzZXNzaW9uGAEgASgLMhQud2luZGZsb3cudjEuU2Vzc2lvbiKyAQoNQ2xpZW50TWVzc2FnZRIlCgZhdHRhY2gYASABKAsyEy53aW5kZmxvdy52MS5BdHRhY2hIABInCgdjb250cm9sGAIgASgLMhQud2luZGZsb3cudjEuQ29udHJvbEgAEh8KA2FjaxgDIAEoCzIQLndpbmRmbG93LnYxLkFja0gAEikKCGhhbmRvdmVyGAQgASgLMhUud2luZGZsb3cudjEuSGFuZG92ZXJIAEIFCgNtc2ciHQoISGFuZG92ZXISEQoJdmlld2VyX2lkGAEgASgJIpoBCgZBdHRhY2gSEgoKc2Vzc2lvbl9pZBgBIAEoCRIOCgZ3aW5kb3cYAiABKA0SJgoIY29udHJvbHMYAyADKAsyFC53aW5kZmxvdy52MS5Db250cm9sEg4KBnJlc3VtZRgEIAEoCBITCgtyZXN1bWVfZnJvbRgFIAEoBBIfCgRyb2xlGAYgASgOMhEud2luZGZsb3cudjEuUm9sZSLDAQoHQ29udHJvbBITCgtmcmFtZV9pbmRleBgBIAEoBBIOCgZhY3Rpb24YAiABKA0SDAoEYXhlcxgDIAMoAhIWCg5jbGllbnRfdGltZV91cxgEIAEoAxITCgZwcm9tcHQYBSABKAlIAIgBARIlCgRwb3NlGAYgASgLMhcud2luZGZsb3cudjEuQ2FtZXJhUG9zZRImCgVmcmFtZRgHIAEoCzIXLndpbmRmbG93LnYxLklucHV0RnJhbWVCCQoHX3Byb21wdCIcCgpDYW1lcmFQb3NlEg4KBnZhbHVlcxgBIAMoAiJjCgpJbnB1dEZyYW1lEgwKBGRhdGEYASABKAwSKAoGZm9ybWF0GAIgASgOMhgud2luZGZsb3cudjEuRnJhbWVGb3JtYXQSDQoFd2lkdGgYAyABKA0SDgoGaGVpZ2h0GAQgASgNIhoKA0FjaxITCgtmcmFtZV9pbmRleBgBIAEoBCLCAQoNU2VydmVyTWVzc2FnZRIjCgVmcmFtZRgBIAEoCzISLndpbmRmbG93LnYxLkZyYW1lSAASKgoFZXZlbnQYAiABKAsyGS53aW5kZmxvdy52MS5TZXNzaW9uRXZlbnRIABIpCgVlcnJvchgDIAEoCzIYLndpbmRmbG93LnYxLlN0cmVhbUVycm9ySAASLgoHcmVjZWlwdBgEIAEoCzIbLndpbmRmbG93LnYxLkNvbnRyb2xSZWNlaXB0SABCBQoDbXNnIlIKDkNvbnRyb2xSZWNlaXB0EhMKC2ZyYW1lX2luZGV4GAEgASgEEhYKDmNsaWVudF90aW1lX3VzGAIgASgDEhMKC3JlY2VpdmVkX3VzGAMgASgDItoBCg9GcmFtZVRpbWVzdGFtcHMSDgoGZHVlX3VzGAEgASgDEhYKDm1vZGVsX3N0YXJ0X3VzGAIgASgDEhQKDG1vZGVsX2VuZF91cxgDIAEoAxISCgplbmNvZGVkX3VzGAQgASgDEhYKDndvcmtlcl9zZW50X3VzGAUgASgDEhcKD2dhdGV3YXlfc2VudF91cxgGIAEoAxITCgtuZXh0X2R1ZV91cxgHIAEoAxISCgpzdGVwcGVkX3VzGAggASgDEhsKE2NvbnRyb2xfcmVjZWl2ZWRfdXMYCSABKAMihAEKEExhdGVuY3lCcmVha2Rvd24SEAoIcXVldWVfbXMYASABKAISEAoIbW9kZWxfbXMYAiABKAISEQoJZW5jb2RlX21zGAMgASgCEg8KB3NlbmRfbXMYBCABKAISFAoMdHJhbnNwb3J0X21zGAUgASgCEhIKCmJhdGNoX3NpemUYBiABKA0i6AIKBUZyYW1lEhMKC2ZyYW1lX2luZGV4GAEgASgEEigKBmZvcm1hdBgCIAEoDjIYLndpbmRmbG93LnYxLkZyYW1lRm9ybWF0Eg0KBXdpZHRoGAMgASgNEg4KBmhlaWdodBgEIAEoDRIMCgRkYXRhGAUgASgMEg0KBXN0ZXBzGAYgASgNEg4KBmFjdGlvbhgHIAEoDRIeChZjb250cm9sX2NsaWVudF90aW1lX3VzGAggASgDEjAKCnRpbWVzdGFtcHMYCSABKAsyHC53aW5kZmxvdy52MS5GcmFtZVRpbWVzdGFtcHMSLgoHbGF0ZW5jeRgKIAEoCzIdLndpbmRmbG93LnYxLkxhdGVuY3lCcmVha2Rvd24SFQoNZHJvcHBlZF90b3RhbBgLIAEoBBIeChZhcHBsaWVkX2NsaWVudF90aW1lX3VzGAwgAygDEhsKE2lucHV0X2Ryb3BwZWRfdG90YWwYDSABKAQilAQKDFNlc3Npb25FdmVudBIsCgRraW5kGAEgASgOMh4ud2luZGZsb3cudjEuU2Vzc2lvbkV2ZW50LktpbmQSDwoHbWVzc2FnZRgCIAEoCRITCgtmcmFtZV9pbmRleBgDIAEoBBINCgVzdGVwcxgEIAEoDRILCgNmcHMYFCABKAISDQoFbGV2ZWwYFSABKA0SEQoJd29ya2VyX2lkGBYgASgJEhYKDmZyb21fd29ya2VyX2lkGBcgASgJEg4KBnJlZ2lvbhgYIAEoCRIRCgl2aWV3ZXJfaWQYGSABKAkSHwoEcm9sZRgaIAEoDjIRLndpbmRmbG93LnYxLlJvbGUSEgoKc3BlY3RhdG9ycxgbIAEoDSKBAgoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASEQoNS0lORF9BVFRBQ0hFRBABEhgKFEtJTkRfUVVBTElUWV9DSEFOR0VEEAISDwoLS0lORF9QQVVTRUQQAxIQCgxLSU5EX1JFU1VNRUQQBBIPCgtLSU5EX0NMT1NFRBAFEhAKDEtJTkRfUkVXT1VORBAGEhIKDktJTkRfUkVDT1ZFUkVEEAcSEQoNS0lORF9NSUdSQVRFRBAIEhcKE0tJTkRfQlVER0VUX1dBUk5JTkcQCRIZChVLSU5EX0JVREdFVF9FWEhBVVNURUQQChIVChFLSU5EX1JPTEVfQ0hBTkdFRBALInsKC1N0cmVhbUVycm9yEgwKBGNvZGUYASABKAUSEQoJY29kZV9uYW1lGAIgASgJEg8KB21lc3NhZ2UYAyABKAkSEwoLZnJhbWVfaW5kZXgYBCABKAQSJQoHY29udHJvbBgFIAEoCzIULndpbmRmbG93LnYxLkNvbnRyb2wiowEKDVF1YWxpdHlQb2xpY3kSLQoEbW9kZRgBIAEoDjIfLndpbmRmbG93LnYxLlF1YWxpdHlQb2xpY3kuTW9kZRIRCgltaW5fc3RlcHMYAiABKA0SDwoHbWluX2ZwcxgDIAEoAiI/CgRNb2RlEhQKEE1PREVfVU5TUEVDSUZJRUQQABIRCg1NT0RFX0FEQVBUSVZFEAESDgoKTU9ERV9GSVhFRBACKlUKCFBvc2VLaW5kEhkKFVBPU0VfS0lORF9VTlNQRUNJRklFRBAAEhYKElBPU0VfS0lORF9BQlNPTFVURRABEhYKElBPU0VfS0lORF9WRUxPQ0lUWRACKkQKC0lucHV0UG9saWN5EhwKGElOUFVUX1BPTElDWV9VTlNQRUNJRklFRBAAEhcKE0lOUFVUX1BPTElDWV9ORVdFU1QQASpYCgtGcmFtZUZvcm1hdBIcChhGUkFNRV9GT1JNQVRfVU5TUEVDSUZJRUQQABIUChBGUkFNRV9GT1JNQVRfUkdCEAESFQoRRlJBTUVfRk9STUFUX0pQRUcQAiplCgxPdXRwdXRQb2xpY3kSHQoZT1VUUFVUX1BPTElDWV9VTlNQRUNJRklFRBAAEh0KGU9VVFBVVF9QT0xJQ1lfRFJPUF9PTERFU1QQARIXChNPVVRQVVRfUE9MSUNZX1BBVVNFEAIqaAoMU2Vzc2lvbkNsYXNzEh0KGVNFU1NJT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIdChlTRVNTSU9OX0NMQVNTX0lOVEVSQUNUSVZFEAESGgoWU0VTU0lPTl9DTEFTU19MT0NLU1RFUBACKrIBCgxTZXNzaW9uU3RhdGUSHQoZU0VTU0lPTl9TVEFURV9VTlNQRUNJRklFRBAAEhgKFFNFU1NJT05fU1RBVEVfUExBQ0VEEAESGwoXU0VTU0lPTl9TVEFURV9TVFJFQU1JTkcQAhIYChRTRVNTSU9OX1NUQVRFX0NMT1NFRBADEhgKFFNFU1NJT05fU1RBVEVfRkFJTEVEEAQSGAoUU0VTU0lPTl9TVEFURV9QQVJLRUQQBSpFCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABITCg9ST0xFX0NPTlRST0xMRVIQARISCg5ST0xFX1NQRUNUQVRPUhACMokFCghXaW5kZmxvdxJNCgpMaXN0TW9kZWxzEh4ud2luZGZsb3cudjEuTGlzdE1vZGVsc1JlcXVlc3QaHy53aW5kZmxvdy52MS5MaXN0TW9kZWxzUmVzcG9uc2USVgoNQ3JlYXRlU2Vzc2lvbhIhLndpbmRmbG93LnYxLkNyZWF0ZVNlc3Npb25SZXF1ZXN0GiIud2luZGZsb3cudjEuQ3JlYXRlU2Vzc2lvblJlc3BvbnNlEkQKBlN0cmVhbRIaLndpbmRmbG93LnYxLkNsaWVudE1lc3NhZ2UaGi53aW5kZmxvdy52MS5TZXJ2ZXJNZXNzYWdlKAEwARJCCgpHZXRTZXNzaW9uEh4ud2luZGZsb3cudjEuR2V0U2Vzc2lvblJlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uElMKDENsb3NlU2Vzc2lvbhIgLndpbmRmbG93LnYxLkNsb3NlU2Vzc2lvblJlcXVlc3QaIS53aW5kZmxvdy52MS5DbG9zZVNlc3Npb25SZXNwb25zZRI2CgRGb3JrEhgud2luZGZsb3cudjEuRm9ya1JlcXVlc3QaFC53aW5kZmxvdy52MS5TZXNzaW9uEkcKCEZvcmtNYW55Ehwud2luZGZsb3cudjEuRm9ya01hbnlSZXF1ZXN0Gh0ud2luZGZsb3cudjEuRm9ya01hbnlSZXNwb25zZRI6CgZSZXdpbmQSGi53aW5kZmxvdy52MS5SZXdpbmRSZXF1ZXN0GhQud2luZGZsb3cudjEuU2Vzc2lvbhI6CgZSZXBsYXkSGi53aW5kZmxvdy52MS5SZXBsYXlSZXF1ZXN0GhIud2luZGZsb3cudjEuRnJhbWUwATJaCgZBY2Nlc3MSUAoLQ3JlYXRlVG9rZW4SHy53aW5kZmxvdy52MS5DcmVhdGVUb2tlblJlcXVlc3QaIC53aW5kZmxvdy52MS5DcmVhdGVUb2tlblJlc3BvbnNlYgZwcm90bzM");
 
 /**
  * @generated from message windflow.v1.CreateTokenRequest
@@ -171,6 +171,13 @@ export type ModelInfo = Message<"windflow.v1.ModelInfo"> & {
    * @generated from field: uint32 default_steps = 10;
    */
   defaultSteps: number;
+
+  /**
+   * every kind of control the model takes, typed
+   *
+   * @generated from field: windflow.v1.ControlSpec controls = 11;
+   */
+  controls?: ControlSpec | undefined;
 };
 
 /**
@@ -179,6 +186,186 @@ export type ModelInfo = Message<"windflow.v1.ModelInfo"> & {
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
   messageDesc(file_windflow_v1_windflow, 2);
+
+/**
+ * What a model's controls may carry: a client builds its UI from it. A kind absent here
+ * (an unset prompt, pose or input_frame) is refused with INVALID_ARGUMENT naming the field.
+ *
+ * @generated from message windflow.v1.ControlSpec
+ */
+export type ControlSpec = Message<"windflow.v1.ControlSpec"> & {
+  /**
+   * Control.action indexes it
+   *
+   * @generated from field: repeated string actions = 1;
+   */
+  actions: string[];
+
+  /**
+   * Control.axes, in this order
+   *
+   * @generated from field: repeated windflow.v1.AxisSpec axes = 2;
+   */
+  axes: AxisSpec[];
+
+  /**
+   * Control.prompt
+   *
+   * @generated from field: windflow.v1.PromptSpec prompt = 3;
+   */
+  prompt?: PromptSpec | undefined;
+
+  /**
+   * Control.pose
+   *
+   * @generated from field: windflow.v1.PoseSpec pose = 4;
+   */
+  pose?: PoseSpec | undefined;
+
+  /**
+   * Control.frame
+   *
+   * @generated from field: windflow.v1.InputFrameSpec input_frame = 5;
+   */
+  inputFrame?: InputFrameSpec | undefined;
+};
+
+/**
+ * Describes the message windflow.v1.ControlSpec.
+ * Use `create(ControlSpecSchema)` to create a new message.
+ */
+export const ControlSpecSchema: GenMessage<ControlSpec> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 3);
+
+/**
+ * @generated from message windflow.v1.AxisSpec
+ */
+export type AxisSpec = Message<"windflow.v1.AxisSpec"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: float min = 2;
+   */
+  min: number;
+
+  /**
+   * @generated from field: float max = 3;
+   */
+  max: number;
+};
+
+/**
+ * Describes the message windflow.v1.AxisSpec.
+ * Use `create(AxisSpecSchema)` to create a new message.
+ */
+export const AxisSpecSchema: GenMessage<AxisSpec> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 4);
+
+/**
+ * @generated from message windflow.v1.PromptSpec
+ */
+export type PromptSpec = Message<"windflow.v1.PromptSpec"> & {
+  /**
+   * longer prompts are refused
+   *
+   * @generated from field: uint32 max_chars = 1;
+   */
+  maxChars: number;
+
+  /**
+   * in effect before a session's first prompt
+   *
+   * @generated from field: string default_prompt = 2;
+   */
+  defaultPrompt: string;
+};
+
+/**
+ * Describes the message windflow.v1.PromptSpec.
+ * Use `create(PromptSpecSchema)` to create a new message.
+ */
+export const PromptSpecSchema: GenMessage<PromptSpec> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 5);
+
+/**
+ * @generated from message windflow.v1.PoseSpec
+ */
+export type PoseSpec = Message<"windflow.v1.PoseSpec"> & {
+  /**
+   * @generated from field: windflow.v1.PoseKind kind = 1;
+   */
+  kind: PoseKind;
+
+  /**
+   * CameraPose.values, in this order, each in its range
+   *
+   * @generated from field: repeated windflow.v1.AxisSpec components = 2;
+   */
+  components: AxisSpec[];
+};
+
+/**
+ * Describes the message windflow.v1.PoseSpec.
+ * Use `create(PoseSpecSchema)` to create a new message.
+ */
+export const PoseSpecSchema: GenMessage<PoseSpec> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 6);
+
+/**
+ * @generated from message windflow.v1.InputFrameSpec
+ */
+export type InputFrameSpec = Message<"windflow.v1.InputFrameSpec"> & {
+  /**
+   * @generated from field: uint32 width = 1;
+   */
+  width: number;
+
+  /**
+   * @generated from field: uint32 height = 2;
+   */
+  height: number;
+
+  /**
+   * at most one input frame is used per frame made
+   *
+   * @generated from field: float fps = 3;
+   */
+  fps: number;
+
+  /**
+   * @generated from field: repeated windflow.v1.FrameFormat formats = 4;
+   */
+  formats: FrameFormat[];
+
+  /**
+   * input frames waiting per session, at most
+   *
+   * @generated from field: uint32 queue = 5;
+   */
+  queue: number;
+
+  /**
+   * @generated from field: windflow.v1.InputPolicy policy = 6;
+   */
+  policy: InputPolicy;
+
+  /**
+   * larger InputFrame.data is refused RESOURCE_EXHAUSTED
+   *
+   * @generated from field: uint32 max_bytes = 7;
+   */
+  maxBytes: number;
+};
+
+/**
+ * Describes the message windflow.v1.InputFrameSpec.
+ * Use `create(InputFrameSpecSchema)` to create a new message.
+ */
+export const InputFrameSpecSchema: GenMessage<InputFrameSpec> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 7);
 
 /**
  * @generated from message windflow.v1.ListModelsRequest
@@ -191,7 +378,7 @@ export type ListModelsRequest = Message<"windflow.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 3);
+  messageDesc(file_windflow_v1_windflow, 8);
 
 /**
  * @generated from message windflow.v1.ListModelsResponse
@@ -208,7 +395,7 @@ export type ListModelsResponse = Message<"windflow.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 4);
+  messageDesc(file_windflow_v1_windflow, 9);
 
 /**
  * @generated from message windflow.v1.SessionSpec
@@ -294,7 +481,7 @@ export type SessionSpec = Message<"windflow.v1.SessionSpec"> & {
  * Use `create(SessionSpecSchema)` to create a new message.
  */
 export const SessionSpecSchema: GenMessage<SessionSpec> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 5);
+  messageDesc(file_windflow_v1_windflow, 10);
 
 /**
  * @generated from message windflow.v1.Session
@@ -413,7 +600,7 @@ export type Session = Message<"windflow.v1.Session"> & {
  * Use `create(SessionSchema)` to create a new message.
  */
 export const SessionSchema: GenMessage<Session> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 6);
+  messageDesc(file_windflow_v1_windflow, 11);
 
 /**
  * @generated from message windflow.v1.Reach
@@ -449,7 +636,7 @@ export type Reach = Message<"windflow.v1.Reach"> & {
  * Use `create(ReachSchema)` to create a new message.
  */
 export const ReachSchema: GenMessage<Reach> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 7);
+  messageDesc(file_windflow_v1_windflow, 12);
 
 /**
  * A snapshot of a session's whole model state, taken before frame `frame_index` is made,
@@ -489,7 +676,7 @@ export type Checkpoint = Message<"windflow.v1.Checkpoint"> & {
  * Use `create(CheckpointSchema)` to create a new message.
  */
 export const CheckpointSchema: GenMessage<Checkpoint> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 8);
+  messageDesc(file_windflow_v1_windflow, 13);
 
 /**
  * @generated from message windflow.v1.ForkRequest
@@ -511,7 +698,7 @@ export type ForkRequest = Message<"windflow.v1.ForkRequest"> & {
  * Use `create(ForkRequestSchema)` to create a new message.
  */
 export const ForkRequestSchema: GenMessage<ForkRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 9);
+  messageDesc(file_windflow_v1_windflow, 14);
 
 /**
  * @generated from message windflow.v1.ForkManyRequest
@@ -538,7 +725,7 @@ export type ForkManyRequest = Message<"windflow.v1.ForkManyRequest"> & {
  * Use `create(ForkManyRequestSchema)` to create a new message.
  */
 export const ForkManyRequestSchema: GenMessage<ForkManyRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 10);
+  messageDesc(file_windflow_v1_windflow, 15);
 
 /**
  * @generated from message windflow.v1.ForkManyResponse
@@ -555,7 +742,7 @@ export type ForkManyResponse = Message<"windflow.v1.ForkManyResponse"> & {
  * Use `create(ForkManyResponseSchema)` to create a new message.
  */
 export const ForkManyResponseSchema: GenMessage<ForkManyResponse> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 11);
+  messageDesc(file_windflow_v1_windflow, 16);
 
 /**
  * @generated from message windflow.v1.RewindRequest
@@ -577,7 +764,7 @@ export type RewindRequest = Message<"windflow.v1.RewindRequest"> & {
  * Use `create(RewindRequestSchema)` to create a new message.
  */
 export const RewindRequestSchema: GenMessage<RewindRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 12);
+  messageDesc(file_windflow_v1_windflow, 17);
 
 /**
  * @generated from message windflow.v1.ReplayRequest
@@ -606,7 +793,7 @@ export type ReplayRequest = Message<"windflow.v1.ReplayRequest"> & {
  * Use `create(ReplayRequestSchema)` to create a new message.
  */
 export const ReplayRequestSchema: GenMessage<ReplayRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 13);
+  messageDesc(file_windflow_v1_windflow, 18);
 
 /**
  * @generated from message windflow.v1.CreateSessionRequest
@@ -623,7 +810,7 @@ export type CreateSessionRequest = Message<"windflow.v1.CreateSessionRequest"> &
  * Use `create(CreateSessionRequestSchema)` to create a new message.
  */
 export const CreateSessionRequestSchema: GenMessage<CreateSessionRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 14);
+  messageDesc(file_windflow_v1_windflow, 19);
 
 /**
  * @generated from message windflow.v1.CreateSessionResponse
@@ -640,7 +827,7 @@ export type CreateSessionResponse = Message<"windflow.v1.CreateSessionResponse">
  * Use `create(CreateSessionResponseSchema)` to create a new message.
  */
 export const CreateSessionResponseSchema: GenMessage<CreateSessionResponse> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 15);
+  messageDesc(file_windflow_v1_windflow, 20);
 
 /**
  * @generated from message windflow.v1.GetSessionRequest
@@ -657,7 +844,7 @@ export type GetSessionRequest = Message<"windflow.v1.GetSessionRequest"> & {
  * Use `create(GetSessionRequestSchema)` to create a new message.
  */
 export const GetSessionRequestSchema: GenMessage<GetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 16);
+  messageDesc(file_windflow_v1_windflow, 21);
 
 /**
  * @generated from message windflow.v1.CloseSessionRequest
@@ -674,7 +861,7 @@ export type CloseSessionRequest = Message<"windflow.v1.CloseSessionRequest"> & {
  * Use `create(CloseSessionRequestSchema)` to create a new message.
  */
 export const CloseSessionRequestSchema: GenMessage<CloseSessionRequest> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 17);
+  messageDesc(file_windflow_v1_windflow, 22);
 
 /**
  * @generated from message windflow.v1.CloseSessionResponse
@@ -691,7 +878,7 @@ export type CloseSessionResponse = Message<"windflow.v1.CloseSessionResponse"> &
  * Use `create(CloseSessionResponseSchema)` to create a new message.
  */
 export const CloseSessionResponseSchema: GenMessage<CloseSessionResponse> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 18);
+  messageDesc(file_windflow_v1_windflow, 23);
 
 /**
  * @generated from message windflow.v1.ClientMessage
@@ -732,7 +919,7 @@ export type ClientMessage = Message<"windflow.v1.ClientMessage"> & {
  * Use `create(ClientMessageSchema)` to create a new message.
  */
 export const ClientMessageSchema: GenMessage<ClientMessage> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 19);
+  messageDesc(file_windflow_v1_windflow, 24);
 
 /**
  * Hand the controller role over. From the controller: to the attached spectator
@@ -754,7 +941,7 @@ export type Handover = Message<"windflow.v1.Handover"> & {
  * Use `create(HandoverSchema)` to create a new message.
  */
 export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 20);
+  messageDesc(file_windflow_v1_windflow, 25);
 
 /**
  * @generated from message windflow.v1.Attach
@@ -804,7 +991,7 @@ export type Attach = Message<"windflow.v1.Attach"> & {
  * Use `create(AttachSchema)` to create a new message.
  */
 export const AttachSchema: GenMessage<Attach> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 21);
+  messageDesc(file_windflow_v1_windflow, 26);
 
 /**
  * A control applies from frame `frame_index` on, until a later control replaces it.
@@ -834,6 +1021,24 @@ export type Control = Message<"windflow.v1.Control"> & {
    * @generated from field: int64 client_time_us = 4;
    */
   clientTimeUs: bigint;
+
+  /**
+   * The richer kinds (ModelInfo.controls says which a model takes). Each is optional: a
+   * control without one leaves the one in effect (action and axes are always replaced).
+   *
+   * @generated from field: optional string prompt = 5;
+   */
+  prompt?: string | undefined;
+
+  /**
+   * @generated from field: windflow.v1.CameraPose pose = 6;
+   */
+  pose?: CameraPose | undefined;
+
+  /**
+   * @generated from field: windflow.v1.InputFrame frame = 7;
+   */
+  frame?: InputFrame | undefined;
 };
 
 /**
@@ -841,7 +1046,62 @@ export type Control = Message<"windflow.v1.Control"> & {
  * Use `create(ControlSchema)` to create a new message.
  */
 export const ControlSchema: GenMessage<Control> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 22);
+  messageDesc(file_windflow_v1_windflow, 27);
+
+/**
+ * @generated from message windflow.v1.CameraPose
+ */
+export type CameraPose = Message<"windflow.v1.CameraPose"> & {
+  /**
+   * one per PoseSpec component
+   *
+   * @generated from field: repeated float values = 1;
+   */
+  values: number[];
+};
+
+/**
+ * Describes the message windflow.v1.CameraPose.
+ * Use `create(CameraPoseSchema)` to create a new message.
+ */
+export const CameraPoseSchema: GenMessage<CameraPose> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 28);
+
+/**
+ * A frame in (video-to-video), width x height as the model's InputFrameSpec says.
+ *
+ * @generated from message windflow.v1.InputFrame
+ */
+export type InputFrame = Message<"windflow.v1.InputFrame"> & {
+  /**
+   * @generated from field: bytes data = 1;
+   */
+  data: Uint8Array;
+
+  /**
+   * RGB (raw, row-major) or JPEG; UNSPECIFIED is JPEG
+   *
+   * @generated from field: windflow.v1.FrameFormat format = 2;
+   */
+  format: FrameFormat;
+
+  /**
+   * @generated from field: uint32 width = 3;
+   */
+  width: number;
+
+  /**
+   * @generated from field: uint32 height = 4;
+   */
+  height: number;
+};
+
+/**
+ * Describes the message windflow.v1.InputFrame.
+ * Use `create(InputFrameSchema)` to create a new message.
+ */
+export const InputFrameSchema: GenMessage<InputFrame> = /*@__PURE__*/
+  messageDesc(file_windflow_v1_windflow, 29);
 
 /**
  * The client has consumed every frame up to and including frame_index.
@@ -860,7 +1120,7 @@ export type Ack = Message<"windflow.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 23);
+  messageDesc(file_windflow_v1_windflow, 30);
 
 /**
  * @generated from message windflow.v1.ServerMessage
@@ -901,7 +1161,7 @@ export type ServerMessage = Message<"windflow.v1.ServerMessage"> & {
  * Use `create(ServerMessageSchema)` to create a new message.
  */
 export const ServerMessageSchema: GenMessage<ServerMessage> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 24);
+  messageDesc(file_windflow_v1_windflow, 31);
 
 /**
  * The worker took a control (the controller's stream only): it applies from frame_index
@@ -934,7 +1194,7 @@ export type ControlReceipt = Message<"windflow.v1.ControlReceipt"> & {
  * Use `create(ControlReceiptSchema)` to create a new message.
  */
 export const ControlReceiptSchema: GenMessage<ControlReceipt> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 25);
+  messageDesc(file_windflow_v1_windflow, 32);
 
 /**
  * Wall-clock timestamps (unix microseconds) along the frame path.
@@ -1006,7 +1266,7 @@ export type FrameTimestamps = Message<"windflow.v1.FrameTimestamps"> & {
  * Use `create(FrameTimestampsSchema)` to create a new message.
  */
 export const FrameTimestampsSchema: GenMessage<FrameTimestamps> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 26);
+  messageDesc(file_windflow_v1_windflow, 33);
 
 /**
  * @generated from message windflow.v1.LatencyBreakdown
@@ -1056,7 +1316,7 @@ export type LatencyBreakdown = Message<"windflow.v1.LatencyBreakdown"> & {
  * Use `create(LatencyBreakdownSchema)` to create a new message.
  */
 export const LatencyBreakdownSchema: GenMessage<LatencyBreakdown> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 27);
+  messageDesc(file_windflow_v1_windflow, 34);
 
 /**
  * @generated from message windflow.v1.Frame
@@ -1133,6 +1393,14 @@ export type Frame = Message<"windflow.v1.Frame"> & {
    * @generated from field: repeated int64 applied_client_time_us = 12;
    */
   appliedClientTimeUs: bigint[];
+
+  /**
+   * input frames (Control.frame) this session dropped so far: more came than the model
+   * used (InputFrameSpec.policy)
+   *
+   * @generated from field: uint64 input_dropped_total = 13;
+   */
+  inputDroppedTotal: bigint;
 };
 
 /**
@@ -1140,7 +1408,7 @@ export type Frame = Message<"windflow.v1.Frame"> & {
  * Use `create(FrameSchema)` to create a new message.
  */
 export const FrameSchema: GenMessage<Frame> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 28);
+  messageDesc(file_windflow_v1_windflow, 35);
 
 /**
  * @generated from message windflow.v1.SessionEvent
@@ -1228,7 +1496,7 @@ export type SessionEvent = Message<"windflow.v1.SessionEvent"> & {
  * Use `create(SessionEventSchema)` to create a new message.
  */
 export const SessionEventSchema: GenMessage<SessionEvent> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 29);
+  messageDesc(file_windflow_v1_windflow, 36);
 
 /**
  * @generated from enum windflow.v1.SessionEvent.Kind
@@ -1315,7 +1583,7 @@ export enum SessionEvent_Kind {
  * Describes the enum windflow.v1.SessionEvent.Kind.
  */
 export const SessionEvent_KindSchema: GenEnum<SessionEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 29, 0);
+  enumDesc(file_windflow_v1_windflow, 36, 0);
 
 /**
  * A non-fatal error about one client message (e.g. a rejected control); the stream goes on.
@@ -1358,7 +1626,7 @@ export type StreamError = Message<"windflow.v1.StreamError"> & {
  * Use `create(StreamErrorSchema)` to create a new message.
  */
 export const StreamErrorSchema: GenMessage<StreamError> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 30);
+  messageDesc(file_windflow_v1_windflow, 37);
 
 /**
  * How the worker may trade a session's quality for its deadlines (docs/runtime.md).
@@ -1393,7 +1661,7 @@ export type QualityPolicy = Message<"windflow.v1.QualityPolicy"> & {
  * Use `create(QualityPolicySchema)` to create a new message.
  */
 export const QualityPolicySchema: GenMessage<QualityPolicy> = /*@__PURE__*/
-  messageDesc(file_windflow_v1_windflow, 31);
+  messageDesc(file_windflow_v1_windflow, 38);
 
 /**
  * @generated from enum windflow.v1.QualityPolicy.Mode
@@ -1423,7 +1691,64 @@ export enum QualityPolicy_Mode {
  * Describes the enum windflow.v1.QualityPolicy.Mode.
  */
 export const QualityPolicy_ModeSchema: GenEnum<QualityPolicy_Mode> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 31, 0);
+  enumDesc(file_windflow_v1_windflow, 38, 0);
+
+/**
+ * @generated from enum windflow.v1.PoseKind
+ */
+export enum PoseKind {
+  /**
+   * @generated from enum value: POSE_KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * where the camera is
+   *
+   * @generated from enum value: POSE_KIND_ABSOLUTE = 1;
+   */
+  ABSOLUTE = 1,
+
+  /**
+   * the camera's change per frame, held until the next pose
+   *
+   * @generated from enum value: POSE_KIND_VELOCITY = 2;
+   */
+  VELOCITY = 2,
+}
+
+/**
+ * Describes the enum windflow.v1.PoseKind.
+ */
+export const PoseKindSchema: GenEnum<PoseKind> = /*@__PURE__*/
+  enumDesc(file_windflow_v1_windflow, 0);
+
+/**
+ * What happens to input frames that come faster than the model uses them.
+ *
+ * @generated from enum windflow.v1.InputPolicy
+ */
+export enum InputPolicy {
+  /**
+   * treated as NEWEST
+   *
+   * @generated from enum value: INPUT_POLICY_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * past `queue` waiting frames the oldest is dropped and counted
+   *
+   * @generated from enum value: INPUT_POLICY_NEWEST = 1;
+   */
+  NEWEST = 1,
+}
+
+/**
+ * Describes the enum windflow.v1.InputPolicy.
+ */
+export const InputPolicySchema: GenEnum<InputPolicy> = /*@__PURE__*/
+  enumDesc(file_windflow_v1_windflow, 1);
 
 /**
  * @generated from enum windflow.v1.FrameFormat
@@ -1453,7 +1778,7 @@ export enum FrameFormat {
  * Describes the enum windflow.v1.FrameFormat.
  */
 export const FrameFormatSchema: GenEnum<FrameFormat> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 0);
+  enumDesc(file_windflow_v1_windflow, 2);
 
 /**
  * What happens when the client reads slower than frames are made.
@@ -1487,7 +1812,7 @@ export enum OutputPolicy {
  * Describes the enum windflow.v1.OutputPolicy.
  */
 export const OutputPolicySchema: GenEnum<OutputPolicy> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 1);
+  enumDesc(file_windflow_v1_windflow, 3);
 
 /**
  * How a session is paced.
@@ -1525,7 +1850,7 @@ export enum SessionClass {
  * Describes the enum windflow.v1.SessionClass.
  */
 export const SessionClassSchema: GenEnum<SessionClass> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 2);
+  enumDesc(file_windflow_v1_windflow, 4);
 
 /**
  * @generated from enum windflow.v1.SessionState
@@ -1569,7 +1894,7 @@ export enum SessionState {
  * Describes the enum windflow.v1.SessionState.
  */
 export const SessionStateSchema: GenEnum<SessionState> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 3);
+  enumDesc(file_windflow_v1_windflow, 5);
 
 /**
  * A stream's part in its session: one controller at a time, any number of spectators.
@@ -1608,7 +1933,7 @@ export enum Role {
  * Describes the enum windflow.v1.Role.
  */
 export const RoleSchema: GenEnum<Role> = /*@__PURE__*/
-  enumDesc(file_windflow_v1_windflow, 4);
+  enumDesc(file_windflow_v1_windflow, 6);
 
 /**
  * @generated from service windflow.v1.Windflow
