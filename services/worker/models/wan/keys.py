@@ -129,7 +129,7 @@ def vae_decoder_keys(cfg: VAEConfig) -> Shapes:
 
 
 def vae_encoder_keys(cfg: VAEConfig) -> Shapes:
-    """``conv1`` and ``encoder.*``: checked at load time, not kept."""
+    """``conv1`` and ``encoder.*``: what ``WanVAEEncoder`` holds (the decoder load drops them)."""
     dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
     z2 = 2 * cfg.z_dim
     keys = _conv("conv1", z2, z2, (1, 1, 1))

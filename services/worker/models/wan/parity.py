@@ -9,8 +9,9 @@ import torch
 
 from services.worker.models.wan.config import ActionConfig, DiTConfig, VAEConfig
 from services.worker.models.wan.dit import CausalWanDiT
-from services.worker.models.wan.keys import Shapes, dit_keys, vae_decoder_keys
+from services.worker.models.wan.keys import Shapes, dit_keys, vae_decoder_keys, vae_encoder_keys
 from services.worker.models.wan.vae import WanVAEDecoder
+from services.worker.models.wan.vae_encoder import WanVAEEncoder
 
 
 def _diff(module: torch.nn.Module, expected: Shapes, label: str) -> list[str]:
@@ -37,4 +38,5 @@ def full_size_key_parity(include_action: bool = True) -> list[str]:
             problems += _diff(CausalWanDiT(cfg), dit_keys(cfg), label)
         vae_cfg = VAEConfig()
         problems += _diff(WanVAEDecoder(vae_cfg), vae_decoder_keys(vae_cfg), "vae")
+        problems += _diff(WanVAEEncoder(vae_cfg), vae_encoder_keys(vae_cfg), "vae encoder")
     return problems

@@ -5,13 +5,14 @@ its input (``CACHE_T``) between calls, so decoding latent frames one at a time e
 decoding them all at once. The first latent frame yields one RGB frame and each later one
 yields ``temporal_factor`` (4) frames, because the temporal upsamplers skip their first
 call. Parameter names follow Wan's VAE checkpoint (``decoder.*``, ``conv2``); the encoder
-half of that checkpoint (``encoder.*``, ``conv1``) is verified at load time and dropped,
-since streaming generation never encodes.
+half of that checkpoint (``encoder.*``, ``conv1``) is verified at load time and dropped
+here. ``vae_encoder.py`` builds that half (for video-to-video) from the blocks below.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +61,9 @@ class CausalConv3d(nn.Conv3d):
         cout: int,
         kernel: int | tuple[int, int, int],
         padding: int | tuple[int, int, int] = 0,
+        stride: int | tuple[int, int, int] = 1,
     ) -> None:
-        super().__init__(cin, cout, kernel, padding=0)
+        super().__init__(cin, cout, kernel, stride=stride, padding=0)
         p = (padding, padding, padding) if isinstance(padding, int) else padding
         self.time_pad = 2 * p[0]
         self.space_pad = (p[2], p[2], p[1], p[1])
@@ -78,6 +80,14 @@ class CausalConv3d(nn.Conv3d):
         idx, prev = cache.take()
         cache.slots[idx] = _tail(x, prev)
         return self.forward(x, prev)
+
+
+def stream_layers(layers: Iterable[nn.Module], x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    """Apply ``layers`` in order; those with a ``stream`` method get the cache, in call order."""
+    for layer in layers:
+        stream = getattr(layer, "stream", None)
+        x = stream(x, cache) if stream is not None else layer(x)
+    return x
 
 
 class RMSNormChannels(nn.Module):
@@ -109,9 +119,7 @@ class ResidualBlock(nn.Module):
 
     def stream(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer.stream(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + h
+        return stream_layers(self.residual, x, cache) + h
 
 
 class AttentionBlock(nn.Module):
@@ -197,11 +205,7 @@ class Decoder3d(nn.Module):
 
     def stream(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         x = self.conv1.stream(x, cache)
-        for layer in (*self.middle, *self.upsamples):
-            x = layer.stream(x, cache)
-        for layer in self.head:
-            x = layer.stream(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x
+        return stream_layers((*self.middle, *self.upsamples, *self.head), x, cache)
 
 
 class WanVAEDecoder(nn.Module):
