@@ -8,6 +8,13 @@ a new chunk is generated on the call that finds the buffer empty. Consequences:
   calls in between only pay a VAE decode every 4 frames (and nothing otherwise).
 * Control: a control takes effect at the next chunk boundary, so up to 12 frames (0.75 s at
   16 fps) after it was sent. Matrix-Game actions are held for the whole chunk.
+* Prompts (models with a text encoder declare ``ModelInfo.prompt``): the prompt in effect
+  at a chunk boundary is the one the chunk is made with; a switch re-caches the session's
+  recent frames under the new prompt first (``WanPipeline.switch_prompt``). A prompt equal
+  to ``PromptSpec.default`` is the default prompt itself.
+* Camera pose (models whose action modules take a mouse of >= 2 values declare
+  ``ModelInfo.pose``, a per-frame pitch/yaw velocity): a pose in effect drives the mouse
+  instead of the axes; see ``_action_vector``.
 
 Sessions are stepped one at a time, so a session's frames never depend on its batch-mates
 (the contract's determinism), at the cost of no cross-session batching on a GPU.
@@ -26,16 +33,25 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from services.worker.models.base import Control, ModelInfo, SessionState, WorldModel
+from services.worker.models.base import (
+    POSE_VELOCITY,
+    Control,
+    ModelInfo,
+    PoseSpec,
+    PromptSpec,
+    SessionState,
+    WorldModel,
+)
 from services.worker.models.wan.config import WanConfig
 from services.worker.models.wan.kv_cache import KVCache
 from services.worker.models.wan.pipeline import StreamState, WanPipeline
 from services.worker.models.wan.vae import StreamCache
 from windflow.errors import InvalidArgument, SnapshotError, SnapshotVersionMismatch
 
-SNAPSHOT_FORMAT = "windflow.wan.session/1"
+# /2: the session's prompt (state JSON) and its kept clean latents / action windows
+SNAPSHOT_FORMAT = "windflow.wan.session/2"
 
-# Matrix-Game keyboard combos over (W, S, A, D); mouse comes from the two axes.
+# Matrix-Game keyboard combos over (W, S, A, D); mouse comes from the two axes (or a pose).
 MG_ACTIONS: tuple[tuple[str, tuple[int, int, int, int]], ...] = (
     ("none", (0, 0, 0, 0)),
     ("forward", (1, 0, 0, 0)),
@@ -48,6 +64,8 @@ MG_ACTIONS: tuple[tuple[str, tuple[int, int, int, int]], ...] = (
     ("back_right", (0, 1, 0, 1)),
 )
 MG_AXES: tuple[str, str] = ("pitch", "yaw")
+# Per-frame camera rotation bound of a pose, radians (exact in float32, as poses travel).
+POSE_RANGE = 0.25
 
 
 class WanSession(SessionState):
@@ -70,15 +88,29 @@ class WanWorldModel(WorldModel):
         weights_id: str,
         description: str,
         mouse_scale: float = 0.1,
+        prompt: PromptSpec | None = None,
+        pose_range: float = POSE_RANGE,
     ) -> None:
+        """``prompt``: what the model declares about prompts; needs a pipeline with a text
+        encoder (without one the prompt is fixed and the model takes none)."""
         cfg = pipeline.cfg
         self.pipeline = pipeline
         self.mouse_scale = mouse_scale
+        self.pose_range = pose_range
+        if prompt is not None and pipeline.encoder is None:
+            raise ValueError("a prompt spec needs a pipeline with a text encoder")
         self.version = config_fingerprint(cfg, weights_id)
         act = cfg.dit.action
         if act is not None and act.keyboard_dim < 4:
             raise ValueError("Matrix-Game actions need a keyboard_dim of at least 4 (W,S,A,D)")
+        if not pose_range > 0:
+            raise ValueError(f"pose_range must be positive, got {pose_range}")
+        pose = None
+        if act is not None and act.mouse_dim >= 2:
+            r = pose_range
+            pose = PoseSpec(kind=POSE_VELOCITY, components=MG_AXES, low=(-r, -r), high=(r, r))
         n_steps = len(cfg.pipeline.timesteps)
+        encoder = pipeline.encoder
         self.info = ModelInfo(
             model_id=model_id,
             version=self.version,
@@ -98,6 +130,11 @@ class WanWorldModel(WorldModel):
                 "window_frames": cfg.pipeline.window_frames,
                 "sink_frames": cfg.pipeline.sink_frames,
                 "kernels": pipeline.ops.backend,
+                "text_encoder": encoder.name if encoder is not None else "precomputed",
+                # where a prompt switch takes effect ("fixed": the model takes none), and
+                # how many recent latent frames a switch re-caches at most
+                "prompt_switch": "chunk boundary" if prompt is not None else "fixed",
+                "recache_frames": pipeline.recache_frames,
                 "device": str(pipeline.device),
                 # a session's KV cache (keys and values of every block; the VAE's stream
                 # cache and the buffered frames add little): what a copy of it costs
@@ -109,6 +146,8 @@ class WanWorldModel(WorldModel):
                 * cfg.dit.head_dim
                 * pipeline.dit.patch_embedding.weight.element_size(),
             },
+            prompt=prompt,
+            pose=pose,
         )
 
     # -- contract --------------------------------------------------------------------
@@ -130,7 +169,9 @@ class WanWorldModel(WorldModel):
         sessions = [self._session(s) for s in states]
         frames = []
         for sess, control in zip(sessions, controls, strict=True):
-            frame = self.pipeline.next_frame(sess.stream, steps, self._action_vector(control))
+            frame = self.pipeline.next_frame(
+                sess.stream, steps, self._action_vector(control), self._prompt(control)
+            )
             sess.frame_index += 1
             frames.append(frame)
         if not frames:
@@ -144,14 +185,29 @@ class WanWorldModel(WorldModel):
             )
         return state
 
+    def _prompt(self, control: Control) -> str | None:
+        """The prompt in effect as the pipeline names it: None for the default."""
+        spec = self.info.prompt
+        if spec is None or control.prompt is None or control.prompt == spec.default:
+            return None
+        return control.prompt
+
     def _action_vector(self, control: Control) -> torch.Tensor | None:
+        """Keyboard from ``control.action``; mouse (pitch, yaw) from ``control.pose`` when
+        one is in effect, else from ``control.axes``. A pose takes precedence over the
+        axes when both are present. Axes at +-1 and a pose at +-``pose_range`` give the
+        same mouse value, +-``mouse_scale``."""
         act = self.pipeline.cfg.dit.action
         if act is None:
             return None
         vec = torch.zeros(act.keyboard_dim + act.mouse_dim)
         vec[:4] = torch.tensor(MG_ACTIONS[control.action][1], dtype=torch.float32)
-        for i, value in enumerate(control.axes[: act.mouse_dim]):
-            vec[act.keyboard_dim + i] = float(value) * self.mouse_scale
+        if control.pose is not None and self.info.pose is not None:
+            mouse = [float(v) / self.pose_range for v in control.pose]
+        else:
+            mouse = [float(v) for v in control.axes]
+        for i, value in enumerate(mouse[: act.mouse_dim]):
+            vec[act.keyboard_dim + i] = value * self.mouse_scale
         return vec
 
     # -- snapshots -------------------------------------------------------------------
@@ -175,6 +231,10 @@ class WanWorldModel(WorldModel):
             tensors["rgb"] = torch.from_numpy(np.stack(st.rgb))
         if st.actions is not None:
             tensors["actions"] = st.actions.contiguous().cpu()
+        if st.clean is not None:
+            tensors["clean"] = st.clean.contiguous().cpu()
+        if st.clean_actions is not None:
+            tensors["clean_actions"] = st.clean_actions.contiguous().cpu()
         meta = {
             "format": SNAPSHOT_FORMAT,
             "model_id": self.info.model_id,
@@ -187,6 +247,7 @@ class WanWorldModel(WorldModel):
                     "chunks": st.chunks,
                     "n_written": st.kv.n_written,
                     "vae_present": vae_present,
+                    "prompt": st.prompt,
                 }
             ),
         }
@@ -194,8 +255,9 @@ class WanWorldModel(WorldModel):
 
     def copy(self, state: SessionState) -> WanSession:
         """A clone where the state lives (on the GPU for a GPU pipeline): KV cache, VAE
-        stream cache, pending latents, buffered frames and actions, with no trip through
-        host memory or bytes (``snapshot`` + ``restore`` would make two)."""
+        stream cache, pending latents, buffered frames, actions, prompt and kept clean
+        latents, with no trip through host memory or bytes (``snapshot`` + ``restore``
+        would make two)."""
         sess = self._session(state)
         st = sess.stream
         kv = KVCache(
@@ -214,6 +276,9 @@ class WanWorldModel(WorldModel):
             pending=None if st.pending is None else st.pending.clone(),
             rgb=[frame.copy() for frame in st.rgb],
             actions=None if st.actions is None else st.actions.clone(),
+            prompt=st.prompt,
+            clean=None if st.clean is None else st.clean.clone(),
+            clean_actions=None if st.clean_actions is None else st.clean_actions.clone(),
         )
         return WanSession(sess.seed, stream, sess.frame_index)
 
@@ -259,8 +324,17 @@ class WanWorldModel(WorldModel):
             pending=tensors["pending"].to(dev) if "pending" in tensors else None,
             rgb=list(tensors["rgb"].numpy()) if "rgb" in tensors else [],
             actions=tensors.get("actions"),
+            prompt=_snapshot_prompt(state.get("prompt")),
+            clean=tensors["clean"].to(dev) if "clean" in tensors else None,
+            clean_actions=tensors["clean_actions"].to(dev) if "clean_actions" in tensors else None,
         )
         return WanSession(stream.seed, stream, int(state["frame_index"]))
+
+
+def _snapshot_prompt(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"prompt is {type(value).__name__}, not a string")
+    return value
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -96,6 +96,10 @@ class PipelineConfig:
     window_frames: int = 12
     sink_frames: int = 3  # first frames kept forever once the window rolls (LongLive)
     context_timestep: float = 0.0  # timestep of the clean pass that writes the KV cache
+    # LongLive's KV re-cache: on a prompt switch, the cache entries of the most recent
+    # frames (at most this many, and at most what the cache holds) are recomputed under
+    # the new prompt from their clean latents; 0 turns it off.
+    recache_frames: int = 9
     fps: float = 16.0
     dtype: str = "float32"  # "bfloat16" on a GPU
 
@@ -144,7 +148,7 @@ def matrix_game_2(**pipeline: object) -> WanConfig:
 def tiny(action: bool = False, **pipeline: object) -> WanConfig:
     """The same architecture at toy size: 2 blocks, dim 64, 64x96 RGB."""
     defaults: dict[str, object] = {
-        "height": 64, "width": 96, "window_frames": 9, "sink_frames": 3,
+        "height": 64, "width": 96, "window_frames": 9, "sink_frames": 3, "recache_frames": 6,
     }  # fmt: skip
     defaults.update(pipeline)
     act = (

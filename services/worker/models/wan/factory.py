@@ -1,10 +1,12 @@
 """Factories the worker's model registry calls (``services.worker.models.registry``).
 
-* ``load_tiny``: the architecture at toy size with seeded random weights (tests, demos).
+* ``load_tiny``: the architecture at toy size with seeded random weights (tests, demos),
+  with a tiny random-weight umT5 so that it takes prompts.
 * ``load_checkpoint``: Wan2.1-T2V-1.3B in causal form from local files — a Wan model
   directory (DiT + VAE), optionally a Self-Forcing/CausVid/LongLive generator checkpoint
-  replacing the DiT weights and a LongLive LoRA merged into them, plus a precomputed umT5
-  prompt embedding.
+  replacing the DiT weights and a LongLive LoRA merged into them, plus either a
+  precomputed umT5 prompt embedding (a fixed prompt) or the umT5-XXL encoder and its
+  tokenizer (``t5=``, ``tokenizer=``: prompts switch at run time).
 * ``build_random``: any configuration with random weights (GPU benchmarks of the 1.3B).
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from kernels.registry import KernelRegistry
+from services.worker.models.base import PromptSpec
 from services.worker.models.wan.adapter import WanWorldModel
 from services.worker.models.wan.config import (
     ActionConfig,
@@ -41,12 +44,26 @@ from services.worker.models.wan.loading import (
 )
 from services.worker.models.wan.pipeline import WanPipeline
 from services.worker.models.wan.text import load_text_embedding, random_text_embedding
+from services.worker.models.wan.umt5 import (
+    ByteTokenizer,
+    FileTokenizer,
+    PromptEncoder,
+    Tokenizer,
+    load_umt5,
+    random_umt5,
+    umt5_tiny,
+    umt5_xxl,
+)
 from services.worker.models.wan.vae import WanVAEDecoder
 from windflow.errors import CheckpointError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Longest prompt taken, in characters: umT5-XXL reads 512 tokens (~4 characters each);
+# the tiny models' byte tokenizer reads text_len - 1 bytes, the rest is cut.
+PROMPT_MAX_CHARS = 2048
+TINY_PROMPT_MAX_CHARS = 256
 _PIPELINE_FIELDS = set(PipelineConfig.__dataclass_fields__)
 
 
@@ -93,10 +110,20 @@ def _assemble(
     weights_id: str,
     description: str,
     kernels: str,
+    encoder: PromptEncoder | None = None,
+    prompt: PromptSpec | None = None,
 ) -> WanWorldModel:
     ops = KernelRegistry(prefer=kernels).ops(device)  # type: ignore[arg-type]
-    pipe = WanPipeline(cfg, dit, vae, context, ops, device)
-    return WanWorldModel(model_id, pipe, weights_id, description)
+    pipe = WanPipeline(cfg, dit, vae, context, ops, device, encoder=encoder)
+    if encoder is not None:
+        weights_id += f"|text:{encoder.name}"
+    return WanWorldModel(model_id, pipe, weights_id, description, prompt=prompt)
+
+
+def tiny_prompt_encoder(seed: int, cfg: WanConfig, device: torch.device) -> PromptEncoder:
+    """A tiny umT5 with seeded random weights and the byte tokenizer (no files)."""
+    model = random_umt5(umt5_tiny(cfg.dit.text_dim), seed, device)
+    return PromptEncoder(model, ByteTokenizer(cfg.dit.text_len), f"umt5-tiny:random:{seed}")
 
 
 def load_tiny(
@@ -106,7 +133,10 @@ def load_tiny(
     kernels: str = "auto",
     **pipeline: Any,
 ) -> WanWorldModel:
-    """The causal Wan architecture at toy size (2 blocks, dim 64) with random weights."""
+    """The causal Wan architecture at toy size (2 blocks, dim 64) with random weights.
+
+    It takes prompts: a tiny umT5 (random weights seeded by ``seed``, byte tokenizer)
+    encodes them; the default prompt ("") is a fixed random embedding."""
     cfg = tiny(action=action, **_pipeline_options(dict(pipeline)))
     dev = _device(device)
     dit, vae = build_modules(cfg, dev, _DTYPES[cfg.pipeline.dtype], seed)
@@ -115,6 +145,8 @@ def load_tiny(
     return _assemble(
         model_id, cfg, dit, vae, context, dev, f"random:{seed}",
         "Causal Wan2.1 architecture at toy size with random weights", kernels,
+        encoder=tiny_prompt_encoder(seed, cfg, dev),
+        prompt=PromptSpec(max_chars=TINY_PROMPT_MAX_CHARS),
     )  # fmt: skip
 
 
@@ -153,9 +185,41 @@ def load_dit_state(
     return sd
 
 
+def load_prompt_encoder(
+    t5: str | Path,
+    tokenizer: str | Path | None,
+    size: str,
+    cfg: WanConfig,
+    root: Path,
+    device: torch.device,
+) -> PromptEncoder:
+    """umT5 from a local file (strictly checked) and its tokenizer.
+
+    ``tokenizer``: a ``tokenizer.json`` or a directory holding one (default: the model
+    directory, or its ``google/umt5-xxl``, Wan's layout). The tiny size takes the tiny
+    umT5 and, without ``tokenizer``, the built-in byte tokenizer. bfloat16 on a GPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ucfg = umt5_tiny(cfg.dit.text_dim) if size == "tiny" else umt5_xxl()
+    if ucfg.dim != cfg.dit.text_dim:
+        raise InvalidArgument(f"umT5 width {ucfg.dim} != the DiT's text_dim {cfg.dit.text_dim}")
+    model = load_umt5(t5, ucfg, device, dtype)
+    tok: Tokenizer
+    if tokenizer is None and size == "tiny":
+        tok = ByteTokenizer(cfg.dit.text_len)
+    else:
+        tok = FileTokenizer(tokenizer if tokenizer is not None else root, cfg.dit.text_len)
+    tok_name = getattr(tok, "path", "bytes")
+    log.info("umT5 encoder from %s, tokenizer %s", t5, tok_name)
+    return PromptEncoder(model, tok, f"{Path(t5).resolve()}|{tok_name}")
+
+
 def load_checkpoint(
     path: str | None = None,
     text_embedding: str | None = None,
+    t5: str | None = None,
+    tokenizer: str | None = None,
+    default_prompt: str | None = None,
+    t5_device: str | None = None,
     generator: str | None = None,
     lora: str | None = None,
     lora_alpha: float | None = None,
@@ -174,6 +238,13 @@ def load_checkpoint(
     ``generator_ema`` (or ``generator``) replaces the directory's DiT. ``lora``: a LoRA file
     merged into the DiT (scale ``lora_alpha / rank``, default 1). ``text_embedding``: the
     prompt's umT5 output (see ``text.py``; default ``<path>/prompt.safetensors``).
+    ``t5``: Wan's umT5-XXL encoder file (``models_t5_umt5-xxl-enc-bf16.pth`` or a
+    safetensors of it) and ``tokenizer``: umT5's ``tokenizer.json`` or its directory
+    (default: ``path`` or ``path/google/umt5-xxl``): with them the model takes prompts
+    (``ModelInfo.prompt``) and switches at chunk boundaries. Its default prompt is
+    ``default_prompt`` (default "") encoded, or the ``text_embedding`` file if one is
+    given (then "" stands for it). ``t5_device``: where the encoder runs (default: with
+    the DiT). Without ``t5`` the prompt is fixed (the embedding file) and none is taken.
     ``action``: Wan-shaped checkpoints with Matrix-Game 2.0 action modules in blocks 0-14.
     ``size``: "1.3b" (default) or "tiny" (the toy architecture, for round-trip tests).
     Remaining keyword options set ``PipelineConfig`` fields (height, width, timesteps, ...).
@@ -197,8 +268,23 @@ def load_checkpoint(
             cfg = replace(cfg, dit=DiTConfig(action=ActionConfig(blocks=tuple(range(15)))))
     else:
         raise InvalidArgument(f"size must be '1.3b' or 'tiny', got {size!r}")
-    prompt = Path(text_embedding) if text_embedding else root / "prompt.safetensors"
-    context = load_text_embedding(prompt, cfg.dit.text_dim, cfg.dit.text_len)
+    if t5 is None and (tokenizer is not None or default_prompt is not None):
+        raise InvalidArgument("tokenizer= and default_prompt= need t5=<umT5 encoder file>")
+    if text_embedding is not None and default_prompt is not None:
+        raise InvalidArgument("give text_embedding= or default_prompt=, not both")
+    encoder = None
+    if t5 is not None:
+        t5_dev = _device(t5_device) if t5_device else dev
+        encoder = load_prompt_encoder(t5, tokenizer, size, cfg, root, t5_dev)
+    if encoder is not None and text_embedding is None:
+        prompt: Path | str = f"umt5:{default_prompt or ''!r}"
+        context = encoder.encode(default_prompt or "")
+    else:
+        prompt = Path(text_embedding) if text_embedding else root / "prompt.safetensors"
+        context = load_text_embedding(prompt, cfg.dit.text_dim, cfg.dit.text_len)
+    spec = None
+    if encoder is not None:
+        spec = PromptSpec(max_chars=PROMPT_MAX_CHARS, default=default_prompt or "")
 
     dtype = _DTYPES[cfg.pipeline.dtype]
     with torch.device("meta"):
@@ -220,6 +306,7 @@ def load_checkpoint(
     return _assemble(
         model_id, cfg, dit, vae, context, dev, weights_id,
         "Causal Wan2.1-T2V-1.3B (CausVid / Self-Forcing / LongLive weights)", kernels,
+        encoder=encoder, prompt=spec,
     )  # fmt: skip
 
 

@@ -4,6 +4,9 @@ A prompt file is a safetensors (or torch ``.pt``) file holding one tensor named
 ``context`` shaped (tokens, 4096): the umT5-XXL encoder output for the prompt's real
 tokens (no padding; the DiT pads to 512 itself). ``.pt`` files may hold the tensor itself
 or a dict with a ``context`` entry, and are read with ``weights_only=True``.
+
+This is the fixed-prompt mode. To take prompts at run time, a model loads the encoder
+itself (``umt5.py``: ``PromptEncoder.encode`` gives tensors of this same layout).
 """
 
 from __future__ import annotations
