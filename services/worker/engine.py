@@ -138,6 +138,7 @@ class StepEngine:
         self.costs = StepCosts()
         self.quality = QualityGovernor(self.costs, self.max_batch, quality, on_quality_change)
         self.frames_dropped_closed = 0
+        self.input_dropped_closed = 0
         self._horizon = horizon_s
         self._step_threads = step_threads
         self._pipeline_depth = pipeline_depth
@@ -184,6 +185,7 @@ class StepEngine:
         self.quality.remove(session_id)
         if actor is not None:
             self.frames_dropped_closed += actor.dropped
+            self.input_dropped_closed += actor.input_dropped
             actor.closed = True
             actor.notify()
         return actor
@@ -228,6 +230,11 @@ class StepEngine:
     @property
     def frames_dropped(self) -> int:
         return self.frames_dropped_closed + sum(a.dropped for a in self.sessions.values())
+
+    @property
+    def input_dropped(self) -> int:
+        """Input frames dropped (newest wins), this worker's sessions' all told."""
+        return self.input_dropped_closed + sum(a.input_dropped for a in self.sessions.values())
 
     async def calibrate(self, repeats: int = TIMING_REPEATS) -> None:
         """Measure each model's batch cost (step + encode at its native size) at batch 1

@@ -127,6 +127,7 @@ class WorkerRuntime:
             lambda: [(quality.changes_by_direction[d], {"direction": d}) for d in ("down", "up")]
         )
         m.frames_dropped.add(lambda: [(self.engine.frames_dropped, {})])
+        m.input_frames_dropped.add(lambda: [(self.engine.input_dropped, {})])
         m.worker_utilization.add(lambda: [(quality.utilization() or 0.0, {})])
 
         def queues() -> list[tuple[float, dict[str, str]]]:

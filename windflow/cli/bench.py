@@ -15,6 +15,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "windflow.cli.bench_access",
     "windflow.cli.bench_sim",
     "windflow.cli.bench_browser",
+    "windflow.cli.bench_controls",
 )
 
 

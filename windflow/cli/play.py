@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from services.worker.models.registry import DEFAULT_MODEL
 from windflow.errors import Unauthenticated, WindflowError
 from windflow.sdk import Client, ReceivedFrame
 
@@ -34,6 +35,9 @@ class PlaySummary:
     control_to_frame_ms_p50: float
     dropped: int
     refused_controls: int
+    prompts_sent: int
+    input_frames_sent: int
+    input_dropped: int
     session_id: str
     worker_id: str
     model_id: str
@@ -50,6 +54,8 @@ class PlaySummary:
             ("control-to-frame p50", f"{self.control_to_frame_ms_p50:.1f} ms"),
             ("dropped frames", f"{self.dropped}"),
             ("refused controls", f"{self.refused_controls}"),
+            ("prompts sent", f"{self.prompts_sent}"),
+            ("input frames sent / dropped", f"{self.input_frames_sent} / {self.input_dropped}"),
             ("model", self.model_id),
             ("worker", self.worker_id),
             ("output", f"{self.width}x{self.height} -> {self.out or '(not written)'}"),
@@ -89,6 +95,62 @@ class ActionSource:
         if self._rng.random() < 0.15:  # sticky: hold an action for ~7 frames on average
             self._current = self._rng.randrange(len(self._names))
         return self._current
+
+
+class InputSource:
+    """Frames in for a model that takes them: a video file (looped) or a camera
+    (``camera`` or a V4L2 device such as ``/dev/video0``), decoded with PyAV and resized to
+    the model's input size."""
+
+    def __init__(self, spec: str, width: int, height: int) -> None:
+        import av
+
+        self._spec = spec
+        self._size = (width, height)
+        device = "/dev/video0" if spec == "camera" else spec
+        live = spec == "camera" or spec.startswith("/dev/video")
+        try:
+            self._container = av.open(device, format="v4l2" if live else None)
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SystemExit(f"--input {spec}: cannot open ({exc})") from exc
+        self._live = live
+        self._frames = self._decode()
+
+    def _decode(self) -> Any:
+        return self._container.decode(video=0)
+
+    def next(self) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            frame = next(self._frames)
+        except StopIteration:
+            if self._live:
+                raise SystemExit(f"--input {self._spec}: the camera stopped") from None
+            self._container.seek(0)
+            self._frames = self._decode()
+            try:
+                frame = next(self._frames)
+            except StopIteration:
+                raise SystemExit(f"--input {self._spec}: no video frames") from None
+        image = frame.to_image().convert("RGB").resize(self._size, Image.Resampling.BILINEAR)
+        return np.asarray(image)
+
+    def close(self) -> None:
+        self._container.close()
+
+
+def parse_prompts(first: str | None, switches: list[str]) -> dict[int, str]:
+    """``--prompt`` (frame 0) and ``--prompt-at FRAME:TEXT`` as {frame: prompt}."""
+    out: dict[int, str] = {}
+    if first is not None:
+        out[0] = first
+    for item in switches:
+        frame, sep, text = item.partition(":")
+        if not sep or not frame.strip().isdigit():
+            raise SystemExit(f"--prompt-at {item!r}: expected FRAME:TEXT, e.g. 48:a snowy forest")
+        out[int(frame)] = text
+    return out
 
 
 class VideoWriter:
@@ -131,13 +193,30 @@ async def play(
     size: tuple[int, int] = (0, 0),
     fmt: str = "jpeg",
     token: str | None = None,
+    prompts: dict[int, str] | None = None,
+    input_spec: str | None = None,
 ) -> PlaySummary:
-    """``token``: the session token (default: $WINDFLOW_TOKEN)."""
+    """``token``: the session token (default: $WINDFLOW_TOKEN); ``prompts``: {frame: text}
+    (a prompt switch at each); ``input_spec``: frames in (``InputSource``)."""
     async with Client(gateway, token=token) as client:
         models = await client.list_models()
         if not models:
             raise SystemExit("the gateway serves no models (no live worker)")
-        model_id = model or models[0].model_id
+        served = {m.model_id: m for m in models}
+        model_id = model or (DEFAULT_MODEL if DEFAULT_MODEL in served else models[0].model_id)
+        if model_id not in served:
+            raise SystemExit(f"model {model_id!r} is not served; served: {', '.join(served)}")
+        schema = served[model_id].controls
+        prompts = dict(prompts or {})
+        if prompts and not schema.HasField("prompt"):
+            raise SystemExit(f"model {model_id!r} takes no prompt")
+        if input_spec and not schema.HasField("input_frame"):
+            raise SystemExit(f"model {model_id!r} takes no input frames")
+        inputs = (
+            InputSource(input_spec, schema.input_frame.width, schema.input_frame.height)
+            if input_spec
+            else None
+        )
         info = await client.create_session(
             model_id, seed=seed, fps=fps, format=fmt, width=size[0], height=size[1]
         )
@@ -146,8 +225,25 @@ async def play(
         latencies: list[float] = []
         control_latencies: list[float] = []
         received: list[ReceivedFrame] = []
-        live = await client.attach(info, controls=[(0, source.action(0))])
+        sent_prompts = sent_inputs = 0
+        live = await client.attach(info)
+
+        switches = sorted(prompts.items())
+
+        async def control(index: int) -> None:
+            """The control for frame ``index``: its action, the newest prompt switch due
+            by then, and the next input frame."""
+            nonlocal sent_prompts, sent_inputs
+            prompt = None
+            while switches and switches[0][0] <= index:
+                prompt = switches.pop(0)[1]
+            frame = inputs.next() if inputs is not None else None
+            await live.send(source.action(index), frame_index=index, prompt=prompt, frame=frame)
+            sent_prompts += prompt is not None
+            sent_inputs += frame is not None
+
         try:
+            await control(0)
             first_us = 0
             async for frame in live.frames(limit=frames):
                 if not first_us:
@@ -161,11 +257,13 @@ async def play(
                     writer.write(frame.rgb())
                 # the next control is sampled just before its frame is due (as games do)
                 nxt = await live.just_in_time()
-                await live.send(source.action(nxt), frame_index=nxt)
+                await control(nxt)
         finally:
             await live.aclose()
             if writer is not None:
                 writer.close()
+            if inputs is not None:
+                inputs.close()
             await client.close_session(info.session_id)
     span_s = (received[-1].received_us - first_us) / 1e6 if len(received) > 1 else 0.0
     indices = [f.index for f in received]
@@ -179,6 +277,9 @@ async def play(
         control_to_frame_ms_p50=_percentile(control_latencies, 50),
         dropped=dropped,
         refused_controls=len(live.errors),
+        prompts_sent=sent_prompts,
+        input_frames_sent=sent_inputs,
+        input_dropped=int(received[-1].frame.input_dropped_total) if received else 0,
         session_id=info.session_id,
         worker_id=info.worker_id,
         model_id=model_id,
@@ -197,7 +298,9 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_play_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model id (default: the first served)")
+    parser.add_argument(
+        "--model", default=None, help=f"model id (default: {DEFAULT_MODEL}, else the first served)"
+    )
     parser.add_argument("--frames", type=int, default=120, help="frames to receive")
     parser.add_argument("--fps", type=float, default=0.0, help="session fps (default: native)")
     parser.add_argument("--actions", default="random", help="'random' or a file of actions")
@@ -206,6 +309,20 @@ def add_play_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_size, default=(256, 256), help="output WxH")
     parser.add_argument("--format", choices=("jpeg", "rgb"), default="jpeg")
     parser.add_argument("--json", action="store_true", help="last stdout line: JSON summary")
+    parser.add_argument("--prompt", default=None, help="the prompt from frame 0 (text models)")
+    parser.add_argument(
+        "--prompt-at",
+        action="append",
+        default=[],
+        metavar="FRAME:TEXT",
+        help="switch to TEXT at FRAME (repeatable)",
+    )
+    parser.add_argument(
+        "--input",
+        default=None,
+        metavar="VIDEO_OR_CAMERA",
+        help="frames in (video-to-video models): a video file, looped, or 'camera'/'/dev/videoN'",
+    )
 
 
 def print_summary(summary: PlaySummary, as_json: bool) -> None:
@@ -241,6 +358,8 @@ async def play_from_args(
         seed=args.seed,
         size=args.size,
         fmt=args.format,
+        prompts=parse_prompts(args.prompt, args.prompt_at),
+        input_spec=args.input,
     )
 
 

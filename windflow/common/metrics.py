@@ -155,6 +155,14 @@ SPECS: tuple[MetricSpec, ...] = (
         (WORKER,),
     ),
     MetricSpec(
+        "windflow_input_frames_dropped",
+        "observed_counter",
+        "input frames (Control.frame) dropped, newest wins: a client sending frames faster "
+        "than its model uses them",
+        (),
+        (WORKER,),
+    ),
+    MetricSpec(
         "windflow_admission_refusals",
         "counter",
         "OpenSession refusals: full (no slot), fps (no fps headroom), draining, stopping",
@@ -353,6 +361,7 @@ class Metrics:
     quality_changes: Observed
     queue_depth: Observed
     frames_dropped: Observed
+    input_frames_dropped: Observed
     admission_refusals: Counter
     controls_refused: Counter
     worker_migrations: Counter

@@ -19,5 +19,12 @@ export {
   CLOSE_STATUS_BASE,
   type CodeName,
 } from "./errors";
-export { PendingControls, nowUs, type ControlInput, type RoleName } from "./state";
+export {
+  MAX_MESSAGE_BYTES,
+  PendingControls,
+  nowUs,
+  type ControlInput,
+  type InputFrameInput,
+  type RoleName,
+} from "./state";
 export * from "./gen/windflow/v1/windflow_pb";

@@ -3,7 +3,10 @@
 // the events and in-stream errors, the role. Pure but for the clock.
 import { create, equals } from "@bufbuild/protobuf";
 import {
+  CameraPoseSchema,
   ControlSchema,
+  FrameFormat,
+  InputFrameSchema,
   Role,
   SessionEvent_Kind,
   SessionEventSchema,
@@ -31,7 +34,26 @@ export interface ControlInput {
   /** The client's clock when sent (unix microseconds); default: now. The frame it first
    * shapes echoes it (Frame.control_client_time_us): control-to-frame latency. */
   clientTimeUs?: number | bigint;
+  /** A text prompt, for a model whose ModelInfo.controls declares one; it stays in effect
+   * until another. Omitted: the one in effect stays. */
+  prompt?: string;
+  /** A camera pose, one value per ModelInfo.controls.pose component. */
+  pose?: number[];
+  /** A frame in (video-to-video): JPEG bytes (or raw RGB with `format: "rgb"`) of the
+   * size ModelInfo.controls.input_frame declares. */
+  frame?: InputFrameInput;
 }
+
+export interface InputFrameInput {
+  data: Uint8Array;
+  width: number;
+  height: number;
+  format?: "jpeg" | "rgb";
+}
+
+/** The gateway's limit on one message (the public API's): a larger control is refused
+ * RESOURCE_EXHAUSTED here, before it is sent. */
+export const MAX_MESSAGE_BYTES = 1024 * 1024;
 
 /** Controls remembered for a resume (the worker holds at most 256 future ones). */
 export const MAX_REMEMBERED_CONTROLS = 1024;
@@ -171,6 +193,24 @@ export class StreamState {
       frameIndex: BigInt(auto ? this.aim() : input.frameIndex!),
       clientTimeUs: BigInt(input.clientTimeUs ?? nowUs()),
     });
+    if (input.prompt !== undefined) control.prompt = input.prompt;
+    if (input.pose !== undefined) control.pose = create(CameraPoseSchema, { values: input.pose });
+    if (input.frame !== undefined) {
+      const f = input.frame;
+      if (f.data.byteLength > MAX_MESSAGE_BYTES) {
+        throw new WindflowError(
+          Code.RESOURCE_EXHAUSTED,
+          `a ${f.data.byteLength}-byte input frame is over the gateway's limit of ` +
+            `${MAX_MESSAGE_BYTES} bytes; it was not sent`,
+        );
+      }
+      control.frame = create(InputFrameSchema, {
+        data: f.data,
+        width: f.width,
+        height: f.height,
+        format: f.format === "rgb" ? FrameFormat.RGB : FrameFormat.JPEG,
+      });
+    }
     if (auto) {
       this.stamped.set(control.clientTimeUs, 0);
       if (this.stamped.size > HISTORY) this.stamped.delete(this.stamped.keys().next().value!);

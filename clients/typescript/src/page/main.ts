@@ -8,7 +8,9 @@ import {
   SessionEvent_Kind,
   WindflowError,
   connect,
+  type ControlSpec,
   type Frame,
+  type InputFrameSpec,
   type RoleName,
   type Session,
   type SessionEvent,
@@ -121,6 +123,12 @@ const ui = {
   viewer: $<HTMLInputElement>("viewer"),
   handover: $<HTMLButtonElement>("handover"),
   status: $("status"),
+  promptRow: $("prompt-row"),
+  prompt: $<HTMLInputElement>("prompt"),
+  sendPrompt: $<HTMLButtonElement>("send-prompt"),
+  framesRow: $("frames-row"),
+  camera: $<HTMLButtonElement>("camera"),
+  inputStatus: $("input-status"),
 };
 const ctx = ui.screen.getContext("2d")!;
 
@@ -200,6 +208,7 @@ async function play(session: Session, as: RoleName, resumeFrom?: number): Promis
   stopStreams();
   info = session;
   actions = session.model?.actions ?? [];
+  showControls(session.model?.controls);
   state.sessionId = session.sessionId;
   state.lastFrameIndex = -1;
   pinned = false;
@@ -245,6 +254,7 @@ async function pumpWebSocket(stream: StreamSession, mine: number): Promise<void>
       if (mine !== generation) return;
       arrived(frame, stream.droppedLocally);
       if (showing === "ws") draw(frame);
+      if (feeding && !rtc) void feedFrame(frame.inputDroppedTotal);
     }
     if (mine === generation && ws === stream && !rtc && !rtcStarting) say("the stream ended");
   } catch (error) {
@@ -304,6 +314,7 @@ async function pumpFrameInfo(session: WebRTCSession, mine: number): Promise<void
     for await (const frame of session.frames()) {
       if (mine !== generation || rtc !== session) return;
       arrived(frame, 0);
+      if (feeding) void feedFrame(frame.inputDroppedTotal);
     }
   } catch {
     /* onClose falls back */
@@ -605,6 +616,95 @@ ui.handover.addEventListener("click", () => {
     failed("handover", error);
   }
 });
+
+// ---- prompts and frames in, where the model declares them ----
+
+let inputSpec: InputFrameSpec | undefined;
+let feeding = false;
+let feedBusy = false;
+let camera: HTMLVideoElement | undefined;
+let fed = 0;
+const inputCanvas = document.createElement("canvas");
+
+function showControls(spec: ControlSpec | undefined): void {
+  ui.promptRow.hidden = !spec?.prompt;
+  if (spec?.prompt) {
+    ui.prompt.maxLength = spec.prompt.maxChars;
+    ui.prompt.placeholder = spec.prompt.defaultPrompt || "a prompt";
+  }
+  inputSpec = spec?.inputFrame;
+  ui.framesRow.hidden = !inputSpec;
+  feeding = false;
+  ui.camera.textContent = "Camera in";
+  ui.inputStatus.textContent = "";
+}
+
+ui.sendPrompt.addEventListener("click", () => {
+  const stream = active();
+  if (!stream || role !== "controller") return;
+  try {
+    stream.send({ action: wanted(), prompt: ui.prompt.value });
+    say(`prompt switched to ${JSON.stringify(ui.prompt.value)}`);
+  } catch (error) {
+    failed("prompt", error);
+  }
+});
+
+ui.camera.addEventListener("click", async () => {
+  if (feeding) {
+    feeding = false;
+    ui.camera.textContent = "Camera in";
+    return;
+  }
+  if (!camera) {
+    try {
+      const media = await navigator.mediaDevices.getUserMedia({ video: true });
+      camera = document.createElement("video");
+      camera.muted = true;
+      camera.srcObject = media;
+      await camera.play();
+    } catch {
+      camera = undefined; // no camera (or refused): a moving test pattern instead
+    }
+  }
+  feeding = true;
+  ui.camera.textContent = "Stop input";
+});
+
+/** Send the next input frame (one per frame received: the model's own rate), JPEG at the
+ * size the model declares; one at a time. */
+async function feedFrame(dropped: bigint): Promise<void> {
+  const stream = active();
+  if (!stream || !inputSpec || feedBusy || role !== "controller") return;
+  feedBusy = true;
+  try {
+    const { width, height } = inputSpec;
+    inputCanvas.width = width;
+    inputCanvas.height = height;
+    const g = inputCanvas.getContext("2d")!;
+    if (camera) {
+      g.drawImage(camera, 0, 0, width, height);
+    } else {
+      g.fillStyle = `hsl(${(fed * 4) % 360} 60% 40%)`;
+      g.fillRect(0, 0, width, height);
+      g.fillStyle = "#fe4";
+      const t = fed / 10;
+      g.beginPath();
+      g.arc(width / 2 + (width / 3) * Math.cos(t), height / 2 + (height / 3) * Math.sin(t), width / 8, 0, 7);
+      g.fill();
+    }
+    const blob = await new Promise<Blob | null>((done) => inputCanvas.toBlob(done, "image/jpeg", 0.9));
+    if (!blob || !feeding) return;
+    stream.send({ action: wanted(), frame: { data: new Uint8Array(await blob.arrayBuffer()), width, height } });
+    fed += 1;
+    ui.inputStatus.textContent = `${camera ? "camera" : "test pattern"}: ${fed} sent, ${dropped} dropped`;
+  } catch (error) {
+    feeding = false;
+    failed("input frame", error);
+  } finally {
+    feedBusy = false;
+  }
+}
 
 // ---- transport switch ----
 
