@@ -15,6 +15,11 @@ a new chunk is generated on the call that finds the buffer empty. Consequences:
 * Camera pose (models whose action modules take a mouse of >= 2 values declare
   ``ModelInfo.pose``, a per-frame pitch/yaw velocity): a pose in effect drives the mouse
   instead of the axes; see ``_action_vector``.
+* Input frames (models with a VAE encoder declare ``ModelInfo.input_frame``; video to
+  video, ``WanPipeline.generate_chunk``): the input frame in effect at a chunk boundary is
+  the one the whole chunk restyles, so an input frame, like a prompt, takes effect at the
+  next boundary. A session keeps nothing of it: the runtime re-sends the frame in effect
+  with every control, and encodings are cached by digest in the pipeline (shared).
 
 Sessions are stepped one at a time, so a session's frames never depend on its batch-mates
 (the contract's determinism), at the cost of no cross-session batching on a GPU.
@@ -36,6 +41,7 @@ from safetensors.torch import save as st_save
 from services.worker.models.base import (
     POSE_VELOCITY,
     Control,
+    InputFrameSpec,
     ModelInfo,
     PoseSpec,
     PromptSpec,
@@ -111,6 +117,11 @@ class WanWorldModel(WorldModel):
             pose = PoseSpec(kind=POSE_VELOCITY, components=MG_AXES, low=(-r, -r), high=(r, r))
         n_steps = len(cfg.pipeline.timesteps)
         encoder = pipeline.encoder
+        v2v = pipeline.vae_encoder is not None
+        input_frame = None
+        if v2v:
+            p = cfg.pipeline
+            input_frame = InputFrameSpec(width=p.width, height=p.height, fps=p.fps, queue=2)
         self.info = ModelInfo(
             model_id=model_id,
             version=self.version,
@@ -135,6 +146,17 @@ class WanWorldModel(WorldModel):
                 # how many recent latent frames a switch re-caches at most
                 "prompt_switch": "chunk boundary" if prompt is not None else "fixed",
                 "recache_frames": pipeline.recache_frames,
+                # video to video (None: the model takes no input frames): the schedule
+                # steps a chunk made from an input frame runs and the sigma it starts at;
+                # the newest input frame at a chunk boundary restyles the whole chunk
+                "v2v": {
+                    "strength": cfg.pipeline.v2v_strength,
+                    "steps": pipeline.v2v_steps,
+                    "start_sigma": pipeline.schedule.sigmas[pipeline.v2v_start],
+                    "per": "chunk",
+                }
+                if v2v
+                else None,
                 "device": str(pipeline.device),
                 # a session's KV cache (keys and values of every block; the VAE's stream
                 # cache and the buffered frames add little): what a copy of it costs
@@ -148,6 +170,7 @@ class WanWorldModel(WorldModel):
             },
             prompt=prompt,
             pose=pose,
+            input_frame=input_frame,
         )
 
     # -- contract --------------------------------------------------------------------
@@ -170,7 +193,11 @@ class WanWorldModel(WorldModel):
         frames = []
         for sess, control in zip(sessions, controls, strict=True):
             frame = self.pipeline.next_frame(
-                sess.stream, steps, self._action_vector(control), self._prompt(control)
+                sess.stream,
+                steps,
+                self._action_vector(control),
+                self._prompt(control),
+                control.frame,
             )
             sess.frame_index += 1
             frames.append(frame)

@@ -100,6 +100,10 @@ class PipelineConfig:
     # frames (at most this many, and at most what the cache holds) are recomputed under
     # the new prompt from their clean latents; 0 turns it off.
     recache_frames: int = 9
+    # Video to video (models with a VAE encoder): a chunk made from an input frame runs the
+    # last round(v2v_strength * len(timesteps)) steps of the schedule (at least one), from
+    # its input's latent noised to the first of them; 1.0 starts from pure noise.
+    v2v_strength: float = 0.5
     fps: float = 16.0
     dtype: str = "float32"  # "bfloat16" on a GPU
 

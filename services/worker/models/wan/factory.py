@@ -8,6 +8,10 @@
   precomputed umT5 prompt embedding (a fixed prompt) or the umT5-XXL encoder and its
   tokenizer (``t5=``, ``tokenizer=``: prompts switch at run time).
 * ``build_random``: any configuration with random weights (GPU benchmarks of the 1.3B).
+
+``load_tiny`` and ``load_checkpoint`` also give the model a VAE encoder (video to video:
+it takes input frames, ``ModelInfo.input_frame``) unless ``v2v=False``: seeded random for
+the tiny model, the encoder half of ``Wan2.1_VAE.pth`` for checkpoints.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ from services.worker.models.wan.umt5 import (
     umt5_xxl,
 )
 from services.worker.models.wan.vae import WanVAEDecoder
+from services.worker.models.wan.vae_encoder import (
+    WanVAEEncoder,
+    build_vae_encoder,
+    load_vae_encoder,
+)
 from windflow.errors import CheckpointError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -76,7 +85,25 @@ def _pipeline_options(options: dict[str, Any]) -> dict[str, Any]:
         )
     if "timesteps" in options:
         options["timesteps"] = tuple(int(t) for t in options["timesteps"])
+    if "v2v_strength" in options:
+        strength = float(options["v2v_strength"])
+        if not 0.0 < strength <= 1.0:
+            raise InvalidArgument(f"v2v_strength must be in (0, 1], got {strength}")
+        options["v2v_strength"] = strength
     return options
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean option, also as the strings a config file may hold."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InvalidArgument(f"option {name} must be true or false, got {value!r}")
 
 
 def _device(device: str | None) -> torch.device:
@@ -112,11 +139,16 @@ def _assemble(
     kernels: str,
     encoder: PromptEncoder | None = None,
     prompt: PromptSpec | None = None,
+    vae_encoder: WanVAEEncoder | None = None,
 ) -> WanWorldModel:
     ops = KernelRegistry(prefer=kernels).ops(device)  # type: ignore[arg-type]
-    pipe = WanPipeline(cfg, dit, vae, context, ops, device, encoder=encoder)
+    pipe = WanPipeline(
+        cfg, dit, vae, context, ops, device, encoder=encoder, vae_encoder=vae_encoder
+    )
     if encoder is not None:
         weights_id += f"|text:{encoder.name}"
+    if vae_encoder is not None:
+        weights_id += "|vae-encoder"
     return WanWorldModel(model_id, pipe, weights_id, description, prompt=prompt)
 
 
@@ -131,22 +163,27 @@ def load_tiny(
     action: bool = False,
     device: str | None = "cpu",
     kernels: str = "auto",
+    v2v: bool | str = True,
     **pipeline: Any,
 ) -> WanWorldModel:
     """The causal Wan architecture at toy size (2 blocks, dim 64) with random weights.
 
     It takes prompts: a tiny umT5 (random weights seeded by ``seed``, byte tokenizer)
-    encodes them; the default prompt ("") is a fixed random embedding."""
+    encodes them; the default prompt ("") is a fixed random embedding. It takes input
+    frames (video to video) through a VAE encoder with random weights seeded by ``seed``,
+    unless ``v2v=False``; without one it makes the same frames from no input."""
     cfg = tiny(action=action, **_pipeline_options(dict(pipeline)))
     dev = _device(device)
-    dit, vae = build_modules(cfg, dev, _DTYPES[cfg.pipeline.dtype], seed)
+    dtype = _DTYPES[cfg.pipeline.dtype]
+    dit, vae = build_modules(cfg, dev, dtype, seed)
+    vae_encoder = build_vae_encoder(cfg.vae, seed, dev, dtype) if _flag("v2v", v2v) else None
     context = random_text_embedding(seed, 8, cfg.dit.text_dim)
     model_id = "matrix-game-2-tiny" if action else "wan-causal-tiny"
     return _assemble(
         model_id, cfg, dit, vae, context, dev, f"random:{seed}",
         "Causal Wan2.1 architecture at toy size with random weights", kernels,
         encoder=tiny_prompt_encoder(seed, cfg, dev),
-        prompt=PromptSpec(max_chars=TINY_PROMPT_MAX_CHARS),
+        prompt=PromptSpec(max_chars=TINY_PROMPT_MAX_CHARS), vae_encoder=vae_encoder,
     )  # fmt: skip
 
 
@@ -229,6 +266,7 @@ def load_checkpoint(
     kernels: str = "auto",
     model_id: str = "wan2.1-causal",
     size: str = "1.3b",
+    v2v: bool | str = True,
     **pipeline: Any,
 ) -> WanWorldModel:
     """Causal Wan2.1-T2V-1.3B from local files.
@@ -247,6 +285,8 @@ def load_checkpoint(
     the DiT). Without ``t5`` the prompt is fixed (the embedding file) and none is taken.
     ``action``: Wan-shaped checkpoints with Matrix-Game 2.0 action modules in blocks 0-14.
     ``size``: "1.3b" (default) or "tiny" (the toy architecture, for round-trip tests).
+    ``v2v``: load the VAE encoder from the same ``Wan2.1_VAE.pth`` (strictly) so that the
+    model takes input frames (video to video, ``v2v_strength``); False leaves it out.
     Remaining keyword options set ``PipelineConfig`` fields (height, width, timesteps, ...).
     """
     if not path:
@@ -259,6 +299,7 @@ def load_checkpoint(
         raise CheckpointError(f"{root} is not a directory")
     dev = _device(device)
     popts = _pipeline_options(dict(pipeline))
+    with_encoder = _flag("v2v", v2v)
     popts.setdefault("dtype", "bfloat16" if dev.type == "cuda" else "float32")
     if size == "tiny":
         cfg = tiny(action=action, **popts)
@@ -294,6 +335,9 @@ def load_checkpoint(
     vae_path = find_vae(root)
     vae_sd = unwrap(read_tensors(vae_path))
     check_state_dict(vae_sd, vae_keys(cfg.vae), f"VAE checkpoint {vae_path}")
+    vae_encoder = None
+    if with_encoder:
+        vae_encoder = load_vae_encoder(vae_sd, cfg.vae, dev, dtype)
     vae_sd = {k: v for k, v in vae_sd.items() if k in vae_decoder_keys(cfg.vae)}
 
     dit = dit.to_empty(device=dev).to(dtype)
@@ -306,7 +350,7 @@ def load_checkpoint(
     return _assemble(
         model_id, cfg, dit, vae, context, dev, weights_id,
         "Causal Wan2.1-T2V-1.3B (CausVid / Self-Forcing / LongLive weights)", kernels,
-        encoder=encoder, prompt=spec,
+        encoder=encoder, prompt=spec, vae_encoder=vae_encoder,
     )  # fmt: skip
 
 

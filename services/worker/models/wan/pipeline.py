@@ -16,6 +16,16 @@ keys/values by the text's sha256) and, with ``PipelineConfig.recache_frames`` > 
 cache entries of the most recent frames are recomputed under the new prompt (LongLive's
 KV re-cache, ``_recache``). Those frames' clean latents (and, for action models, their
 action windows) are kept in ``StreamState.clean``/``clean_actions`` for that.
+
+Video to video (a pipeline with a VAE encoder, CausVid-style restyle): ``generate_chunk``
+takes the input frame in effect. With one, the chunk starts from that frame instead of
+pure noise: its latent (``WanVAEEncoder.encode_image``, cached by ``InputFrame.digest``)
+stands for every latent frame of the chunk, is noised to the sigma where the last
+``v2v_steps`` steps of the schedule begin with the chunk's seeded noise (flow matching:
+``x = (1 - sigma) z + sigma noise``), and those steps (at most ``steps`` of them) denoise it
+under the session's prompt. A chunk is made at its first frame, so it restyles the one
+input frame in effect then (frames sent during a chunk's playback apply from the next
+chunk). Without an input frame a chunk is text-to-video, exactly as without an encoder.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import torch
 
 from kernels.reference import ring_slots
 from kernels.registry import KernelOps
+from services.worker.models.base import InputFrame
 from services.worker.models.wan.action import ChunkActions
 from services.worker.models.wan.config import WanConfig
 from services.worker.models.wan.dit import CausalWanDiT
@@ -36,6 +47,7 @@ from services.worker.models.wan.kv_cache import KVCache
 from services.worker.models.wan.sampler import Schedule
 from services.worker.models.wan.umt5 import PromptEncoder, prompt_key
 from services.worker.models.wan.vae import StreamCache, WanVAEDecoder
+from services.worker.models.wan.vae_encoder import WanVAEEncoder
 
 ContextKV = list[tuple[torch.Tensor, torch.Tensor]]  # every block's cross-attention k/v
 
@@ -79,7 +91,11 @@ class WanPipeline:
         device: torch.device,
         encoder: PromptEncoder | None = None,
         prompt_kv_cache: int = 8,
+        vae_encoder: WanVAEEncoder | None = None,
+        input_cache: int = 8,
     ) -> None:
+        """``vae_encoder``: turns on video to video (see the module docstring);
+        ``input_cache``: how many encoded input frames are kept (LRU by digest)."""
         p = cfg.pipeline
         if p.window_frames <= 0:
             raise ValueError("window_frames must be positive (frames attended per chunk)")
@@ -97,6 +113,19 @@ class WanPipeline:
             )
         if prompt_kv_cache < 1:
             raise ValueError("prompt_kv_cache must be at least 1")
+        if not 0.0 < p.v2v_strength <= 1.0:  # NaN fails too
+            raise ValueError(f"v2v_strength must be in (0, 1], got {p.v2v_strength}")
+        if input_cache < 1:
+            raise ValueError("input_cache must be at least 1")
+        if vae_encoder is not None and (
+            vae_encoder.cfg.z_dim != cfg.dit.in_dim
+            or vae_encoder.cfg.spatial_factor != cfg.vae.spatial_factor
+        ):
+            raise ValueError(
+                f"VAE encoder (z_dim {vae_encoder.cfg.z_dim}, spatial factor "
+                f"{vae_encoder.cfg.spatial_factor}) does not fit the DiT (in_dim "
+                f"{cfg.dit.in_dim}) and decoder (spatial factor {cfg.vae.spatial_factor})"
+            )
         self.cfg = cfg
         self.dit = dit.eval()
         self.vae = vae.eval()
@@ -112,6 +141,15 @@ class WanPipeline:
             self.context_kv: ContextKV = dit.embed_context(context.unsqueeze(0).to(device))
         self.prompt_kv_cache = prompt_kv_cache
         self._prompt_kv: OrderedDict[str, ContextKV] = OrderedDict()
+        self.vae_encoder = None if vae_encoder is None else vae_encoder.eval()
+        n = len(self.schedule.sigmas)
+        # video to video: the last v2v_steps steps of the schedule, from v2v_start on
+        self.v2v_steps = max(1, min(n, math.floor(p.v2v_strength * n + 0.5)))
+        self.v2v_start = n - self.v2v_steps
+        self.input_cache = input_cache
+        self._inputs: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.input_hits = 0
+        self.input_misses = 0
 
     # -- state -----------------------------------------------------------------------
 
@@ -164,6 +202,39 @@ class WanPipeline:
             self._recache(st, context)
         st.prompt = prompt
 
+    # -- video to video --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_input(self, frame: InputFrame) -> torch.Tensor:
+        """The normalized latent of an input frame, (1, z_dim, 1, h, w) float32 on the
+        pipeline's device; an LRU of ``input_cache`` encodings by ``frame.digest`` (which
+        names the pixels: a held frame is encoded once)."""
+        if self.vae_encoder is None:
+            raise ValueError("this pipeline has no VAE encoder: it takes no input frames")
+        z = self._inputs.get(frame.digest)
+        if z is not None:
+            self._inputs.move_to_end(frame.digest)
+            self.input_hits += 1
+            return z
+        shape = (self.cfg.pipeline.height, self.cfg.pipeline.width, 3)
+        if frame.rgb.shape != shape:
+            raise ValueError(f"input frame is {frame.rgb.shape}, the pipeline makes {shape}")
+        rgb = frame.rgb if frame.rgb.flags.writeable else frame.rgb.copy()  # torch warns
+        z = self.vae_encoder.encode_image(rgb).to(self.device)
+        self.input_misses += 1
+        self._inputs[frame.digest] = z
+        while len(self._inputs) > self.input_cache:
+            self._inputs.popitem(last=False)
+        return z
+
+    def v2v_schedule(self, steps: int) -> Schedule:
+        """The sigmas of a chunk made from an input frame: the schedule's last
+        ``v2v_steps`` steps, of which the first ``steps`` (the quality ladder) run."""
+        if not 1 <= steps <= len(self.schedule.sigmas):
+            raise ValueError(f"steps must be in 1..{len(self.schedule.sigmas)}, got {steps}")
+        start = self.v2v_start
+        return Schedule(self.schedule.sigmas[start : start + min(steps, self.v2v_steps)])
+
     # -- generation ------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -173,12 +244,14 @@ class WanPipeline:
         steps: int,
         action: torch.Tensor | None = None,
         prompt: str | None = None,
+        frame: InputFrame | None = None,
     ) -> np.ndarray:
-        """The session's next RGB frame (H, W, 3) uint8; ``action`` and ``prompt`` (the
-        prompt in effect, None = the default) condition new chunks only."""
+        """The session's next RGB frame (H, W, 3) uint8; ``action``, ``prompt`` (the
+        prompt in effect, None = the default) and ``frame`` (the input frame in effect,
+        None = text to video) condition new chunks only."""
         if not st.rgb:
             if st.pending is None or st.pending.shape[2] == 0:
-                self.generate_chunk(st, steps, action, prompt)
+                self.generate_chunk(st, steps, action, prompt, frame)
             assert st.pending is not None
             latent, st.pending = st.pending[:, :, :1], st.pending[:, :, 1:]
             rgb = self.vae.decode_frame(latent, st.vae)  # (1, 3, T, H, W)
@@ -192,15 +265,23 @@ class WanPipeline:
         steps: int,
         action: torch.Tensor | None,
         prompt: str | None = None,
+        frame: InputFrame | None = None,
     ) -> None:
+        """One chunk: from seeded noise (text to video), or with ``frame`` from that
+        frame's latent noised part-way (video to video; see the module docstring)."""
         cfg = self.cfg
+        # encoded first: a frame this pipeline cannot take leaves the state untouched
+        z = None if frame is None else self.encode_input(frame)
         self.switch_prompt(st, prompt)
         context_kv = self.context_for(st.prompt)
         f = cfg.pipeline.frames_per_chunk
         shape = (1, cfg.dit.in_dim, f, self.latent_h, self.latent_w)
-        sched = self.schedule.truncated(steps)
+        sched = self.schedule.truncated(steps) if z is None else self.v2v_schedule(steps)
         chunk_actions = self._chunk_actions(st, action)
         x = seeded_noise(st.seed, st.chunks, 0, shape, self.device)
+        if z is not None:  # the input's latent for every frame, noised to the first sigma
+            sigma0 = sched.sigmas[0]
+            x = (1.0 - sigma0) * z.expand(shape) + sigma0 * x
         for i, sigma in enumerate(sched.sigmas):
             t = torch.full((1, f), 1000.0 * sigma, device=self.device)
             flow = self.dit(
