@@ -200,15 +200,18 @@ async def replay_equal(client: Any, session_id: str, frames: dict[int, Any], upt
 
 
 async def measure_pose(client: Any) -> dict[str, Any]:
+    from windflow.sdk.client import make_control
+
     info = await client.create_session(POSE_MODEL, seed=3, format="rgb")
     spec = info.model.controls.pose
-    live = await client.attach(info, window=64)
+    poses = [
+        make_control(at, 1, pose=[share * c.max for c in spec.components])
+        for at, share in ((0, 0.5), (13, -1.0), (30, 0.25))
+    ]
+    live = await client.attach(info, window=64, controls=poses)
     got: dict[int, Any] = {}
     reader = asyncio.create_task(_frames_until(live, 47, got))
     try:
-        for at, share in ((0, 0.5), (13, -1.0), (30, 0.25)):
-            pose = [share * c.max for c in spec.components]
-            await live.send(1, frame_index=at, pose=pose)
         await asyncio.wait_for(reader, 120)
         return {"pose_replay_exact": await replay_equal(client, info.session_id, got, 48)}
     finally:
@@ -221,12 +224,15 @@ async def measure_pose(client: Any) -> dict[str, Any]:
 async def measure_v2v(client: Any, seconds: float, overfeed: float) -> dict[str, Any]:
     """A restyle session fed one frame per frame made (``overfeed`` 0), or by a sender of
     its own at ``overfeed`` times the model's fps."""
+    from windflow.sdk.client import make_control
+
     info = await client.create_session(V2V_MODEL, seed=5, format="rgb")
     schema = info.model.controls.input_frame
     width, height, fps = schema.width, schema.height, info.spec.fps
-    live = await client.attach(info, window=8)
+    first = make_control(0, 1, frame=pattern(0, width, height))
+    live = await client.attach(info, window=8, controls=[first])
     frames: dict[int, Any] = {}
-    sent = 0
+    sent = 1
 
     async def feed_closed_loop(index: int) -> None:
         nonlocal sent
@@ -243,8 +249,6 @@ async def measure_v2v(client: Any, seconds: float, overfeed: float) -> dict[str,
 
     feeder = asyncio.create_task(feed_fast()) if overfeed else None
     try:
-        if feeder is None:
-            await feed_closed_loop(0)
         start = time.perf_counter()
         first_us = 0
         async for frame in live.frames():

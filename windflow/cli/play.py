@@ -24,6 +24,7 @@ import numpy as np
 from services.worker.models.registry import DEFAULT_MODEL
 from windflow.errors import Unauthenticated, WindflowError
 from windflow.sdk import Client, ReceivedFrame
+from windflow.sdk.client import make_control
 
 
 @dataclass(slots=True)
@@ -226,24 +227,22 @@ async def play(
         control_latencies: list[float] = []
         received: list[ReceivedFrame] = []
         sent_prompts = sent_inputs = 0
-        live = await client.attach(info)
-
         switches = sorted(prompts.items())
 
-        async def control(index: int) -> None:
-            """The control for frame ``index``: its action, the newest prompt switch due
-            by then, and the next input frame."""
+        def control(index: int) -> dict[str, Any]:
+            """The control for frame ``index`` (``Session.send`` arguments): its action,
+            the newest prompt switch due by then, and the next input frame."""
             nonlocal sent_prompts, sent_inputs
             prompt = None
             while switches and switches[0][0] <= index:
                 prompt = switches.pop(0)[1]
             frame = inputs.next() if inputs is not None else None
-            await live.send(source.action(index), frame_index=index, prompt=prompt, frame=frame)
             sent_prompts += prompt is not None
             sent_inputs += frame is not None
+            return {"action": source.action(index), "prompt": prompt, "frame": frame}
 
+        live = await client.attach(info, controls=[make_control(0, **control(0))])
         try:
-            await control(0)
             first_us = 0
             async for frame in live.frames(limit=frames):
                 if not first_us:
@@ -257,7 +256,7 @@ async def play(
                     writer.write(frame.rgb())
                 # the next control is sampled just before its frame is due (as games do)
                 nxt = await live.just_in_time()
-                await control(nxt)
+                await live.send(frame_index=nxt, **control(nxt))
         finally:
             await live.aclose()
             if writer is not None:

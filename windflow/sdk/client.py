@@ -163,16 +163,25 @@ class Session:
         return self._gateways[self._gateway][0]
 
     async def start(
-        self, controls: Sequence[tuple[int, int]] = (), *, resume_from: int | None = None
+        self,
+        controls: Sequence[tuple[int, int] | pb.Control] = (),
+        *,
+        resume_from: int | None = None,
     ) -> None:
-        """Attach; ``controls`` are (frame_index, action) pairs queued before any frame.
+        """Attach; ``controls`` (frame_index, action) pairs, or whole ``Control`` messages
+        (``make_control``: prompts, poses, input frames), queued before any frame.
         ``resume_from``: resume a stream, its first frame exactly that index (the worker
         replays or goes back to it; ``Attach.resume``)."""
         now = telemetry.now_us()
-        initial = [
-            pb.Control(frame_index=index, action=action, client_time_us=now)
-            for index, action in controls
-        ]
+        initial = []
+        for item in controls:
+            control = pb.Control()
+            if isinstance(item, pb.Control):
+                control.CopyFrom(item)
+            else:
+                control.frame_index, control.action = item
+            control.client_time_us = control.client_time_us or now
+            initial.append(control)
         attach = pb.Attach(
             session_id=self.id, window=self._window, controls=initial, role=self.role
         )
@@ -728,16 +737,16 @@ class Client:
         session: pb.Session,
         *,
         window: int = 8,
-        controls: Sequence[tuple[int, int]] = (),
+        controls: Sequence[tuple[int, int] | pb.Control] = (),
         resume_from: int | None = None,
         role: pb.Role.ValueType = pb.ROLE_CONTROLLER,
     ) -> Session:
         """Open the session's stream (as its controller, or ``role`` a spectator:
-        ``spectate``); ``controls`` are (frame_index, action) pairs applied
-        atomically with the attach (see ``Attach.controls``); ``resume_from``: the stream
-        starts exactly at that frame (``Attach.resume``), e.g. the one after the last a
-        broken stream delivered. The stream resumes by itself when its gateway goes away
-        (``Session``)."""
+        ``spectate``); ``controls`` are (frame_index, action) pairs or ``Control``
+        messages (``make_control``) applied atomically with the attach (see
+        ``Attach.controls``); ``resume_from``: the stream starts exactly at that frame
+        (``Attach.resume``), e.g. the one after the last a broken stream delivered. The
+        stream resumes by itself when its gateway goes away (``Session``)."""
         live = Session(
             self.stub,
             session,
@@ -763,7 +772,7 @@ class Client:
         *,
         window: int = 8,
         close: bool = True,
-        controls: Sequence[tuple[int, int]] = (),
+        controls: Sequence[tuple[int, int] | pb.Control] = (),
         **spec: object,
     ) -> AsyncIterator[Session]:
         """Create a session, attach its stream, and close both on exit."""
