@@ -109,3 +109,15 @@ def fake_service_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("fake-service") / "fake_service.py"
     path.write_text(FAKE_SERVICE_SOURCE)
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """torch on one thread for a module (``pytest.mark.usefixtures``): tiny tensors gain
+    nothing from a second thread, and lose a lot to a busy core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

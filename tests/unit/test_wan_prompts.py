@@ -18,6 +18,8 @@ from services.worker.models.wan.keys import vae_encoder_keys
 from services.worker.models.wan.text import random_text_embedding, save_text_embedding
 from windflow.errors import CheckpointError, InvalidArgument, InvalidControl
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 A, B = "a red car on the road", "blue sky at night"
 NONE = Control()
 # Chunks are made at frames 0, 9 and 21: A is sent at frame 4 and applies from 9, B is sent
@@ -30,15 +32,6 @@ def _run(model, controls, state=None, seed: int = 5) -> tuple[np.ndarray, WanSes
     state = model.new_state(seed) if state is None else state
     frames = [model.step([state], [c], STEPS)[0] for c in controls]
     return np.stack(frames), state
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and lose a lot to a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

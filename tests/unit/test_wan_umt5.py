@@ -27,20 +27,13 @@ from services.worker.models.wan.umt5 import (
 )
 from windflow.errors import CheckpointError
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 TINY = umt5_tiny()
 
 
 def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and lose a lot to a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

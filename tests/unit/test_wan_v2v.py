@@ -16,6 +16,8 @@ from services.worker.models.wan.factory import load_checkpoint, load_tiny
 from services.worker.models.wan.text import random_text_embedding, save_text_embedding
 from windflow.errors import CheckpointError, InvalidArgument, InvalidControl
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 STEPS = 2
 NONE = Control()
 PROMPT = "a red car on the road"
@@ -40,15 +42,6 @@ def _run(model, controls, state=None, seed: int = 5) -> tuple[np.ndarray, WanSes
 def _differ(a: np.ndarray, b: np.ndarray) -> bool:
     """Every frame differs."""
     return all(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and lose a lot to a busy core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,8 @@ const formatParam = params.get("format");
  * model's fps, adaptive). */
 const fpsParam = Number(params.get("fps") ?? 0);
 const qualityParam = params.get("quality");
+/** Selected first where it is served: the keyboard-driven built-in world model. */
+const DEFAULT_MODEL = "windflow-world";
 const client = connect({ url: new URL("./", location.href).toString(), token });
 
 const ui = {
@@ -727,6 +729,8 @@ async function models(): Promise<void> {
       option.textContent = `${model.modelId} (${model.width}x${model.height}, ${model.fps} fps)`;
       ui.model.appendChild(option);
     }
+    // the built-in world model first when it is served (the list comes sorted by id)
+    if ([...ui.model.options].some((o) => o.value === DEFAULT_MODEL)) ui.model.value = DEFAULT_MODEL;
   } catch (error) {
     failed("models", error);
   }
