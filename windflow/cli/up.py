@@ -92,7 +92,7 @@ def register(sub: Any) -> None:
     )
     parser.add_argument(
         "--models",
-        default="windflow-world",
+        default="windflow-world,windflow-restyle",
         help="comma-separated model ids every worker serves (default: %(default)s; "
         "`windflow models` lists the registered ones)",
     )

@@ -169,6 +169,49 @@ describe("the stream", () => {
     stream.close();
   });
 
+  test("input frames go to a model that declares them; an undeclared kind is refused", async () => {
+    const restyle = (await client.models()).find((m) => m.modelId === "windflow-restyle");
+    const spec = restyle?.controls?.inputFrame;
+    assert.ok(spec, "windflow-restyle declares no input frames (is it served?)");
+    assert.equal(restyle?.controls?.prompt, undefined);
+    const session = await client.createSession({
+      modelId: "windflow-restyle",
+      seed: 3n,
+      format: FrameFormat.RGB,
+      outputPolicy: OutputPolicy.PAUSE,
+      quality: { mode: QualityPolicy_Mode.FIXED },
+    });
+    made.push(session);
+    const stream = await client.attach(session.sessionId);
+    const reading = take(stream, 20);
+    const { width, height } = spec;
+    const gray = new Uint8Array(width * height * 3).fill(128);
+    const receipt = await stream.sendConfirmed({
+      frameIndex: 10,
+      frame: { data: gray, width, height, format: "rgb" },
+    });
+    assert.equal(receipt.frameIndex, 10n);
+    await assert.rejects(
+      stream.sendConfirmed({ frameIndex: 12, prompt: "a fox" }),
+      (e: unknown) =>
+        e instanceof WindflowError && e.codeName === "INVALID_ARGUMENT" && e.message.includes("control.prompt"),
+    );
+    // over the gateway's limit: refused here, before it is sent
+    assert.throws(
+      () => stream.send({ frame: { data: new Uint8Array(2 << 20), width, height } }),
+      (e: unknown) => e instanceof WindflowError && e.codeName === "RESOURCE_EXHAUSTED",
+    );
+    const frames = await reading;
+    assert.deepEqual(
+      frames.map((f) => f.frameIndex),
+      Array.from({ length: 20 }, (_, i) => BigInt(i)),
+    );
+    assert.notDeepEqual(frames[9]!.data, frames[10]!.data); // the input changed the picture
+    assert.equal(frames[19]!.inputDroppedTotal, 0n);
+    stream.close();
+    await client.close(session.sessionId); // (its slot: the worker's are few)
+  });
+
   test("controls queued with the attach shape frame 0", async () => {
     const session = await newSession();
     const stream = await client.attach(session.sessionId, {
