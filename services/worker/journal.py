@@ -484,9 +484,7 @@ class Journal:
             await self.replayer.replay(model, state, controls, target, default_steps, inputs)
         else:
             await step_thread(
-                lambda: replay_steps(
-                    model, state, controls, target, default_steps, inputs=inputs
-                )
+                lambda: replay_steps(model, state, controls, target, default_steps, inputs=inputs)
             )
 
     async def load_inputs(

@@ -17,6 +17,7 @@ from windflow.errors import NotFound
 MODEL_FACTORIES: dict[str, str] = {
     # The built-in, trained, CPU-real-time world model (weights committed in the repo).
     "windflow-world": "services.worker.models.world:load_default",
+    "windflow-restyle": "services.worker.models.restyle:load_default",
     # The causal Wan2.1 family (docs/wan.md). Tiny ones: random weights, for tests/demos.
     "wan-causal-tiny": "services.worker.models.wan.factory:load_tiny",
     "matrix-game-2-tiny": "services.worker.models.wan.factory:load_tiny_action",
