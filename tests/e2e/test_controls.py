@@ -21,6 +21,7 @@ from windflow.cli.play import VideoWriter, parse_prompts, play
 from windflow.common import grpc_util
 from windflow.sdk import Client, ReceivedFrame
 from windflow.sdk.client import input_frame, make_control
+from windflow.v1 import internal_pb2, internal_pb2_grpc
 from windflow.v1 import windflow_pb2 as pb
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -347,3 +348,45 @@ async def test_play_switches_prompts_and_feeds_a_video_through_the_mesh(
     summary = await play(mesh.gateway, model=V2V_MODEL, frames=24, fps=12.0, input_spec=str(clip))
     assert summary.frames == 24 and summary.refused_controls == 0
     assert summary.input_frames_sent >= 24  # one per frame, the 10-frame clip looped
+
+
+async def test_sessions_of_every_kind_migrate_live_bit_exactly(mesh: Mesh, client: Client) -> None:
+    """A prompt-switching, a posed and a frames-in session each move live to another worker
+    mid-stream (the target replays the log, the input frames read from the object store):
+    no gap, one KIND_MIGRATED, and every frame equal to Replay's."""
+    await mesh.add_worker().wait_ready()  # two live workers (the recovery test killed one)
+    spec = {**SPEC, "fps": 6.0}
+    sessions = {
+        kind: await client.create_session(model, seed=31, **spec)  # type: ignore[arg-type]
+        for kind, (model, _) in SCRIPTS.items()
+    }
+    live_workers = [n for n, p in mesh.procs.items() if n.startswith("worker-") and p.running]
+    channel = grpc_util.channel(mesh.addresses["router"])
+    router = internal_pb2_grpc.RouterStub(channel)
+    moves: dict[str, internal_pb2.MigrationResult] = {}
+
+    def mover(kind: str, info: pb.Session) -> Callable[[int], Awaitable[None]]:
+        async def at_frame(index: int) -> None:
+            if index == 20 and kind not in moves:
+                to = next(w for w in live_workers if w != info.worker_id)
+                moves[kind] = await router.Migrate(
+                    internal_pb2.MigrateRequest(session_id=info.session_id, to_worker_id=to)
+                )
+
+        return at_frame
+
+    try:
+        runs = [
+            run(client, info, SCRIPTS[k][1], frames=48, at_frame=mover(k, info))
+            for k, info in sessions.items()
+        ]
+        results = await asyncio.gather(*runs)
+    finally:
+        await channel.close()
+    for (kind, info), got in zip(sessions.items(), results, strict=True):
+        assert [f.index for f in got] == list(range(48)), kind
+        assert moves[kind].from_worker_id == info.worker_id, kind
+        after = await client.get_session(info.session_id)
+        assert after.worker_id == moves[kind].to_worker_id != info.worker_id, kind
+        assert await replayed(client, info.session_id, 48) == [f.frame.data for f in got], kind
+        await client.close_session(info.session_id)
