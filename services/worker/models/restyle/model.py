@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +29,7 @@ from services.worker.models.base import (
     SessionState,
     WorldModel,
 )
+from services.worker.models.framing import check_step, pack_snapshot, read_snapshot, torch_threads
 from services.worker.models.restyle.net import RestyleConfig, RestyleNet, Server
 from services.worker.models.restyle.styles import STYLES, seed_pattern
 from windflow.errors import (
@@ -46,22 +44,6 @@ FPS = 24.0
 INPUT_QUEUE = 2
 SNAPSHOT_MAGIC = b"WFRSNAP1"
 SNAPSHOT_FORMAT = 1  # bump when the layout after the header changes
-_HEADER = struct.Struct("<8sI")  # magic, header length
-_DIGEST = 32  # trailing SHA-256 of everything before it
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads inside the block (None: leave as it is)."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class RestyleState(SessionState):
@@ -163,24 +145,15 @@ class RestyleModel(WorldModel):
     def step(
         self, states: Sequence[SessionState], controls: Sequence[Control], steps: int
     ) -> np.ndarray:
-        if steps not in self.info.steps:
-            raise InvalidArgument(f"steps must be one of {self.info.steps}, got {steps}")
-        if len(states) != len(controls):
-            raise InvalidArgument(
-                f"one control per session state: {len(states)} states, {len(controls)} controls"
-            )
-        for control in controls:
-            self.validate_control(control)
+        check_step(self, states, controls, steps)
         rs = self._states(states)
-        if len({id(s) for s in rs}) != len(rs):
-            raise InvalidArgument("a session state appears twice in one batch")
         if not rs:
             return np.zeros((0, self.cfg.height, self.cfg.width, 3), dtype=np.uint8)
         inputs = [
             s.frame if c.frame is None else c.frame.rgb for s, c in zip(rs, controls, strict=True)
         ]
         styles = [c.action for c in controls]
-        with _torch_threads(self.num_threads), torch.inference_mode():
+        with torch_threads(self.num_threads), torch.inference_mode():
             x = _to_float(np.stack(inputs))
             prev = _to_float(np.stack([s.prev for s in rs]))
             out = self._server.blend(self._server.fresh(x, styles), prev, styles)
@@ -209,21 +182,15 @@ class RestyleModel(WorldModel):
             "width": self.cfg.width,
             "input_digest": s.digest,
         }
-        head = json.dumps(header, sort_keys=True).encode()
-        payload = (
-            _HEADER.pack(SNAPSHOT_MAGIC, len(head))
-            + head
-            + np.ascontiguousarray(s.frame).tobytes()
-            + np.ascontiguousarray(s.prev).tobytes()
-        )
-        return payload + hashlib.sha256(payload).digest()
+        body = np.ascontiguousarray(s.frame).tobytes() + np.ascontiguousarray(s.prev).tobytes()
+        return pack_snapshot(SNAPSHOT_MAGIC, header, body)
 
     def copy(self, state: SessionState) -> RestyleState:
         (s,) = self._states([state])
         return RestyleState(s.seed, s.frame_index, s.frame.copy(), s.digest, s.prev.copy())
 
     def restore(self, data: bytes) -> RestyleState:
-        header, body = _read_snapshot(data)
+        header, body = read_snapshot(data, SNAPSHOT_MAGIC, MODEL_ID)
         if header.get("model_id") != MODEL_ID or header.get("model_version") != self.info.version:
             raise SnapshotVersionMismatch(
                 f"snapshot of {header.get('model_id')} {header.get('model_version')} cannot be "
@@ -258,28 +225,6 @@ class RestyleModel(WorldModel):
 def _to_float(frames: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1] (elementwise: exact)."""
     return torch.from_numpy(frames).permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
-
-
-def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """Check magic and checksum; return the JSON header and the raw body."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise SnapshotError(f"a snapshot is bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < _HEADER.size + _DIGEST or not data.startswith(SNAPSHOT_MAGIC):
-        raise SnapshotError(f"not a {MODEL_ID} snapshot (bad magic or too short)")
-    payload, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.sha256(payload).digest() != digest:
-        raise SnapshotError(f"{MODEL_ID} snapshot is corrupted or truncated (checksum mismatch)")
-    _, head_len = _HEADER.unpack_from(payload)
-    if _HEADER.size + head_len > len(payload):
-        raise SnapshotError(f"{MODEL_ID} snapshot header runs past the end of the data")
-    try:
-        header = json.loads(payload[_HEADER.size : _HEADER.size + head_len])
-    except ValueError as exc:
-        raise SnapshotError(f"{MODEL_ID} snapshot header is unreadable: {exc}") from exc
-    if not isinstance(header, dict):
-        raise SnapshotError(f"{MODEL_ID} snapshot header is not a JSON object")
-    return header, payload[_HEADER.size + head_len :]
 
 
 # ---- weights ----

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.worker.models.base import Control, ModelInfo, SessionState, WorldModel
+from services.worker.models.framing import check_step, pack_snapshot, read_snapshot, torch_threads
 from services.worker.models.world import sim
 from services.worker.models.world.net import NetConfig, WorldNet, arg_max_color
 from windflow.errors import (
@@ -43,22 +42,6 @@ from windflow.errors import (
 MODEL_ID = "windflow-world"
 SNAPSHOT_MAGIC = b"WFWSNAP1"
 SNAPSHOT_FORMAT = 2  # bump when the layout after the header changes
-_HEADER = struct.Struct("<8sI")  # magic, header length
-_DIGEST = 32  # trailing SHA-256 of everything before it
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads inside the block (None: leave as it is)."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def schedule(steps: int) -> list[float]:
@@ -209,20 +192,11 @@ class BuiltinWorldModel(WorldModel):
     def step(
         self, states: Sequence[SessionState], controls: Sequence[Control], steps: int
     ) -> np.ndarray:
-        if steps not in self.info.steps:
-            raise InvalidArgument(f"steps must be one of {self.info.steps}, got {steps}")
-        if len(states) != len(controls):
-            raise InvalidArgument(
-                f"one control per session state: {len(states)} states, {len(controls)} controls"
-            )
-        for control in controls:
-            self.validate_control(control)
+        check_step(self, states, controls, steps)
         ws = self._states(states)
-        if len({id(s) for s in ws}) != len(ws):
-            raise InvalidArgument("a session state appears twice in one batch")
         if not ws:
             return np.zeros((0, self.cfg.height, self.cfg.width, 3), dtype=np.uint8)
-        with _torch_threads(self.num_threads), torch.inference_mode():
+        with torch_threads(self.num_threads), torch.inference_mode():
             return self._step(ws, controls, steps)
 
     def _step(self, ws: list[WorldState], controls: Sequence[Control], steps: int) -> np.ndarray:
@@ -372,7 +346,6 @@ class BuiltinWorldModel(WorldModel):
             "rng": s.rng.bit_generator.state,
             "kv_shape": list(s.kv.shape),
         }
-        head = json.dumps(header, sort_keys=True).encode()
         body = (
             s.kv.contiguous().numpy().tobytes()
             + s.valid.numpy().astype(np.uint8).tobytes()
@@ -380,8 +353,7 @@ class BuiltinWorldModel(WorldModel):
             + s.before.tobytes()
             + s.earlier.tobytes()
         )
-        payload = _HEADER.pack(SNAPSHOT_MAGIC, len(head)) + head + body
-        return payload + hashlib.sha256(payload).digest()
+        return pack_snapshot(SNAPSHOT_MAGIC, header, body)
 
     def copy(self, state: SessionState) -> WorldState:
         """A clone of every part of the state (no hashing, no bytes: ~0.05 ms against
@@ -399,7 +371,7 @@ class BuiltinWorldModel(WorldModel):
         )
 
     def restore(self, data: bytes) -> WorldState:
-        header, body = _read_snapshot(data)
+        header, body = read_snapshot(data, SNAPSHOT_MAGIC, MODEL_ID)
         if header.get("model_id") != MODEL_ID or header.get("model_version") != self.info.version:
             raise SnapshotVersionMismatch(
                 f"snapshot of {header.get('model_id')} {header.get('model_version')} cannot be "
@@ -450,28 +422,6 @@ class BuiltinWorldModel(WorldModel):
 _RED_TO_INDEX = np.abs(
     np.arange(256)[:, None] - sim.PALETTE[:, 0].astype(np.int64)[None, :]
 ).argmin(1)
-
-
-def _read_snapshot(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """Check magic and checksum; return the JSON header and the raw body."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise SnapshotError(f"a snapshot is bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < _HEADER.size + _DIGEST or not data.startswith(SNAPSHOT_MAGIC):
-        raise SnapshotError("not a windflow-world snapshot (bad magic or too short)")
-    payload, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.sha256(payload).digest() != digest:
-        raise SnapshotError("windflow-world snapshot is corrupted or truncated (checksum mismatch)")
-    _, head_len = _HEADER.unpack_from(payload)
-    if _HEADER.size + head_len > len(payload):
-        raise SnapshotError("windflow-world snapshot header runs past the end of the data")
-    try:
-        header = json.loads(payload[_HEADER.size : _HEADER.size + head_len])
-    except ValueError as exc:
-        raise SnapshotError(f"windflow-world snapshot header is unreadable: {exc}") from exc
-    if not isinstance(header, dict):
-        raise SnapshotError("windflow-world snapshot header is not a JSON object")
-    return header, payload[_HEADER.size + head_len :]
 
 
 # ---- weights ----
