@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.worker.models.framing import save_weights
 from services.worker.models.restyle import data
 from services.worker.models.restyle.evaluation import (
     EVAL_LENGTH,
@@ -32,7 +33,7 @@ from services.worker.models.restyle.evaluation import (
     evaluate,
     quality,
 )
-from services.worker.models.restyle.model import MODEL_CARD, WEIGHTS, from_net, load, save_weights
+from services.worker.models.restyle.model import MODEL_CARD, WEIGHTS, from_net, load
 from services.worker.models.restyle.net import RestyleConfig, RestyleNet
 from services.worker.models.restyle.styles import STYLES, blend, stylize
 from windflow.common.malloc import keep_freed_memory

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from services.worker.models.base import Control
+from services.worker.models.framing import save_weights
 from services.worker.models.world import sim
 from services.worker.models.world.evaluation import evaluate
-from services.worker.models.world.model import WEIGHTS, BuiltinWorldModel, load, save_weights
+from services.worker.models.world.model import WEIGHTS, BuiltinWorldModel, load
 from services.worker.models.world.net import NetConfig, WorldNet, block_ages, train_forward
 from windflow.common.malloc import keep_freed_memory
 

@@ -1,5 +1,5 @@
 """What the built-in models (``world``, ``restyle``) share: a step's argument checks, torch's
-thread count inside a step, and their snapshot framing.
+thread count inside a step, their snapshot framing and their weight files' version digest.
 
 A snapshot is ``MAGIC`` (8 bytes) | header length (u32 LE) | JSON header | body | SHA-256
 of everything before it. No pickle: restoring bytes from elsewhere runs no code.
@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save_file
 
 from services.worker.models.base import Control, SessionState, WorldModel
 from windflow.errors import InvalidArgument, SnapshotError
@@ -85,3 +87,36 @@ def read_snapshot(data: bytes, magic: bytes, model_id: str) -> tuple[dict[str, A
     if not isinstance(header, dict):
         raise SnapshotError(f"{model_id} snapshot header is not a JSON object")
     return header, payload[_HEADER.size + head_len :]
+
+
+class NetConfig(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Net(Protocol):
+    @property
+    def cfg(self) -> NetConfig: ...
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]: ...
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor], cfg: NetConfig) -> str:
+    """12 hex digits of a SHA-256 over the network's config and the tensors (names, dtypes,
+    shapes, bytes): the same weights in the same network give the same model version
+    whatever the file's header order, and a config switch without weights of its own that
+    changes the frames gives another."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_weights(net: Net, path: Path, meta: dict[str, str] | None = None) -> None:
+    """``net``'s weights as safetensors at ``path``, its config (and ``meta``) in the
+    metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"config": json.dumps(net.cfg.to_dict()), **(meta or {})}
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)

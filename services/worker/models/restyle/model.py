@@ -13,14 +13,13 @@ fixed shapes), then the gated blend with the session's last frame, rounded to ui
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from services.worker.models.base import (
     Control,
@@ -29,7 +28,13 @@ from services.worker.models.base import (
     SessionState,
     WorldModel,
 )
-from services.worker.models.framing import check_step, pack_snapshot, read_snapshot, torch_threads
+from services.worker.models.framing import (
+    check_step,
+    pack_snapshot,
+    read_snapshot,
+    torch_threads,
+    weights_digest,
+)
 from services.worker.models.restyle.net import RestyleConfig, RestyleNet, Server
 from services.worker.models.restyle.styles import STYLES, seed_pattern
 from windflow.errors import (
@@ -231,24 +236,6 @@ def _to_float(frames: np.ndarray) -> torch.Tensor:
 
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_ID}.safetensors"
 MODEL_CARD = WEIGHTS.parent / "model_card.json"
-
-
-def weights_digest(tensors: dict[str, torch.Tensor], cfg: RestyleConfig) -> str:
-    """12 hex digits of a SHA-256 over the network's config and the tensors (names, dtypes,
-    shapes, bytes): the model version's suffix."""
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def save_weights(net: RestyleNet, path: Path, meta: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"config": json.dumps(net.cfg.to_dict()), **(meta or {})}
-    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
 
 
 def from_net(net: RestyleNet, *, num_threads: int | None = 1) -> RestyleModel:

@@ -18,7 +18,6 @@ the quality ladder: 1..4.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,10 +25,16 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from services.worker.models.base import Control, ModelInfo, SessionState, WorldModel
-from services.worker.models.framing import check_step, pack_snapshot, read_snapshot, torch_threads
+from services.worker.models.framing import (
+    check_step,
+    pack_snapshot,
+    read_snapshot,
+    torch_threads,
+    weights_digest,
+)
 from services.worker.models.world import sim
 from services.worker.models.world.net import NetConfig, WorldNet, arg_max_color
 from windflow.errors import (
@@ -427,26 +432,6 @@ _RED_TO_INDEX = np.abs(
 # ---- weights ----
 
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL_ID}.safetensors"
-
-
-def weights_digest(tensors: dict[str, torch.Tensor], cfg: NetConfig) -> str:
-    """12 hex digits of a SHA-256 over the network's config and the tensors (names, dtypes,
-    shapes, bytes): the same weights in the same network give the same model version
-    whatever the file's header order, and a switch without weights of its own that changes
-    the frames (``NetConfig.rigid``) gives another."""
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def save_weights(net: WorldNet, path: Path, meta: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"config": json.dumps(net.cfg.to_dict()), **(meta or {})}
-    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
 
 
 def load(
